@@ -1,0 +1,231 @@
+//! Which claims this agent acts on, and whether a claim can be provisioned as asked.
+//! Plain functions over plain facts: no Kubernetes client, no disk.
+
+use std::collections::BTreeMap;
+
+use crate::quantity;
+
+pub const ANN_SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
+pub const ANN_STORAGE_PROVISIONER: &str = "volume.kubernetes.io/storage-provisioner";
+pub const ANN_STORAGE_PROVISIONER_BETA: &str = "volume.beta.kubernetes.io/storage-provisioner";
+pub const ANN_BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
+
+/// What an agent should do with a claim, judged from its metadata alone (what the narrow watch keeps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interest {
+    /// Not ours: another node, another provisioner, or not yet scheduled.
+    Ignore,
+    /// Already bound to a volume; nothing left to do.
+    Bound,
+    /// Ours to provision on this node.
+    Provision,
+}
+
+pub fn interest(annotations: &BTreeMap<String, String>, provisioner: &str, node: &str) -> Interest {
+    if annotations.contains_key(ANN_BIND_COMPLETED) {
+        return Interest::Bound;
+    }
+    let ours = [ANN_STORAGE_PROVISIONER, ANN_STORAGE_PROVISIONER_BETA]
+        .iter()
+        .any(|key| annotations.get(*key).is_some_and(|p| p == provisioner));
+    let here = annotations.get(ANN_SELECTED_NODE).is_some_and(|n| n == node);
+    if ours && here { Interest::Provision } else { Interest::Ignore }
+}
+
+/// The parts of a claim's spec that decide whether we can serve it.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimSpec {
+    pub volume_mode: Option<String>,
+    pub access_modes: Vec<String>,
+    pub has_data_source: bool,
+    pub has_selector: bool,
+    pub storage_request: Option<String>,
+}
+
+/// A claim we can serve, reduced to what the volume needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeRequest {
+    pub capacity_bytes: u64,
+    /// The request as the user wrote it, used verbatim as the PV capacity so the binder's comparison is exact.
+    pub capacity: String,
+    pub access_modes: Vec<String>,
+}
+
+/// Why a claim is refused. Each variant's `reason()` is the metrics label; `message()` goes into the
+/// Warning Event and says what to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    BlockVolumeMode,
+    UnsupportedAccessModes(Vec<String>),
+    DataSource,
+    Selector,
+    MissingRequest,
+    ZeroRequest,
+    MalformedRequest(String),
+    StorageClassMissing(String),
+    InvalidParameters(String),
+    InsufficientCapacity { requested: u64, allocatable: u64, node: String },
+}
+
+impl Refusal {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::BlockVolumeMode => "block_volume_mode",
+            Refusal::UnsupportedAccessModes(_) => "unsupported_access_mode",
+            Refusal::DataSource => "data_source",
+            Refusal::Selector => "selector",
+            Refusal::MissingRequest => "missing_request",
+            Refusal::ZeroRequest => "zero_request",
+            Refusal::MalformedRequest(_) => "malformed_request",
+            Refusal::StorageClassMissing(_) => "storage_class_missing",
+            Refusal::InvalidParameters(_) => "invalid_parameters",
+            Refusal::InsufficientCapacity { .. } => "insufficient_capacity",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Refusal::BlockVolumeMode => "volumeMode Block is not supported: hostvol volumes are directories; \
+                remove volumeMode or set it to Filesystem"
+                .into(),
+            Refusal::UnsupportedAccessModes(modes) => format!(
+                "access mode(s) {} not supported: a hostvol volume lives on one node's disk, so only \
+                 ReadWriteOnce and ReadWriteOncePod can be honoured; use one of those",
+                modes.join(", ")
+            ),
+            Refusal::DataSource => "dataSource/dataSourceRef (cloning, snapshots, populators) is not supported; \
+                remove it and copy data in from a pod"
+                .into(),
+            Refusal::Selector => "spec.selector is not supported for dynamic provisioning; remove the selector, \
+                or create a PersistentVolume by hand and leave storageClassName empty"
+                .into(),
+            Refusal::MissingRequest => "spec.resources.requests.storage is missing; set it, e.g. 1Gi".into(),
+            Refusal::ZeroRequest => "spec.resources.requests.storage is zero; request at least 1 byte, e.g. 1Gi".into(),
+            Refusal::MalformedRequest(why) => format!("spec.resources.requests.storage: {why}"),
+            Refusal::StorageClassMissing(name) => format!(
+                "StorageClass {name:?} does not exist; create it (see deploy/storageclass.yaml) or fix storageClassName"
+            ),
+            Refusal::InvalidParameters(why) => format!("{why}; fix the StorageClass and re-create the claim"),
+            Refusal::InsufficientCapacity { requested, allocatable, node } => format!(
+                "node {node} cannot hold {}: only {} is allocatable in its data root; free space on the node, \
+                 raise its cap, or request less",
+                quantity::format_bytes(*requested),
+                quantity::format_bytes(*allocatable)
+            ),
+        }
+    }
+}
+
+const SUPPORTED_ACCESS_MODES: &[&str] = &["ReadWriteOnce", "ReadWriteOncePod"];
+
+/// Checks everything about a claim that does not depend on the node, in the order a user would fix it.
+pub fn admit(spec: &ClaimSpec) -> Result<VolumeRequest, Refusal> {
+    if spec.volume_mode.as_deref() == Some("Block") {
+        return Err(Refusal::BlockVolumeMode);
+    }
+    let unsupported: Vec<String> =
+        spec.access_modes.iter().filter(|m| !SUPPORTED_ACCESS_MODES.contains(&m.as_str())).cloned().collect();
+    if !unsupported.is_empty() {
+        return Err(Refusal::UnsupportedAccessModes(unsupported));
+    }
+    if spec.has_data_source {
+        return Err(Refusal::DataSource);
+    }
+    if spec.has_selector {
+        return Err(Refusal::Selector);
+    }
+    let request = spec.storage_request.as_deref().ok_or(Refusal::MissingRequest)?;
+    let capacity_bytes = quantity::parse_bytes(request).map_err(|e| Refusal::MalformedRequest(e.to_string()))?;
+    if capacity_bytes == 0 {
+        return Err(Refusal::ZeroRequest);
+    }
+    let access_modes =
+        if spec.access_modes.is_empty() { vec!["ReadWriteOnce".to_string()] } else { spec.access_modes.clone() };
+    Ok(VolumeRequest { capacity_bytes, capacity: request.trim().to_string(), access_modes })
+}
+
+/// Whether a node with `allocatable` bytes left can take the request.
+pub fn fits(request: &VolumeRequest, allocatable: u64, node: &str) -> Result<(), Refusal> {
+    if request.capacity_bytes <= allocatable {
+        Ok(())
+    } else {
+        Err(Refusal::InsufficientCapacity {
+            requested: request.capacity_bytes,
+            allocatable,
+            node: node.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    const P: &str = "hostpath.hostvol.io";
+
+    #[test]
+    fn acts_only_on_claims_for_this_node_and_provisioner() {
+        let cases = [
+            (vec![(ANN_SELECTED_NODE, "n1"), (ANN_STORAGE_PROVISIONER, P)], Interest::Provision),
+            (vec![(ANN_SELECTED_NODE, "n1"), (ANN_STORAGE_PROVISIONER_BETA, P)], Interest::Provision),
+            (vec![(ANN_SELECTED_NODE, "n2"), (ANN_STORAGE_PROVISIONER, P)], Interest::Ignore),
+            (vec![(ANN_SELECTED_NODE, "n1"), (ANN_STORAGE_PROVISIONER, "rancher.io/local-path")], Interest::Ignore),
+            (vec![(ANN_STORAGE_PROVISIONER, P)], Interest::Ignore),
+            (vec![(ANN_SELECTED_NODE, "n1")], Interest::Ignore),
+            (vec![(ANN_SELECTED_NODE, "n1"), (ANN_STORAGE_PROVISIONER, P), (ANN_BIND_COMPLETED, "yes")], Interest::Bound),
+        ];
+        for (pairs, want) in cases {
+            assert_eq!(interest(&annotations(&pairs), P, "n1"), want, "{pairs:?}");
+        }
+    }
+
+    fn valid() -> ClaimSpec {
+        ClaimSpec {
+            volume_mode: Some("Filesystem".into()),
+            access_modes: vec!["ReadWriteOnce".into()],
+            storage_request: Some("1Gi".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn admits_a_plain_claim() {
+        let r = admit(&valid()).unwrap();
+        assert_eq!(r, VolumeRequest { capacity_bytes: 1 << 30, capacity: "1Gi".into(), access_modes: vec!["ReadWriteOnce".into()] });
+        let pod_only = ClaimSpec { access_modes: vec!["ReadWriteOncePod".into()], volume_mode: None, ..valid() };
+        assert!(admit(&pod_only).is_ok());
+    }
+
+    #[test]
+    fn refuses_what_a_node_local_directory_cannot_be() {
+        let cases: Vec<(ClaimSpec, &str)> = vec![
+            (ClaimSpec { volume_mode: Some("Block".into()), ..valid() }, "block_volume_mode"),
+            (ClaimSpec { access_modes: vec!["ReadWriteMany".into()], ..valid() }, "unsupported_access_mode"),
+            (ClaimSpec { access_modes: vec!["ReadWriteOnce".into(), "ReadOnlyMany".into()], ..valid() }, "unsupported_access_mode"),
+            (ClaimSpec { has_data_source: true, ..valid() }, "data_source"),
+            (ClaimSpec { has_selector: true, ..valid() }, "selector"),
+            (ClaimSpec { storage_request: None, ..valid() }, "missing_request"),
+            (ClaimSpec { storage_request: Some("0".into()), ..valid() }, "zero_request"),
+            (ClaimSpec { storage_request: Some("lots".into()), ..valid() }, "malformed_request"),
+        ];
+        for (spec, reason) in cases {
+            let refusal = admit(&spec).unwrap_err();
+            assert_eq!(refusal.reason(), reason, "{spec:?}");
+            assert!(refusal.message().len() > 20);
+        }
+        let msg = admit(&ClaimSpec { access_modes: vec!["ReadWriteMany".into()], ..valid() }).unwrap_err().message();
+        assert!(msg.contains("ReadWriteMany") && msg.contains("one node"), "{msg}");
+    }
+
+    #[test]
+    fn capacity_check_says_how_much_is_left() {
+        let r = admit(&valid()).unwrap();
+        assert!(fits(&r, 1 << 30, "n1").is_ok());
+        let e = fits(&r, 512 << 20, "n1").unwrap_err();
+        assert!(e.message().contains("512Mi") && e.message().contains("1Gi"), "{}", e.message());
+    }
+}

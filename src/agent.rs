@@ -1,0 +1,97 @@
+//! `hostvol agent`: wires the provisioning controller, the HTTP endpoints and the gRPC node service
+//! to one shutdown signal.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::cli::AgentArgs;
+use crate::metrics::Metrics;
+use crate::provisioner::{self, Settings};
+use crate::volume_store::{self, VolumeStore};
+use crate::{http, shutdown};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    DataRoot(#[from] volume_store::Error),
+    #[error("cannot reach the Kubernetes API (set KUBECONFIG or run in a pod): {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Listen { what: &'static str, addr: String, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
+    if args.node_name.trim().is_empty() {
+        return Err(StartupError::Invalid("--node-name (NODE_NAME) is empty; set it from spec.nodeName".into()));
+    }
+    let store = VolumeStore::open(&args.data_root)?;
+    let client = Client::try_default().await?;
+    let shutdown = CancellationToken::new();
+    shutdown::cancel_on_signal(shutdown.clone());
+
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let http_listener = http::bind(args.http_addr).await.map_err(|source| StartupError::Listen {
+        what: "HTTP",
+        addr: args.http_addr.to_string(),
+        source,
+    })?;
+
+    let reporter = Reporter {
+        controller: args.provisioner.clone(),
+        instance: Some(args.pod_name.clone().unwrap_or_else(|| format!("hostvol-{}", args.node_name))),
+    };
+    let settings = Settings {
+        node: args.node_name.clone(),
+        provisioner: args.provisioner.clone(),
+        host_root: args.host_data_root(),
+        reserved: args.reserved,
+        capacity_cap: args.capacity_cap,
+    };
+    info!(
+        node = %settings.node,
+        provisioner = %settings.provisioner,
+        data_root = %args.data_root.display(),
+        host_data_root = %settings.host_root,
+        "starting agent"
+    );
+    let (watches, _ctx, controller) = provisioner::start(
+        client.clone(),
+        settings,
+        store,
+        Recorder::new(client, reporter),
+        metrics.clone(),
+        shutdown.clone(),
+    );
+
+    let http_task = tokio::spawn(http::serve(http_listener, ready.clone(), metrics.clone(), shutdown.clone()));
+    let readiness = {
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            if watches.wait_until_ready().await {
+                ready.store(true, Ordering::Release);
+                info!("watches synced; ready");
+            } else {
+                warn!("a watch ended before syncing");
+            }
+        })
+    };
+
+    controller.await;
+    info!("controller stopped; in-flight provisioning finished");
+    shutdown.cancel();
+    readiness.abort();
+    match http_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => error!(error = %e, "HTTP server failed"),
+        Err(e) => error!(error = %e, "HTTP task panicked"),
+    }
+    Ok(())
+}

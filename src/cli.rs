@@ -1,0 +1,111 @@
+//! Command-line flags, each with an environment fallback so the DaemonSet can set them from the pod spec.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::quantity;
+
+#[derive(Debug, Parser)]
+#[command(name = "hostvol", version, about = "Node-local hostPath volumes for Kubernetes, provisioned by a per-node agent")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the per-node agent (what the DaemonSet runs).
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// Name of the Node this agent serves (from the downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// Directory holding the volumes, as this process sees it. Must exist.
+    #[arg(long, env = "HOSTVOL_DATA_ROOT", default_value = "/mnt/data")]
+    pub data_root: PathBuf,
+
+    /// The same directory as the node's kubelet sees it, written into PVs (default: --data-root).
+    /// Set it when the agent runs in a container that mounts the node's directory elsewhere.
+    #[arg(long, env = "HOSTVOL_HOST_DATA_ROOT")]
+    pub host_data_root: Option<String>,
+
+    /// Provisioner name; StorageClasses with this `provisioner` are served.
+    #[arg(long, env = "HOSTVOL_PROVISIONER", default_value = crate::DEFAULT_PROVISIONER)]
+    pub provisioner: String,
+
+    /// Space on the data root's filesystem that hostvol never hands out (e.g. 10Gi).
+    #[arg(long, env = "HOSTVOL_RESERVED", default_value = "0", value_parser = parse_bytes)]
+    pub reserved: u64,
+
+    /// Most that hostvol may allocate on this node, summed over its volumes (e.g. 200Gi). Default: no cap.
+    #[arg(long, env = "HOSTVOL_CAPACITY_CAP", value_parser = parse_bytes)]
+    pub capacity_cap: Option<u64>,
+
+    /// Address of the HTTP server for /healthz, /readyz and /metrics.
+    #[arg(long, env = "HOSTVOL_HTTP_ADDR", default_value = "0.0.0.0:9808")]
+    pub http_addr: SocketAddr,
+
+    /// TCP address of the gRPC node service.
+    #[arg(long, env = "HOSTVOL_GRPC_ADDR", default_value = "0.0.0.0:9809")]
+    pub grpc_addr: SocketAddr,
+
+    /// Unix socket of the gRPC node service, for tools on the node.
+    #[arg(long, env = "HOSTVOL_GRPC_SOCKET", default_value = "/run/hostvol/hostvol.sock")]
+    pub grpc_socket: PathBuf,
+
+    /// Log output format.
+    #[arg(long, env = "HOSTVOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+
+    /// This agent's pod (downward API); names the Event reporter instance.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// Namespace of this agent's pod (downward API).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "hostvol-system")]
+    pub pod_namespace: String,
+}
+
+impl AgentArgs {
+    pub fn host_data_root(&self) -> String {
+        self.host_data_root.clone().unwrap_or_else(|| self.data_root.to_string_lossy().into_owned())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    quantity::parse_bytes(s).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn agent_defaults() {
+        let cli = Cli::try_parse_from(["hostvol", "agent", "--node-name", "n1", "--capacity-cap", "20Gi"]).unwrap();
+        let Command::Agent(args) = cli.command;
+        assert_eq!(args.data_root, PathBuf::from("/mnt/data"));
+        assert_eq!(args.host_data_root(), "/mnt/data");
+        assert_eq!(args.provisioner, "hostpath.hostvol.io");
+        assert_eq!(args.capacity_cap, Some(20 << 30));
+        assert!(Cli::try_parse_from(["hostvol", "agent", "--node-name", "n1", "--reserved", "lots"]).is_err());
+    }
+}

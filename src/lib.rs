@@ -1,0 +1,22 @@
+//! hostvol: node-local hostPath volumes for Kubernetes, provisioned by a per-node agent.
+//!
+//! The domain (names, parameters, admission, capacity arithmetic) is plain functions; the Kubernetes
+//! glue (`provisioner`) and the disk work (`volume_store`) sit around it.
+
+pub mod admission;
+pub mod agent;
+pub mod capacity;
+pub mod cli;
+pub mod http;
+pub mod metrics;
+pub mod naming;
+pub mod params;
+pub mod provisioner;
+pub mod pv;
+pub mod quantity;
+pub mod shutdown;
+pub mod telemetry;
+pub mod volume_store;
+
+/// The provisioner name: a valid CSIDriver name too (no `/`), which capacity-aware scheduling needs.
+pub const DEFAULT_PROVISIONER: &str = "hostpath.hostvol.io";

@@ -1,0 +1,104 @@
+//! StorageClass parameters of hostvol classes.
+
+use std::collections::BTreeMap;
+
+/// Every parameter a hostvol StorageClass may set; anything else is refused so typos do not pass silently.
+pub const VALID_PARAMETERS: &[&str] = &["mode", "uid", "gid"];
+
+/// Default permissions of a new volume directory. hostPath volumes get no fsGroup handling from the
+/// kubelet, so without 0777 a pod running as non-root could not write to its own volume. Classes that
+/// know their pods' uid should set `uid`/`gid` and a tighter `mode` such as `0770`.
+pub const DEFAULT_MODE: u32 = 0o777;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClassParameters {
+    /// Permission bits of the volume directory (no file type bits, setuid/setgid/sticky allowed).
+    pub mode: u32,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl Default for ClassParameters {
+    fn default() -> Self {
+        Self { mode: DEFAULT_MODE, uid: None, gid: None }
+    }
+}
+
+impl ClassParameters {
+    /// Parses a StorageClass's `parameters`, explaining any problem in words a user can act on.
+    pub fn parse(parameters: &BTreeMap<String, String>) -> Result<Self, String> {
+        let unknown: Vec<&str> =
+            parameters.keys().map(String::as_str).filter(|k| !VALID_PARAMETERS.contains(k)).collect();
+        if !unknown.is_empty() {
+            return Err(format!(
+                "unknown StorageClass parameter(s) {}; valid parameters are {}",
+                unknown.join(", "),
+                VALID_PARAMETERS.join(", ")
+            ));
+        }
+        let mut parsed = Self::default();
+        if let Some(mode) = parameters.get("mode") {
+            parsed.mode = parse_mode(mode)?;
+        }
+        if let Some(uid) = parameters.get("uid") {
+            parsed.uid = Some(parse_id("uid", uid)?);
+        }
+        if let Some(gid) = parameters.get("gid") {
+            parsed.gid = Some(parse_id("gid", gid)?);
+        }
+        Ok(parsed)
+    }
+}
+
+fn parse_mode(value: &str) -> Result<u32, String> {
+    let digits = value.trim();
+    let digits = digits.strip_prefix("0o").unwrap_or(digits);
+    let valid = !digits.is_empty() && digits.len() <= 5 && digits.bytes().all(|b| (b'0'..=b'7').contains(&b));
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if valid && mode <= 0o7777 => Ok(mode),
+        _ => Err(format!("StorageClass parameter mode={value:?} is not an octal permission such as \"0770\" or \"0777\"")),
+    }
+}
+
+fn parse_id(name: &str, value: &str) -> Result<u32, String> {
+    match value.trim().parse::<u32>() {
+        Ok(id) if id != u32::MAX => Ok(id),
+        _ => Err(format!("StorageClass parameter {name}={value:?} is not a numeric id such as \"1000\"")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_to_world_writable_without_ownership_change() {
+        assert_eq!(ClassParameters::parse(&params(&[])).unwrap(), ClassParameters { mode: 0o777, uid: None, gid: None });
+    }
+
+    #[test]
+    fn parses_mode_uid_gid() {
+        let p = ClassParameters::parse(&params(&[("mode", "0770"), ("uid", "1000"), ("gid", "2000")])).unwrap();
+        assert_eq!(p, ClassParameters { mode: 0o770, uid: Some(1000), gid: Some(2000) });
+        assert_eq!(ClassParameters::parse(&params(&[("mode", "755")])).unwrap().mode, 0o755);
+        assert_eq!(ClassParameters::parse(&params(&[("mode", "2775")])).unwrap().mode, 0o2775);
+    }
+
+    #[test]
+    fn unknown_parameters_list_the_valid_ones() {
+        let e = ClassParameters::parse(&params(&[("nodePath", "/x"), ("mode", "0777")])).unwrap_err();
+        assert!(e.contains("nodePath") && e.contains("mode, uid, gid"), "{e}");
+    }
+
+    #[test]
+    fn malformed_values_are_explained() {
+        for (k, v) in [("mode", "rwx"), ("mode", "0999"), ("mode", "77777"), ("mode", ""), ("uid", "-1"), ("gid", "root"), ("uid", "4294967295")] {
+            let e = ClassParameters::parse(&params(&[(k, v)])).unwrap_err();
+            assert!(e.contains(k), "{k}={v}: {e}");
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! The provisioning controller: turns claims selected onto this node into directories and hostPath PVs.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Client, Resource, ResourceExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::admission::{self, ClaimSpec, Interest, Refusal, VolumeRequest};
+use crate::capacity::{self, CapacityInputs};
+use crate::metrics::Metrics;
+use crate::naming::{self, NameError};
+use crate::params::ClassParameters;
+use crate::pv::{self, VolumeDescription};
+use crate::quantity;
+use crate::volume_store::{self, VolumeStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Disk(#[from] volume_store::Error),
+    #[error(transparent)]
+    Name(#[from] NameError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "api",
+            Error::Disk(e) => e.category(),
+            Error::Name(_) => "unsafe_name",
+        }
+    }
+}
+
+/// Static settings of one agent.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node: String,
+    pub provisioner: String,
+    pub host_root: String,
+    pub reserved: u64,
+    pub capacity_cap: Option<u64>,
+}
+
+/// Shared state of the controller's reconciles.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub store: VolumeStore,
+    pub classes: Store<StorageClass>,
+    pub nodes: Store<PartialObjectMeta<Node>>,
+    /// This node's hostvol PVs (label-selected watch).
+    pub volumes: Store<PersistentVolume>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Serialises "check capacity, make directory, create PV" so concurrent claims cannot overcommit.
+    admission_lock: tokio::sync::Mutex<()>,
+    /// PVs created by us that the watch may not have delivered yet: name -> bytes.
+    recent_volumes: Mutex<HashMap<String, u64>>,
+    /// Consecutive failures per claim, for exponential backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// Bytes promised to this node's volumes: every hostvol PV of this node, Released ones included,
+    /// because their directories still hold data.
+    pub fn allocated_bytes(&self) -> u64 {
+        let mut recent = self.recent_volumes.lock().expect("lock poisoned");
+        let mut total = 0u64;
+        for pv in self.volumes.state() {
+            recent.remove(&pv.name_any());
+            total = total.saturating_add(pv_capacity_bytes(&pv));
+        }
+        total.saturating_add(recent.values().sum::<u64>())
+    }
+
+    /// What a new claim may still take on this node (see `capacity::allocatable`).
+    pub fn allocatable_bytes(&self) -> Result<u64> {
+        let fs = self.store.filesystem_stats()?;
+        Ok(capacity::allocatable(&CapacityInputs {
+            filesystem_total: fs.total_bytes,
+            filesystem_available: fs.available_bytes,
+            reserved: self.settings.reserved,
+            cap: self.settings.capacity_cap,
+            allocated: self.allocated_bytes(),
+        }))
+    }
+
+    fn node_hostname(&self) -> String {
+        self.nodes
+            .get(&ObjectRef::new(&self.settings.node))
+            .and_then(|n| n.labels().get(pv::HOSTNAME_LABEL).cloned())
+            .unwrap_or_else(|| self.settings.node.clone())
+    }
+
+    /// Events are published off the critical path; a lost Event is logged, never fatal.
+    fn publish(&self, regarding: &ObjectReference, type_: EventType, reason: &str, action: &str, note: String) {
+        let recorder = self.recorder.clone();
+        let regarding = regarding.clone();
+        let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+        tokio::spawn(async move {
+            if let Err(error) = recorder.publish(&event, &regarding).await {
+                warn!(%error, reason = %event.reason, "could not publish Event");
+            }
+        });
+    }
+
+    fn backoff(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock().expect("lock poisoned");
+        let n = failures.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        // 250 ms, 500 ms, ... capped at 30 s: a stuck claim is retried often, never left for 15 minutes.
+        Duration::from_millis(250u64.saturating_mul(1 << (*n - 1).min(7))).min(Duration::from_secs(30))
+    }
+
+    fn reset_backoff(&self, key: &str) {
+        self.failures.lock().expect("lock poisoned").remove(key);
+    }
+}
+
+fn pv_capacity_bytes(pv: &PersistentVolume) -> u64 {
+    pv.spec
+        .as_ref()
+        .and_then(|s| s.capacity.as_ref())
+        .and_then(|c| c.get("storage"))
+        .and_then(|q| quantity::parse_bytes(&q.0).ok())
+        .unwrap_or(0)
+}
+
+fn claim_key(claim: &PartialObjectMeta<PersistentVolumeClaim>) -> String {
+    format!("{}/{}", claim.namespace().unwrap_or_default(), claim.name_any())
+}
+
+fn claim_spec(pvc: &PersistentVolumeClaim) -> ClaimSpec {
+    let spec = pvc.spec.clone().unwrap_or_default();
+    ClaimSpec {
+        volume_mode: spec.volume_mode,
+        access_modes: spec.access_modes.unwrap_or_default(),
+        has_data_source: spec.data_source.is_some() || spec.data_source_ref.is_some(),
+        has_selector: spec.selector.is_some(),
+        storage_request: spec
+            .resources
+            .and_then(|r| r.requests)
+            .and_then(|r| r.get("storage").map(|q| q.0.clone())),
+    }
+}
+
+/// Outcome of one pass over a claim that is not an API or disk error.
+enum Step {
+    Provisioned { pv_name: String },
+    AlreadyDone,
+    NotOurs,
+    Refused(Refusal),
+}
+
+pub async fn reconcile(claim: Arc<PartialObjectMeta<PersistentVolumeClaim>>, ctx: Arc<Context>) -> Result<Action> {
+    let settings = &ctx.settings;
+    if admission::interest(claim.annotations(), &settings.provisioner, &settings.node) != Interest::Provision {
+        return Ok(Action::await_change());
+    }
+    let key = claim_key(&claim);
+    let span = info_span!("provision", node = %settings.node, pvc = %key, pv = tracing::field::Empty);
+    async {
+        let started = Instant::now();
+        match provision(&claim, &ctx).await {
+            Ok(Step::Provisioned { pv_name }) => {
+                let seconds = started.elapsed().as_secs_f64();
+                ctx.metrics.provision_succeeded(seconds);
+                ctx.reset_backoff(&key);
+                info!(pv = %pv_name, millis = seconds * 1e3, "provisioned");
+                Ok(Action::await_change())
+            }
+            Ok(Step::AlreadyDone | Step::NotOurs) => {
+                ctx.reset_backoff(&key);
+                Ok(Action::await_change())
+            }
+            Ok(Step::Refused(refusal)) => {
+                ctx.metrics.provision_refused(refusal.reason());
+                warn!(reason = refusal.reason(), message = %refusal.message(), "refused claim");
+                // Claim specs are mostly immutable; classes and capacity change, so look again later.
+                Ok(Action::requeue(Duration::from_secs(60)))
+            }
+            Err(error) => {
+                ctx.metrics.provision_failed(error.category());
+                warn!(%error, "provisioning failed; will retry");
+                Err(error)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn provision(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Context) -> Result<Step> {
+    let settings = &ctx.settings;
+    let namespace = claim.namespace().unwrap_or_default();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(pvc) = claims.get_opt(&claim.name_any()).await? else {
+        return Ok(Step::AlreadyDone);
+    };
+    if pvc.metadata.deletion_timestamp.is_some()
+        || pvc.spec.as_ref().and_then(|s| s.volume_name.as_ref()).is_some_and(|v| !v.is_empty())
+    {
+        return Ok(Step::AlreadyDone);
+    }
+    let claim_ref = pvc.object_ref(&());
+    let claim_uid = pvc.uid().unwrap_or_default();
+    let pv_name = naming::pv_name(&claim_uid)?;
+    tracing::Span::current().record("pv", pv_name.as_str());
+
+    let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    if ctx.volumes.get(&ObjectRef::new(&pv_name)).is_some() || volumes.get_opt(&pv_name).await?.is_some() {
+        return Ok(Step::AlreadyDone);
+    }
+
+    let class_name = pvc.spec.as_ref().and_then(|s| s.storage_class_name.clone()).unwrap_or_default();
+    let refuse = |refusal: Refusal| {
+        ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", refusal.message());
+        Ok(Step::Refused(refusal))
+    };
+    let Some(class) = ctx.classes.get(&ObjectRef::new(&class_name)) else {
+        return refuse(Refusal::StorageClassMissing(class_name));
+    };
+    if class.provisioner != settings.provisioner {
+        debug!(class = %class_name, provisioner = %class.provisioner, "class belongs to another provisioner");
+        return Ok(Step::NotOurs);
+    }
+    let params = match ClassParameters::parse(&class.parameters.clone().unwrap_or_default()) {
+        Ok(params) => params,
+        Err(why) => return refuse(Refusal::InvalidParameters(format!("StorageClass {class_name}: {why}"))),
+    };
+    let request: VolumeRequest = match admission::admit(&claim_spec(&pvc)) {
+        Ok(request) => request,
+        Err(refusal) => return refuse(refusal),
+    };
+    let directory = naming::directory_name(&pv_name, &namespace, &pvc.name_any())?;
+
+    ctx.publish(
+        &claim_ref,
+        EventType::Normal,
+        "Provisioning",
+        "Provision",
+        format!("hostvol agent on node {} is provisioning volume {pv_name} for claim {namespace}/{}", settings.node, pvc.name_any()),
+    );
+
+    let _admission = ctx.admission_lock.lock().await;
+    // Another reconcile of the same claim may have finished while we waited for the lock.
+    if ctx.recent_volumes.lock().expect("lock poisoned").contains_key(&pv_name) {
+        return Ok(Step::AlreadyDone);
+    }
+    if let Err(error) = ctx.store.check_root() {
+        ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", format!(
+            "node {}: {error}", settings.node));
+        return Err(error.into());
+    }
+    let allocatable = ctx.allocatable_bytes()?;
+    if let Err(refusal) = admission::fits(&request, allocatable, &settings.node) {
+        ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", refusal.message());
+        reschedule(&claims, &pvc.name_any()).await?;
+        ctx.publish(&claim_ref, EventType::Normal, "ProvisioningReschedule", "Provision", format!(
+            "removed {} so the scheduler picks another node", admission::ANN_SELECTED_NODE));
+        return Ok(Step::Refused(refusal));
+    }
+
+    let outcome = ctx.store.ensure_volume_dir(&directory, &params).inspect_err(|error| {
+        ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", format!(
+            "node {}: cannot prepare the volume directory: {error}", settings.node));
+    })?;
+    debug!(%directory, ?outcome, "volume directory ready");
+
+    let host_path = pv::host_path(&settings.host_root, &directory);
+    let volume = pv::build(&VolumeDescription {
+        pv_name: pv_name.clone(),
+        provisioner: settings.provisioner.clone(),
+        node: settings.node.clone(),
+        node_hostname: ctx.node_hostname(),
+        host_path: host_path.clone(),
+        claim_namespace: namespace.clone(),
+        claim_name: pvc.name_any(),
+        claim_uid,
+        storage_class: class_name,
+        capacity: request.capacity.clone(),
+        access_modes: request.access_modes.clone(),
+        reclaim_policy: class.reclaim_policy.clone().unwrap_or_else(|| "Delete".into()),
+    });
+    match volumes.create(&PostParams::default(), &volume).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 409 => return Ok(Step::AlreadyDone),
+        Err(error) => {
+            ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", format!(
+                "node {}: directory {host_path} is ready but creating PV {pv_name} failed: {error}; retrying", settings.node));
+            return Err(error.into());
+        }
+    }
+    ctx.recent_volumes.lock().expect("lock poisoned").insert(pv_name.clone(), request.capacity_bytes);
+    ctx.publish(
+        &claim_ref,
+        EventType::Normal,
+        "ProvisioningSucceeded",
+        "Provision",
+        format!("Successfully provisioned volume {pv_name} ({}) at {host_path} on node {}", request.capacity, settings.node),
+    );
+    Ok(Step::Provisioned { pv_name })
+}
+
+/// Drops the claim's selected node so the scheduler chooses again (as sig-storage's ProvisioningReschedule).
+async fn reschedule(claims: &Api<PersistentVolumeClaim>, name: &str) -> Result<()> {
+    let patch = serde_json::json!({"metadata": {"annotations": {admission::ANN_SELECTED_NODE: null}}});
+    claims.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
+pub fn error_policy(claim: Arc<PartialObjectMeta<PersistentVolumeClaim>>, _error: &Error, ctx: Arc<Context>) -> Action {
+    Action::requeue(ctx.backoff(&claim_key(&claim)))
+}
+
+/// The watches an agent keeps, each as narrow as its use allows.
+pub struct Watches {
+    pub classes: Store<StorageClass>,
+    pub nodes: Store<PartialObjectMeta<Node>>,
+    pub volumes: Store<PersistentVolume>,
+    pub claims: Store<PartialObjectMeta<PersistentVolumeClaim>>,
+}
+
+impl Watches {
+    pub async fn wait_until_ready(&self) -> bool {
+        self.classes.wait_until_ready().await.is_ok()
+            && self.nodes.wait_until_ready().await.is_ok()
+            && self.volumes.wait_until_ready().await.is_ok()
+            && self.claims.wait_until_ready().await.is_ok()
+    }
+}
+
+/// Starts the supporting watches and returns the controller's future, which ends on `shutdown`.
+pub fn start(
+    client: Client,
+    settings: Settings,
+    store: VolumeStore,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> (Watches, Arc<Context>, impl std::future::Future<Output = ()>) {
+    fn drive<S: futures::Stream + Send + 'static>(stream: S) {
+        tokio::spawn(stream.for_each(|_| futures::future::ready(())));
+    }
+    // StorageClasses: few and small; kept whole.
+    let (classes, writer) = reflector::store();
+    drive(watcher(Api::<StorageClass>::all(client.clone()), watcher::Config::default()).default_backoff().reflect(writer));
+    // Our own Node, metadata only (a Node's status with its image list is large).
+    let (nodes, writer) = reflector::store();
+    drive(
+        watcher(Api::<PartialObjectMeta<Node>>::all(client.clone()), watcher::Config::default().fields(&format!("metadata.name={}", settings.node)))
+            .default_backoff()
+            .modify(|n| n.managed_fields_mut().clear())
+            .reflect(writer),
+    );
+    // hostvol PVs of this node only.
+    let (volumes, writer) = reflector::store();
+    let label = format!("{}={}", pv::LABEL_NODE, naming::node_label_value(&settings.node));
+    drive(
+        watcher(Api::<PersistentVolume>::all(client.clone()), watcher::Config::default().labels(&label))
+            .default_backoff()
+            .modify(|pv| pv.managed_fields_mut().clear())
+            .reflect(writer),
+    );
+    // Claims: no server-side filter can select by annotation, so watch metadata only and filter here.
+    let (claims, writer) = reflector::store();
+    let (provisioner, node) = (settings.provisioner.clone(), settings.node.clone());
+    let claim_stream = watcher(Api::<PartialObjectMeta<PersistentVolumeClaim>>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(|c| {
+            c.managed_fields_mut().clear();
+            c.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
+        })
+        .reflect(writer)
+        .applied_objects()
+        .try_filter(move |c| {
+            futures::future::ready(admission::interest(c.annotations(), &provisioner, &node) == Interest::Provision)
+        });
+
+    let ctx = Arc::new(Context {
+        client,
+        settings,
+        store,
+        classes: classes.clone(),
+        nodes: nodes.clone(),
+        volumes: volumes.clone(),
+        recorder,
+        metrics,
+        admission_lock: tokio::sync::Mutex::new(()),
+        recent_volumes: Mutex::new(HashMap::new()),
+        failures: Mutex::new(HashMap::new()),
+    });
+    let controller = Controller::for_stream(claim_stream, claims.clone())
+        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|result| {
+            if let Err(error) = result {
+                debug!(%error, "controller event");
+            }
+            futures::future::ready(())
+        });
+    (Watches { classes, nodes, volumes, claims }, ctx, controller)
+}
+

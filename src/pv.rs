@@ -1,0 +1,125 @@
+//! The PersistentVolume object hostvol publishes for a provisioned claim.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    HostPathVolumeSource, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectReference,
+    PersistentVolume, PersistentVolumeSpec, VolumeNodeAffinity,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::ObjectMeta;
+
+use crate::naming;
+
+pub const ANN_PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
+pub const ANN_NODE: &str = "hostvol.io/node";
+pub const ANN_DIRECTORY: &str = "hostvol.io/directory";
+/// Label on every PV we make, so each agent can watch only its own node's volumes.
+pub const LABEL_NODE: &str = "hostvol.io/node";
+pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+
+/// Everything needed to describe one provisioned volume.
+#[derive(Debug, Clone)]
+pub struct VolumeDescription {
+    pub pv_name: String,
+    pub provisioner: String,
+    pub node: String,
+    /// Value of the node's `kubernetes.io/hostname` label (can differ from the node name).
+    pub node_hostname: String,
+    /// The directory as the kubelet sees it on the node.
+    pub host_path: String,
+    pub claim_namespace: String,
+    pub claim_name: String,
+    pub claim_uid: String,
+    pub storage_class: String,
+    pub capacity: String,
+    pub access_modes: Vec<String>,
+    pub reclaim_policy: String,
+}
+
+pub fn build(volume: &VolumeDescription) -> PersistentVolume {
+    let annotations = BTreeMap::from([
+        (ANN_PROVISIONED_BY.to_string(), volume.provisioner.clone()),
+        (ANN_NODE.to_string(), volume.node.clone()),
+        (ANN_DIRECTORY.to_string(), volume.host_path.clone()),
+    ]);
+    let labels = BTreeMap::from([(LABEL_NODE.to_string(), naming::node_label_value(&volume.node))]);
+    PersistentVolume {
+        metadata: ObjectMeta {
+            name: Some(volume.pv_name.clone()),
+            annotations: Some(annotations),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeSpec {
+            capacity: Some(BTreeMap::from([("storage".to_string(), Quantity(volume.capacity.clone()))])),
+            access_modes: Some(volume.access_modes.clone()),
+            volume_mode: Some("Filesystem".into()),
+            storage_class_name: Some(volume.storage_class.clone()),
+            persistent_volume_reclaim_policy: Some(volume.reclaim_policy.clone()),
+            // Directory, never DirectoryOrCreate: a missing directory (say, a disk that did not mount)
+            // must fail the pod instead of silently writing to the node's root filesystem.
+            host_path: Some(HostPathVolumeSource { path: volume.host_path.clone(), type_: Some("Directory".into()) }),
+            node_affinity: Some(VolumeNodeAffinity {
+                required: Some(NodeSelector {
+                    node_selector_terms: vec![NodeSelectorTerm {
+                        match_expressions: Some(vec![NodeSelectorRequirement {
+                            key: HOSTNAME_LABEL.into(),
+                            operator: "In".into(),
+                            values: Some(vec![volume.node_hostname.clone()]),
+                        }]),
+                        match_fields: None,
+                    }],
+                }),
+            }),
+            // Pre-bound: the PV controller binds exactly this claim and no other.
+            claim_ref: Some(ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("PersistentVolumeClaim".into()),
+                namespace: Some(volume.claim_namespace.clone()),
+                name: Some(volume.claim_name.clone()),
+                uid: Some(volume.claim_uid.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The node directory path for a volume: `<host root>/<directory name>`.
+pub fn host_path(host_root: &str, directory: &str) -> String {
+    format!("{}/{}", host_root.trim_end_matches('/'), directory)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pv_is_pinned_prebound_and_never_creates_directories() {
+        let v = VolumeDescription {
+            pv_name: "pvc-u1".into(),
+            provisioner: "hostpath.hostvol.io".into(),
+            node: "node-a".into(),
+            node_hostname: "host-a".into(),
+            host_path: host_path("/mnt/data/", "pvc-u1_ns_c"),
+            claim_namespace: "ns".into(),
+            claim_name: "c".into(),
+            claim_uid: "u1".into(),
+            storage_class: "hostvol".into(),
+            capacity: "1Gi".into(),
+            access_modes: vec!["ReadWriteOnce".into()],
+            reclaim_policy: "Retain".into(),
+        };
+        let pv = build(&v);
+        let json = serde_json::to_value(&pv).unwrap();
+        assert_eq!(json["spec"]["hostPath"], serde_json::json!({"path": "/mnt/data/pvc-u1_ns_c", "type": "Directory"}));
+        assert_eq!(json["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]["values"][0], "host-a");
+        assert_eq!(json["spec"]["claimRef"]["uid"], "u1");
+        assert_eq!(json["spec"]["persistentVolumeReclaimPolicy"], "Retain");
+        assert_eq!(json["spec"]["capacity"]["storage"], "1Gi");
+        assert_eq!(json["metadata"]["annotations"][ANN_PROVISIONED_BY], "hostpath.hostvol.io");
+        assert_eq!(json["metadata"]["labels"][LABEL_NODE], "node-a");
+    }
+}

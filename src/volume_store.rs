@@ -1,0 +1,220 @@
+//! Volume directories on disk. Every operation goes through an open handle on the data root and a
+//! single validated name, never a joined path, and never follows a symlink.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, openat};
+use nix::sys::stat::{Mode, SFlag, fchmod, fstat, fstatat, mkdirat};
+use nix::unistd::{Gid, Uid, fchown, fsync};
+
+use crate::naming::{self, NameError};
+use crate::params::ClassParameters;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("data root {path}: {source}; create it (e.g. `mkdir -p {path}`) or pass --data-root")]
+    RootUnavailable { path: PathBuf, source: Errno },
+    #[error("data root {path} is not a directory; pass --data-root with a directory")]
+    RootNotDirectory { path: PathBuf },
+    #[error(transparent)]
+    UnsafeName(#[from] NameError),
+    #[error("{name} in {root} exists but is not a plain directory (a file or a symlink?); hostvol will not use or follow it; move it away")]
+    NotADirectory { root: PathBuf, name: String },
+    #[error("{op} {name} in {root}: {source}")]
+    Io { op: &'static str, root: PathBuf, name: String, source: Errno },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Short machine-readable kind, for Event reasons and metrics labels.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::RootUnavailable { .. } | Error::RootNotDirectory { .. } => "data_root_unavailable",
+            Error::UnsafeName(_) => "unsafe_name",
+            Error::NotADirectory { .. } => "not_a_directory",
+            Error::Io { .. } => "io",
+        }
+    }
+}
+
+/// Whether a volume directory was made now or found from an earlier attempt (crash, retry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Created,
+    Reused,
+}
+
+/// Sizes of the filesystem holding the data root, in bytes and inodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FilesystemStats {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub used_bytes: u64,
+    pub total_inodes: u64,
+    pub free_inodes: u64,
+}
+
+#[derive(Debug)]
+pub struct VolumeStore {
+    root_path: PathBuf,
+    root: OwnedFd,
+}
+
+impl VolumeStore {
+    /// Opens the data root; it must already exist and be a directory (we never create the root, so a
+    /// disk that failed to mount is not silently replaced by a directory on the root filesystem).
+    pub fn open(path: &Path) -> Result<Self> {
+        let root = nix::fcntl::open(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|source| match source {
+                Errno::ENOTDIR => Error::RootNotDirectory { path: path.to_path_buf() },
+                source => Error::RootUnavailable { path: path.to_path_buf(), source },
+            })?;
+        Ok(Self { root_path: path.to_path_buf(), root })
+    }
+
+    pub fn root_path(&self) -> &Path {
+        &self.root_path
+    }
+
+    /// Makes (or finds) the directory `name` directly under the root with the class's mode and owner.
+    pub fn ensure_volume_dir(&self, name: &str, params: &ClassParameters) -> Result<Outcome> {
+        naming::validate_directory_name(name)?;
+        let io = |op: &'static str| {
+            let root = self.root_path.clone();
+            let name = name.to_string();
+            move |source| Error::Io { op, root, name, source }
+        };
+        let outcome = match mkdirat(self.root.as_fd(), name, Mode::from_bits_truncate(0o700)) {
+            Ok(()) => Outcome::Created,
+            Err(Errno::EEXIST) => Outcome::Reused,
+            Err(source) => return Err(io("create")(source)),
+        };
+        // O_NOFOLLOW: if something swapped the name for a symlink, the open fails instead of leaving the root.
+        let dir = openat(self.root.as_fd(), name, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|source| match source {
+                Errno::ENOTDIR | Errno::ELOOP => Error::NotADirectory { root: self.root_path.clone(), name: name.to_string() },
+                source => io("open")(source),
+            })?;
+        if params.uid.is_some() || params.gid.is_some() {
+            fchown(dir.as_fd(), params.uid.map(Uid::from_raw), params.gid.map(Gid::from_raw)).map_err(io("chown"))?;
+        }
+        // After chown (which clears setgid) and explicitly, because mkdir's mode is filtered by the umask.
+        fchmod(dir.as_fd(), Mode::from_bits_truncate(params.mode)).map_err(io("chmod"))?;
+        if outcome == Outcome::Created {
+            // Make the new entry durable before a PV points at it.
+            fsync(self.root.as_fd()).map_err(io("sync"))?;
+        }
+        Ok(outcome)
+    }
+
+    /// Whether `name` exists under the root as a real directory (symlinks do not count).
+    pub fn volume_dir_exists(&self, name: &str) -> Result<bool> {
+        naming::validate_directory_name(name)?;
+        match fstatat(self.root.as_fd(), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR),
+            Err(Errno::ENOENT) => Ok(false),
+            Err(source) => Err(Error::Io { op: "stat", root: self.root_path.clone(), name: name.to_string(), source }),
+        }
+    }
+
+    /// Space of the filesystem the root lives on.
+    pub fn filesystem_stats(&self) -> Result<FilesystemStats> {
+        let st = nix::sys::statvfs::fstatvfs(self.root.as_fd()).map_err(|source| Error::RootUnavailable {
+            path: self.root_path.clone(),
+            source,
+        })?;
+        let block = st.fragment_size() as u64;
+        Ok(FilesystemStats {
+            total_bytes: st.blocks() as u64 * block,
+            available_bytes: st.blocks_available() as u64 * block,
+            used_bytes: (st.blocks() as u64).saturating_sub(st.blocks_free() as u64) * block,
+            total_inodes: st.files() as u64,
+            free_inodes: st.files_free() as u64,
+        })
+    }
+
+    /// The root still exists and is a directory (it may vanish if a disk is unmounted under us).
+    pub fn check_root(&self) -> Result<()> {
+        let st = fstat(self.root.as_fd())
+            .map_err(|source| Error::RootUnavailable { path: self.root_path.clone(), source })?;
+        if st.st_nlink == 0 {
+            return Err(Error::RootUnavailable { path: self.root_path.clone(), source: Errno::ENOENT });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    fn store() -> (tempfile::TempDir, VolumeStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = VolumeStore::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn creates_with_requested_mode_despite_umask_and_reuses() {
+        let (dir, store) = store();
+        let params = ClassParameters { mode: 0o777, uid: None, gid: None };
+        assert_eq!(store.ensure_volume_dir("pvc-1_ns_c", &params).unwrap(), Outcome::Created);
+        let meta = std::fs::metadata(dir.path().join("pvc-1_ns_c")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o777);
+        std::fs::write(dir.path().join("pvc-1_ns_c/data"), b"keep").unwrap();
+        assert_eq!(store.ensure_volume_dir("pvc-1_ns_c", &params).unwrap(), Outcome::Reused);
+        assert_eq!(std::fs::read(dir.path().join("pvc-1_ns_c/data")).unwrap(), b"keep");
+        assert!(store.volume_dir_exists("pvc-1_ns_c").unwrap());
+        assert!(!store.volume_dir_exists("pvc-2_ns_c").unwrap());
+    }
+
+    #[test]
+    fn applies_owner_when_asked() {
+        if !nix::unistd::geteuid().is_root() {
+            return; // chown to another uid needs root; CI runs as root
+        }
+        let (dir, store) = store();
+        let params = ClassParameters { mode: 0o2770, uid: Some(1234), gid: Some(5678) };
+        store.ensure_volume_dir("pvc-2_ns_c", &params).unwrap();
+        let meta = std::fs::metadata(dir.path().join("pvc-2_ns_c")).unwrap();
+        assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o7777), (1234, 5678, 0o2770));
+    }
+
+    #[test]
+    fn never_follows_or_escapes() {
+        let (dir, store) = store();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("pvc-3_ns_c")).unwrap();
+        let err = store.ensure_volume_dir("pvc-3_ns_c", &ClassParameters::default()).unwrap_err();
+        assert_eq!(err.category(), "not_a_directory", "{err}");
+        assert!(!store.volume_dir_exists("pvc-3_ns_c").unwrap());
+        // The symlink target's permissions were not touched.
+        let mode = std::fs::metadata(outside.path()).unwrap().permissions().mode() & 0o7777;
+        assert_ne!(mode, 0o777);
+        for bad in ["..", "../x", "a/b", ".", ""] {
+            assert_eq!(store.ensure_volume_dir(bad, &ClassParameters::default()).unwrap_err().category(), "unsafe_name");
+        }
+        std::fs::write(dir.path().join("pvc-4_ns_c"), b"").unwrap();
+        assert_eq!(store.ensure_volume_dir("pvc-4_ns_c", &ClassParameters::default()).unwrap_err().category(), "not_a_directory");
+    }
+
+    #[test]
+    fn root_must_exist_and_be_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = VolumeStore::open(&dir.path().join("nope")).unwrap_err();
+        assert!(missing.to_string().contains("mkdir -p"), "{missing}");
+        std::fs::write(dir.path().join("file"), b"").unwrap();
+        assert!(matches!(VolumeStore::open(&dir.path().join("file")).unwrap_err(), Error::RootNotDirectory { .. }));
+    }
+
+    #[test]
+    fn reports_filesystem_space() {
+        let (_dir, store) = store();
+        let fs = store.filesystem_stats().unwrap();
+        assert!(fs.total_bytes > 0 && fs.available_bytes <= fs.total_bytes);
+    }
+}
