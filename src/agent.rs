@@ -11,6 +11,8 @@ use tracing::{error, info, warn};
 
 use crate::cli::AgentArgs;
 use crate::metrics::Metrics;
+use crate::node_service;
+use crate::usage::UsageCache;
 use crate::provisioner::{self, Settings};
 use crate::volume_store::{self, VolumeStore};
 use crate::{http, shutdown};
@@ -44,6 +46,10 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
         source,
     })?;
 
+    let grpc_listeners = node_service::bind(args.grpc_addr, &args.grpc_socket).await.map_err(|source| {
+        StartupError::Listen { what: "gRPC", addr: args.grpc_addr.to_string(), source }
+    })?;
+
     let reporter = Reporter {
         controller: args.provisioner.clone(),
         instance: Some(args.pod_name.clone().unwrap_or_else(|| format!("hostvol-{}", args.node_name))),
@@ -62,7 +68,7 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
         host_data_root = %settings.host_root,
         "starting agent"
     );
-    let (watches, _ctx, controller) = provisioner::start(
+    let (watches, ctx, controller) = provisioner::start(
         client.clone(),
         settings,
         store,
@@ -72,6 +78,17 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
     );
 
     let http_task = tokio::spawn(http::serve(http_listener, ready.clone(), metrics.clone(), shutdown.clone()));
+    let usage = UsageCache::default();
+    let (reports_tx, reports) = tokio::sync::watch::channel(Default::default());
+    tokio::spawn(node_service::publish_capacity(ctx.clone(), reports_tx, args.capacity_change_threshold, shutdown.clone()));
+    tokio::spawn(node_service::refresh_usage(
+        ctx.clone(),
+        usage.clone(),
+        std::time::Duration::from_secs(args.usage_refresh_seconds.max(1)),
+        args.usage_concurrency,
+        shutdown.clone(),
+    ));
+    let grpc_task = tokio::spawn(node_service::serve(grpc_listeners, ctx.clone(), usage, reports, shutdown.clone()));
     let readiness = {
         let ready = ready.clone();
         tokio::spawn(async move {
@@ -88,6 +105,11 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
     info!("controller stopped; in-flight provisioning finished");
     shutdown.cancel();
     readiness.abort();
+    match grpc_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => error!(error = %e, "gRPC server failed"),
+        Err(e) => error!(error = %e, "gRPC task panicked"),
+    }
     match http_task.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => error!(error = %e, "HTTP server failed"),

@@ -48,3 +48,37 @@ mod tests {
         }
     }
 }
+
+/// The figures whose change is worth telling subscribers and the scheduler about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Snapshot {
+    pub volume_count: u32,
+    pub allocated: u64,
+    pub allocatable: u64,
+    pub available: u64,
+}
+
+/// A change in volumes or promises always counts; free space must move by at least `threshold` bytes,
+/// so a pod writing steadily does not flood watchers and the API server.
+pub fn materially_changed(previous: &Snapshot, next: &Snapshot, threshold: u64) -> bool {
+    previous.volume_count != next.volume_count
+        || previous.allocated != next.allocated
+        || previous.allocatable.abs_diff(next.allocatable) >= threshold.max(1)
+        || previous.available.abs_diff(next.available) >= threshold.max(1)
+}
+
+#[cfg(test)]
+mod change_tests {
+    use super::*;
+
+    #[test]
+    fn small_drift_is_not_news_but_volumes_are() {
+        let base = Snapshot { volume_count: 1, allocated: 10, allocatable: 1000, available: 5000 };
+        assert!(!materially_changed(&base, &base, 100));
+        assert!(!materially_changed(&base, &Snapshot { available: 5050, allocatable: 990, ..base }, 100));
+        assert!(materially_changed(&base, &Snapshot { available: 4800, ..base }, 100));
+        assert!(materially_changed(&base, &Snapshot { allocatable: 800, ..base }, 100));
+        assert!(materially_changed(&base, &Snapshot { volume_count: 2, ..base }, 100));
+        assert!(materially_changed(&base, &Snapshot { allocated: 11, ..base }, 100));
+    }
+}

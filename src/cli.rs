@@ -59,6 +59,18 @@ pub struct AgentArgs {
     #[arg(long, env = "HOSTVOL_GRPC_SOCKET", default_value = "/run/hostvol/hostvol.sock")]
     pub grpc_socket: PathBuf,
 
+    /// How often the bytes used by each volume are measured (a directory walk, off the request path).
+    #[arg(long, env = "HOSTVOL_USAGE_REFRESH_SECONDS", default_value_t = 60)]
+    pub usage_refresh_seconds: u64,
+
+    /// Most volume directories walked at once during a usage refresh.
+    #[arg(long, env = "HOSTVOL_USAGE_CONCURRENCY", default_value_t = 2)]
+    pub usage_concurrency: usize,
+
+    /// Free-space movement that counts as a capacity change for watchers and the scheduler (e.g. 64Mi).
+    #[arg(long, env = "HOSTVOL_CAPACITY_CHANGE_THRESHOLD", default_value = "64Mi", value_parser = parse_bytes)]
+    pub capacity_change_threshold: u64,
+
     /// Log output format.
     #[arg(long, env = "HOSTVOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,

@@ -6,16 +6,19 @@
 pub mod admission;
 pub mod agent;
 pub mod capacity;
+pub mod grpc;
 pub mod cli;
 pub mod http;
 pub mod metrics;
 pub mod naming;
+pub mod node_service;
 pub mod params;
 pub mod provisioner;
 pub mod pv;
 pub mod quantity;
 pub mod shutdown;
 pub mod telemetry;
+pub mod usage;
 pub mod volume_store;
 
 /// The provisioner name: a valid CSIDriver name too (no `/`), which capacity-aware scheduling needs.

@@ -69,6 +69,8 @@ pub struct Context {
     pub volumes: Store<PersistentVolume>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// Woken whenever this node's set of volumes may have changed.
+    pub volumes_changed: Arc<tokio::sync::Notify>,
     /// Serialises "check capacity, make directory, create PV" so concurrent claims cannot overcommit.
     admission_lock: tokio::sync::Mutex<()>,
     /// PVs created by us that the watch may not have delivered yet: name -> bytes.
@@ -309,6 +311,7 @@ async fn provision(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Conte
         }
     }
     ctx.recent_volumes.lock().expect("lock poisoned").insert(pv_name.clone(), request.capacity_bytes);
+    ctx.volumes_changed.notify_waiters();
     ctx.publish(
         &claim_ref,
         EventType::Normal,
@@ -372,12 +375,15 @@ pub fn start(
     );
     // hostvol PVs of this node only.
     let (volumes, writer) = reflector::store();
+    let volumes_changed = Arc::new(tokio::sync::Notify::new());
+    let notify = volumes_changed.clone();
     let label = format!("{}={}", pv::LABEL_NODE, naming::node_label_value(&settings.node));
     drive(
         watcher(Api::<PersistentVolume>::all(client.clone()), watcher::Config::default().labels(&label))
             .default_backoff()
             .modify(|pv| pv.managed_fields_mut().clear())
-            .reflect(writer),
+            .reflect(writer)
+            .inspect(move |_| notify.notify_waiters()),
     );
     // Claims: no server-side filter can select by annotation, so watch metadata only and filter here.
     let (claims, writer) = reflector::store();
@@ -403,6 +409,7 @@ pub fn start(
         volumes: volumes.clone(),
         recorder,
         metrics,
+        volumes_changed,
         admission_lock: tokio::sync::Mutex::new(()),
         recent_volumes: Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),

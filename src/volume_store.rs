@@ -2,6 +2,7 @@
 //! single validated name, never a joined path, and never follows a symlink.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -60,7 +61,7 @@ pub struct FilesystemStats {
 #[derive(Debug)]
 pub struct VolumeStore {
     root_path: PathBuf,
-    root: OwnedFd,
+    root: Arc<OwnedFd>,
 }
 
 impl VolumeStore {
@@ -72,7 +73,7 @@ impl VolumeStore {
                 Errno::ENOTDIR => Error::RootNotDirectory { path: path.to_path_buf() },
                 source => Error::RootUnavailable { path: path.to_path_buf(), source },
             })?;
-        Ok(Self { root_path: path.to_path_buf(), root })
+        Ok(Self { root_path: path.to_path_buf(), root: Arc::new(root) })
     }
 
     pub fn root_path(&self) -> &Path {
@@ -120,6 +121,19 @@ impl VolumeStore {
         }
     }
 
+    /// A shared handle on the root, for walks that run on other threads.
+    pub fn root_handle(&self) -> Arc<OwnedFd> {
+        self.root.clone()
+    }
+
+    /// Name of the filesystem type holding the root ("ext4", "xfs", ...).
+    pub fn filesystem_type(&self) -> String {
+        match nix::sys::statfs::fstatfs(self.root.as_fd()) {
+            Ok(st) => filesystem_type_name(st.filesystem_type().0 as i64),
+            Err(_) => "unknown".into(),
+        }
+    }
+
     /// Space of the filesystem the root lives on.
     pub fn filesystem_stats(&self) -> Result<FilesystemStats> {
         let st = nix::sys::statvfs::fstatvfs(self.root.as_fd()).map_err(|source| Error::RootUnavailable {
@@ -145,6 +159,22 @@ impl VolumeStore {
         }
         Ok(())
     }
+}
+
+fn filesystem_type_name(magic: i64) -> String {
+    match magic {
+        0xEF53 => "ext4",
+        0x5846_5342 => "xfs",
+        0x9123_683E => "btrfs",
+        0x0102_1994 => "tmpfs",
+        0x794C_7630 => "overlay",
+        0x6969 => "nfs",
+        0x2FC1_2FC1 => "zfs",
+        0xF2F5_2010 => "f2fs",
+        0x6573_5546 => "fuse",
+        _ => return format!("0x{magic:x}"),
+    }
+    .to_string()
 }
 
 #[cfg(test)]
@@ -216,5 +246,6 @@ mod tests {
         let (_dir, store) = store();
         let fs = store.filesystem_stats().unwrap();
         assert!(fs.total_bytes > 0 && fs.available_bytes <= fs.total_bytes);
+        assert!(!store.filesystem_type().is_empty());
     }
 }

@@ -1,0 +1,295 @@
+//! The gRPC node service (`hostvol.v1.Node`), with the standard health service and reflection,
+//! served on TCP and on a Unix socket.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::Stream;
+use k8s_openapi::api::core::v1::PersistentVolume;
+use kube::ResourceExt;
+use tokio::sync::watch;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use crate::capacity::{self, CapacityInputs, Snapshot};
+use crate::grpc::v1::node_server::{Node, NodeServer};
+use crate::grpc::v1::{
+    CapacityReport, GetCapacityRequest, GetVolumeRequest, ListVolumesRequest, ListVolumesResponse, Volume,
+    WatchCapacityRequest,
+};
+use crate::naming;
+use crate::provisioner::Context;
+use crate::pv;
+use crate::quantity;
+use crate::usage::{self, UsageCache};
+
+const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(10);
+
+fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+/// Computes the node's report from the watch caches and one statvfs call (cheap, no disk walk).
+pub fn capacity_report(ctx: &Context) -> Result<CapacityReport, Status> {
+    let fs = ctx
+        .store
+        .filesystem_stats()
+        .map_err(|e| Status::unavailable(format!("data root unavailable: {e}")))?;
+    let allocated = ctx.allocated_bytes();
+    let inputs = CapacityInputs {
+        filesystem_total: fs.total_bytes,
+        filesystem_available: fs.available_bytes,
+        reserved: ctx.settings.reserved,
+        cap: ctx.settings.capacity_cap,
+        allocated,
+    };
+    Ok(CapacityReport {
+        node: ctx.settings.node.clone(),
+        data_root: ctx.settings.host_root.clone(),
+        filesystem_type: ctx.store.filesystem_type(),
+        total_bytes: fs.total_bytes,
+        available_bytes: fs.available_bytes,
+        used_bytes: fs.used_bytes,
+        total_inodes: fs.total_inodes,
+        free_inodes: fs.free_inodes,
+        used_inodes: fs.total_inodes.saturating_sub(fs.free_inodes),
+        allocated_bytes: allocated,
+        reserved_bytes: ctx.settings.reserved,
+        cap_bytes: ctx.settings.capacity_cap,
+        allocatable_bytes: capacity::allocatable(&inputs),
+        volume_count: ctx.volumes.state().len() as u32,
+        observed_at: Some(timestamp(SystemTime::now())),
+    })
+}
+
+fn snapshot(report: &CapacityReport) -> Snapshot {
+    Snapshot {
+        volume_count: report.volume_count,
+        allocated: report.allocated_bytes,
+        allocatable: report.allocatable_bytes,
+        available: report.available_bytes,
+    }
+}
+
+/// The directory name (last path component) of one of our PVs.
+pub fn volume_directory(pv: &PersistentVolume) -> Option<String> {
+    let path = pv.annotations().get(pv::ANN_DIRECTORY)?;
+    let name = path.rsplit('/').next()?;
+    naming::validate_directory_name(name).ok()?;
+    Some(name.to_string())
+}
+
+fn describe_volume(pv: &PersistentVolume, usage: &UsageCache) -> Volume {
+    let spec = pv.spec.clone().unwrap_or_default();
+    let claim = spec.claim_ref.unwrap_or_default();
+    let measured = volume_directory(pv).and_then(|d| usage.get(&d));
+    Volume {
+        pv_name: pv.name_any(),
+        claim_namespace: claim.namespace.unwrap_or_default(),
+        claim_name: claim.name.unwrap_or_default(),
+        directory: pv.annotations().get(pv::ANN_DIRECTORY).cloned().unwrap_or_default(),
+        capacity_bytes: spec
+            .capacity
+            .and_then(|c| c.get("storage").and_then(|q| quantity::parse_bytes(&q.0).ok()))
+            .unwrap_or(0),
+        used_bytes: measured.map(|u| u.bytes),
+        used_inodes: measured.map(|u| u.inodes),
+        phase: pv.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default(),
+        reclaim_policy: spec.persistent_volume_reclaim_policy.unwrap_or_default(),
+        created_at: pv.metadata.creation_timestamp.as_ref().map(|t| prost_types::Timestamp {
+            seconds: t.0.as_second(),
+            nanos: t.0.subsec_nanosecond(),
+        }),
+        usage_measured_at: measured.map(|u| timestamp(u.measured_at)),
+        storage_class: spec.storage_class_name.unwrap_or_default(),
+    }
+}
+
+pub struct NodeService {
+    ctx: Arc<Context>,
+    usage: UsageCache,
+    reports: watch::Receiver<CapacityReport>,
+}
+
+type ReportStream = Pin<Box<dyn Stream<Item = Result<CapacityReport, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn get_capacity(&self, _: Request<GetCapacityRequest>) -> Result<Response<CapacityReport>, Status> {
+        capacity_report(&self.ctx).map(Response::new)
+    }
+
+    async fn list_volumes(&self, _: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
+        let mut volumes: Vec<Volume> =
+            self.ctx.volumes.state().iter().map(|pv| describe_volume(pv, &self.usage)).collect();
+        volumes.sort_by(|a, b| a.pv_name.cmp(&b.pv_name));
+        Ok(Response::new(ListVolumesResponse { volumes }))
+    }
+
+    async fn get_volume(&self, request: Request<GetVolumeRequest>) -> Result<Response<Volume>, Status> {
+        let name = request.into_inner().pv_name;
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !valid {
+            return Err(Status::invalid_argument(format!("{name:?} is not a PersistentVolume name")));
+        }
+        self.ctx
+            .volumes
+            .get(&kube::runtime::reflector::ObjectRef::new(&name))
+            .map(|pv| Response::new(describe_volume(&pv, &self.usage)))
+            .ok_or_else(|| Status::not_found(format!("node {} has no hostvol volume {name}", self.ctx.settings.node)))
+    }
+
+    type WatchCapacityStream = ReportStream;
+
+    async fn watch_capacity(&self, request: Request<WatchCapacityRequest>) -> Result<Response<ReportStream>, Status> {
+        let seconds = request.into_inner().max_interval_seconds;
+        let interval = if seconds == 0 { DEFAULT_WATCH_INTERVAL } else { Duration::from_secs(seconds.clamp(1, 3600) as u64) };
+        let mut reports = self.reports.clone();
+        let ctx = self.ctx.clone();
+        let stream = async_stream(move |tx| async move {
+            let first = capacity_report(&ctx).unwrap_or_else(|_| reports.borrow_and_update().clone());
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            loop {
+                let next = tokio::select! {
+                    changed = reports.changed() => match changed {
+                        Ok(()) => reports.borrow_and_update().clone(),
+                        Err(_) => return, // agent shutting down
+                    },
+                    _ = heartbeat.tick() => capacity_report(&ctx).unwrap_or_else(|_| reports.borrow().clone()),
+                };
+                heartbeat.reset();
+                if tx.send(Ok(next)).await.is_err() {
+                    return; // subscriber went away
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+/// A stream fed by a task through a small channel; the task stops when the receiver is dropped.
+fn async_stream<F, Fut>(producer: F) -> ReportStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<CapacityReport, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(producer(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// Keeps the latest material capacity report in `tx`, recomputing on volume changes and every second.
+pub async fn publish_capacity(ctx: Arc<Context>, tx: watch::Sender<CapacityReport>, threshold: u64, shutdown: CancellationToken) {
+    let mut last: Option<Snapshot> = None;
+    loop {
+        if let Ok(report) = capacity_report(&ctx) {
+            let now = snapshot(&report);
+            ctx.metrics.allocatable_bytes.set(report.allocatable_bytes as i64);
+            if last.is_none_or(|prev| capacity::materially_changed(&prev, &now, threshold)) {
+                debug!(allocatable = report.allocatable_bytes, volumes = report.volume_count, "capacity changed");
+                last = Some(now);
+                tx.send_replace(report);
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ctx.volumes_changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Measures every volume's usage every `every`, and new volumes as soon as they appear, off the
+/// request path.
+pub async fn refresh_usage(ctx: Arc<Context>, cache: UsageCache, every: Duration, concurrency: usize, shutdown: CancellationToken) {
+    let mut next_full = tokio::time::Instant::now();
+    loop {
+        let directories: Vec<String> = ctx.volumes.state().iter().filter_map(|pv| volume_directory(pv)).collect();
+        let keep: HashSet<String> = directories.iter().cloned().collect();
+        let full = tokio::time::Instant::now() >= next_full;
+        let todo: Vec<String> = if full {
+            next_full = tokio::time::Instant::now() + every;
+            directories
+        } else {
+            directories.into_iter().filter(|d| cache.get(d).is_none()).collect()
+        };
+        if !todo.is_empty() {
+            let (measured, took) = usage::refresh(ctx.store.root_handle(), todo, &cache, concurrency).await;
+            debug!(measured, full, millis = took.as_millis() as u64, "usage refreshed");
+        }
+        cache.retain(&keep);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(next_full) => {}
+            _ = ctx.volumes_changed.notified() => {}
+        }
+    }
+}
+
+pub struct Listeners {
+    pub tcp: tokio::net::TcpListener,
+    pub unix: Option<tokio::net::UnixListener>,
+}
+
+/// Binds the TCP port and, if possible, the Unix socket (a stale socket file from a previous run is
+/// replaced; anything else at that path is left alone).
+pub async fn bind(tcp: std::net::SocketAddr, socket: &Path) -> std::io::Result<Listeners> {
+    let tcp = tokio::net::TcpListener::bind(tcp).await?;
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(socket)
+        && meta.file_type().is_socket()
+    {
+        let _ = std::fs::remove_file(socket);
+    }
+    let unix = match tokio::net::UnixListener::bind(socket) {
+        Ok(listener) => Some(listener),
+        Err(error) => {
+            warn!(socket = %socket.display(), %error, "node service not available on the Unix socket");
+            None
+        }
+    };
+    Ok(Listeners { tcp, unix })
+}
+
+/// Serves the node service, health and reflection until `shutdown`.
+pub async fn serve(listeners: Listeners, ctx: Arc<Context>, usage: UsageCache, reports: watch::Receiver<CapacityReport>, shutdown: CancellationToken) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<NodeServer<NodeService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::grpc::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptors are valid");
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::grpc::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("the embedded descriptors are valid");
+    let node = NodeServer::new(NodeService { ctx, usage, reports });
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(node);
+    info!(addr = ?listeners.tcp.local_addr().ok(), unix = listeners.unix.is_some(), "node service listening");
+    match listeners.unix {
+        Some(unix) => {
+            let tcp = router.clone().serve_with_incoming_shutdown(TcpListenerStream::new(listeners.tcp), shutdown.clone().cancelled_owned());
+            let unix = router.serve_with_incoming_shutdown(UnixListenerStream::new(unix), shutdown.cancelled_owned());
+            let (a, b) = tokio::join!(tcp, unix);
+            a.and(b)
+        }
+        None => router.serve_with_incoming_shutdown(TcpListenerStream::new(listeners.tcp), shutdown.cancelled_owned()).await,
+    }
+}

@@ -1,0 +1,173 @@
+//! Bytes and inodes used by each volume directory, measured off the request path and cached.
+//!
+//! A walk never follows symlinks (everything is opened relative to its parent with O_NOFOLLOW),
+//! never crosses into another filesystem (entries on another device are neither counted nor entered),
+//! and counts hard-linked files once.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use nix::dir::Dir;
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{Mode, SFlag, fstat, fstatat};
+
+/// Deepest directory nesting we walk into; deeper trees are counted up to here.
+const MAX_DEPTH: usize = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Allocated bytes (st_blocks * 512), as `du` reports.
+    pub bytes: u64,
+    pub inodes: u64,
+    pub measured_at: SystemTime,
+}
+
+/// Measures the directory `name` under the open root `root`.
+pub fn measure(root: BorrowedFd<'_>, name: &str) -> Result<Usage, Errno> {
+    let top = nix::fcntl::openat(root, name, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())?;
+    let st = fstat(top.as_fd())?;
+    let device = st.st_dev;
+    let mut totals = (st.st_blocks as u64 * 512, 1u64);
+    let mut seen_links = HashSet::new();
+    walk(top, device, 0, &mut totals, &mut seen_links)?;
+    Ok(Usage { bytes: totals.0, inodes: totals.1, measured_at: SystemTime::now() })
+}
+
+fn walk(dir: OwnedFd, device: u64, depth: usize, totals: &mut (u64, u64), seen_links: &mut HashSet<u64>) -> Result<(), Errno> {
+    let mut handle = Dir::from_fd(dir)?;
+    let names: Vec<std::ffi::CString> = handle
+        .iter()
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name().to_owned())
+        .filter(|name| name.to_bytes() != b"." && name.to_bytes() != b"..")
+        .collect();
+    let mut subdirs = Vec::new();
+    for name in names {
+        let Ok(st) = fstatat(handle.as_fd(), name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else { continue };
+        if st.st_dev != device {
+            continue; // a mount inside the volume: not ours to count or enter
+        }
+        let is_dir = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
+        if !is_dir && st.st_nlink > 1 && !seen_links.insert(st.st_ino) {
+            continue;
+        }
+        totals.0 += st.st_blocks as u64 * 512;
+        totals.1 += 1;
+        if is_dir && depth < MAX_DEPTH {
+            subdirs.push(name);
+        }
+    }
+    for name in subdirs {
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        if let Ok(child) = nix::fcntl::openat(handle.as_fd(), name.as_c_str(), flags, Mode::empty()) {
+            walk(child, device, depth + 1, totals, seen_links)?;
+        }
+    }
+    Ok(())
+}
+
+/// Latest measurement per volume directory name.
+#[derive(Debug, Default, Clone)]
+pub struct UsageCache {
+    inner: Arc<RwLock<HashMap<String, Usage>>>,
+}
+
+impl UsageCache {
+    pub fn get(&self, directory: &str) -> Option<Usage> {
+        self.inner.read().expect("lock poisoned").get(directory).copied()
+    }
+
+    pub fn insert(&self, directory: &str, usage: Usage) {
+        self.inner.write().expect("lock poisoned").insert(directory.to_string(), usage);
+    }
+
+    /// Drops entries for directories that are no longer volumes.
+    pub fn retain(&self, keep: &HashSet<String>) {
+        self.inner.write().expect("lock poisoned").retain(|k, _| keep.contains(k));
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.inner.read().expect("lock poisoned").values().map(|u| u.bytes).sum()
+    }
+}
+
+/// Refreshes `directories` with at most `concurrency` walks at once, each on the blocking pool.
+/// Returns how many were measured and how long it took.
+pub async fn refresh(
+    root: Arc<OwnedFd>,
+    directories: Vec<String>,
+    cache: &UsageCache,
+    concurrency: usize,
+) -> (usize, Duration) {
+    let started = std::time::Instant::now();
+    let limit = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for directory in directories {
+        let permit = limit.clone().acquire_owned().await.expect("semaphore never closed");
+        let root = root.clone();
+        tasks.spawn_blocking(move || {
+            let _permit = permit;
+            let result = measure(root.as_fd(), &directory);
+            (directory, result)
+        });
+    }
+    let mut measured = 0;
+    while let Some(done) = tasks.join_next().await {
+        if let Ok((directory, Ok(usage))) = done {
+            cache.insert(&directory, usage);
+            measured += 1;
+        }
+    }
+    (measured, started.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &std::path::Path) -> OwnedFd {
+        nix::fcntl::open(dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()).unwrap()
+    }
+
+    #[test]
+    fn counts_files_without_following_symlinks_or_double_counting_links() {
+        let root = tempfile::tempdir().unwrap();
+        let vol = root.path().join("pvc-1_ns_c");
+        std::fs::create_dir_all(vol.join("a/b")).unwrap();
+        std::fs::write(vol.join("a/b/data"), vec![7u8; 64 * 1024]).unwrap();
+        std::fs::hard_link(vol.join("a/b/data"), vol.join("a/link")).unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("big"), vec![1u8; 1024 * 1024]).unwrap();
+        std::os::unix::fs::symlink(outside.path(), vol.join("escape")).unwrap();
+
+        let usage = measure(open(root.path()).as_fd(), "pvc-1_ns_c").unwrap();
+        // 64 KiB of data plus directory blocks; the 1 MiB behind the symlink is not counted.
+        assert!(usage.bytes >= 64 * 1024 && usage.bytes < 1024 * 1024, "{usage:?}");
+        // top, a, b, data (once despite the hard link), escape
+        assert_eq!(usage.inodes, 5, "{usage:?}");
+    }
+
+    #[test]
+    fn refuses_a_symlinked_volume() {
+        let root = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/", root.path().join("pvc-2_ns_c")).unwrap();
+        assert!(measure(open(root.path()).as_fd(), "pvc-2_ns_c").is_err());
+    }
+
+    #[tokio::test]
+    async fn refresh_fills_the_cache() {
+        let root = tempfile::tempdir().unwrap();
+        for i in 0..5 {
+            std::fs::create_dir(root.path().join(format!("v{i}"))).unwrap();
+            std::fs::write(root.path().join(format!("v{i}/f")), b"x").unwrap();
+        }
+        let cache = UsageCache::default();
+        let dirs: Vec<String> = (0..5).map(|i| format!("v{i}")).collect();
+        let (n, _) = refresh(Arc::new(open(root.path())), dirs, &cache, 2).await;
+        assert_eq!(n, 5);
+        assert_eq!(cache.get("v3").unwrap().inodes, 2);
+    }
+}
