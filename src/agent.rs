@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 use crate::cli::AgentArgs;
 use crate::metrics::Metrics;
 use crate::node_service;
+use crate::storage_capacity;
 use crate::usage::UsageCache;
 use crate::provisioner::{self, Settings};
 use crate::volume_store::{self, VolumeStore};
@@ -86,6 +87,13 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
         usage.clone(),
         std::time::Duration::from_secs(args.usage_refresh_seconds.max(1)),
         args.usage_concurrency,
+        shutdown.clone(),
+    ));
+    tokio::spawn(storage_capacity::run(
+        ctx.clone(),
+        reports.clone(),
+        args.pod_namespace.clone(),
+        args.pod_name.clone(),
         shutdown.clone(),
     ));
     let grpc_task = tokio::spawn(node_service::serve(grpc_listeners, ctx.clone(), usage, reports, shutdown.clone()));

@@ -17,6 +17,7 @@ pub mod provisioner;
 pub mod pv;
 pub mod quantity;
 pub mod shutdown;
+pub mod storage_capacity;
 pub mod telemetry;
 pub mod usage;
 pub mod volume_store;

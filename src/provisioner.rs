@@ -104,7 +104,7 @@ impl Context {
         }))
     }
 
-    fn node_hostname(&self) -> String {
+    pub fn node_hostname(&self) -> String {
         self.nodes
             .get(&ObjectRef::new(&self.settings.node))
             .and_then(|n| n.labels().get(pv::HOSTNAME_LABEL).cloned())

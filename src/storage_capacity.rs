@@ -1,0 +1,166 @@
+//! Publishes this node's allocatable bytes as one `CSIStorageCapacity` per hostvol StorageClass, so the
+//! scheduler never places a pod on a node whose disk cannot hold its claim.
+//!
+//! The scheduler finds our `CSIDriver` (named after the provisioner, `storageCapacity: true`) and then
+//! compares each claim's request with these objects' `capacity`/`maximumVolumeSize` for the node.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::discovery::ApiResource;
+use kube::{Client, ResourceExt};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::grpc::v1::CapacityReport;
+use crate::naming;
+use crate::provisioner::Context;
+use crate::pv;
+
+pub const LABEL_STORAGE_CLASS: &str = "hostvol.io/storage-class";
+const FIELD_MANAGER: &str = "hostvol-agent";
+/// Newest first: the API moved from v1alpha1 (1.19-1.20) to v1beta1 (1.21-1.23) to v1 (1.24+).
+const VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha1"];
+
+/// Finds which version of CSIStorageCapacity the server serves, if any.
+pub async fn discover(client: &Client) -> Option<ApiResource> {
+    let group = match kube::discovery::group(client, "storage.k8s.io").await {
+        Ok(group) => group,
+        Err(error) => {
+            warn!(%error, "cannot discover storage.k8s.io");
+            return None;
+        }
+    };
+    VERSIONS.iter().find_map(|version| {
+        group
+            .versioned_resources(version)
+            .into_iter()
+            .find(|(resource, _)| resource.kind == "CSIStorageCapacity")
+            .map(|(resource, _)| resource)
+    })
+}
+
+/// Deterministic object name for (node, class): found again after a restart, never duplicated.
+pub fn object_name(node: &str, class: &str) -> String {
+    let hash = format!("{node}/{class}")
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    format!("hostvol-{hash:016x}")
+}
+
+fn desired(resource: &ApiResource, name: &str, node: &str, hostname: &str, class: &str, allocatable: u64, owner: Option<&OwnerReference>) -> DynamicObject {
+    let mut object = DynamicObject::new(name, resource);
+    object.metadata.labels = Some(BTreeMap::from([
+        (pv::LABEL_NODE.to_string(), naming::node_label_value(node)),
+        (LABEL_STORAGE_CLASS.to_string(), naming::node_label_value(class)),
+        ("app.kubernetes.io/managed-by".to_string(), "hostvol".to_string()),
+    ]));
+    object.metadata.owner_references = owner.map(|o| vec![o.clone()]);
+    object.data = serde_json::json!({
+        "storageClassName": class,
+        "nodeTopology": {"matchLabels": {pv::HOSTNAME_LABEL: hostname}},
+        "capacity": allocatable.to_string(),
+        "maximumVolumeSize": allocatable.to_string(),
+    });
+    object
+}
+
+/// The agent's own pod, as owner of its objects, so they go when the agent is removed.
+async fn owner(client: &Client, namespace: &str, pod_name: Option<&str>) -> Option<OwnerReference> {
+    let pod = Api::<Pod>::namespaced(client.clone(), namespace).get(pod_name?).await.ok()?;
+    Some(OwnerReference {
+        api_version: "v1".into(),
+        kind: "Pod".into(),
+        name: pod.name_any(),
+        uid: pod.uid()?,
+        ..Default::default()
+    })
+}
+
+/// Keeps the objects in step with the capacity reports until `shutdown`.
+pub async fn run(
+    ctx: Arc<Context>,
+    mut reports: watch::Receiver<CapacityReport>,
+    namespace: String,
+    pod_name: Option<String>,
+    shutdown: CancellationToken,
+) {
+    let client = ctx.client.clone();
+    if ctx.classes.wait_until_ready().await.is_err() {
+        return;
+    }
+    let Some(resource) = discover(&client).await else {
+        warn!("the API server serves no CSIStorageCapacity; capacity-aware scheduling is off (admission still refuses claims that do not fit)");
+        return;
+    };
+    info!(api_version = %resource.api_version, "publishing CSIStorageCapacity");
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, &resource);
+    let owner = owner(&client, &namespace, pod_name.as_deref()).await;
+    let node = ctx.settings.node.clone();
+    let selector = format!("{}={}", pv::LABEL_NODE, naming::node_label_value(&node));
+    // What we last wrote, per object name, to skip writes that change nothing.
+    let mut written: HashMap<String, (String, u64)> = HashMap::new();
+    loop {
+        let allocatable = reports.borrow_and_update().allocatable_bytes;
+        let hostname = ctx.node_hostname();
+        let classes: Vec<String> = ctx
+            .classes
+            .state()
+            .iter()
+            .filter(|c| c.provisioner == ctx.settings.provisioner)
+            .map(|c| c.name_any())
+            .collect();
+        let mut wanted = Vec::new();
+        for class in &classes {
+            let name = object_name(&node, class);
+            wanted.push(name.clone());
+            if written.get(&name) == Some(&(hostname.clone(), allocatable)) {
+                continue;
+            }
+            let object = desired(&resource, &name, &node, &hostname, class, allocatable, owner.as_ref());
+            match api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object)).await {
+                Ok(_) => {
+                    debug!(%name, class = %class, allocatable, "CSIStorageCapacity updated");
+                    written.insert(name, (hostname.clone(), allocatable));
+                }
+                Err(error) => warn!(%name, %error, "cannot update CSIStorageCapacity; retrying"),
+            }
+        }
+        // Objects of classes that are gone or no longer ours.
+        if let Ok(list) = api.list_metadata(&ListParams::default().labels(&selector)).await {
+            for stale in list.items.iter().map(|o| o.name_any()).filter(|n| !wanted.contains(n)) {
+                written.remove(&stale);
+                if let Err(error) = api.delete(&stale, &DeleteParams::default()).await {
+                    debug!(name = %stale, %error, "cannot delete stale CSIStorageCapacity");
+                }
+            }
+            // Something else (the garbage collector, a user) deleted one of ours: write it again.
+            let present: Vec<String> = list.items.iter().map(|o| o.name_any()).collect();
+            written.retain(|name, _| present.contains(name));
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = reports.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_stable_valid_and_distinct() {
+        let a = object_name("node-a", "hostvol");
+        assert_eq!(a, object_name("node-a", "hostvol"));
+        assert_ne!(a, object_name("node-b", "hostvol"));
+        assert_ne!(a, object_name("node-a", "fast"));
+        assert!(a.len() <= 63 && a.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+    }
+}
