@@ -343,10 +343,32 @@ pub struct Watches {
 
 impl Watches {
     pub async fn wait_until_ready(&self) -> bool {
-        self.classes.wait_until_ready().await.is_ok()
-            && self.nodes.wait_until_ready().await.is_ok()
-            && self.volumes.wait_until_ready().await.is_ok()
-            && self.claims.wait_until_ready().await.is_ok()
+        let synced = |what: &'static str, ok: bool| {
+            debug!(watch = what, ok, "synced");
+            ok
+        };
+        let (a, b, c, d) = tokio::join!(
+            async { synced("storageclasses", store_ready(&self.classes).await) },
+            async { synced("node", store_ready(&self.nodes).await) },
+            async { synced("persistentvolumes", store_ready(&self.volumes).await) },
+            async { synced("persistentvolumeclaims", store_ready(&self.claims).await) },
+        );
+        a && b && c && d
+    }
+}
+
+/// Waits for a store's first sync. kube's readiness signal wakes only one waiter (a oneshot under the
+/// hood) and the controller also waits on the claims store, so poll instead of relying on the wake-up.
+async fn store_ready<K>(store: &Store<K>) -> bool
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        match tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready()).await {
+            Ok(result) => return result.is_ok(),
+            Err(_elapsed) => continue,
+        }
     }
 }
 
@@ -359,15 +381,24 @@ pub fn start(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> (Watches, Arc<Context>, impl std::future::Future<Output = ()>) {
-    fn drive<S: futures::Stream + Send + 'static>(stream: S) {
-        tokio::spawn(stream.for_each(|_| futures::future::ready(())));
+    fn drive<T, S>(what: &'static str, stream: S)
+    where
+        S: futures::Stream<Item = Result<T, watcher::Error>> + Send + 'static,
+    {
+        tokio::spawn(stream.for_each(move |item| {
+            if let Err(error) = item {
+                warn!(watch = what, %error, "watch failed; retrying with backoff");
+            }
+            futures::future::ready(())
+        }));
     }
     // StorageClasses: few and small; kept whole.
     let (classes, writer) = reflector::store();
-    drive(watcher(Api::<StorageClass>::all(client.clone()), watcher::Config::default()).default_backoff().reflect(writer));
+    drive("storageclasses", watcher(Api::<StorageClass>::all(client.clone()), watcher::Config::default()).default_backoff().reflect(writer));
     // Our own Node, metadata only (a Node's status with its image list is large).
     let (nodes, writer) = reflector::store();
     drive(
+        "node",
         watcher(Api::<PartialObjectMeta<Node>>::all(client.clone()), watcher::Config::default().fields(&format!("metadata.name={}", settings.node)))
             .default_backoff()
             .modify(|n| n.managed_fields_mut().clear())
@@ -379,6 +410,7 @@ pub fn start(
     let notify = volumes_changed.clone();
     let label = format!("{}={}", pv::LABEL_NODE, naming::node_label_value(&settings.node));
     drive(
+        "persistentvolumes",
         watcher(Api::<PersistentVolume>::all(client.clone()), watcher::Config::default().labels(&label))
             .default_backoff()
             .modify(|pv| pv.managed_fields_mut().clear())
@@ -418,8 +450,13 @@ pub fn start(
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| {
-            if let Err(error) = result {
-                debug!(%error, "controller event");
+            match result {
+                Err(kube::runtime::controller::Error::ObjectNotFound(_)) => {}
+                Err(kube::runtime::controller::Error::QueueError(error)) => {
+                    warn!(watch = "persistentvolumeclaims", %error, "watch failed; retrying with backoff")
+                }
+                Err(error) => debug!(%error, "controller event"),
+                Ok(_) => {}
             }
             futures::future::ready(())
         });
