@@ -18,6 +18,46 @@ pub struct Cli {
 pub enum Command {
     /// Run the per-node agent (what the DaemonSet runs).
     Agent(AgentArgs),
+    /// What every node can still hold: one row per node, with a total.
+    Capacity(ReportArgs),
+    /// Volumes with the space they use against their capacity.
+    Volumes(VolumesArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    /// Ask one agent directly instead of finding them in the cluster: host:port or unix:/path.
+    #[arg(long, env = "HOSTVOL_ENDPOINT")]
+    pub endpoint: Option<String>,
+
+    /// Namespace of the hostvol agents.
+    #[arg(long, short = 'n', env = "HOSTVOL_NAMESPACE", default_value = "hostvol-system")]
+    pub namespace: String,
+
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+
+    /// Seconds to wait for each agent.
+    #[arg(long = "timeout", default_value_t = 5)]
+    pub timeout_seconds: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VolumesArgs {
+    #[command(flatten)]
+    pub report: ReportArgs,
+
+    /// Only this node's volumes.
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Wide,
+    Json,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -113,7 +153,7 @@ mod tests {
     #[test]
     fn agent_defaults() {
         let cli = Cli::try_parse_from(["hostvol", "agent", "--node-name", "n1", "--capacity-cap", "20Gi"]).unwrap();
-        let Command::Agent(args) = cli.command;
+        let Command::Agent(args) = cli.command else { panic!("expected agent") };
         assert_eq!(args.data_root, PathBuf::from("/mnt/data"));
         assert_eq!(args.host_data_root(), "/mnt/data");
         assert_eq!(args.provisioner, "hostpath.hostvol.io");

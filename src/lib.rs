@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod agent;
+pub mod app;
 pub mod capacity;
 pub mod grpc;
 pub mod cli;
@@ -16,6 +17,7 @@ pub mod params;
 pub mod provisioner;
 pub mod pv;
 pub mod quantity;
+pub mod report;
 pub mod shutdown;
 pub mod storage_capacity;
 pub mod telemetry;

@@ -359,7 +359,7 @@ impl Watches {
 
 /// Waits for a store's first sync. kube's readiness signal wakes only one waiter (a oneshot under the
 /// hood) and the controller also waits on the claims store, so poll instead of relying on the wake-up.
-async fn store_ready<K>(store: &Store<K>) -> bool
+pub async fn store_ready<K>(store: &Store<K>) -> bool
 where
     K: kube::Resource + Clone + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,

@@ -65,8 +65,11 @@ fn desired(resource: &ApiResource, name: &str, node: &str, hostname: &str, class
         "storageClassName": class,
         "nodeTopology": {"matchLabels": {pv::HOSTNAME_LABEL: hostname}},
         "capacity": allocatable.to_string(),
-        "maximumVolumeSize": allocatable.to_string(),
     });
+    // maximumVolumeSize arrived in v1beta1 (1.21); v1alpha1 servers reject the unknown field.
+    if resource.version != "v1alpha1" {
+        object.data["maximumVolumeSize"] = serde_json::json!(allocatable.to_string());
+    }
     object
 }
 
@@ -91,7 +94,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let client = ctx.client.clone();
-    if ctx.classes.wait_until_ready().await.is_err() {
+    if !crate::provisioner::store_ready(&ctx.classes).await {
         return;
     }
     let Some(resource) = discover(&client).await else {
@@ -100,12 +103,17 @@ pub async fn run(
     };
     info!(api_version = %resource.api_version, "publishing CSIStorageCapacity");
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, &resource);
-    let owner = owner(&client, &namespace, pod_name.as_deref()).await;
+    // Looked up until found: the agent may start before its pod object is visible.
+    let mut owner_ref: Option<OwnerReference> = None;
     let node = ctx.settings.node.clone();
     let selector = format!("{}={}", pv::LABEL_NODE, naming::node_label_value(&node));
     // What we last wrote, per object name, to skip writes that change nothing.
-    let mut written: HashMap<String, (String, u64)> = HashMap::new();
+    let mut written: HashMap<String, (String, u64, Option<String>)> = HashMap::new();
     loop {
+        if owner_ref.is_none() && pod_name.is_some() {
+            owner_ref = owner(&client, &namespace, pod_name.as_deref()).await;
+        }
+        let owner_uid = owner_ref.as_ref().map(|o| o.uid.clone());
         let allocatable = reports.borrow_and_update().allocatable_bytes;
         let hostname = ctx.node_hostname();
         let classes: Vec<String> = ctx
@@ -119,14 +127,15 @@ pub async fn run(
         for class in &classes {
             let name = object_name(&node, class);
             wanted.push(name.clone());
-            if written.get(&name) == Some(&(hostname.clone(), allocatable)) {
+            let state = (hostname.clone(), allocatable, owner_uid.clone());
+            if written.get(&name) == Some(&state) {
                 continue;
             }
-            let object = desired(&resource, &name, &node, &hostname, class, allocatable, owner.as_ref());
+            let object = desired(&resource, &name, &node, &hostname, class, allocatable, owner_ref.as_ref());
             match api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object)).await {
                 Ok(_) => {
                     debug!(%name, class = %class, allocatable, "CSIStorageCapacity updated");
-                    written.insert(name, (hostname.clone(), allocatable));
+                    written.insert(name, state);
                 }
                 Err(error) => warn!(%name, %error, "cannot update CSIStorageCapacity; retrying"),
             }

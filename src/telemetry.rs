@@ -1,11 +1,20 @@
-//! Logging setup: `RUST_LOG` filter (default info), plain or JSON lines on stderr.
+//! Logging setup: `RUST_LOG` filter (default info for the agent, warn for commands), plain or JSON on stderr.
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::cli::LogFormat;
 
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with_default(format, "info");
+}
+
+/// Commands for people log only warnings unless `RUST_LOG` asks for more, so their tables stay clean.
+pub fn init_cli() {
+    init_with_default(LogFormat::Plain, "warn");
+}
+
+fn init_with_default(format: LogFormat, default_filter: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
         LogFormat::Plain => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init(),

@@ -224,13 +224,18 @@ async fn handle(
     if !needs_running_status(pod) {
         return Ok(());
     }
-    let ip = ips
-        .entry(uid.clone())
-        .or_insert_with(|| {
-            let n = ip_counter.fetch_add(1, Ordering::SeqCst);
-            format!("10.244.{}.{}", (n / 250) % 256, n % 250 + 2)
-        })
-        .clone();
+    // Like a real kubelet, a hostNetwork pod gets the node's address (all fake nodes are 127.0.0.1).
+    let host_network = pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+    let ip = if host_network {
+        "127.0.0.1".to_string()
+    } else {
+        ips.entry(uid.clone())
+            .or_insert_with(|| {
+                let n = ip_counter.fetch_add(1, Ordering::SeqCst);
+                format!("10.244.{}.{}", (n / 250) % 256, n % 250 + 2)
+            })
+            .clone()
+    };
     let now = serde_json::to_value(Time(k8s_openapi::jiff::Timestamp::now())).unwrap();
     let spec = pod.spec.clone().unwrap_or_default();
     let containers: Vec<_> = spec

@@ -94,6 +94,31 @@ pub fn etcd_bin() -> PathBuf {
     PathBuf::from("/usr/bin/etcd")
 }
 
+/// The `hostvol` binary the agents run: `HOSTVOL_BIN` if set; else Cargo's `CARGO_BIN_EXE_hostvol`
+/// (set when building integration tests); else `hostvol` in the target dir of the running executable
+/// (cargo examples, e.g. `target/debug/examples/demo` -> `target/debug/hostvol`; Cargo does not build
+/// it for examples: `cargo build --bin hostvol` first).
+pub fn hostvol_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("HOSTVOL_BIN").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = option_env!("CARGO_BIN_EXE_hostvol") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("path of the running executable");
+    exe.ancestors()
+        .skip(1)
+        .take(3)
+        .map(|d| d.join("hostvol"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "hostvol binary not found next to {} (run `cargo build --bin hostvol`, or set HOSTVOL_BIN)",
+                exe.display()
+            )
+        })
+}
+
 fn require_binaries() -> (PathBuf, PathBuf, PathBuf, PathBuf) {
     let dir = k8s_bin_dir();
     let etcd = etcd_bin();
@@ -1141,6 +1166,25 @@ impl Cluster {
 
     /// Starts `hostvol agent` for `node` (root `<dir>/<node>-root`, free http/grpc ports, socket
     /// `<dir>/<node>.sock`, KUBECONFIG = agent kubeconfig) and waits for /readyz 200 (30 s).
+    /// Publishes a Pod object for a running agent, as the shipped DaemonSet would have it
+    /// (labels, `grpc` port, hostNetwork so its IP is the node's, 127.0.0.1 here), and waits until the
+    /// fake kubelet reports it Running. `hostvol capacity` finds agents through these pods, and the
+    /// agent (started with `--pod-name hostvol-<node>`) uses it as owner of its CSIStorageCapacity.
+    pub async fn register_agent_pod(&self, agent: &Agent) -> String {
+        let name = format!("hostvol-{}", agent.node);
+        self.create_namespace(AGENT_NAMESPACE).await; // waits for the default ServiceAccount's token
+        self.kubectl_apply_yaml(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {AGENT_NAMESPACE}\n  labels:\n    \
+             app.kubernetes.io/name: hostvol\n    app.kubernetes.io/component: agent\nspec:\n  nodeName: {node}\n  \
+             hostNetwork: true\n  containers:\n  - name: agent\n    image: hostvol:e2e\n    ports:\n    - name: grpc\n      \
+             containerPort: {port}\n",
+            node = agent.node,
+            port = agent.grpc_addr.port()
+        ));
+        self.wait_pod_running(AGENT_NAMESPACE, &name, Duration::from_secs(60)).await;
+        name
+    }
+
     pub async fn start_agent(&self, node: &str, extra_args: &[&str]) -> Agent {
         let root = self.path.join(format!("{node}-root"));
         std::fs::create_dir_all(&root).expect("create agent root");
@@ -1411,7 +1455,7 @@ impl Agent {
                 self.args.join(" ")
             );
         }
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hostvol"));
+        let mut cmd = Command::new(hostvol_bin());
         // The agent reads unset flags from the environment (NODE_NAME, POD_NAME, HOSTVOL_*): do not
         // let the test runner's environment leak into it.
         for (k, _) in std::env::vars_os() {
@@ -1427,7 +1471,7 @@ impl Agent {
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "hostvol=debug,info");
         let child = process::spawn_logged(cmd, &self.cluster_dir, &self.log_path)
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", env!("CARGO_BIN_EXE_hostvol")));
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", hostvol_bin().display()));
         self.registry
             .register(&format!("agent-{}", self.node), child.id());
         self.child = Some(child);
