@@ -9,6 +9,9 @@ pub const ANN_SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
 pub const ANN_STORAGE_PROVISIONER: &str = "volume.kubernetes.io/storage-provisioner";
 pub const ANN_STORAGE_PROVISIONER_BETA: &str = "volume.beta.kubernetes.io/storage-provisioner";
 pub const ANN_BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
+/// Set with the selected node when an agent places a claim itself, so every agent can count bytes
+/// placed on a node before its PV exists.
+pub const ANN_REQUESTED_BYTES: &str = "hostvol.io/requested-bytes";
 
 /// What an agent should do with a claim, judged from its metadata alone (what the narrow watch keeps).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +22,8 @@ pub enum Interest {
     Bound,
     /// Ours to provision on this node.
     Provision,
+    /// Ours, but no node chosen yet: an Immediate class (or a claim handed back for rescheduling).
+    ChooseNode,
 }
 
 pub fn interest(annotations: &BTreeMap<String, String>, provisioner: &str, node: &str) -> Interest {
@@ -28,8 +33,11 @@ pub fn interest(annotations: &BTreeMap<String, String>, provisioner: &str, node:
     let ours = [ANN_STORAGE_PROVISIONER, ANN_STORAGE_PROVISIONER_BETA]
         .iter()
         .any(|key| annotations.get(*key).is_some_and(|p| p == provisioner));
-    let here = annotations.get(ANN_SELECTED_NODE).is_some_and(|n| n == node);
-    if ours && here { Interest::Provision } else { Interest::Ignore }
+    match annotations.get(ANN_SELECTED_NODE) {
+        Some(selected) if ours && selected == node => Interest::Provision,
+        None if ours => Interest::ChooseNode,
+        _ => Interest::Ignore,
+    }
 }
 
 /// The parts of a claim's spec that decide whether we can serve it.
@@ -174,7 +182,7 @@ mod tests {
             (vec![(ANN_SELECTED_NODE, "n1"), (ANN_STORAGE_PROVISIONER_BETA, P)], Interest::Provision),
             (vec![(ANN_SELECTED_NODE, "n2"), (ANN_STORAGE_PROVISIONER, P)], Interest::Ignore),
             (vec![(ANN_SELECTED_NODE, "n1"), (ANN_STORAGE_PROVISIONER, "rancher.io/local-path")], Interest::Ignore),
-            (vec![(ANN_STORAGE_PROVISIONER, P)], Interest::Ignore),
+            (vec![(ANN_STORAGE_PROVISIONER, P)], Interest::ChooseNode),
             (vec![(ANN_SELECTED_NODE, "n1")], Interest::Ignore),
             (vec![(ANN_SELECTED_NODE, "n1"), (ANN_STORAGE_PROVISIONER, P), (ANN_BIND_COMPLETED, "yes")], Interest::Bound),
         ];

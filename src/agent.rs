@@ -69,9 +69,11 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
         host_data_root = %settings.host_root,
         "starting agent"
     );
+    let capacity_api = storage_capacity::discover(&client).await.map(|r| (r, args.pod_namespace.clone()));
     let (watches, ctx, controller) = provisioner::start(
         client.clone(),
         settings,
+        capacity_api,
         store,
         Recorder::new(client, reporter),
         metrics.clone(),

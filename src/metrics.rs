@@ -21,6 +21,10 @@ pub struct Metrics {
     provision_duration: Histogram,
     reconcile_errors: Counter,
     pub allocatable_bytes: Gauge,
+    /// Optimistic-concurrency conflicts while placing claims on this node.
+    pub placement_conflicts: Counter,
+    /// Claims this agent placed on its own node (Immediate classes, pods with spec.nodeName).
+    pub placements: Counter,
 }
 
 impl Default for Metrics {
@@ -39,7 +43,11 @@ impl Default for Metrics {
         registry.register("reconcile_errors", "Transient errors that caused a retry with backoff", reconcile_errors.clone());
         let allocatable_bytes = Gauge::default();
         registry.register("allocatable_bytes", "Bytes this node would still accept for new claims", allocatable_bytes.clone());
-        Self { registry, provisions, provision_duration, reconcile_errors, allocatable_bytes }
+        let placement_conflicts = Counter::default();
+        registry.register("placement_conflicts", "Conflicts while placing a claim on this node (another writer was first)", placement_conflicts.clone());
+        let placements = Counter::default();
+        registry.register("placements", "Claims this agent placed on its own node", placements.clone());
+        Self { registry, provisions, provision_duration, reconcile_errors, allocatable_bytes, placement_conflicts, placements }
     }
 }
 

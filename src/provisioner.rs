@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::discovery::ApiResource;
+use k8s_openapi::api::core::v1::Pod;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -22,6 +24,7 @@ use crate::capacity::{self, CapacityInputs};
 use crate::metrics::Metrics;
 use crate::naming::{self, NameError};
 use crate::params::ClassParameters;
+use crate::placement::{self, Candidate};
 use crate::pv::{self, VolumeDescription};
 use crate::quantity;
 use crate::volume_store::{self, VolumeStore};
@@ -67,6 +70,10 @@ pub struct Context {
     pub nodes: Store<PartialObjectMeta<Node>>,
     /// This node's hostvol PVs (label-selected watch).
     pub volumes: Store<PersistentVolume>,
+    /// Claim metadata, all namespaces.
+    pub claims: Store<PartialObjectMeta<PersistentVolumeClaim>>,
+    /// Every agent's published CSIStorageCapacity objects, when the server serves them.
+    pub capacities: Option<Store<DynamicObject>>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     /// Woken whenever this node's set of volumes may have changed.
@@ -102,6 +109,37 @@ impl Context {
             cap: self.settings.capacity_cap,
             allocated: self.allocated_bytes(),
         }))
+    }
+
+    /// Every node's room for `class`, from the published capacities (our own from live figures), minus
+    /// the bytes of claims already placed on each node and not yet provisioned.
+    pub fn candidates(&self, class: &str, except_claim_uid: &str) -> Vec<Candidate> {
+        let Some(capacities) = &self.capacities else { return Vec::new() };
+        let mut candidates: Vec<Candidate> = capacities
+            .state()
+            .iter()
+            .filter(|o| o.data.get("storageClassName").and_then(|v| v.as_str()) == Some(class))
+            .filter_map(|o| {
+                let node = o.annotations().get(pv::ANN_NODE)?.clone();
+                let allocatable = if node == self.settings.node {
+                    self.allocatable_bytes().ok()?
+                } else {
+                    quantity::parse_bytes(o.data.get("capacity")?.as_str()?).ok()?
+                };
+                Some(Candidate { node, allocatable, pending: 0 })
+            })
+            .collect();
+        for claim in self.claims.state() {
+            let a = claim.annotations();
+            if a.contains_key(admission::ANN_BIND_COMPLETED) || claim.uid().as_deref() == Some(except_claim_uid) {
+                continue;
+            }
+            let (Some(node), Some(bytes)) = (a.get(admission::ANN_SELECTED_NODE), a.get(admission::ANN_REQUESTED_BYTES)) else { continue };
+            if let (Some(c), Ok(bytes)) = (candidates.iter_mut().find(|c| &c.node == node), bytes.parse::<u64>()) {
+                c.pending = c.pending.saturating_add(bytes);
+            }
+        }
+        candidates
     }
 
     pub fn node_hostname(&self) -> String {
@@ -173,8 +211,13 @@ enum Step {
 
 pub async fn reconcile(claim: Arc<PartialObjectMeta<PersistentVolumeClaim>>, ctx: Arc<Context>) -> Result<Action> {
     let settings = &ctx.settings;
-    if admission::interest(claim.annotations(), &settings.provisioner, &settings.node) != Interest::Provision {
-        return Ok(Action::await_change());
+    match admission::interest(claim.annotations(), &settings.provisioner, &settings.node) {
+        Interest::Provision => {}
+        Interest::ChooseNode => {
+            let span = info_span!("place", node = %settings.node, pvc = %claim_key(&claim));
+            return choose_node(&claim, &ctx).instrument(span).await;
+        }
+        Interest::Ignore | Interest::Bound => return Ok(Action::await_change()),
     }
     let key = claim_key(&claim);
     let span = info_span!("provision", node = %settings.node, pvc = %key, pv = tracing::field::Empty);
@@ -322,6 +365,136 @@ async fn provision(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Conte
     Ok(Step::Provisioned { pv_name })
 }
 
+/// Immediate classes: every agent computes the same choice; only the chosen node's agent places the
+/// claim on itself, guarded by the claim's resourceVersion so concurrent writers cannot both succeed.
+async fn choose_node(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Context) -> Result<Action> {
+    let settings = &ctx.settings;
+    let namespace = claim.namespace().unwrap_or_default();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(pvc) = claims.get_opt(&claim.name_any()).await? else { return Ok(Action::await_change()) };
+    let spec = pvc.spec.clone().unwrap_or_default();
+    if pvc.metadata.deletion_timestamp.is_some() || spec.volume_name.as_ref().is_some_and(|v| !v.is_empty()) {
+        return Ok(Action::await_change());
+    }
+    if pvc.annotations().contains_key(admission::ANN_SELECTED_NODE) {
+        return Ok(Action::await_change()); // placed since our watch saw it
+    }
+    let class_name = spec.storage_class_name.clone().unwrap_or_default();
+    let Some(class) = ctx.classes.get(&ObjectRef::new(&class_name)) else { return Ok(Action::requeue(Duration::from_secs(30))) };
+    if class.provisioner != settings.provisioner || class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer") {
+        // WaitForFirstConsumer claims are placed by the scheduler (or by a pod's spec.nodeName).
+        return Ok(Action::await_change());
+    }
+    let candidates = ctx.candidates(&class_name, &pvc.uid().unwrap_or_default());
+    let speaks = placement::spokesperson(&candidates).is_some_and(|c| c.node == settings.node);
+    let claim_ref = pvc.object_ref(&());
+    let warn = |refusal: &Refusal| {
+        if speaks {
+            ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", refusal.message());
+        }
+    };
+    if let Err(why) = ClassParameters::parse(&class.parameters.clone().unwrap_or_default()) {
+        warn(&Refusal::InvalidParameters(format!("StorageClass {class_name}: {why}")));
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    }
+    let request = match admission::admit(&claim_spec(&pvc)) {
+        Ok(request) => request,
+        Err(refusal) => {
+            warn(&refusal);
+            return Ok(Action::requeue(Duration::from_secs(60)));
+        }
+    };
+    if candidates.is_empty() {
+        warn!("no published node capacities (CSIStorageCapacity); cannot place Immediate claims");
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    }
+    let Some(chosen) = placement::choose(request.capacity_bytes, &candidates) else {
+        if speaks {
+            let best = placement::spokesperson(&candidates).expect("spokesperson exists");
+            ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", format!(
+                "no node can hold {}: the most room is {} on node {}; free space, raise a node's cap, or request less \
+                 (retried when capacity changes)",
+                request.capacity, quantity::format_bytes(best.room()), best.node));
+        }
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    };
+    if chosen.node != settings.node {
+        // Another agent will place it; look again later in case that agent is gone.
+        return Ok(Action::requeue(Duration::from_secs(15)));
+    }
+    let patch = serde_json::json!({"metadata": {
+        "resourceVersion": pvc.resource_version(),
+        "annotations": {
+            admission::ANN_SELECTED_NODE: settings.node,
+            admission::ANN_REQUESTED_BYTES: request.capacity_bytes.to_string(),
+        },
+    }});
+    match claims.patch(&pvc.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => {
+            ctx.metrics.placements.inc();
+            info!(room = chosen.room(), "placed Immediate claim on this node");
+            ctx.publish(&claim_ref, EventType::Normal, "NodeSelected", "Provision", format!(
+                "hostvol placed the claim on node {} (most room: {})", settings.node, quantity::format_bytes(chosen.room())));
+            Ok(Action::await_change())
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            ctx.metrics.placement_conflicts.inc();
+            debug!("another writer changed the claim first");
+            Ok(Action::await_change())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// A pod that names its node in `spec.nodeName` bypasses the scheduler, so its WaitForFirstConsumer
+/// claims would never get a selected node. Place them on that node, as the scheduler would have.
+async fn place_claims_of_pod(pod: &Pod, ctx: &Context) -> Result<()> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Ok(());
+    }
+    let namespace = pod.namespace().unwrap_or_default();
+    let claim_names = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| v.persistent_volume_claim.as_ref().map(|c| c.claim_name.clone()));
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+    for name in claim_names {
+        let Some(meta) = ctx.claims.get(&ObjectRef::new(&name).within(&namespace)) else { continue };
+        let annotations = meta.annotations();
+        if annotations.contains_key(admission::ANN_SELECTED_NODE) || annotations.contains_key(admission::ANN_BIND_COMPLETED) {
+            continue;
+        }
+        let Some(pvc) = claims.get_opt(&name).await? else { continue };
+        let spec = pvc.spec.clone().unwrap_or_default();
+        if spec.volume_name.as_ref().is_some_and(|v| !v.is_empty()) {
+            continue;
+        }
+        let Some(class) = spec.storage_class_name.as_ref().and_then(|c| ctx.classes.get(&ObjectRef::new(c))) else { continue };
+        if class.provisioner != ctx.settings.provisioner || class.volume_binding_mode.as_deref() != Some("WaitForFirstConsumer") {
+            continue;
+        }
+        let patch = serde_json::json!({"metadata": {
+            "resourceVersion": pvc.resource_version(),
+            "annotations": {admission::ANN_SELECTED_NODE: ctx.settings.node},
+        }});
+        match claims.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => {
+                ctx.metrics.placements.inc();
+                info!(pvc = %format!("{namespace}/{name}"), pod = %pod.name_any(), "pod names this node; placed its claim here");
+                ctx.publish(&pvc.object_ref(&()), EventType::Normal, "NodeSelected", "Provision", format!(
+                    "pod {} sets spec.nodeName={} (bypassing the scheduler); hostvol places the claim on that node",
+                    pod.name_any(), ctx.settings.node));
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                ctx.metrics.placement_conflicts.inc();
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Drops the claim's selected node so the scheduler chooses again (as sig-storage's ProvisioningReschedule).
 async fn reschedule(claims: &Api<PersistentVolumeClaim>, name: &str) -> Result<()> {
     let patch = serde_json::json!({"metadata": {"annotations": {admission::ANN_SELECTED_NODE: null}}});
@@ -376,6 +549,7 @@ where
 pub fn start(
     client: Client,
     settings: Settings,
+    capacity_api: Option<(ApiResource, String)>,
     store: VolumeStore,
     recorder: Recorder,
     metrics: Arc<Metrics>,
@@ -429,8 +603,26 @@ pub fn start(
         .reflect(writer)
         .applied_objects()
         .try_filter(move |c| {
-            futures::future::ready(admission::interest(c.annotations(), &provisioner, &node) == Interest::Provision)
+            let interest = admission::interest(c.annotations(), &provisioner, &node);
+            futures::future::ready(matches!(interest, Interest::Provision | Interest::ChooseNode))
         });
+
+    // The capacities every agent publishes, for placing Immediate claims.
+    let capacities = capacity_api.map(|(resource, namespace)| {
+        let writer = reflector::store::Writer::new(resource.clone());
+        let reader = writer.as_reader();
+        drive(
+            "csistoragecapacities",
+            watcher(
+                Api::<DynamicObject>::namespaced_with(client.clone(), &namespace, &resource),
+                watcher::Config::default().labels("app.kubernetes.io/managed-by=hostvol"),
+            )
+            .default_backoff()
+            .modify(|o| o.managed_fields_mut().clear())
+            .reflect(writer),
+        );
+        reader
+    });
 
     let ctx = Arc::new(Context {
         client,
@@ -439,6 +631,8 @@ pub fn start(
         classes: classes.clone(),
         nodes: nodes.clone(),
         volumes: volumes.clone(),
+        claims: claims.clone(),
+        capacities,
         recorder,
         metrics,
         volumes_changed,
@@ -446,6 +640,28 @@ pub fn start(
         recent_volumes: Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),
     });
+    // Pods bound to this node, streamed (not stored), for pods that set spec.nodeName themselves.
+    let pod_ctx = ctx.clone();
+    let pods = watcher(
+        Api::<Pod>::all(pod_ctx.client.clone()),
+        watcher::Config::default().fields(&format!("spec.nodeName={}", pod_ctx.settings.node)),
+    )
+    .default_backoff()
+    .applied_objects();
+    tokio::spawn(async move {
+        let mut pods = std::pin::pin!(pods);
+        while let Some(item) = pods.next().await {
+            match item {
+                Ok(pod) => {
+                    if let Err(error) = place_claims_of_pod(&pod, &pod_ctx).await {
+                        warn!(%error, pod = %pod.name_any(), "cannot place the claims of a pod on this node");
+                    }
+                }
+                Err(error) => warn!(watch = "pods", %error, "watch failed; retrying with backoff"),
+            }
+        }
+    });
+
     let controller = Controller::for_stream(claim_stream, claims.clone())
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx.clone())

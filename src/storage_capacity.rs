@@ -61,6 +61,8 @@ fn desired(resource: &ApiResource, name: &str, node: &str, hostname: &str, class
         ("app.kubernetes.io/managed-by".to_string(), "hostvol".to_string()),
     ]));
     object.metadata.owner_references = owner.map(|o| vec![o.clone()]);
+    // The exact node name (labels may shorten it), read by other agents to place Immediate claims.
+    object.metadata.annotations = Some(BTreeMap::from([(pv::ANN_NODE.to_string(), node.to_string())]));
     object.data = serde_json::json!({
         "storageClassName": class,
         "nodeTopology": {"matchLabels": {pv::HOSTNAME_LABEL: hostname}},
@@ -141,16 +143,26 @@ pub async fn run(
             }
         }
         // Objects of classes that are gone or no longer ours.
-        if let Ok(list) = api.list_metadata(&ListParams::default().labels(&selector)).await {
+        if let Ok(list) = api.list(&ListParams::default().labels(&selector)).await {
             for stale in list.items.iter().map(|o| o.name_any()).filter(|n| !wanted.contains(n)) {
                 written.remove(&stale);
                 if let Err(error) = api.delete(&stale, &DeleteParams::default()).await {
                     debug!(name = %stale, %error, "cannot delete stale CSIStorageCapacity");
                 }
             }
-            // Something else (the garbage collector, a user) deleted one of ours: write it again.
-            let present: Vec<String> = list.items.iter().map(|o| o.name_any()).collect();
-            written.retain(|name, _| present.contains(name));
+            // Something else (the garbage collector, a user) deleted or changed one of ours: write it
+            // again, so the scheduler never works from figures we did not publish.
+            // The server may rewrite the quantity in canonical form ("75G"), so compare bytes.
+            let intact: Vec<String> = list
+                .items
+                .iter()
+                .filter(|o| {
+                    o.data.get("capacity").and_then(|c| c.as_str()).and_then(|c| crate::quantity::parse_bytes(c).ok())
+                        == Some(allocatable)
+                })
+                .map(|o| o.name_any())
+                .collect();
+            written.retain(|name, _| intact.contains(name));
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -1,0 +1,665 @@
+//! Removing and archiving volume directories, for the Delete and Retain/archive reclaim policies.
+//!
+//! Like `volume_store`, everything goes through an open fd on the data root and one validated name.
+//! The walk below it never follows a symlink (symlinks are unlinked, never opened), never enters
+//! another filesystem or a bind mount, and holds a constant number of fds whatever the depth: it keeps
+//! only the current directory open and climbs back through `..`, checking that `..` is the directory
+//! it came from. Removal is idempotent: after a crash or an error part-way, calling it again finishes
+//! the job (a missing directory is success).
+
+use std::ffi::{CStr, CString, OsStr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::dir::Dir;
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, openat};
+use nix::sys::stat::{FileStat, FchmodatFlags, Mode, SFlag, fchmod, fchmodat, fstat, fstatat};
+use nix::unistd::{UnlinkatFlags, fsync, unlinkat};
+
+use crate::naming::{self, NameError};
+
+/// Prefix of archived directories.
+pub const ARCHIVE_PREFIX: &str = "archived-";
+
+/// How many `archived-<name>-<n>` candidates to try before giving up.
+const MAX_ARCHIVE_SUFFIX: u32 = 1000;
+
+/// How often a directory is re-read when entries keep appearing in it while we empty it.
+const MAX_SCANS: u8 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    UnsafeName(#[from] NameError),
+    #[error("{name} in the data root is not a plain directory (a file or a symlink?); hostvol will neither follow nor remove it; move it away")]
+    NotADirectory { name: String },
+    #[error("{path} (under the data root) is a mount point; hostvol removes nothing on another filesystem; unmount it, then retry to finish the removal")]
+    MountPoint { path: PathBuf },
+    #[error("{path} (under the data root) was moved or replaced while being removed; retry")]
+    Changed { path: PathBuf },
+    #[error("{name} is not in the data root (already archived or removed?)")]
+    NotFound { name: String },
+    #[error("cannot archive {name}: {last} and every name before it are taken; clean up old archives")]
+    ArchiveNamesTaken { name: String, last: String },
+    #[error("{op} {path} (under the data root): {source}")]
+    Io { op: &'static str, path: PathBuf, source: Errno },
+}
+
+impl Error {
+    /// Short machine-readable kind, for Event reasons and metrics labels.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::UnsafeName(_) => "unsafe_name",
+            Error::NotADirectory { .. } => "not_a_directory",
+            Error::MountPoint { .. } => "mount_point",
+            Error::Changed { .. } => "concurrent_change",
+            Error::NotFound { .. } => "not_found",
+            Error::ArchiveNamesTaken { .. } => "archive_name_taken",
+            Error::Io { .. } => "io",
+        }
+    }
+}
+
+/// What a removal deleted. Counts are of this call only: a retry counts what was left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RemovalStats {
+    /// Non-directories unlinked: files, symlinks, sockets, ...
+    pub files: u64,
+    /// Directories removed, the volume directory included.
+    pub directories: u64,
+    /// Space freed, as `du` counts it (st_blocks × 512); a hard-linked file counts when its last link goes.
+    pub bytes: u64,
+}
+
+/// A directory on the walk's path from the volume directory to where it currently is.
+struct Frame {
+    /// Name in its parent.
+    name: CString,
+    /// (st_dev, st_ino), to recognise it again when climbing back through `..`.
+    id: (u64, u64),
+    blocks: u64,
+    /// Subdirectories still to empty and remove; `None` until the directory has been read.
+    pending: Option<Vec<CString>>,
+    scans: u8,
+}
+
+/// Removes the directory `name` directly under `root` and everything in it.
+///
+/// Stops with an error naming the path where it stopped (e.g. at a mount point inside the volume,
+/// below which nothing is removed); what was removed until then stays removed, and a retry, once
+/// the cause is gone, removes the rest. A `name` that does not exist is success with zero counts.
+pub fn remove_volume_dir(root: BorrowedFd<'_>, name: &str) -> Result<RemovalStats, Error> {
+    naming::validate_directory_name(name)?;
+    let cname = CString::new(name).map_err(|_| NameError(format!("{name:?} is not a safe directory name")))?;
+    let mut stats = RemovalStats::default();
+    let io = |op, source| Error::Io { op, path: PathBuf::from(name), source };
+
+    let root_dev = fstat(root).map_err(|e| Error::Io { op: "stat", path: PathBuf::from("."), source: e })?.st_dev as u64;
+    let (mut cur, st) = match open_dir(root, &cname, root_dev) {
+        Ok(opened) => opened,
+        Err((_, Errno::ENOENT)) => return Ok(stats),
+        Err((_, Errno::ELOOP | Errno::ENOTDIR)) => return Err(Error::NotADirectory { name: name.to_string() }),
+        Err((_, Errno::EXDEV)) => return Err(Error::MountPoint { path: PathBuf::from(name) }),
+        Err((op, source)) => return Err(io(op, source)),
+    };
+    let dev = root_dev;
+    let mut stack = vec![Frame { name: cname, id: id(&st), blocks: blocks(&st), pending: None, scans: 0 }];
+
+    while let Some(frame) = stack.last() {
+        if frame.pending.is_none() {
+            let subdirs = empty_files(cur.as_fd(), dev, &stack, &mut stats)?;
+            let frame = stack.last_mut().expect("stack is not empty");
+            frame.pending = Some(subdirs);
+            frame.scans += 1;
+            continue;
+        }
+        if let Some(child) = stack.last_mut().and_then(|f| f.pending.as_mut()).and_then(Vec::pop) {
+            match open_dir(cur.as_fd(), &child, dev) {
+                Ok((fd, st)) => {
+                    // Only this one fd stays open; the parent is found again through "..".
+                    cur = fd;
+                    stack.push(Frame { name: child, id: id(&st), blocks: blocks(&st), pending: None, scans: 0 });
+                }
+                Err((_, Errno::ENOENT)) => {} // removed by someone else meanwhile
+                Err((_, Errno::ELOOP | Errno::ENOTDIR)) => return Err(Error::Changed { path: path_of(&stack, Some(&child)) }),
+                Err((_, Errno::EXDEV)) => return Err(Error::MountPoint { path: path_of(&stack, Some(&child)) }),
+                Err((op, source)) => return Err(Error::Io { op, path: path_of(&stack, Some(&child)), source }),
+            }
+            continue;
+        }
+
+        // Everything below is gone: remove the directory itself from its parent.
+        let parent = match stack.len() {
+            1 => None,
+            n => Some(reopen_parent(cur.as_fd(), stack[n - 2].id).map_err(|e| match e {
+                None => Error::Changed { path: path_of(&stack, None) },
+                Some(source) => Error::Io { op: "open parent of", path: path_of(&stack, None), source },
+            })?),
+        };
+        let parent_fd = parent.as_ref().map_or(root, |p| p.as_fd());
+        let frame = stack.last_mut().expect("stack is not empty");
+        match unlinkat(parent_fd, frame.name.as_c_str(), UnlinkatFlags::RemoveDir) {
+            Ok(()) => {
+                stats.directories += 1;
+                stats.bytes += frame.blocks;
+            }
+            Err(Errno::ENOENT) => {}
+            Err(Errno::ENOTEMPTY | Errno::EEXIST) if frame.scans < MAX_SCANS => {
+                // Something was created meanwhile: read the directory again (cur is still on it).
+                frame.pending = None;
+                continue;
+            }
+            Err(Errno::EBUSY) => return Err(Error::MountPoint { path: path_of(&stack, None) }),
+            Err(source) => return Err(Error::Io { op: "remove", path: path_of(&stack, None), source }),
+        }
+        stack.pop();
+        match parent {
+            Some(parent) => cur = parent,
+            None => break,
+        }
+    }
+    // Make the removal durable, so a crash after the PV is gone does not bring the directory back.
+    fsync(root).map_err(|source| io("sync data root after removing", source))?;
+    Ok(stats)
+}
+
+/// Renames `name` to `archived-<name>` (or `archived-<name>-<n>` if taken) under `root`, returns the new
+/// name; never overwrites. The archived name is shortened to fit NAME_MAX if needed. A missing `name`
+/// is `Error::NotFound` (it may have been archived before a crash).
+pub fn archive_volume_dir(root: BorrowedFd<'_>, name: &str) -> Result<String, Error> {
+    naming::validate_directory_name(name)?;
+    let io = |op, source| Error::Io { op, path: PathBuf::from(name), source };
+    match fstatat(root, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) if is_dir(&st) => {}
+        Ok(_) => return Err(Error::NotADirectory { name: name.to_string() }),
+        Err(Errno::ENOENT) => return Err(Error::NotFound { name: name.to_string() }),
+        Err(source) => return Err(io("stat", source)),
+    }
+    let mut last = String::new();
+    for n in 0..=MAX_ARCHIVE_SUFFIX {
+        let suffix = if n == 0 { String::new() } else { format!("-{n}") };
+        // Names are ASCII (validated), so cutting bytes stays on a char boundary.
+        let keep = name.len().min(naming::MAX_DIRECTORY_NAME - ARCHIVE_PREFIX.len() - suffix.len());
+        let candidate = format!("{ARCHIVE_PREFIX}{}{suffix}", &name[..keep]);
+        naming::validate_directory_name(&candidate)?;
+        match rename_noreplace(root, name, &candidate) {
+            Ok(()) => {
+                fsync(root).map_err(|source| io("sync data root after archiving", source))?;
+                return Ok(candidate);
+            }
+            Err(Errno::EEXIST) => last = candidate,
+            Err(Errno::ENOENT) => return Err(Error::NotFound { name: name.to_string() }),
+            Err(source) => return Err(io("archive (rename)", source)),
+        }
+    }
+    Err(Error::ArchiveNamesTaken { name: name.to_string(), last })
+}
+
+/// Reads the open directory `dir`, unlinks every non-directory in it, and returns its subdirectories.
+/// Everything is checked before anything is unlinked, so a mount point here leaves this directory whole.
+fn empty_files(dir: BorrowedFd<'_>, dev: u64, stack: &[Frame], stats: &mut RemovalStats) -> Result<Vec<CString>, Error> {
+    let io = |op, child: Option<&CStr>, source| Error::Io { op, path: path_of(stack, child), source };
+    // A second fd for the stream, closed before we go deeper.
+    let mut stream = Dir::openat(dir, c".", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| io("read", None, e))?;
+    let mut names = Vec::new();
+    for entry in stream.iter() {
+        let entry = entry.map_err(|e| io("read", None, e))?;
+        let name = entry.file_name();
+        if name != c"." && name != c".." {
+            names.push(name.to_owned());
+        }
+    }
+    drop(stream);
+
+    let mut entries = Vec::with_capacity(names.len());
+    for name in names {
+        let st = match fstatat(dir, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::ENOENT) => continue,
+            Err(e) => return Err(io("stat", Some(&name), e)),
+        };
+        if st.st_dev as u64 != dev {
+            return Err(Error::MountPoint { path: path_of(stack, Some(&name)) });
+        }
+        entries.push((name, st));
+    }
+
+    let mut subdirs = Vec::new();
+    for (name, st) in entries {
+        if is_dir(&st) {
+            subdirs.push(name);
+            continue;
+        }
+        // The file's own permissions and owner do not matter for unlink; the parent is writable (open_dir).
+        match unlinkat(dir, name.as_c_str(), UnlinkatFlags::NoRemoveDir) {
+            Ok(()) => {
+                stats.files += 1;
+                if st.st_nlink <= 1 {
+                    stats.bytes += blocks(&st);
+                }
+            }
+            Err(Errno::ENOENT) => {}
+            Err(Errno::EBUSY) => return Err(Error::MountPoint { path: path_of(stack, Some(&name)) }),
+            Err(Errno::EISDIR) => subdirs.push(name), // replaced by a directory meanwhile
+            Err(e) => return Err(io("remove", Some(&name), e)),
+        }
+    }
+    Ok(subdirs)
+}
+
+/// Opens the directory `name` in `parent` without following a symlink or crossing a mount, and makes
+/// it u+rwx so its entries can be removed (a pod may have left it 0500 or 0000). Another filesystem or
+/// a bind mount is reported as EXDEV. Errors carry what was being done.
+fn open_dir(parent: BorrowedFd<'_>, name: &CStr, dev: u64) -> Result<(OwnedFd, FileStat), (&'static str, Errno)> {
+    let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = match open_beneath(parent, name, flags | OFlag::O_RDONLY) {
+        Err(Errno::EACCES) => {
+            // Not root and the directory is not readable: get a handle that needs no permission, give
+            // ourselves u+rwx through its /proc link (fchmod refuses O_PATH fds; the link names this
+            // very inode, so nothing can be swapped in between), then open it for reading.
+            let handle = open_beneath(parent, name, flags | OFlag::O_PATH).map_err(|e| ("open", e))?;
+            let st = fstat(&handle).map_err(|e| ("stat", e))?;
+            if st.st_dev as u64 != dev {
+                return Err(("open", Errno::EXDEV));
+            }
+            let link = format!("/proc/self/fd/{}", handle.as_raw_fd());
+            fchmodat(nix::fcntl::AT_FDCWD, link.as_str(), user_rwx(&st), FchmodatFlags::FollowSymlink)
+                .map_err(|_| ("open", Errno::EACCES))?;
+            openat(&handle, c".", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+                .map_err(|e| ("open", e))?
+        }
+        other => other.map_err(|e| ("open", e))?,
+    };
+    let st = fstat(&fd).map_err(|e| ("stat", e))?;
+    if st.st_dev as u64 != dev {
+        return Err(("open", Errno::EXDEV));
+    }
+    if st.st_mode & 0o700 != 0o700 {
+        fchmod(&fd, user_rwx(&st)).map_err(|e| ("make writable", e))?;
+    }
+    Ok((fd, st))
+}
+
+static OPENAT2_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
+
+/// `openat` that also refuses to cross any mount, bind mounts of the same filesystem included (which
+/// st_dev cannot tell apart), where the kernel has openat2 (5.6+); elsewhere the st_dev checks remain.
+fn open_beneath(parent: BorrowedFd<'_>, name: &CStr, flags: OFlag) -> Result<OwnedFd, Errno> {
+    use nix::fcntl::{OpenHow, ResolveFlag, openat2};
+    if !OPENAT2_UNAVAILABLE.load(Ordering::Relaxed) {
+        let how = OpenHow::new().flags(flags).resolve(ResolveFlag::RESOLVE_NO_XDEV | ResolveFlag::RESOLVE_NO_SYMLINKS);
+        match openat2(parent, name, how) {
+            // Old kernels say ENOSYS; some seccomp profiles say EPERM, which a plain open never does here.
+            Err(Errno::ENOSYS | Errno::EPERM) => OPENAT2_UNAVAILABLE.store(true, Ordering::Relaxed),
+            result => return result,
+        }
+    }
+    openat(parent, name, flags, Mode::empty())
+}
+
+/// Opens `..` of `dir` and checks it is the directory we descended from; `Err(None)` if it is not
+/// (the subtree was moved meanwhile, and climbing on could take us outside the volume).
+fn reopen_parent(dir: BorrowedFd<'_>, expected: (u64, u64)) -> Result<OwnedFd, Option<Errno>> {
+    let parent = openat(dir, c"..", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(Some)?;
+    let st = fstat(&parent).map_err(Some)?;
+    if id(&st) != expected {
+        return Err(None);
+    }
+    Ok(parent)
+}
+
+/// Renames without ever replacing an existing `to`.
+fn rename_noreplace(root: BorrowedFd<'_>, from: &str, to: &str) -> Result<(), Errno> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    match nix::fcntl::renameat2(root, from, root, to, nix::fcntl::RenameFlags::RENAME_NOREPLACE) {
+        // EINVAL: this filesystem does not support the flag; ENOSYS: nor does the kernel.
+        Err(Errno::EINVAL | Errno::ENOSYS) => {}
+        result => return result,
+    }
+    // Fallback: check, then rename. Something created between the two would be replaced; only the
+    // agent creates names under the root and it archives one volume at a time, so we accept that.
+    match fstatat(root, to, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(_) => Err(Errno::EEXIST),
+        Err(Errno::ENOENT) => nix::fcntl::renameat(root, from, root, to),
+        Err(e) => Err(e),
+    }
+}
+
+/// The path of the current directory (plus `child`) relative to the data root, for messages.
+fn path_of(stack: &[Frame], child: Option<&CStr>) -> PathBuf {
+    stack
+        .iter()
+        .map(|f| f.name.as_c_str())
+        .chain(child)
+        .map(|name| OsStr::from_bytes(name.to_bytes()))
+        .collect()
+}
+
+fn is_dir(st: &FileStat) -> bool {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
+}
+
+fn id(st: &FileStat) -> (u64, u64) {
+    (st.st_dev as u64, st.st_ino as u64)
+}
+
+fn blocks(st: &FileStat) -> u64 {
+    st.st_blocks as u64 * 512
+}
+
+fn user_rwx(st: &FileStat) -> Mode {
+    Mode::from_bits_truncate((st.st_mode & 0o7777) | 0o700)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+    use std::path::Path;
+    use std::process::Command;
+
+    fn open(dir: &Path) -> OwnedFd {
+        nix::fcntl::open(dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).unwrap()
+    }
+
+    fn chmod(path: &Path, mode: u32) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
+    }
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    /// Mounts for the test and always unmounts, so a failing assertion does not leave mounts behind.
+    struct Mounted(PathBuf);
+
+    impl Mounted {
+        fn new(args: &[&str], at: &Path) -> Option<Self> {
+            let ok = Command::new("mount").args(args).arg(at).output().is_ok_and(|o| o.status.success());
+            ok.then(|| Mounted(at.to_path_buf()))
+        }
+    }
+
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+
+    #[test]
+    fn removes_a_tree_counts_it_and_is_idempotent() {
+        let root = tempfile::tempdir().unwrap();
+        let vol = root.path().join("pvc-1_ns_c");
+        std::fs::create_dir_all(vol.join("a/b/c")).unwrap();
+        std::fs::write(vol.join("a/b/c/data"), vec![7u8; 64 * 1024]).unwrap();
+        std::fs::hard_link(vol.join("a/b/c/data"), vol.join("a/link")).unwrap();
+        std::fs::write(vol.join("top"), b"x").unwrap();
+        std::fs::write(root.path().join("neighbour"), b"keep").unwrap();
+        let fd = open(root.path());
+
+        let stats = remove_volume_dir(fd.as_fd(), "pvc-1_ns_c").unwrap();
+        assert_eq!((stats.files, stats.directories), (3, 4), "{stats:?}");
+        // The 64 KiB file is counted once, when its last link goes.
+        assert!(stats.bytes >= 64 * 1024 && stats.bytes < 128 * 1024, "{stats:?}");
+        assert!(!vol.exists());
+        assert_eq!(std::fs::read(root.path().join("neighbour")).unwrap(), b"keep");
+
+        assert_eq!(remove_volume_dir(fd.as_fd(), "pvc-1_ns_c").unwrap(), RemovalStats::default());
+        assert_eq!(remove_volume_dir(fd.as_fd(), "never-existed").unwrap(), RemovalStats::default());
+    }
+
+    #[test]
+    fn symlink_targets_outside_the_root_are_untouched() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target_file = outside.path().join("secret");
+        let target_dir = outside.path().join("dir");
+        std::fs::write(&target_file, b"precious").unwrap();
+        chmod(&target_file, 0o604);
+        std::fs::create_dir(&target_dir).unwrap();
+        std::fs::write(target_dir.join("inner"), b"also precious").unwrap();
+        // Read-only: were it followed, the walk would chmod it and empty it.
+        chmod(&target_dir, 0o500);
+
+        let vol = root.path().join("pvc-2_ns_c");
+        std::fs::create_dir_all(vol.join("sub")).unwrap();
+        symlink(&target_file, vol.join("to-file")).unwrap();
+        symlink(&target_dir, vol.join("sub/to-dir")).unwrap();
+        symlink("../../..", vol.join("sub/up")).unwrap();
+        symlink("/", vol.join("to-slash")).unwrap();
+
+        let stats = remove_volume_dir(open(root.path()).as_fd(), "pvc-2_ns_c").unwrap();
+        assert_eq!((stats.files, stats.directories), (4, 2), "{stats:?}");
+        assert!(!vol.exists());
+        assert_eq!(std::fs::read(&target_file).unwrap(), b"precious");
+        assert_eq!(mode(&target_file), 0o604);
+        assert_eq!(std::fs::read(target_dir.join("inner")).unwrap(), b"also precious");
+        assert_eq!(mode(&target_dir), 0o500);
+        chmod(&target_dir, 0o700);
+    }
+
+    #[test]
+    fn a_volume_name_that_is_a_symlink_or_a_file_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("data"), b"precious").unwrap();
+        symlink(outside.path(), root.path().join("pvc-3_ns_c")).unwrap();
+        std::fs::write(root.path().join("pvc-4_ns_c"), b"a file").unwrap();
+        let fd = open(root.path());
+
+        for name in ["pvc-3_ns_c", "pvc-4_ns_c"] {
+            let err = remove_volume_dir(fd.as_fd(), name).unwrap_err();
+            assert_eq!(err.category(), "not_a_directory", "{err}");
+            assert!(err.to_string().contains(name), "{err}");
+            assert_eq!(archive_volume_dir(fd.as_fd(), name).unwrap_err().category(), "not_a_directory");
+        }
+        assert!(std::fs::symlink_metadata(root.path().join("pvc-3_ns_c")).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read(outside.path().join("data")).unwrap(), b"precious");
+        assert_eq!(std::fs::read(root.path().join("pvc-4_ns_c")).unwrap(), b"a file");
+    }
+
+    #[test]
+    fn unsafe_names_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let fd = open(root.path());
+        for bad in ["..", ".", "/", "", "a/b", "../x", "/etc", ".hidden", "a\0b"] {
+            assert_eq!(remove_volume_dir(fd.as_fd(), bad).unwrap_err().category(), "unsafe_name", "{bad:?}");
+            assert_eq!(archive_volume_dir(fd.as_fd(), bad).unwrap_err().category(), "unsafe_name", "{bad:?}");
+        }
+        assert!(root.path().exists());
+    }
+
+    #[test]
+    fn read_only_directories_and_files_are_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let vol = root.path().join("pvc-5_ns_c");
+        std::fs::create_dir_all(vol.join("locked/inner")).unwrap();
+        std::fs::create_dir_all(vol.join("readonly")).unwrap();
+        for (file, m) in [("locked/f1", 0o000), ("locked/inner/f2", 0o000), ("readonly/f3", 0o400)] {
+            std::fs::write(vol.join(file), b"x").unwrap();
+            chmod(&vol.join(file), m);
+        }
+        // Innermost first: a 0000 directory cannot be changed below any more.
+        chmod(&vol.join("locked/inner"), 0o000);
+        chmod(&vol.join("locked"), 0o000);
+        chmod(&vol.join("readonly"), 0o500);
+        chmod(&vol, 0o500);
+
+        let stats = remove_volume_dir(open(root.path()).as_fd(), "pvc-5_ns_c").unwrap();
+        assert_eq!((stats.files, stats.directories), (3, 4), "{stats:?}");
+        assert!(!vol.exists());
+    }
+
+    #[test]
+    fn files_and_directories_of_other_owners_are_removed() {
+        if !is_root() {
+            return; // chown to another uid needs root; CI runs as root, like the agent
+        }
+        let root = tempfile::tempdir().unwrap();
+        let vol = root.path().join("pvc-6_ns_c");
+        std::fs::create_dir_all(vol.join("theirs/deeper")).unwrap();
+        std::fs::create_dir_all(vol.join("sticky")).unwrap();
+        for file in ["f", "theirs/f", "theirs/deeper/f", "sticky/f"] {
+            std::fs::write(vol.join(file), b"x").unwrap();
+            std::os::unix::fs::chown(vol.join(file), Some(12345), Some(12345)).unwrap();
+            chmod(&vol.join(file), 0o000);
+        }
+        for dir in ["theirs/deeper", "theirs", "sticky", ""] {
+            std::os::unix::fs::chown(vol.join(dir), Some(12346), Some(12346)).unwrap();
+        }
+        chmod(&vol.join("sticky"), 0o1777);
+        chmod(&vol.join("theirs/deeper"), 0o000);
+        chmod(&vol.join("theirs"), 0o000);
+        chmod(&vol, 0o000);
+
+        let stats = remove_volume_dir(open(root.path()).as_fd(), "pvc-6_ns_c").unwrap();
+        assert_eq!((stats.files, stats.directories), (4, 4), "{stats:?}");
+        assert!(!vol.exists());
+    }
+
+    #[test]
+    fn deep_trees_use_a_constant_number_of_fds() {
+        const CHILD: &str = "HOSTVOL_REMOVAL_DEEP_CHILD";
+        const DEPTH: usize = 2000;
+        if std::env::var_os(CHILD).is_none() {
+            // Run this test alone in a process with 64 fds: an fd per level would run out long before 2,000.
+            let out = Command::new("sh")
+                .args(["-c", r#"ulimit -n 64 && exec "$0" "$@""#])
+                .arg(std::env::current_exe().unwrap())
+                .args(["--exact", "removal::tests::deep_trees_use_a_constant_number_of_fds", "--nocapture"])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success(), "{text}");
+            assert!(text.contains("1 passed"), "the child ran no test: {text}");
+            return;
+        }
+
+        let root = tempfile::tempdir().unwrap();
+        let fd = open(root.path());
+        // Built through fds, one level at a time: the path is too long for path-based calls.
+        nix::sys::stat::mkdirat(fd.as_fd(), "pvc-7_ns_c", Mode::from_bits_truncate(0o700)).unwrap();
+        let mut cur = openat(fd.as_fd(), "pvc-7_ns_c", OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()).unwrap();
+        for level in 0..DEPTH {
+            if level % 100 == 0 {
+                let file = openat(cur.as_fd(), "f", OFlag::O_CREAT | OFlag::O_WRONLY, Mode::from_bits_truncate(0o400)).unwrap();
+                drop(file);
+            }
+            nix::sys::stat::mkdirat(cur.as_fd(), "d", Mode::from_bits_truncate(0o700)).unwrap();
+            let child = openat(cur.as_fd(), "d", OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()).unwrap();
+            if level % 7 == 0 {
+                fchmod(cur.as_fd(), Mode::from_bits_truncate(0o500)).unwrap();
+            }
+            cur = child;
+        }
+        drop(cur);
+
+        let stats = remove_volume_dir(fd.as_fd(), "pvc-7_ns_c").unwrap();
+        assert_eq!((stats.files, stats.directories), ((DEPTH / 100) as u64, DEPTH as u64 + 1), "{stats:?}");
+        assert!(!root.path().join("pvc-7_ns_c").exists());
+    }
+
+    #[test]
+    fn wide_directories_are_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let vol = root.path().join("pvc-8_ns_c");
+        std::fs::create_dir_all(vol.join("wide")).unwrap();
+        for i in 0..20_000 {
+            std::fs::write(vol.join(format!("wide/file-{i}")), b"").unwrap();
+        }
+        for i in 0..20 {
+            std::fs::create_dir(vol.join(format!("wide/dir-{i}"))).unwrap();
+            std::fs::write(vol.join(format!("wide/dir-{i}/f")), b"x").unwrap();
+        }
+        let stats = remove_volume_dir(open(root.path()).as_fd(), "pvc-8_ns_c").unwrap();
+        assert_eq!((stats.files, stats.directories), (20_020, 22), "{stats:?}");
+        assert!(!vol.exists());
+    }
+
+    #[test]
+    fn stops_at_mount_points_and_a_retry_finishes() {
+        let root = tempfile::tempdir().unwrap();
+        let vol = root.path().join("pvc-9_ns_c");
+        std::fs::create_dir_all(vol.join("a/mnt")).unwrap();
+        std::fs::write(vol.join("a/mnt/below"), b"under the mount").unwrap();
+        let Some(mount) = Mounted::new(&["-t", "tmpfs", "tmpfs"], &vol.join("a/mnt")) else {
+            return; // needs CAP_SYS_ADMIN; CI has it
+        };
+        std::fs::write(vol.join("a/mnt/on-tmpfs"), b"other filesystem").unwrap();
+        let fd = open(root.path());
+
+        let err = remove_volume_dir(fd.as_fd(), "pvc-9_ns_c").unwrap_err();
+        assert_eq!(err.category(), "mount_point", "{err}");
+        assert!(err.to_string().contains("pvc-9_ns_c/a/mnt"), "{err}");
+        assert_eq!(std::fs::read(vol.join("a/mnt/on-tmpfs")).unwrap(), b"other filesystem");
+
+        drop(mount);
+        let stats = remove_volume_dir(fd.as_fd(), "pvc-9_ns_c").unwrap();
+        assert_eq!((stats.files, stats.directories), (1, 3), "{stats:?}");
+        assert!(!vol.exists());
+    }
+
+    #[test]
+    fn stops_at_bind_mounts_of_the_same_filesystem() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = root.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("data"), b"precious").unwrap();
+        let vol = root.path().join("pvc-10_ns_c");
+        std::fs::create_dir_all(vol.join("bound")).unwrap();
+        let Some(_mount) = Mounted::new(&["--bind", outside.to_str().unwrap()], &vol.join("bound")) else {
+            return; // needs CAP_SYS_ADMIN; CI has it
+        };
+        let err = remove_volume_dir(open(root.path()).as_fd(), "pvc-10_ns_c").unwrap_err();
+        assert_eq!(err.category(), "mount_point", "{err}");
+        assert!(err.to_string().contains("pvc-10_ns_c/bound"), "{err}");
+        assert_eq!(std::fs::read(outside.join("data")).unwrap(), b"precious");
+
+        // A bind-mounted file: same device too; unlink refuses it with EBUSY.
+        let vol = root.path().join("pvc-12_ns_c");
+        std::fs::create_dir(&vol).unwrap();
+        std::fs::write(vol.join("bound-file"), b"").unwrap();
+        let _file_mount = Mounted::new(&["--bind", outside.join("data").to_str().unwrap()], &vol.join("bound-file")).unwrap();
+        let err = remove_volume_dir(open(root.path()).as_fd(), "pvc-12_ns_c").unwrap_err();
+        assert_eq!(err.category(), "mount_point", "{err}");
+        assert!(err.to_string().contains("pvc-12_ns_c/bound-file"), "{err}");
+        assert_eq!(std::fs::read(outside.join("data")).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn archives_without_overwriting() {
+        let root = tempfile::tempdir().unwrap();
+        let fd = open(root.path());
+        let mut archived = Vec::new();
+        for generation in 0..3u8 {
+            std::fs::create_dir(root.path().join("pvc-11_ns_c")).unwrap();
+            std::fs::write(root.path().join("pvc-11_ns_c/data"), [generation]).unwrap();
+            archived.push(archive_volume_dir(fd.as_fd(), "pvc-11_ns_c").unwrap());
+        }
+        assert_eq!(archived, ["archived-pvc-11_ns_c", "archived-pvc-11_ns_c-1", "archived-pvc-11_ns_c-2"]);
+        for (generation, name) in archived.iter().enumerate() {
+            assert_eq!(std::fs::read(root.path().join(name).join("data")).unwrap(), [generation as u8]);
+        }
+        assert!(!root.path().join("pvc-11_ns_c").exists());
+        assert_eq!(archive_volume_dir(fd.as_fd(), "pvc-11_ns_c").unwrap_err().category(), "not_found");
+
+        // A name at NAME_MAX is shortened so the archived name still fits.
+        let long = "a".repeat(naming::MAX_DIRECTORY_NAME);
+        for suffix in ["", "-1"] {
+            std::fs::create_dir(root.path().join(&long)).unwrap();
+            let name = archive_volume_dir(fd.as_fd(), &long).unwrap();
+            assert_eq!(name.len(), naming::MAX_DIRECTORY_NAME);
+            assert!(name.starts_with(ARCHIVE_PREFIX) && name.ends_with(&format!("a{suffix}")), "{name}");
+        }
+    }
+}
