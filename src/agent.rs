@@ -91,6 +91,11 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
         args.usage_concurrency,
         shutdown.clone(),
     ));
+    tokio::spawn(crate::orphans::run(
+        ctx.clone(),
+        std::time::Duration::from_secs(args.orphan_scan_seconds.max(1)),
+        shutdown.clone(),
+    ));
     tokio::spawn(storage_capacity::run(
         ctx.clone(),
         reports.clone(),

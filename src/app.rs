@@ -18,6 +18,14 @@ pub async fn run(cli: Cli) -> ExitCode {
             crate::telemetry::init_cli();
             crate::report::volumes(&args).await
         }
+        Command::Purge(args) => {
+            crate::telemetry::init_cli();
+            crate::purge::run(&args).await
+        }
+        Command::Doctor(args) => {
+            crate::telemetry::init_cli();
+            crate::report::doctor(&args).await
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

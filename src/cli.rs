@@ -22,6 +22,24 @@ pub enum Command {
     Capacity(ReportArgs),
     /// Volumes with the space they use against their capacity.
     Volumes(VolumesArgs),
+    /// Remove a released (Retain) volume for good: its directory on its node, then its PV.
+    Purge(PurgeArgs),
+    /// Orphaned directories and lost volumes on every node. Reports only; deletes nothing.
+    Doctor(ReportArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PurgeArgs {
+    /// The PersistentVolume to purge.
+    pub pv: String,
+
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+
+    /// Seconds to wait for the node's agent to finish.
+    #[arg(long = "timeout", default_value_t = 60)]
+    pub timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -51,6 +69,10 @@ pub struct VolumesArgs {
     /// Only this node's volumes.
     #[arg(long)]
     pub node: Option<String>,
+
+    /// Only Released volumes (kept by Retain after their claim was deleted): candidates for `purge`.
+    #[arg(long)]
+    pub released: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -110,6 +132,10 @@ pub struct AgentArgs {
     /// Free-space movement that counts as a capacity change for watchers and the scheduler (e.g. 64Mi).
     #[arg(long, env = "HOSTVOL_CAPACITY_CHANGE_THRESHOLD", default_value = "64Mi", value_parser = parse_bytes)]
     pub capacity_change_threshold: u64,
+
+    /// How often the data root is compared with the PVs to report orphans and lost volumes.
+    #[arg(long, env = "HOSTVOL_ORPHAN_SCAN_SECONDS", default_value_t = 300)]
+    pub orphan_scan_seconds: u64,
 
     /// Log output format.
     #[arg(long, env = "HOSTVOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub placement_conflicts: Counter,
     /// Claims this agent placed on its own node (Immediate classes, pods with spec.nodeName).
     pub placements: Counter,
+    pub orphan_directories: Gauge,
+    pub lost_volumes: Gauge,
 }
 
 impl Default for Metrics {
@@ -47,7 +49,11 @@ impl Default for Metrics {
         registry.register("placement_conflicts", "Conflicts while placing a claim on this node (another writer was first)", placement_conflicts.clone());
         let placements = Counter::default();
         registry.register("placements", "Claims this agent placed on its own node", placements.clone());
-        Self { registry, provisions, provision_duration, reconcile_errors, allocatable_bytes, placement_conflicts, placements }
+        let orphan_directories = Gauge::default();
+        registry.register("orphan_directories", "Directories in the data root that no PV points at (archived ones included)", orphan_directories.clone());
+        let lost_volumes = Gauge::default();
+        registry.register("lost_volumes", "PVs of this node whose directory is missing", lost_volumes.clone());
+        Self { registry, provisions, provision_duration, reconcile_errors, allocatable_bytes, placement_conflicts, placements, orphan_directories, lost_volumes }
     }
 }
 

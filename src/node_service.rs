@@ -19,8 +19,8 @@ use tracing::{debug, info, warn};
 use crate::capacity::{self, CapacityInputs, Snapshot};
 use crate::grpc::v1::node_server::{Node, NodeServer};
 use crate::grpc::v1::{
-    CapacityReport, GetCapacityRequest, GetVolumeRequest, ListVolumesRequest, ListVolumesResponse, Volume,
-    WatchCapacityRequest,
+    CapacityReport, GetCapacityRequest, GetVolumeRequest, ListOrphansRequest, ListOrphansResponse, ListVolumesRequest,
+    ListVolumesResponse, LostVolume, Orphan, Volume, WatchCapacityRequest,
 };
 use crate::naming;
 use crate::provisioner::Context;
@@ -145,6 +145,31 @@ impl Node for NodeService {
             .get(&kube::runtime::reflector::ObjectRef::new(&name))
             .map(|pv| Response::new(describe_volume(&pv, &self.usage)))
             .ok_or_else(|| Status::not_found(format!("node {} has no hostvol volume {name}", self.ctx.settings.node)))
+    }
+
+    async fn list_orphans(&self, _: Request<ListOrphansRequest>) -> Result<Response<ListOrphansResponse>, Status> {
+        let findings = crate::orphans::scan(&self.ctx).map_err(|e| Status::unavailable(format!("cannot read the data root: {e}")))?;
+        let root = &self.ctx.settings.host_root;
+        let orphans = findings
+            .orphans
+            .iter()
+            .map(|e| Orphan {
+                name: e.name.clone(),
+                path: pv::host_path(root, &e.name),
+                archived: crate::orphans::is_archived(&e.name),
+                modified_at: Some(timestamp(e.modified)),
+            })
+            .collect();
+        let lost = findings
+            .lost
+            .iter()
+            .filter_map(|name| self.ctx.volumes.get(&kube::runtime::reflector::ObjectRef::new(name)))
+            .map(|pv| {
+                let v = describe_volume(&pv, &self.usage);
+                LostVolume { pv_name: v.pv_name, claim_namespace: v.claim_namespace, claim_name: v.claim_name, directory: v.directory, phase: v.phase }
+            })
+            .collect();
+        Ok(Response::new(ListOrphansResponse { orphans, lost, scanned_at: Some(timestamp(SystemTime::now())) }))
     }
 
     type WatchCapacityStream = ReportStream;

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 /// Every parameter a hostvol StorageClass may set; anything else is refused so typos do not pass silently.
-pub const VALID_PARAMETERS: &[&str] = &["mode", "uid", "gid"];
+pub const VALID_PARAMETERS: &[&str] = &["mode", "uid", "gid", "onDelete"];
 
 /// Default permissions of a new volume directory. hostPath volumes get no fsGroup handling from the
 /// kubelet, so without 0777 a pod running as non-root could not write to its own volume. Classes that
@@ -16,11 +16,13 @@ pub struct ClassParameters {
     pub mode: u32,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// With reclaimPolicy Delete: rename the directory to `archived-<name>` instead of removing it.
+    pub archive_on_delete: bool,
 }
 
 impl Default for ClassParameters {
     fn default() -> Self {
-        Self { mode: DEFAULT_MODE, uid: None, gid: None }
+        Self { mode: DEFAULT_MODE, uid: None, gid: None, archive_on_delete: false }
     }
 }
 
@@ -45,6 +47,13 @@ impl ClassParameters {
         }
         if let Some(gid) = parameters.get("gid") {
             parsed.gid = Some(parse_id("gid", gid)?);
+        }
+        if let Some(on_delete) = parameters.get("onDelete") {
+            parsed.archive_on_delete = match on_delete.trim() {
+                "delete" => false,
+                "archive" => true,
+                other => return Err(format!("StorageClass parameter onDelete={other:?} must be \"delete\" or \"archive\"")),
+            };
         }
         Ok(parsed)
     }
@@ -77,13 +86,13 @@ mod tests {
 
     #[test]
     fn defaults_to_world_writable_without_ownership_change() {
-        assert_eq!(ClassParameters::parse(&params(&[])).unwrap(), ClassParameters { mode: 0o777, uid: None, gid: None });
+        assert_eq!(ClassParameters::parse(&params(&[])).unwrap(), ClassParameters::default());
     }
 
     #[test]
     fn parses_mode_uid_gid() {
         let p = ClassParameters::parse(&params(&[("mode", "0770"), ("uid", "1000"), ("gid", "2000")])).unwrap();
-        assert_eq!(p, ClassParameters { mode: 0o770, uid: Some(1000), gid: Some(2000) });
+        assert_eq!(p, ClassParameters { mode: 0o770, uid: Some(1000), gid: Some(2000), archive_on_delete: false });
         assert_eq!(ClassParameters::parse(&params(&[("mode", "755")])).unwrap().mode, 0o755);
         assert_eq!(ClassParameters::parse(&params(&[("mode", "2775")])).unwrap().mode, 0o2775);
     }
@@ -91,7 +100,7 @@ mod tests {
     #[test]
     fn unknown_parameters_list_the_valid_ones() {
         let e = ClassParameters::parse(&params(&[("nodePath", "/x"), ("mode", "0777")])).unwrap_err();
-        assert!(e.contains("nodePath") && e.contains("mode, uid, gid"), "{e}");
+        assert!(e.contains("nodePath") && e.contains("mode, uid, gid, onDelete"), "{e}");
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub enum Error {
     Disk(#[from] volume_store::Error),
     #[error(transparent)]
     Name(#[from] NameError),
+    #[error(transparent)]
+    Removal(#[from] crate::removal::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -47,6 +49,7 @@ impl Error {
             Error::Kube(_) => "api",
             Error::Disk(e) => e.category(),
             Error::Name(_) => "unsafe_name",
+            Error::Removal(e) => e.category(),
         }
     }
 }
@@ -150,9 +153,42 @@ impl Context {
     }
 
     /// Events are published off the critical path; a lost Event is logged, never fatal.
-    fn publish(&self, regarding: &ObjectReference, type_: EventType, reason: &str, action: &str, note: String) {
-        let recorder = self.recorder.clone();
+    pub fn publish(&self, regarding: &ObjectReference, type_: EventType, reason: &str, action: &str, note: String) {
         let regarding = regarding.clone();
+        if regarding.namespace.as_deref().unwrap_or("").is_empty() {
+            // Cluster-scoped objects (PVs): some servers (1.20) reject events.k8s.io Events for them, so
+            // use a core/v1 Event in "default", as Kubernetes' own PV controller does.
+            let client = self.client.clone();
+            let (node, provisioner) = (self.settings.node.clone(), self.settings.provisioner.clone());
+            let reason = reason.to_string();
+            tokio::spawn(async move {
+                let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+                let event = k8s_openapi::api::core::v1::Event {
+                    metadata: kube::api::ObjectMeta {
+                        generate_name: Some(format!("{}.", regarding.name.clone().unwrap_or_default())),
+                        namespace: Some("default".into()),
+                        ..Default::default()
+                    },
+                    involved_object: regarding,
+                    reason: Some(reason.clone()),
+                    message: Some(note),
+                    type_: Some(if type_ == EventType::Warning { "Warning" } else { "Normal" }.into()),
+                    source: Some(k8s_openapi::api::core::v1::EventSource { component: Some(provisioner.clone()), host: Some(node.clone()) }),
+                    first_timestamp: Some(now.clone()),
+                    last_timestamp: Some(now),
+                    count: Some(1),
+                    reporting_component: Some(provisioner),
+                    reporting_instance: Some(node),
+                    ..Default::default()
+                };
+                let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client, "default");
+                if let Err(error) = events.create(&PostParams::default(), &event).await {
+                    warn!(%error, %reason, "could not publish Event");
+                }
+            });
+            return;
+        }
+        let recorder = self.recorder.clone();
         let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
         tokio::spawn(async move {
             if let Err(error) = recorder.publish(&event, &regarding).await {
@@ -161,7 +197,7 @@ impl Context {
         });
     }
 
-    fn backoff(&self, key: &str) -> Duration {
+    pub fn backoff(&self, key: &str) -> Duration {
         let mut failures = self.failures.lock().expect("lock poisoned");
         let n = failures.entry(key.to_string()).or_insert(0);
         *n = n.saturating_add(1);
@@ -344,6 +380,14 @@ async fn provision(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Conte
         access_modes: request.access_modes.clone(),
         reclaim_policy: class.reclaim_policy.clone().unwrap_or_else(|| "Delete".into()),
     });
+    let mut volume = volume;
+    if volume.spec.as_ref().and_then(|s| s.persistent_volume_reclaim_policy.as_deref()) == Some("Delete") {
+        volume.metadata.finalizers = Some(vec![crate::reclaim::FINALIZER.to_string()]);
+        volume.metadata.annotations.get_or_insert_default().insert(
+            crate::reclaim::ANN_ON_DELETE.to_string(),
+            if params.archive_on_delete { "archive" } else { "delete" }.to_string(),
+        );
+    }
     match volumes.create(&PostParams::default(), &volume).await {
         Ok(_) => {}
         Err(kube::Error::Api(status)) if status.code == 409 => return Ok(Step::AlreadyDone),
@@ -583,14 +627,12 @@ pub fn start(
     let volumes_changed = Arc::new(tokio::sync::Notify::new());
     let notify = volumes_changed.clone();
     let label = format!("{}={}", pv::LABEL_NODE, naming::node_label_value(&settings.node));
-    drive(
-        "persistentvolumes",
-        watcher(Api::<PersistentVolume>::all(client.clone()), watcher::Config::default().labels(&label))
-            .default_backoff()
-            .modify(|pv| pv.managed_fields_mut().clear())
-            .reflect(writer)
-            .inspect(move |_| notify.notify_waiters()),
-    );
+    let volume_stream = watcher(Api::<PersistentVolume>::all(client.clone()), watcher::Config::default().labels(&label))
+        .default_backoff()
+        .modify(|pv| pv.managed_fields_mut().clear())
+        .reflect(writer)
+        .inspect(move |_| notify.notify_waiters())
+        .applied_objects();
     // Claims: no server-side filter can select by annotation, so watch metadata only and filter here.
     let (claims, writer) = reflector::store();
     let (provisioner, node) = (settings.provisioner.clone(), settings.node.clone());
@@ -662,7 +704,18 @@ pub fn start(
         }
     });
 
-    let controller = Controller::for_stream(claim_stream, claims.clone())
+    // Reclaim: this node's PVs once their claims are gone.
+    let reclaimer = Controller::for_stream(volume_stream, volumes.clone())
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(crate::reclaim::reconcile, crate::reclaim::error_policy, ctx.clone())
+        .for_each(|result| {
+            if let Err(kube::runtime::controller::Error::QueueError(error)) = result {
+                warn!(watch = "persistentvolumes", %error, "watch failed; retrying with backoff");
+            }
+            futures::future::ready(())
+        });
+
+    let provisioner = Controller::for_stream(claim_stream, claims.clone())
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| {
@@ -676,6 +729,9 @@ pub fn start(
             }
             futures::future::ready(())
         });
+    let controller = async move {
+        futures::join!(provisioner, reclaimer);
+    };
     (Watches { classes, nodes, volumes, claims }, ctx, controller)
 }
 

@@ -97,15 +97,14 @@ pub fn remove_volume_dir(root: BorrowedFd<'_>, name: &str) -> Result<RemovalStat
     let mut stats = RemovalStats::default();
     let io = |op, source| Error::Io { op, path: PathBuf::from(name), source };
 
-    let root_dev = fstat(root).map_err(|e| Error::Io { op: "stat", path: PathBuf::from("."), source: e })?.st_dev as u64;
-    let (mut cur, st) = match open_dir(root, &cname, root_dev) {
+    let dev = fstat(root).map_err(|e| Error::Io { op: "stat", path: PathBuf::from("."), source: e })?.st_dev;
+    let (mut cur, st) = match open_dir(root, &cname, dev) {
         Ok(opened) => opened,
         Err((_, Errno::ENOENT)) => return Ok(stats),
         Err((_, Errno::ELOOP | Errno::ENOTDIR)) => return Err(Error::NotADirectory { name: name.to_string() }),
         Err((_, Errno::EXDEV)) => return Err(Error::MountPoint { path: PathBuf::from(name) }),
         Err((op, source)) => return Err(io(op, source)),
     };
-    let dev = root_dev;
     let mut stack = vec![Frame { name: cname, id: id(&st), blocks: blocks(&st), pending: None, scans: 0 }];
 
     while let Some(frame) = stack.last() {
@@ -222,7 +221,7 @@ fn empty_files(dir: BorrowedFd<'_>, dev: u64, stack: &[Frame], stats: &mut Remov
             Err(Errno::ENOENT) => continue,
             Err(e) => return Err(io("stat", Some(&name), e)),
         };
-        if st.st_dev as u64 != dev {
+        if st.st_dev != dev {
             return Err(Error::MountPoint { path: path_of(stack, Some(&name)) });
         }
         entries.push((name, st));
@@ -263,7 +262,7 @@ fn open_dir(parent: BorrowedFd<'_>, name: &CStr, dev: u64) -> Result<(OwnedFd, F
             // very inode, so nothing can be swapped in between), then open it for reading.
             let handle = open_beneath(parent, name, flags | OFlag::O_PATH).map_err(|e| ("open", e))?;
             let st = fstat(&handle).map_err(|e| ("stat", e))?;
-            if st.st_dev as u64 != dev {
+            if st.st_dev != dev {
                 return Err(("open", Errno::EXDEV));
             }
             let link = format!("/proc/self/fd/{}", handle.as_raw_fd());
@@ -275,7 +274,7 @@ fn open_dir(parent: BorrowedFd<'_>, name: &CStr, dev: u64) -> Result<(OwnedFd, F
         other => other.map_err(|e| ("open", e))?,
     };
     let st = fstat(&fd).map_err(|e| ("stat", e))?;
-    if st.st_dev as u64 != dev {
+    if st.st_dev != dev {
         return Err(("open", Errno::EXDEV));
     }
     if st.st_mode & 0o700 != 0o700 {
@@ -345,7 +344,7 @@ fn is_dir(st: &FileStat) -> bool {
 }
 
 fn id(st: &FileStat) -> (u64, u64) {
-    (st.st_dev as u64, st.st_ino as u64)
+    (st.st_dev, st.st_ino)
 }
 
 fn blocks(st: &FileStat) -> u64 {

@@ -11,7 +11,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::cli::{OutputFormat, ReportArgs, VolumesArgs};
 use crate::grpc::v1::node_client::NodeClient;
-use crate::grpc::v1::{CapacityReport, GetCapacityRequest, ListVolumesRequest, Volume};
+use crate::grpc::v1::{CapacityReport, GetCapacityRequest, ListOrphansRequest, ListVolumesRequest, Volume};
 use crate::quantity::format_bytes;
 
 /// Label selector of the agent pods shipped in deploy/daemonset.yaml.
@@ -374,7 +374,9 @@ pub async fn volumes(args: &VolumesArgs) -> Result<bool, String> {
             Err(reason) => Err(reason.clone()),
         };
         match answer {
-            Ok((node, volumes)) => rows.extend(volumes.iter().map(|v| VolumeRow::new(&node, v))),
+            Ok((node, volumes)) => rows.extend(
+                volumes.iter().filter(|v| !args.released || v.phase == "Released").map(|v| VolumeRow::new(&node, v)),
+            ),
             Err(error) => failures.push(format!("node {}: unreachable: {error}", target.node)),
         }
     }
@@ -387,6 +389,70 @@ pub async fn volumes(args: &VolumesArgs) -> Result<bool, String> {
         eprintln!("{failure}");
     }
     Ok(failures.is_empty())
+}
+
+/// `hostvol doctor`: orphaned directories and lost volumes of every node. Returns whether every agent answered.
+pub async fn doctor(args: &ReportArgs) -> Result<bool, String> {
+    let targets = targets(args).await?;
+    let timeout = Duration::from_secs(args.timeout_seconds.max(1));
+    let mut table: Vec<Vec<String>> = vec![["NODE", "PROBLEM", "NAME", "DETAIL"].iter().map(|s| s.to_string()).collect()];
+    let mut json_rows = Vec::new();
+    let (mut orphans, mut lost, mut unreachable) = (0, 0, 0);
+    let now = SystemTime::now();
+    for target in &targets {
+        let answer = match &target.address {
+            Ok(address) => match connect(address, timeout).await {
+                Ok(mut client) => {
+                    let node = client.get_capacity(GetCapacityRequest {}).await.map(|r| r.into_inner().node).unwrap_or_else(|_| target.node.clone());
+                    client.list_orphans(ListOrphansRequest {}).await.map(|r| (node, r.into_inner())).map_err(|s| s.message().to_string())
+                }
+                Err(e) => Err(e),
+            },
+            Err(reason) => Err(reason.clone()),
+        };
+        match answer {
+            Ok((node, found)) => {
+                for o in &found.orphans {
+                    orphans += 1;
+                    let age = age(o.modified_at.as_ref().map(|t| t.seconds), now);
+                    let (problem, detail) = if o.archived {
+                        ("archived", format!("kept by onDelete=archive, {age} old; remove by hand when no longer needed"))
+                    } else {
+                        ("orphan", format!("directory with no PV, {age} old"))
+                    };
+                    table.push(vec![node.clone(), problem.into(), o.path.clone(), detail.clone()]);
+                    json_rows.push(serde_json::json!({"node": node, "problem": problem, "path": o.path, "detail": detail}));
+                }
+                for l in &found.lost {
+                    lost += 1;
+                    let detail = format!("claim {}/{} ({}): directory {} is missing", l.claim_namespace, l.claim_name, l.phase, l.directory);
+                    table.push(vec![node.clone(), "lost".into(), l.pv_name.clone(), detail.clone()]);
+                    json_rows.push(serde_json::json!({"node": node, "problem": "lost", "pv": l.pv_name, "detail": detail}));
+                }
+            }
+            Err(error) => {
+                unreachable += 1;
+                table.push(vec![target.node.clone(), "unreachable".into(), String::new(), error.clone()]);
+                json_rows.push(serde_json::json!({"node": target.node, "problem": "unreachable", "detail": error}));
+            }
+        }
+    }
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&json_rows).expect("rows serialise")),
+        _ => {
+            if table.len() > 1 {
+                print!("{}", align(&table));
+            }
+            println!(
+                "{orphans} orphaned or archived director{}, {lost} lost volume{} on {} node{}; nothing was deleted",
+                if orphans == 1 { "y" } else { "ies" },
+                if lost == 1 { "" } else { "s" },
+                targets.len() - unreachable,
+                if targets.len() - unreachable == 1 { "" } else { "s" },
+            );
+        }
+    }
+    Ok(unreachable == 0)
 }
 
 #[cfg(test)]

@@ -191,7 +191,7 @@ mod tests {
     #[test]
     fn creates_with_requested_mode_despite_umask_and_reuses() {
         let (dir, store) = store();
-        let params = ClassParameters { mode: 0o777, uid: None, gid: None };
+        let params = ClassParameters::default();
         assert_eq!(store.ensure_volume_dir("pvc-1_ns_c", &params).unwrap(), Outcome::Created);
         let meta = std::fs::metadata(dir.path().join("pvc-1_ns_c")).unwrap();
         assert_eq!(meta.permissions().mode() & 0o7777, 0o777);
@@ -208,7 +208,7 @@ mod tests {
             return; // chown to another uid needs root; CI runs as root
         }
         let (dir, store) = store();
-        let params = ClassParameters { mode: 0o2770, uid: Some(1234), gid: Some(5678) };
+        let params = ClassParameters { mode: 0o2770, uid: Some(1234), gid: Some(5678), ..Default::default() };
         store.ensure_volume_dir("pvc-2_ns_c", &params).unwrap();
         let meta = std::fs::metadata(dir.path().join("pvc-2_ns_c")).unwrap();
         assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o7777), (1234, 5678, 0o2770));

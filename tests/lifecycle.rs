@@ -171,3 +171,159 @@ async fn a_node_that_cannot_serve_hands_the_claim_back() {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client(), "resched");
     assert_eq!(claims.get("big").await.unwrap().annotations().get("volume.kubernetes.io/selected-node").map(String::as_str), Some("large"));
 }
+
+fn hostvol_cli(cluster: &Cluster, args: &[&str], stdin: &str) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hostvol"))
+        .args(args)
+        .env("KUBECONFIG", cluster.admin_kubeconfig())
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+async fn pv_of_claim(cluster: &Cluster, ns: &str, claim: &str) -> PersistentVolume {
+    let pvc = cluster.wait_pvc_bound(ns, claim, T).await;
+    let name = pvc.spec.unwrap().volume_name.unwrap();
+    Api::<PersistentVolume>::all(cluster.client()).get(&name).await.unwrap()
+}
+
+fn volume_dir(agent: &Agent, pv: &PersistentVolume) -> std::path::PathBuf {
+    let path = pv.spec.as_ref().unwrap().host_path.as_ref().unwrap().path.clone();
+    agent.root.join(path.rsplit('/').next().unwrap())
+}
+
+/// Scenario 4: Delete removes the directory (read-only files, nested directories, a symlink out of the
+/// root whose target survives), then the PV; `kubectl delete pv` on a bound volume ends the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_policy_cleans_up_without_following_symlinks() {
+    use std::os::unix::fs::PermissionsExt;
+    let (cluster, agents) = cluster_with_agents(&[("node-a", &[])]).await;
+    let agent = &agents[0];
+    cluster.kubectl_apply_yaml(&class_yaml("hostvol-delete", "WaitForFirstConsumer", "Delete", &[]));
+    cluster.create_namespace("del").await;
+    cluster.kubectl_apply_yaml(&claim_yaml("del", "scratch", "hostvol-delete", "1Gi", Some("node-a")));
+    let pv = pv_of_claim(&cluster, "del", "scratch").await;
+    assert!(pv.finalizers().iter().any(|f| f == "hostvol.io/cleanup"), "Delete volumes carry the cleanup finalizer");
+    let dir = volume_dir(agent, &pv);
+    let outside = cluster.dir().join("precious.txt");
+    std::fs::write(&outside, "do not touch").unwrap();
+    std::fs::create_dir_all(dir.join("a/b/c")).unwrap();
+    std::fs::write(dir.join("a/b/c/deep.txt"), "x").unwrap();
+    std::fs::write(dir.join("readonly.txt"), "x").unwrap();
+    std::fs::set_permissions(dir.join("readonly.txt"), std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::create_dir(dir.join("locked")).unwrap();
+    std::fs::write(dir.join("locked/inside.txt"), "x").unwrap();
+    std::fs::set_permissions(dir.join("locked"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::os::unix::fs::symlink(&outside, dir.join("escape")).unwrap();
+
+    cluster.kubectl_ok(&["delete", "-n", "del", "pvc", "scratch", "--wait=true", "--timeout=60s"]);
+    let pvs: Api<PersistentVolume> = Api::all(cluster.client());
+    cluster.wait_for(|| async { pvs.get_opt(&pv.name_any()).await.unwrap().is_none() }, T, "Delete PV removed").await;
+    assert!(!dir.exists(), "directory removed");
+    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "do not touch", "symlink target untouched");
+
+    // kubectl delete pv on a bound Delete volume: held until the claim goes, then cleaned the same way.
+    cluster.kubectl_apply_yaml(&claim_yaml("del", "second", "hostvol-delete", "1Gi", Some("node-a")));
+    let pv2 = pv_of_claim(&cluster, "del", "second").await;
+    let dir2 = volume_dir(agent, &pv2);
+    std::fs::write(dir2.join("data"), "x").unwrap();
+    cluster.kubectl_ok(&["delete", "pv", &pv2.name_any(), "--wait=false"]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(dir2.join("data").exists(), "a bound volume keeps its data while its claim exists");
+    assert!(pvs.get_opt(&pv2.name_any()).await.unwrap().is_some());
+    cluster.kubectl_ok(&["delete", "-n", "del", "pvc", "second", "--wait=true", "--timeout=60s"]);
+    cluster.wait_for(|| async { pvs.get_opt(&pv2.name_any()).await.unwrap().is_none() }, T, "deleted PV gone after cleanup").await;
+    assert!(!dir2.exists(), "kubectl delete pv did not leak the directory");
+}
+
+/// Scenario 5: `hostvol purge` removes exactly one released Retain volume; without --yes it asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_removes_exactly_one_released_volume() {
+    let (cluster, agents) = cluster_with_agents(&[("node-a", &[])]).await;
+    let agent = &agents[0];
+    cluster.register_agent_pod(agent).await;
+    cluster.apply_repo_manifest("deploy/storageclass.yaml");
+    cluster.create_namespace("keep").await;
+    cluster.kubectl_apply_yaml(&format!(
+        "{}---\n{}",
+        claim_yaml("keep", "old", "hostvol", "1Gi", Some("node-a")),
+        claim_yaml("keep", "other", "hostvol", "1Gi", Some("node-a"))
+    ));
+    let old = pv_of_claim(&cluster, "keep", "old").await;
+    let other = pv_of_claim(&cluster, "keep", "other").await;
+    std::fs::write(volume_dir(agent, &old).join("data"), "x").unwrap();
+    cluster.kubectl_ok(&["delete", "-n", "keep", "pvc", "--all", "--wait=true", "--timeout=60s"]);
+    let pvs: Api<PersistentVolume> = Api::all(cluster.client());
+    for pv in [&old, &other] {
+        cluster
+            .wait_for(|| async { pvs.get(&pv.name_any()).await.ok().and_then(|p| p.status).and_then(|s| s.phase).as_deref() == Some("Released") }, T, "Released")
+            .await;
+    }
+    let (code, out, err) = hostvol_cli(&cluster, &["volumes", "--released"], "");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&old.name_any()) && out.contains(&other.name_any()), "{out}");
+
+    let (code, _, err) = hostvol_cli(&cluster, &["purge", &old.name_any()], "no\n");
+    assert_ne!(code, 0, "declined purge must not succeed");
+    assert!(err.contains("Purge") && err.contains("Type 'yes'"), "it asks first: {err}");
+    assert!(volume_dir(agent, &old).join("data").exists());
+
+    let (code, out, err) = hostvol_cli(&cluster, &["purge", &old.name_any()], "yes\n");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("purged"), "{out}");
+    assert!(!volume_dir(agent, &old).exists(), "purged directory removed");
+    assert!(pvs.get_opt(&old.name_any()).await.unwrap().is_none(), "purged PV removed");
+    assert!(volume_dir(agent, &other).exists(), "the other released volume is untouched");
+    assert!(pvs.get_opt(&other.name_any()).await.unwrap().is_some());
+
+    let (code, _, err) = hostvol_cli(&cluster, &["purge", "--yes", "does-not-exist"], "");
+    assert_ne!(code, 0);
+    assert!(err.contains("not found"), "{err}");
+}
+
+/// Scenario 8: orphans and lost volumes made by hand are reported (metrics, Event, doctor); nothing deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_reports_orphans_and_lost_volumes() {
+    let (cluster, agents) = cluster_with_agents(&[("node-a", &["--orphan-scan-seconds", "1"]), ("node-b", &["--orphan-scan-seconds", "1"])]).await;
+    for agent in &agents {
+        cluster.register_agent_pod(agent).await;
+    }
+    cluster.apply_repo_manifest("deploy/storageclass.yaml");
+    cluster.create_namespace("doc").await;
+    cluster.kubectl_apply_yaml(&claim_yaml("doc", "gone", "hostvol", "1Gi", Some("node-b")));
+    let lost_pv = pv_of_claim(&cluster, "doc", "gone").await;
+    std::fs::remove_dir(volume_dir(&agents[1], &lost_pv)).unwrap();
+    let orphan = agents[0].root.join("pvc-00000000-0000-0000-0000-000000000000_old_data");
+    std::fs::create_dir(&orphan).unwrap();
+    std::fs::write(orphan.join("file"), "keep me").unwrap();
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::open(&orphan).unwrap().set_modified(hour_ago).unwrap();
+
+    cluster
+        .wait_for(|| async { metric_value(&agents[0].metrics().await, "hostvol_orphan_directories", &[]) == Some(1.0) }, T, "orphan metric on node-a")
+        .await;
+    cluster
+        .wait_for(|| async { metric_value(&agents[1].metrics().await, "hostvol_lost_volumes", &[]) == Some(1.0) }, T, "lost metric on node-b")
+        .await;
+    cluster
+        .wait_for(
+            || async { cluster.object_events("", "PersistentVolume", &lost_pv.name_any()).await.iter().any(|(t, r, _)| t == "Warning" && r == "VolumeDirectoryMissing") },
+            T,
+            "Warning VolumeDirectoryMissing on the lost PV",
+        )
+        .await;
+    let (code, out, err) = hostvol_cli(&cluster, &["doctor"], "");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.lines().any(|l| l.starts_with("node-a") && l.contains("orphan") && l.contains("_old_data")), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("node-b") && l.contains("lost") && l.contains(&lost_pv.name_any()) && l.contains("doc/gone")), "{out}");
+    assert!(out.contains("nothing was deleted"), "{out}");
+    assert_eq!(std::fs::read_to_string(orphan.join("file")).unwrap(), "keep me", "orphans are never deleted");
+    assert!(Api::<PersistentVolume>::all(cluster.client()).get_opt(&lost_pv.name_any()).await.unwrap().is_some(), "lost PVs are never deleted");
+}

@@ -1,0 +1,196 @@
+//! What happens to a volume after its claim is gone: Delete removes (or archives) the directory and then
+//! the PV; Retain keeps both until someone asks `hostvol purge`. Driven by this node's PV watch.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::PersistentVolume;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::provisioner::{Context, Error, Result};
+use crate::pv;
+use crate::removal;
+
+/// On PVs of Delete classes: `kubectl delete pv` then waits for the directory to be cleaned up.
+pub const FINALIZER: &str = "hostvol.io/cleanup";
+/// Set by `hostvol purge` on a released Retain volume: remove its directory, then the PV.
+pub const ANN_PURGE: &str = "hostvol.io/purge";
+/// What Delete does with the directory, recorded on the PV when it is made: `delete` or `archive`.
+pub const ANN_ON_DELETE: &str = "hostvol.io/on-delete";
+
+/// What to do with a volume of this node, decided from the PV alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposal {
+    Keep,
+    Delete { archive: bool },
+    Purge,
+    /// Finished cleaning; only our finalizer holds the PV.
+    ReleaseFinalizer,
+}
+
+pub fn disposal(pv: &PersistentVolume) -> Disposal {
+    let spec = pv.spec.clone().unwrap_or_default();
+    let phase = pv.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("");
+    let deleting = pv.metadata.deletion_timestamp.is_some();
+    let unbound = matches!(phase, "Released" | "Failed") || (deleting && phase != "Bound");
+    let policy = spec.persistent_volume_reclaim_policy.as_deref().unwrap_or("Delete");
+    let archive = pv.annotations().get(ANN_ON_DELETE).is_some_and(|v| v == "archive");
+    if !unbound {
+        return Disposal::Keep;
+    }
+    if policy == "Delete" {
+        return Disposal::Delete { archive };
+    }
+    if pv.annotations().contains_key(ANN_PURGE) {
+        return Disposal::Purge;
+    }
+    if deleting && pv.finalizers().iter().any(|f| f == FINALIZER) {
+        return Disposal::ReleaseFinalizer; // e.g. the class was Delete when made, then edited to Retain
+    }
+    Disposal::Keep
+}
+
+/// The volume's directory name, only if it is the one this PV's name says it must be (an edited
+/// annotation can never point the agent at another volume's data).
+pub fn own_directory(pv: &PersistentVolume) -> Option<String> {
+    let name = crate::node_service::volume_directory(pv)?;
+    name.starts_with(&format!("{}_", pv.name_any())).then_some(name)
+}
+
+pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action> {
+    let what = disposal(&pv);
+    if what == Disposal::Keep {
+        return Ok(Action::await_change());
+    }
+    let span = info_span!("reclaim", node = %ctx.settings.node, pv = %pv.name_any(), ?what);
+    async move {
+        let reference = pv.object_ref(&());
+        if matches!(what, Disposal::Delete { .. } | Disposal::Purge) {
+            let Some(directory) = own_directory(&pv) else {
+                ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(
+                    "annotation {} does not name this volume's directory ({}_...); hostvol will not remove anything; fix the annotation",
+                    pv::ANN_DIRECTORY, pv.name_any()));
+                return Ok(Action::requeue(Duration::from_secs(300)));
+            };
+            let root = ctx.store.root_handle();
+            let archive = matches!(what, Disposal::Delete { archive: true });
+            let dir = directory.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                use std::os::fd::AsFd;
+                if archive {
+                    match removal::archive_volume_dir(root.as_fd(), &dir) {
+                        Ok(new_name) => Ok(format!("archived as {new_name}")),
+                        Err(removal::Error::NotFound { .. }) => Ok("directory already gone".to_string()),
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    removal::remove_volume_dir(root.as_fd(), &dir)
+                        .map(|s| format!("removed {} files, {} directories", s.files, s.directories))
+                }
+            })
+            .await
+            .expect("removal task does not panic");
+            match outcome {
+                Ok(done) => {
+                    info!(%directory, %done, "volume directory cleaned up");
+                    ctx.publish(&reference, EventType::Normal, "VolumeDeleted", "Delete", format!(
+                        "{directory} on node {}: {done}", ctx.settings.node));
+                }
+                Err(error) => {
+                    ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(
+                        "node {}: cannot remove {directory}: {error}; the PV is kept and removal is retried", ctx.settings.node));
+                    return Err(Error::Removal(error));
+                }
+            }
+        }
+        let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
+        if pv.finalizers().iter().any(|f| f == FINALIZER) {
+            let remaining: Vec<&String> = pv.finalizers().iter().filter(|f| *f != FINALIZER).collect();
+            let patch = serde_json::json!({"metadata": {"resourceVersion": pv.resource_version(), "finalizers": remaining}});
+            match volumes.patch(&pv.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        if pv.metadata.deletion_timestamp.is_none() {
+            match volumes.delete(&pv.name_any(), &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        ctx.volumes_changed.notify_waiters();
+        Ok(Action::await_change())
+    }
+    .instrument(span)
+    .await
+}
+
+pub fn error_policy(pv: Arc<PersistentVolume>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(pv = %pv.name_any(), %error, "reclaim failed; will retry");
+    ctx.metrics.provision_failed(error.category());
+    Action::requeue(ctx.backoff(&format!("pv/{}", pv.name_any())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::api::ObjectMeta;
+
+    fn pv(policy: &str, phase: &str, annotations: &[(&str, &str)], deleting: bool, finalizers: &[&str]) -> PersistentVolume {
+        let mut pv = PersistentVolume {
+            metadata: ObjectMeta {
+                name: Some("pvc-1".into()),
+                annotations: Some(annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                finalizers: Some(finalizers.iter().map(|f| f.to_string()).collect()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        pv.spec = Some(k8s_openapi::api::core::v1::PersistentVolumeSpec {
+            persistent_volume_reclaim_policy: Some(policy.into()),
+            ..Default::default()
+        });
+        pv.status = Some(k8s_openapi::api::core::v1::PersistentVolumeStatus { phase: Some(phase.into()), ..Default::default() });
+        if deleting {
+            pv.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        }
+        pv
+    }
+
+    #[test]
+    fn bound_volumes_are_never_touched() {
+        for policy in ["Delete", "Retain"] {
+            assert_eq!(disposal(&pv(policy, "Bound", &[(ANN_PURGE, "requested")], true, &[FINALIZER])), Disposal::Keep);
+        }
+    }
+
+    #[test]
+    fn delete_and_archive_follow_the_policy() {
+        assert_eq!(disposal(&pv("Delete", "Released", &[], false, &[FINALIZER])), Disposal::Delete { archive: false });
+        assert_eq!(disposal(&pv("Delete", "Released", &[(ANN_ON_DELETE, "archive")], false, &[])), Disposal::Delete { archive: true });
+        assert_eq!(disposal(&pv("Delete", "Available", &[], true, &[FINALIZER])), Disposal::Delete { archive: false });
+    }
+
+    #[test]
+    fn retain_keeps_until_purged() {
+        assert_eq!(disposal(&pv("Retain", "Released", &[], false, &[])), Disposal::Keep);
+        assert_eq!(disposal(&pv("Retain", "Released", &[], true, &[])), Disposal::Keep);
+        assert_eq!(disposal(&pv("Retain", "Released", &[(ANN_PURGE, "requested")], false, &[])), Disposal::Purge);
+    }
+
+    #[test]
+    fn directory_must_belong_to_the_volume() {
+        let mut v = pv("Delete", "Released", &[(pv::ANN_DIRECTORY, "/mnt/data/pvc-1_ns_c")], false, &[]);
+        assert_eq!(own_directory(&v).as_deref(), Some("pvc-1_ns_c"));
+        v.metadata.annotations = Some([(pv::ANN_DIRECTORY.to_string(), "/mnt/data/pvc-2_ns_c".to_string())].into());
+        assert_eq!(own_directory(&v), None);
+        v.metadata.annotations = Some([(pv::ANN_DIRECTORY.to_string(), "/mnt/data/..".to_string())].into());
+        assert_eq!(own_directory(&v), None);
+    }
+}
