@@ -91,6 +91,7 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
         args.usage_concurrency,
         shutdown.clone(),
     ));
+    tokio::spawn(crate::node_loss::run(ctx.clone(), args.pod_namespace.clone(), shutdown.clone()));
     tokio::spawn(crate::orphans::run(
         ctx.clone(),
         std::time::Duration::from_secs(args.orphan_scan_seconds.max(1)),

@@ -13,6 +13,7 @@ pub mod http;
 pub mod metrics;
 pub mod naming;
 pub mod orphans;
+pub mod node_loss;
 pub mod node_service;
 pub mod params;
 pub mod placement;

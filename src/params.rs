@@ -3,7 +3,10 @@
 use std::collections::BTreeMap;
 
 /// Every parameter a hostvol StorageClass may set; anything else is refused so typos do not pass silently.
-pub const VALID_PARAMETERS: &[&str] = &["mode", "uid", "gid", "onDelete"];
+pub const VALID_PARAMETERS: &[&str] = &["mode", "uid", "gid", "onDelete", "nodeLossCleanup", "nodeLossGracePeriod"];
+
+/// How long a deleted node may stay gone before its volumes are cleaned up (classes that opt in).
+pub const DEFAULT_NODE_LOSS_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Default permissions of a new volume directory. hostPath volumes get no fsGroup handling from the
 /// kubelet, so without 0777 a pod running as non-root could not write to its own volume. Classes that
@@ -18,11 +21,14 @@ pub struct ClassParameters {
     pub gid: Option<u32>,
     /// With reclaimPolicy Delete: rename the directory to `archived-<name>` instead of removing it.
     pub archive_on_delete: bool,
+    /// Delete the claims and PVs of a deleted node, after `node_loss_grace`.
+    pub node_loss_cleanup: bool,
+    pub node_loss_grace: std::time::Duration,
 }
 
 impl Default for ClassParameters {
     fn default() -> Self {
-        Self { mode: DEFAULT_MODE, uid: None, gid: None, archive_on_delete: false }
+        Self { mode: DEFAULT_MODE, uid: None, gid: None, archive_on_delete: false, node_loss_cleanup: false, node_loss_grace: DEFAULT_NODE_LOSS_GRACE }
     }
 }
 
@@ -55,8 +61,34 @@ impl ClassParameters {
                 other => return Err(format!("StorageClass parameter onDelete={other:?} must be \"delete\" or \"archive\"")),
             };
         }
+        if let Some(on) = parameters.get("nodeLossCleanup") {
+            parsed.node_loss_cleanup = match on.trim() {
+                "true" => true,
+                "false" => false,
+                other => return Err(format!("StorageClass parameter nodeLossCleanup={other:?} must be \"true\" or \"false\"")),
+            };
+        }
+        if let Some(grace) = parameters.get("nodeLossGracePeriod") {
+            parsed.node_loss_grace = parse_duration(grace).ok_or_else(|| {
+                format!("StorageClass parameter nodeLossGracePeriod={grace:?} is not a duration such as \"30s\", \"10m\" or \"1h\"")
+            })?;
+        }
         Ok(parsed)
     }
+}
+
+/// "90s", "10m", "1h" (one unit, whole numbers).
+pub fn parse_duration(value: &str) -> Option<std::time::Duration> {
+    let v = value.trim();
+    let (number, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = number.parse().ok()?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(seconds))
 }
 
 fn parse_mode(value: &str) -> Result<u32, String> {
@@ -92,7 +124,9 @@ mod tests {
     #[test]
     fn parses_mode_uid_gid() {
         let p = ClassParameters::parse(&params(&[("mode", "0770"), ("uid", "1000"), ("gid", "2000")])).unwrap();
-        assert_eq!(p, ClassParameters { mode: 0o770, uid: Some(1000), gid: Some(2000), archive_on_delete: false });
+        assert_eq!(p, ClassParameters { mode: 0o770, uid: Some(1000), gid: Some(2000), ..Default::default() });
+        let p = ClassParameters::parse(&params(&[("nodeLossCleanup", "true"), ("nodeLossGracePeriod", "10m"), ("onDelete", "archive")])).unwrap();
+        assert!(p.node_loss_cleanup && p.archive_on_delete && p.node_loss_grace.as_secs() == 600);
         assert_eq!(ClassParameters::parse(&params(&[("mode", "755")])).unwrap().mode, 0o755);
         assert_eq!(ClassParameters::parse(&params(&[("mode", "2775")])).unwrap().mode, 0o2775);
     }
@@ -100,12 +134,12 @@ mod tests {
     #[test]
     fn unknown_parameters_list_the_valid_ones() {
         let e = ClassParameters::parse(&params(&[("nodePath", "/x"), ("mode", "0777")])).unwrap_err();
-        assert!(e.contains("nodePath") && e.contains("mode, uid, gid, onDelete"), "{e}");
+        assert!(e.contains("nodePath") && e.contains("mode, uid, gid, onDelete, nodeLossCleanup, nodeLossGracePeriod"), "{e}");
     }
 
     #[test]
     fn malformed_values_are_explained() {
-        for (k, v) in [("mode", "rwx"), ("mode", "0999"), ("mode", "77777"), ("mode", ""), ("uid", "-1"), ("gid", "root"), ("uid", "4294967295")] {
+        for (k, v) in [("nodeLossGracePeriod", "soon"), ("nodeLossCleanup", "yes"), ("onDelete", "shred"), ("mode", "rwx"), ("mode", "0999"), ("mode", "77777"), ("mode", ""), ("uid", "-1"), ("gid", "root"), ("uid", "4294967295")] {
             let e = ClassParameters::parse(&params(&[(k, v)])).unwrap_err();
             assert!(e.contains(k), "{k}={v}: {e}");
         }

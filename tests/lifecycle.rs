@@ -327,3 +327,63 @@ async fn doctor_reports_orphans_and_lost_volumes() {
     assert_eq!(std::fs::read_to_string(orphan.join("file")).unwrap(), "keep me", "orphans are never deleted");
     assert!(Api::<PersistentVolume>::all(cluster.client()).get_opt(&lost_pv.name_any()).await.unwrap().is_some(), "lost PVs are never deleted");
 }
+
+fn statefulset_yaml(ns: &str, name: &str, class: &str, preferred_node: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  serviceName: {name}\n  replicas: 1\n  \
+         selector:\n    matchLabels:\n      app: {name}\n  template:\n    metadata:\n      labels:\n        app: {name}\n    spec:\n      \
+         affinity:\n        nodeAffinity:\n          preferredDuringSchedulingIgnoredDuringExecution:\n          - weight: 100\n            \
+         preference:\n              matchExpressions:\n              - key: kubernetes.io/hostname\n                operator: In\n                \
+         values: [{preferred_node}]\n      containers:\n      - name: app\n        image: busybox\n        volumeMounts:\n        - name: data\n          \
+         mountPath: /data\n  volumeClaimTemplates:\n  - metadata:\n      name: data\n    spec:\n      storageClassName: {class}\n      \
+         accessModes: [ReadWriteOnce]\n      resources:\n        requests:\n          storage: 1Gi\n"
+    )
+}
+
+/// Scenario 7: a deleted node's claims and PVs are deleted after the grace period for the class that
+/// opts in, so the StatefulSet's replica gets a new claim on the surviving node; without the opt-in
+/// nothing is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_loss_cleanup_is_opt_in() {
+    let (cluster, mut agents) = cluster_with_agents(&[("doomed", &[]), ("survivor", &[])]).await;
+    cluster.kubectl_apply_yaml(&class_yaml("hostvol-heal", "WaitForFirstConsumer", "Retain", &[("nodeLossCleanup", "true"), ("nodeLossGracePeriod", "3s")]));
+    cluster.apply_repo_manifest("deploy/storageclass.yaml");
+    cluster.create_namespace("loss").await;
+    cluster.kubectl_apply_yaml(&format!("{}---\n{}", statefulset_yaml("loss", "healing", "hostvol-heal", "doomed"), statefulset_yaml("loss", "plain", "hostvol", "doomed")));
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client(), "loss");
+    let mut before = BTreeMap::new();
+    for sts in ["healing", "plain"] {
+        let pod = cluster.wait_pod_running("loss", &format!("{sts}-0"), T).await;
+        assert_eq!(pod.spec.unwrap().node_name.as_deref(), Some("doomed"));
+        let claim = cluster.wait_pvc_bound("loss", &format!("data-{sts}-0"), T).await;
+        before.insert(sts, (claim.uid().unwrap(), claim.spec.unwrap().volume_name.unwrap()));
+    }
+    // The node disappears for good: its agent dies with it.
+    agents[0].kill();
+    cluster.kubectl_ok(&["delete", "node", "doomed"]);
+
+    // The opted-in replica comes back on the survivor with a new claim and volume.
+    cluster
+        .wait_for(
+            || async { claims.get_opt("data-healing-0").await.ok().flatten().is_some_and(|c| c.uid() != Some(before["healing"].0.clone())) },
+            Duration::from_secs(180),
+            "a new claim for healing-0",
+        )
+        .await;
+    let claim = cluster.wait_pvc_bound("loss", "data-healing-0", T).await;
+    let pv = Api::<PersistentVolume>::all(cluster.client()).get(claim.spec.as_ref().unwrap().volume_name.as_ref().unwrap()).await.unwrap();
+    assert_eq!(pv_node(&pv), "survivor");
+    let pod = cluster.wait_pod_running("loss", "healing-0", T).await;
+    assert_eq!(pod.spec.unwrap().node_name.as_deref(), Some("survivor"));
+    let pvs: Api<PersistentVolume> = Api::all(cluster.client());
+    assert!(pvs.get_opt(&before["healing"].1).await.unwrap().is_none(), "the lost node's PV was deleted");
+    let events = cluster.object_events("loss", "", "data-healing-0").await;
+    let _ = events;
+
+    // Without the opt-in, nothing was deleted.
+    let plain = claims.get("data-plain-0").await.unwrap();
+    assert_eq!(plain.uid(), Some(before["plain"].0.clone()), "claim kept");
+    assert!(plain.metadata.deletion_timestamp.is_none());
+    assert!(pvs.get_opt(&before["plain"].1).await.unwrap().is_some(), "PV kept");
+    assert!(dirs_in(&agents[1].root).len() == 1, "only the healed replica's new volume on the survivor");
+}

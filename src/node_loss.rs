@@ -1,0 +1,209 @@
+//! When a Node object is deleted its volumes can never be reached again. For classes that opt in
+//! (`nodeLossCleanup: "true"`), after a grace period in case the node comes back, hostvol deletes the
+//! claims (so StatefulSets re-create them, and the scheduler places them elsewhere) and the PVs of that
+//! node. One agent does this at a time, chosen with a Lease.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::params::ClassParameters;
+use crate::provisioner::Context;
+use crate::pv;
+
+pub const LEASE_NAME: &str = "hostvol-node-loss";
+const LEASE_SECONDS: i32 = 30;
+const TICK: Duration = Duration::from_secs(5);
+
+/// One of our PVs whose node no longer exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stranded {
+    pub pv: String,
+    pub node: String,
+    pub class: String,
+}
+
+/// PVs of nodes that are gone, from PV annotations and the set of existing nodes.
+pub fn stranded(volumes: &[(String, String, String)], nodes: &HashSet<String>) -> Vec<Stranded> {
+    volumes
+        .iter()
+        .filter(|(_, node, _)| !node.is_empty() && !nodes.contains(node))
+        .map(|(pv, node, class)| Stranded { pv: pv.clone(), node: node.clone(), class: class.clone() })
+        .collect()
+}
+
+/// Whether the grace period of a class has passed since the node was first seen missing.
+pub fn due(missing_for: Duration, policy: Option<(bool, Duration)>) -> bool {
+    matches!(policy, Some((true, grace)) if missing_for >= grace)
+}
+
+/// Takes or renews the Lease; true while this agent holds it.
+async fn hold_lease(api: &Api<Lease>, me: &str) -> Result<bool, kube::Error> {
+    let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+    let Some(lease) = api.get_opt(LEASE_NAME).await? else {
+        let lease: Lease = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": LEASE_NAME},
+            "spec": {"holderIdentity": me, "leaseDurationSeconds": LEASE_SECONDS, "acquireTime": now, "renewTime": now},
+        }))
+        .expect("valid Lease");
+        return match api.create(&PostParams::default(), &lease).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        };
+    };
+    let spec = lease.spec.clone().unwrap_or_default();
+    let holder = spec.holder_identity.clone().unwrap_or_default();
+    let expired = spec.renew_time.as_ref().is_none_or(|t| {
+        let age = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
+        age.as_secs() > spec.lease_duration_seconds.unwrap_or(LEASE_SECONDS) as i64
+    });
+    if holder != me && !expired {
+        return Ok(false);
+    }
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": lease.resource_version()},
+        "spec": {"holderIdentity": me, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": now},
+    });
+    match api.patch(LEASE_NAME, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+pub async fn run(ctx: Arc<Context>, namespace: String, shutdown: CancellationToken) {
+    let client = ctx.client.clone();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
+    let me = ctx.settings.node.clone();
+    let mut missing_since: HashMap<String, Instant> = HashMap::new();
+    let mut leading = false;
+    loop {
+        match hold_lease(&leases, &me).await {
+            Ok(now_leading) => {
+                if now_leading != leading {
+                    info!(leading = now_leading, "node-loss cleanup leadership changed");
+                }
+                leading = now_leading;
+            }
+            Err(error) => {
+                debug!(%error, "cannot take the node-loss lease");
+                leading = false;
+            }
+        }
+        if leading && let Err(error) = sweep(&ctx, &mut missing_since).await {
+            warn!(%error, "node-loss sweep failed; retrying");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(TICK) => {}
+        }
+    }
+}
+
+async fn sweep(ctx: &Context, missing_since: &mut HashMap<String, Instant>) -> Result<(), kube::Error> {
+    let nodes: HashSet<String> =
+        Api::<Node>::all(ctx.client.clone()).list_metadata(&ListParams::default()).await?.items.iter().map(|n| n.name_any()).collect();
+    let volumes_api: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let all = volumes_api.list(&ListParams::default().labels(pv::LABEL_NODE)).await?.items;
+    let by_name: BTreeMap<String, &PersistentVolume> = all.iter().map(|p| (p.name_any(), p)).collect();
+    let facts: Vec<(String, String, String)> = all
+        .iter()
+        .map(|p| {
+            let node = p.annotations().get(pv::ANN_NODE).cloned().unwrap_or_default();
+            let class = p.spec.as_ref().and_then(|s| s.storage_class_name.clone()).unwrap_or_default();
+            (p.name_any(), node, class)
+        })
+        .collect();
+    let lost = stranded(&facts, &nodes);
+    let gone: HashSet<String> = lost.iter().map(|s| s.node.clone()).collect();
+    missing_since.retain(|node, _| gone.contains(node));
+    for node in &gone {
+        missing_since.entry(node.clone()).or_insert_with(|| {
+            info!(%node, "node is gone; its volumes are unreachable");
+            Instant::now()
+        });
+    }
+    for s in lost {
+        let policy = ctx.classes.get(&kube::runtime::reflector::ObjectRef::new(&s.class)).map(|class| {
+            let params = ClassParameters::parse(&class.parameters.clone().unwrap_or_default()).unwrap_or_default();
+            (params.node_loss_cleanup, params.node_loss_grace)
+        });
+        let missing_for = missing_since.get(&s.node).map(Instant::elapsed).unwrap_or_default();
+        if !due(missing_for, policy) {
+            continue;
+        }
+        let Some(pv) = by_name.get(&s.pv) else { continue };
+        let why = format!(
+            "node {} was deleted {}s ago and StorageClass {} sets nodeLossCleanup; its data cannot be reached again",
+            s.node,
+            missing_for.as_secs(),
+            s.class
+        );
+        if let Some(claim) = pv.spec.as_ref().and_then(|spec| spec.claim_ref.clone())
+            && let (Some(ns), Some(name)) = (claim.namespace.clone(), claim.name.clone())
+        {
+            let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+            if let Some(pvc) = claims.get_opt(&name).await?
+                && pvc.uid() == claim.uid
+                && pvc.metadata.deletion_timestamp.is_none()
+            {
+                ctx.publish(&pvc.object_ref(&()), EventType::Warning, "NodeLost", "Delete", format!(
+                    "{why}; deleting this claim so its owner (e.g. a StatefulSet) re-creates it on another node"));
+                let params = DeleteParams { preconditions: Some(Preconditions { uid: pvc.uid(), resource_version: None }), ..Default::default() };
+                match claims.delete(&name, &params).await {
+                    Ok(_) => info!(pvc = %format!("{ns}/{name}"), node = %s.node, "deleted claim of a lost node"),
+                    Err(kube::Error::Api(st)) if st.code == 404 || st.code == 409 => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        ctx.publish(&pv.object_ref(&()), EventType::Warning, "NodeLost", "Delete", format!("{why}; deleting this PV"));
+        if pv.finalizers().iter().any(|f| f == crate::reclaim::FINALIZER) {
+            // Nobody is left to clean the directory on a node that no longer exists.
+            let remaining: Vec<&String> = pv.finalizers().iter().filter(|f| *f != crate::reclaim::FINALIZER).collect();
+            let patch = serde_json::json!({"metadata": {"finalizers": remaining}});
+            volumes_api.patch(&s.pv, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        }
+        match volumes_api.delete(&s.pv, &DeleteParams::default()).await {
+            Ok(_) => info!(pv = %s.pv, node = %s.node, "deleted PV of a lost node"),
+            Err(kube::Error::Api(st)) if st.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_volumes_of_missing_nodes_are_stranded() {
+        let nodes: HashSet<String> = ["a".to_string()].into();
+        let volumes = vec![
+            ("pv1".to_string(), "a".to_string(), "c".to_string()),
+            ("pv2".to_string(), "b".to_string(), "c".to_string()),
+            ("pv3".to_string(), String::new(), "c".to_string()),
+        ];
+        assert_eq!(stranded(&volumes, &nodes), vec![Stranded { pv: "pv2".into(), node: "b".into(), class: "c".into() }]);
+    }
+
+    #[test]
+    fn cleanup_needs_the_opt_in_and_the_grace_period() {
+        let grace = Duration::from_secs(300);
+        assert!(!due(Duration::from_secs(3600), None), "unknown class: never");
+        assert!(!due(Duration::from_secs(3600), Some((false, grace))), "no opt-in: never");
+        assert!(!due(Duration::from_secs(299), Some((true, grace))));
+        assert!(due(Duration::from_secs(300), Some((true, grace))));
+    }
+}
