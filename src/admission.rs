@@ -73,6 +73,8 @@ pub enum Refusal {
     StorageClassMissing(String),
     InvalidParameters(String),
     InsufficientCapacity { requested: u64, allocatable: u64, node: String },
+    /// The node's data root cannot take volumes now (missing, read-only, not mounted).
+    NodeCannotServe(String),
 }
 
 impl Refusal {
@@ -88,6 +90,7 @@ impl Refusal {
             Refusal::StorageClassMissing(_) => "storage_class_missing",
             Refusal::InvalidParameters(_) => "invalid_parameters",
             Refusal::InsufficientCapacity { .. } => "insufficient_capacity",
+            Refusal::NodeCannotServe(_) => "node_cannot_serve",
         }
     }
 
@@ -114,6 +117,7 @@ impl Refusal {
                 "StorageClass {name:?} does not exist; create it (see deploy/storageclass.yaml) or fix storageClassName"
             ),
             Refusal::InvalidParameters(why) => format!("{why}; fix the StorageClass and re-create the claim"),
+            Refusal::NodeCannotServe(why) => why.clone(),
             Refusal::InsufficientCapacity { requested, allocatable, node } => format!(
                 "node {node} cannot hold {}: only {} is allocatable in its data root; free space on the node, \
                  raise its cap, or request less",

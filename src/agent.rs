@@ -61,6 +61,7 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
         host_root: args.host_data_root(),
         reserved: args.reserved,
         capacity_cap: args.capacity_cap,
+        require_mount_point: args.require_mount_point,
     };
     info!(
         node = %settings.node,

@@ -109,6 +109,11 @@ pub struct AgentArgs {
     #[arg(long, env = "HOSTVOL_CAPACITY_CAP", value_parser = parse_bytes)]
     pub capacity_cap: Option<u64>,
 
+    /// Refuse to provision unless the data root is a mount point, so a disk that failed to mount does
+    /// not fill the node's root filesystem (the node then reports no capacity and claims go elsewhere).
+    #[arg(long, env = "HOSTVOL_REQUIRE_MOUNT_POINT")]
+    pub require_mount_point: bool,
+
     /// Address of the HTTP server for /healthz, /readyz and /metrics.
     #[arg(long, env = "HOSTVOL_HTTP_ADDR", default_value = "0.0.0.0:9808")]
     pub http_addr: SocketAddr,

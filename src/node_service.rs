@@ -62,7 +62,7 @@ pub fn capacity_report(ctx: &Context) -> Result<CapacityReport, Status> {
         allocated_bytes: allocated,
         reserved_bytes: ctx.settings.reserved,
         cap_bytes: ctx.settings.capacity_cap,
-        allocatable_bytes: capacity::allocatable(&inputs),
+        allocatable_bytes: if ctx.root_problem().is_some() { 0 } else { capacity::allocatable(&inputs) },
         volume_count: ctx.volumes.state().len() as u32,
         observed_at: Some(timestamp(SystemTime::now())),
     })

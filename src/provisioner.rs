@@ -62,6 +62,7 @@ pub struct Settings {
     pub host_root: String,
     pub reserved: u64,
     pub capacity_cap: Option<u64>,
+    pub require_mount_point: bool,
 }
 
 /// Shared state of the controller's reconciles.
@@ -102,8 +103,31 @@ impl Context {
         total.saturating_add(recent.values().sum::<u64>())
     }
 
-    /// What a new claim may still take on this node (see `capacity::allocatable`).
+    /// Why this node's data root cannot take a volume now, if it cannot.
+    pub fn root_problem(&self) -> Option<String> {
+        let root = self.store.root_path().display();
+        let node = &self.settings.node;
+        if let Err(error) = self.store.check_root() {
+            return Some(format!("node {node}: {error}"));
+        }
+        if self.store.is_read_only() {
+            return Some(format!("node {node}: data root {root} is on a read-only filesystem"));
+        }
+        if self.settings.require_mount_point && !self.store.is_mount_point().unwrap_or(false) {
+            return Some(format!(
+                "node {node}: data root {root} is not a mount point (did its disk fail to mount?); \
+                 hostvol will not fill the node's root filesystem"
+            ));
+        }
+        None
+    }
+
+    /// What a new claim may still take on this node (see `capacity::allocatable`); nothing while the
+    /// data root cannot serve, so the scheduler and other agents look elsewhere.
     pub fn allocatable_bytes(&self) -> Result<u64> {
+        if self.root_problem().is_some() {
+            return Ok(0);
+        }
         let fs = self.store.filesystem_stats()?;
         Ok(capacity::allocatable(&CapacityInputs {
             filesystem_total: fs.total_bytes,
@@ -345,10 +369,13 @@ async fn provision(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Conte
     if ctx.recent_volumes.lock().expect("lock poisoned").contains_key(&pv_name) {
         return Ok(Step::AlreadyDone);
     }
-    if let Err(error) = ctx.store.check_root() {
-        ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", format!(
-            "node {}: {error}", settings.node));
-        return Err(error.into());
+    if let Some(why) = ctx.root_problem() {
+        let refusal = Refusal::NodeCannotServe(format!("{why}; handing the claim back to the scheduler"));
+        ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", refusal.message());
+        reschedule(&claims, &pvc.name_any()).await?;
+        ctx.publish(&claim_ref, EventType::Normal, "ProvisioningReschedule", "Provision", format!(
+            "removed {} so the scheduler picks another node", admission::ANN_SELECTED_NODE));
+        return Ok(Step::Refused(refusal));
     }
     let allocatable = ctx.allocatable_bytes()?;
     if let Err(refusal) = admission::fits(&request, allocatable, &settings.node) {

@@ -150,6 +150,21 @@ impl VolumeStore {
         })
     }
 
+    /// Whether the root is the top of a filesystem (a mounted disk), not a plain directory on its parent's.
+    pub fn is_mount_point(&self) -> Result<bool> {
+        let unavailable = |source| Error::RootUnavailable { path: self.root_path.clone(), source };
+        let own = fstat(self.root.as_fd()).map_err(unavailable)?;
+        let parent = fstatat(self.root.as_fd(), "..", nix::fcntl::AtFlags::empty()).map_err(unavailable)?;
+        Ok(own.st_dev != parent.st_dev || own.st_ino == parent.st_ino)
+    }
+
+    /// Whether the root's filesystem is mounted read-only.
+    pub fn is_read_only(&self) -> bool {
+        nix::sys::statvfs::fstatvfs(self.root.as_fd())
+            .map(|st| st.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+            .unwrap_or(false)
+    }
+
     /// The root still exists and is a directory (it may vanish if a disk is unmounted under us).
     pub fn check_root(&self) -> Result<()> {
         let st = fstat(self.root.as_fd())
@@ -239,6 +254,14 @@ mod tests {
         assert!(missing.to_string().contains("mkdir -p"), "{missing}");
         std::fs::write(dir.path().join("file"), b"").unwrap();
         assert!(matches!(VolumeStore::open(&dir.path().join("file")).unwrap_err(), Error::RootNotDirectory { .. }));
+    }
+
+    #[test]
+    fn a_plain_directory_is_not_a_mount_point() {
+        let (_dir, store) = store();
+        assert!(!store.is_mount_point().unwrap());
+        assert!(VolumeStore::open(Path::new("/")).unwrap().is_mount_point().unwrap());
+        assert!(!store.is_read_only());
     }
 
     #[test]

@@ -151,7 +151,13 @@ async fn pods_with_node_name_get_their_volume_on_that_node() {
 /// Scenario 3: a node capped below the claim's size hands the claim back; it is provisioned on the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_cannot_serve_hands_the_claim_back() {
-    let (cluster, agents) = cluster_with_agents(&[("small", &["--capacity-cap", "3Gi"]), ("large", &["--capacity-cap", "20Gi"])]).await;
+    let (cluster, agents) = cluster_with_agents(&[
+        ("small", &["--capacity-cap", "3Gi"]),
+        ("large", &["--capacity-cap", "20Gi"]),
+        // A data root that is a plain directory where a disk should be mounted.
+        ("unmounted", &["--require-mount-point"]),
+    ])
+    .await;
     cluster.apply_repo_manifest("deploy/storageclass.yaml");
     cluster.create_namespace("resched").await;
     // As a scheduler working from stale figures would: the claim is placed on the small node.
@@ -170,6 +176,19 @@ async fn a_node_that_cannot_serve_hands_the_claim_back() {
     assert!(dirs_in(&agents[0].root).is_empty(), "nothing made on the small node");
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client(), "resched");
     assert_eq!(claims.get("big").await.unwrap().annotations().get("volume.kubernetes.io/selected-node").map(String::as_str), Some("large"));
+
+    // A node whose data root is not mounted refuses, says why, and hands the claim back too.
+    cluster.kubectl_apply_yaml(&format!(
+        "{}---\n{}",
+        claim_yaml("resched", "elsewhere", "hostvol", "1Gi", Some("unmounted")),
+        pod_yaml("resched", "app2", "elsewhere", "")
+    ));
+    let pvc = cluster.wait_pvc_bound("resched", "elsewhere", T).await;
+    let pv = hostvol_pvs(&cluster).await.into_iter().find(|pv| Some(pv.name_any()) == pvc.spec.as_ref().unwrap().volume_name).unwrap();
+    assert_ne!(pv_node(&pv), "unmounted");
+    let events = cluster.pvc_events("resched", "elsewhere").await;
+    assert!(events.iter().any(|(t, _, m)| t == "Warning" && m.contains("not a mount point")), "{}", fmt_events(&events));
+    assert!(dirs_in(&agents[2].root).is_empty(), "nothing written to an unmounted root");
 }
 
 fn hostvol_cli(cluster: &Cluster, args: &[&str], stdin: &str) -> (i32, String, String) {
