@@ -19,6 +19,8 @@ command -v go >/dev/null || need_apt+=(golang-go)
 command -v rsync >/dev/null || need_apt+=(rsync)
 command -v jq >/dev/null || need_apt+=(jq)
 command -v openssl >/dev/null || need_apt+=(openssl)
+command -v make >/dev/null || need_apt+=(make)
+command -v python3 >/dev/null || need_apt+=(python3)
 
 have_all_binaries() {
   for b in "${BINARIES[@]}"; do [[ -x "$BIN_DIR/$b" ]] || return 1; done
@@ -42,10 +44,17 @@ if have_all_binaries; then
   exit 0
 fi
 
-SRC_LIST=/etc/apt/sources.list.d/hostvol-deb-src.sources
-if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ /etc/apt/sources.list 2>/dev/null; then
+if ! grep -rqsE '^(Types:.*deb-src|deb-src )' /etc/apt/sources.list.d/ /etc/apt/sources.list 2>/dev/null; then
   log "enabling Debian source packages"
-  sed 's/^Types: deb$/Types: deb-src/' /etc/apt/sources.list.d/debian.sources >"$SRC_LIST"
+  if [[ -f /etc/apt/sources.list.d/debian.sources ]]; then
+    # deb822 format (Debian's images)
+    sed 's/^Types: deb$/Types: deb-src/' /etc/apt/sources.list.d/debian.sources \
+      >/etc/apt/sources.list.d/hostvol-deb-src.sources
+  else
+    # one-line format (the bookworm installer, debootstrap)
+    (shopt -s nullglob; grep -hE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list) \
+      | sed 's/^deb /deb-src /' >/etc/apt/sources.list.d/hostvol-deb-src.list
+  fi
   apt-get update -qq
 fi
 

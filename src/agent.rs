@@ -15,6 +15,8 @@ use crate::node_service;
 use crate::storage_capacity;
 use crate::usage::UsageCache;
 use crate::provisioner::{self, Settings};
+use crate::config_map;
+use crate::roots::{self, Root, RootSet};
 use crate::volume_store::{self, VolumeStore};
 use crate::{http, shutdown};
 
@@ -34,8 +36,34 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
     if args.node_name.trim().is_empty() {
         return Err(StartupError::Invalid("--node-name (NODE_NAME) is empty; set it from spec.nodeName".into()));
     }
-    let store = VolumeStore::open(&args.data_root)?;
+    // The flags' root must be there even when a ConfigMap configures others: a clear start-up error.
+    VolumeStore::open(&args.data_root)?;
     let client = Client::try_default().await?;
+    let fallback_args = args.clone();
+    let source = config_map::Source {
+        namespace: args.pod_namespace.clone(),
+        name: args.config_map.clone(),
+        path_prefix: args.host_path_prefix.clone().unwrap_or_default(),
+        fallback: Arc::new(move || {
+            let a = &fallback_args;
+            let store = VolumeStore::open(&a.data_root).map_err(|e| e.to_string())?;
+            Ok(RootSet::single(Root {
+                name: roots::DEFAULT_ROOT.to_string(),
+                store,
+                host_path: a.host_data_root(),
+                reserved: a.reserved,
+                cap: a.capacity_cap,
+                require_mount_point: a.require_mount_point,
+            }))
+        }),
+    };
+    let roots = match config_map::initial(&client, &args.node_name, &source).await {
+        Ok(roots) => roots,
+        Err(why) => {
+            error!("ignoring the hostvol configuration at start-up, using the flags' data root: {why}");
+            (source.fallback)().map_err(StartupError::Invalid)?
+        }
+    };
     let shutdown = CancellationToken::new();
     shutdown::cancel_on_signal(shutdown.clone());
 
@@ -55,27 +83,21 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
         controller: args.provisioner.clone(),
         instance: Some(args.pod_name.clone().unwrap_or_else(|| format!("hostvol-{}", args.node_name))),
     };
-    let settings = Settings {
-        node: args.node_name.clone(),
-        provisioner: args.provisioner.clone(),
-        host_root: args.host_data_root(),
-        reserved: args.reserved,
-        capacity_cap: args.capacity_cap,
-        require_mount_point: args.require_mount_point,
-    };
+    let settings = Settings { node: args.node_name.clone(), provisioner: args.provisioner.clone() };
     info!(
         node = %settings.node,
         provisioner = %settings.provisioner,
         data_root = %args.data_root.display(),
-        host_data_root = %settings.host_root,
+        roots = ?roots.names(),
         "starting agent"
     );
     let capacity_api = storage_capacity::discover(&client).await.map(|r| (r, args.pod_namespace.clone()));
+    let client_for_config = client.clone();
     let (watches, ctx, controller) = provisioner::start(
         client.clone(),
         settings,
         capacity_api,
-        store,
+        roots,
         Recorder::new(client, reporter),
         metrics.clone(),
         shutdown.clone(),
@@ -92,6 +114,7 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
         args.usage_concurrency,
         shutdown.clone(),
     ));
+    tokio::spawn(config_map::watch(ctx.clone(), client_for_config, source, shutdown.clone()));
     tokio::spawn(crate::node_loss::run(ctx.clone(), args.pod_namespace.clone(), shutdown.clone()));
     tokio::spawn(crate::orphans::run(
         ctx.clone(),

@@ -109,6 +109,16 @@ pub struct AgentArgs {
     #[arg(long, env = "HOSTVOL_CAPACITY_CAP", value_parser = parse_bytes)]
     pub capacity_cap: Option<u64>,
 
+    /// ConfigMap (in --pod-namespace) with per-node data roots, key `config.yaml`; re-read on change.
+    /// Without it, or without an entry for this node, the flags' data root is the only one (`default`).
+    #[arg(long, env = "HOSTVOL_CONFIG_MAP", default_value = "hostvol-config")]
+    pub config_map: String,
+
+    /// Where the node's paths appear inside the agent's container, for roots from the ConfigMap
+    /// (e.g. `/host` if the node's / is mounted there). Empty: the same paths.
+    #[arg(long, env = "HOSTVOL_HOST_PATH_PREFIX")]
+    pub host_path_prefix: Option<PathBuf>,
+
     /// Refuse to provision unless the data root is a mount point, so a disk that failed to mount does
     /// not fill the node's root filesystem (the node then reports no capacity and claims go elsewhere).
     #[arg(long, env = "HOSTVOL_REQUIRE_MOUNT_POINT")]

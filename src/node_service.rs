@@ -16,11 +16,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
-use crate::capacity::{self, CapacityInputs, Snapshot};
+use crate::capacity::{self, Snapshot};
+use crate::roots::Root;
 use crate::grpc::v1::node_server::{Node, NodeServer};
 use crate::grpc::v1::{
     CapacityReport, GetCapacityRequest, GetVolumeRequest, ListOrphansRequest, ListOrphansResponse, ListVolumesRequest,
-    ListVolumesResponse, LostVolume, Orphan, Volume, WatchCapacityRequest,
+    ListVolumesResponse, LostVolume, Orphan, RootCapacity, Volume, WatchCapacityRequest,
 };
 use crate::naming;
 use crate::provisioner::Context;
@@ -35,46 +36,60 @@ fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
 
-/// Computes the node's report from the watch caches and one statvfs call (cheap, no disk walk).
-pub fn capacity_report(ctx: &Context) -> Result<CapacityReport, Status> {
-    let fs = ctx
-        .store
-        .filesystem_stats()
-        .map_err(|e| Status::unavailable(format!("data root unavailable: {e}")))?;
-    let allocated = ctx.allocated_bytes();
-    let inputs = CapacityInputs {
-        filesystem_total: fs.total_bytes,
-        filesystem_available: fs.available_bytes,
-        reserved: ctx.settings.reserved,
-        cap: ctx.settings.capacity_cap,
-        allocated,
-    };
-    Ok(CapacityReport {
-        node: ctx.settings.node.clone(),
-        data_root: ctx.settings.host_root.clone(),
-        filesystem_type: ctx.store.filesystem_type(),
+/// Figures of one data root, from the watch caches and one statvfs call (cheap, no disk walk).
+fn root_capacity(ctx: &Context, root: &Root) -> RootCapacity {
+    let fs = root.store.filesystem_stats().unwrap_or_default();
+    let allocated = ctx.allocated_bytes(&root.name);
+    RootCapacity {
+        name: root.name.clone(),
+        data_root: root.host_path.clone(),
+        filesystem_type: root.store.filesystem_type(),
         total_bytes: fs.total_bytes,
         available_bytes: fs.available_bytes,
         used_bytes: fs.used_bytes,
         total_inodes: fs.total_inodes,
         free_inodes: fs.free_inodes,
-        used_inodes: fs.total_inodes.saturating_sub(fs.free_inodes),
         allocated_bytes: allocated,
-        reserved_bytes: ctx.settings.reserved,
-        cap_bytes: ctx.settings.capacity_cap,
-        allocatable_bytes: if ctx.root_problem().is_some() { 0 } else { capacity::allocatable(&inputs) },
-        volume_count: ctx.volumes.state().len() as u32,
+        reserved_bytes: root.reserved,
+        cap_bytes: root.cap,
+        allocatable_bytes: root.allocatable(&ctx.settings.node, allocated),
+        volume_count: ctx.volumes_in(&root.name) as u32,
+        problem: root.problem(&ctx.settings.node).unwrap_or_default(),
+    }
+}
+
+/// The node's report: its primary root's figures at the top, and every root in `roots`.
+pub fn capacity_report(ctx: &Context) -> Result<CapacityReport, Status> {
+    let roots = ctx.roots();
+    let all: Vec<RootCapacity> = roots.all().map(|r| root_capacity(ctx, r)).collect();
+    let primary_name = roots.primary().map(|r| r.name.clone()).unwrap_or_default();
+    let primary = all.iter().find(|r| r.name == primary_name).cloned().unwrap_or_default();
+    Ok(CapacityReport {
+        node: ctx.settings.node.clone(),
+        data_root: primary.data_root.clone(),
+        filesystem_type: primary.filesystem_type.clone(),
+        total_bytes: primary.total_bytes,
+        available_bytes: primary.available_bytes,
+        used_bytes: primary.used_bytes,
+        total_inodes: primary.total_inodes,
+        free_inodes: primary.free_inodes,
+        used_inodes: primary.total_inodes.saturating_sub(primary.free_inodes),
+        allocated_bytes: primary.allocated_bytes,
+        reserved_bytes: primary.reserved_bytes,
+        cap_bytes: primary.cap_bytes,
+        allocatable_bytes: primary.allocatable_bytes,
+        volume_count: primary.volume_count,
         observed_at: Some(timestamp(SystemTime::now())),
+        roots: all,
     })
 }
 
-fn snapshot(report: &CapacityReport) -> Snapshot {
-    Snapshot {
-        volume_count: report.volume_count,
-        allocated: report.allocated_bytes,
-        allocatable: report.allocatable_bytes,
-        available: report.available_bytes,
-    }
+fn snapshot(report: &CapacityReport) -> Vec<Snapshot> {
+    report
+        .roots
+        .iter()
+        .map(|r| Snapshot { volume_count: r.volume_count, allocated: r.allocated_bytes, allocatable: r.allocatable_bytes, available: r.available_bytes })
+        .collect()
 }
 
 /// The directory name (last path component) of one of our PVs.
@@ -148,27 +163,27 @@ impl Node for NodeService {
     }
 
     async fn list_orphans(&self, _: Request<ListOrphansRequest>) -> Result<Response<ListOrphansResponse>, Status> {
-        let findings = crate::orphans::scan(&self.ctx).map_err(|e| Status::unavailable(format!("cannot read the data root: {e}")))?;
-        let root = &self.ctx.settings.host_root;
-        let orphans = findings
-            .orphans
-            .iter()
-            .map(|e| Orphan {
+        let mut orphans = Vec::new();
+        let mut lost = Vec::new();
+        for (root, findings) in crate::orphans::scan(&self.ctx).map_err(|e| Status::unavailable(format!("cannot read a data root: {e}")))? {
+            orphans.extend(findings.orphans.iter().map(|e| Orphan {
                 name: e.name.clone(),
-                path: pv::host_path(root, &e.name),
+                path: pv::host_path(&root.host_path, &e.name),
                 archived: crate::orphans::is_archived(&e.name),
                 modified_at: Some(timestamp(e.modified)),
-            })
-            .collect();
-        let lost = findings
-            .lost
-            .iter()
-            .filter_map(|name| self.ctx.volumes.get(&kube::runtime::reflector::ObjectRef::new(name)))
-            .map(|pv| {
-                let v = describe_volume(&pv, &self.usage);
-                LostVolume { pv_name: v.pv_name, claim_namespace: v.claim_namespace, claim_name: v.claim_name, directory: v.directory, phase: v.phase }
-            })
-            .collect();
+                root: root.name.clone(),
+            }));
+            lost.extend(
+                findings
+                    .lost
+                    .iter()
+                    .filter_map(|name| self.ctx.volumes.get(&kube::runtime::reflector::ObjectRef::new(name)))
+                    .map(|pv| {
+                        let v = describe_volume(&pv, &self.usage);
+                        LostVolume { pv_name: v.pv_name, claim_namespace: v.claim_namespace, claim_name: v.claim_name, directory: v.directory, phase: v.phase }
+                    }),
+            );
+        }
         Ok(Response::new(ListOrphansResponse { orphans, lost, scanned_at: Some(timestamp(SystemTime::now())) }))
     }
 
@@ -216,12 +231,15 @@ where
 
 /// Keeps the latest material capacity report in `tx`, recomputing on volume changes and every second.
 pub async fn publish_capacity(ctx: Arc<Context>, tx: watch::Sender<CapacityReport>, threshold: u64, shutdown: CancellationToken) {
-    let mut last: Option<Snapshot> = None;
+    let mut last: Option<Vec<Snapshot>> = None;
     loop {
         if let Ok(report) = capacity_report(&ctx) {
             let now = snapshot(&report);
             ctx.metrics.allocatable_bytes.set(report.allocatable_bytes as i64);
-            if last.is_none_or(|prev| capacity::materially_changed(&prev, &now, threshold)) {
+            let changed = last.as_ref().is_none_or(|prev| {
+                prev.len() != now.len() || prev.iter().zip(&now).any(|(a, b)| capacity::materially_changed(a, b, threshold))
+            });
+            if changed {
                 debug!(allocatable = report.allocatable_bytes, volumes = report.volume_count, "capacity changed");
                 last = Some(now);
                 tx.send_replace(report);
@@ -240,18 +258,23 @@ pub async fn publish_capacity(ctx: Arc<Context>, tx: watch::Sender<CapacityRepor
 pub async fn refresh_usage(ctx: Arc<Context>, cache: UsageCache, every: Duration, concurrency: usize, shutdown: CancellationToken) {
     let mut next_full = tokio::time::Instant::now();
     loop {
-        let directories: Vec<String> = ctx.volumes.state().iter().filter_map(|pv| volume_directory(pv)).collect();
-        let keep: HashSet<String> = directories.iter().cloned().collect();
+        let volumes = ctx.volumes.state();
+        let keep: HashSet<String> = volumes.iter().filter_map(|pv| volume_directory(pv)).collect();
         let full = tokio::time::Instant::now() >= next_full;
-        let todo: Vec<String> = if full {
+        if full {
             next_full = tokio::time::Instant::now() + every;
-            directories
-        } else {
-            directories.into_iter().filter(|d| cache.get(d).is_none()).collect()
-        };
-        if !todo.is_empty() {
-            let (measured, took) = usage::refresh(ctx.store.root_handle(), todo, &cache, concurrency).await;
-            debug!(measured, full, millis = took.as_millis() as u64, "usage refreshed");
+        }
+        for root in ctx.roots().all() {
+            let todo: Vec<String> = volumes
+                .iter()
+                .filter(|pv| crate::provisioner::pv_root(pv) == root.name)
+                .filter_map(|pv| volume_directory(pv))
+                .filter(|d| full || cache.get(d).is_none())
+                .collect();
+            if !todo.is_empty() {
+                let (measured, took) = usage::refresh(root.store.root_handle(), todo, &cache, concurrency).await;
+                debug!(root = %root.name, measured, full, millis = took.as_millis() as u64, "usage refreshed");
+            }
         }
         cache.retain(&keep);
         tokio::select! {
@@ -287,6 +310,17 @@ pub async fn bind(tcp: std::net::SocketAddr, socket: &Path) -> std::io::Result<L
     Ok(Listeners { tcp, unix })
 }
 
+/// Accepted TCP connections with TCP_NODELAY: tonic ignores its own nodelay setting for a custom
+/// incoming stream, and without it small replies wait ~40 ms for the peer's delayed ACK.
+fn tcp_incoming(listener: tokio::net::TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|stream| {
+            let _ = stream.set_nodelay(true);
+        })
+    })
+}
+
 /// Serves the node service, health and reflection until `shutdown`.
 pub async fn serve(listeners: Listeners, ctx: Arc<Context>, usage: UsageCache, reports: watch::Receiver<CapacityReport>, shutdown: CancellationToken) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -310,11 +344,11 @@ pub async fn serve(listeners: Listeners, ctx: Arc<Context>, usage: UsageCache, r
     info!(addr = ?listeners.tcp.local_addr().ok(), unix = listeners.unix.is_some(), "node service listening");
     match listeners.unix {
         Some(unix) => {
-            let tcp = router.clone().serve_with_incoming_shutdown(TcpListenerStream::new(listeners.tcp), shutdown.clone().cancelled_owned());
+            let tcp = router.clone().serve_with_incoming_shutdown(tcp_incoming(listeners.tcp), shutdown.clone().cancelled_owned());
             let unix = router.serve_with_incoming_shutdown(UnixListenerStream::new(unix), shutdown.cancelled_owned());
             let (a, b) = tokio::join!(tcp, unix);
             a.and(b)
         }
-        None => router.serve_with_incoming_shutdown(TcpListenerStream::new(listeners.tcp), shutdown.cancelled_owned()).await,
+        None => router.serve_with_incoming_shutdown(tcp_incoming(listeners.tcp), shutdown.cancelled_owned()).await,
     }
 }

@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 
 use crate::provisioner::Context;
 use crate::removal::ARCHIVE_PREFIX;
+use crate::roots::Root;
 
 /// A new directory has no PV for the few milliseconds before its PV is created; ignore young ones.
 pub const GRACE: Duration = Duration::from_secs(120);
@@ -60,9 +61,9 @@ pub fn is_archived(name: &str) -> bool {
     name.starts_with(ARCHIVE_PREFIX)
 }
 
-/// Lists the root (one level, no symlinks followed).
-pub fn read_root(ctx: &Context) -> std::io::Result<Vec<Entry>> {
-    let root = ctx.store.root_handle();
+/// Lists a data root (one level, no symlinks followed).
+pub fn read_root(root: &Root) -> std::io::Result<Vec<Entry>> {
+    let root = root.store.root_handle();
     let mut dir = Dir::openat(root.as_fd(), ".", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
     let names: Vec<std::ffi::CString> = dir
         .iter()
@@ -87,9 +88,17 @@ pub fn expected_directories(volumes: &[Arc<PersistentVolume>]) -> HashMap<String
     volumes.iter().filter_map(|pv| Some((pv.name_any(), crate::reclaim::own_directory(pv)?))).collect()
 }
 
-pub fn scan(ctx: &Context) -> std::io::Result<Findings> {
-    let entries = read_root(ctx)?;
-    Ok(classify(&entries, &expected_directories(&ctx.volumes.state()), SystemTime::now()))
+/// Findings per data root. Volumes of roots this node no longer has are left out: they cannot be
+/// checked, and dropping a root from the configuration must not make its volumes look lost.
+pub fn scan(ctx: &Context) -> std::io::Result<Vec<(Arc<Root>, Findings)>> {
+    let volumes = ctx.volumes.state();
+    let mut out = Vec::new();
+    for root in ctx.roots().all() {
+        let entries = read_root(root)?;
+        let here: Vec<Arc<PersistentVolume>> = volumes.iter().filter(|pv| crate::provisioner::pv_root(pv) == root.name).cloned().collect();
+        out.push((root.clone(), classify(&entries, &expected_directories(&here), SystemTime::now())));
+    }
+    Ok(out)
 }
 
 /// At start-up and every `every`: update the metrics and warn once on each lost PV.
@@ -100,7 +109,11 @@ pub async fn run(ctx: Arc<Context>, every: Duration, shutdown: CancellationToken
     }
     loop {
         match scan(&ctx) {
-            Ok(findings) => {
+            Ok(per_root) => {
+                let findings = Findings {
+                    orphans: per_root.iter().flat_map(|(_, f)| f.orphans.clone()).collect(),
+                    lost: per_root.iter().flat_map(|(_, f)| f.lost.clone()).collect(),
+                };
                 ctx.metrics.orphan_directories.set(findings.orphans.len() as i64);
                 ctx.metrics.lost_volumes.set(findings.lost.len() as i64);
                 debug!(orphans = findings.orphans.len(), lost = findings.lost.len(), "orphan scan");

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 /// Every parameter a hostvol StorageClass may set; anything else is refused so typos do not pass silently.
-pub const VALID_PARAMETERS: &[&str] = &["mode", "uid", "gid", "onDelete", "nodeLossCleanup", "nodeLossGracePeriod"];
+pub const VALID_PARAMETERS: &[&str] = &["mode", "uid", "gid", "onDelete", "nodeLossCleanup", "nodeLossGracePeriod", "dataRoot"];
 
 /// How long a deleted node may stay gone before its volumes are cleaned up (classes that opt in).
 pub const DEFAULT_NODE_LOSS_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
@@ -13,7 +13,7 @@ pub const DEFAULT_NODE_LOSS_GRACE: std::time::Duration = std::time::Duration::fr
 /// know their pods' uid should set `uid`/`gid` and a tighter `mode` such as `0770`.
 pub const DEFAULT_MODE: u32 = 0o777;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClassParameters {
     /// Permission bits of the volume directory (no file type bits, setuid/setgid/sticky allowed).
     pub mode: u32,
@@ -24,11 +24,13 @@ pub struct ClassParameters {
     /// Delete the claims and PVs of a deleted node, after `node_loss_grace`.
     pub node_loss_cleanup: bool,
     pub node_loss_grace: std::time::Duration,
+    /// Which of a node's data roots holds the volumes (see the `hostvol-config` ConfigMap).
+    pub data_root: String,
 }
 
 impl Default for ClassParameters {
     fn default() -> Self {
-        Self { mode: DEFAULT_MODE, uid: None, gid: None, archive_on_delete: false, node_loss_cleanup: false, node_loss_grace: DEFAULT_NODE_LOSS_GRACE }
+        Self { mode: DEFAULT_MODE, uid: None, gid: None, archive_on_delete: false, node_loss_cleanup: false, node_loss_grace: DEFAULT_NODE_LOSS_GRACE, data_root: crate::roots::DEFAULT_ROOT.to_string() }
     }
 }
 
@@ -67,6 +69,13 @@ impl ClassParameters {
                 "false" => false,
                 other => return Err(format!("StorageClass parameter nodeLossCleanup={other:?} must be \"true\" or \"false\"")),
             };
+        }
+        if let Some(root) = parameters.get("dataRoot") {
+            let ok = !root.is_empty() && root.len() <= 63 && root.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !ok {
+                return Err(format!("StorageClass parameter dataRoot={root:?} is not a root name such as \"fast\" (lowercase letters, digits, '-')"));
+            }
+            parsed.data_root = root.clone();
         }
         if let Some(grace) = parameters.get("nodeLossGracePeriod") {
             parsed.node_loss_grace = parse_duration(grace).ok_or_else(|| {
@@ -134,12 +143,12 @@ mod tests {
     #[test]
     fn unknown_parameters_list_the_valid_ones() {
         let e = ClassParameters::parse(&params(&[("nodePath", "/x"), ("mode", "0777")])).unwrap_err();
-        assert!(e.contains("nodePath") && e.contains("mode, uid, gid, onDelete, nodeLossCleanup, nodeLossGracePeriod"), "{e}");
+        assert!(e.contains("nodePath") && e.contains("mode, uid, gid, onDelete, nodeLossCleanup, nodeLossGracePeriod, dataRoot"), "{e}");
     }
 
     #[test]
     fn malformed_values_are_explained() {
-        for (k, v) in [("nodeLossGracePeriod", "soon"), ("nodeLossCleanup", "yes"), ("onDelete", "shred"), ("mode", "rwx"), ("mode", "0999"), ("mode", "77777"), ("mode", ""), ("uid", "-1"), ("gid", "root"), ("uid", "4294967295")] {
+        for (k, v) in [("dataRoot", "Fast/x"), ("nodeLossGracePeriod", "soon"), ("nodeLossCleanup", "yes"), ("onDelete", "shred"), ("mode", "rwx"), ("mode", "0999"), ("mode", "77777"), ("mode", ""), ("uid", "-1"), ("gid", "root"), ("uid", "4294967295")] {
             let e = ClassParameters::parse(&params(&[(k, v)])).unwrap_err();
             assert!(e.contains(k), "{k}={v}: {e}");
         }

@@ -20,14 +20,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::admission::{self, ClaimSpec, Interest, Refusal, VolumeRequest};
-use crate::capacity::{self, CapacityInputs};
 use crate::metrics::Metrics;
 use crate::naming::{self, NameError};
 use crate::params::ClassParameters;
 use crate::placement::{self, Candidate};
 use crate::pv::{self, VolumeDescription};
 use crate::quantity;
-use crate::volume_store::{self, VolumeStore};
+use crate::roots::RootSet;
+use crate::volume_store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -59,17 +59,14 @@ impl Error {
 pub struct Settings {
     pub node: String,
     pub provisioner: String,
-    pub host_root: String,
-    pub reserved: u64,
-    pub capacity_cap: Option<u64>,
-    pub require_mount_point: bool,
 }
 
 /// Shared state of the controller's reconciles.
 pub struct Context {
     pub client: Client,
     pub settings: Settings,
-    pub store: VolumeStore,
+    /// The data roots in force; replaced as a whole when the configuration changes.
+    roots: std::sync::RwLock<Arc<RootSet>>,
     pub classes: Store<StorageClass>,
     pub nodes: Store<PartialObjectMeta<Node>>,
     /// This node's hostvol PVs (label-selected watch).
@@ -84,63 +81,53 @@ pub struct Context {
     pub volumes_changed: Arc<tokio::sync::Notify>,
     /// Serialises "check capacity, make directory, create PV" so concurrent claims cannot overcommit.
     admission_lock: tokio::sync::Mutex<()>,
-    /// PVs created by us that the watch may not have delivered yet: name -> bytes.
-    recent_volumes: Mutex<HashMap<String, u64>>,
+    /// PVs created by us that the watch may not have delivered yet: name -> (root, bytes).
+    recent_volumes: Mutex<HashMap<String, (String, u64)>>,
     /// Consecutive failures per claim, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
-    /// Bytes promised to this node's volumes: every hostvol PV of this node, Released ones included,
-    /// because their directories still hold data.
-    pub fn allocated_bytes(&self) -> u64 {
+    pub fn roots(&self) -> Arc<RootSet> {
+        self.roots.read().expect("lock poisoned").clone()
+    }
+
+    pub fn replace_roots(&self, roots: RootSet) {
+        *self.roots.write().expect("lock poisoned") = Arc::new(roots);
+        self.volumes_changed.notify_waiters();
+    }
+
+    /// Bytes promised to the volumes in data root `root`: every hostvol PV of this node there,
+    /// Released ones included, because their directories still hold data.
+    pub fn allocated_bytes(&self, root: &str) -> u64 {
         let mut recent = self.recent_volumes.lock().expect("lock poisoned");
         let mut total = 0u64;
         for pv in self.volumes.state() {
             recent.remove(&pv.name_any());
-            total = total.saturating_add(pv_capacity_bytes(&pv));
+            if pv_root(&pv) == root {
+                total = total.saturating_add(pv_capacity_bytes(&pv));
+            }
         }
-        total.saturating_add(recent.values().sum::<u64>())
+        total.saturating_add(recent.values().filter(|(r, _)| r == root).map(|(_, b)| *b).sum::<u64>())
     }
 
-    /// Why this node's data root cannot take a volume now, if it cannot.
-    pub fn root_problem(&self) -> Option<String> {
-        let root = self.store.root_path().display();
-        let node = &self.settings.node;
-        if let Err(error) = self.store.check_root() {
-            return Some(format!("node {node}: {error}"));
+    /// What a new claim may still take in data root `root` on this node (see `capacity::allocatable`);
+    /// nothing if the node has no such root or it cannot serve, so the scheduler and other agents look
+    /// elsewhere.
+    pub fn allocatable_bytes(&self, root: &str) -> u64 {
+        match self.roots().get(root) {
+            Some(r) => r.allocatable(&self.settings.node, self.allocated_bytes(root)),
+            None => 0,
         }
-        if self.store.is_read_only() {
-            return Some(format!("node {node}: data root {root} is on a read-only filesystem"));
-        }
-        if self.settings.require_mount_point && !self.store.is_mount_point().unwrap_or(false) {
-            return Some(format!(
-                "node {node}: data root {root} is not a mount point (did its disk fail to mount?); \
-                 hostvol will not fill the node's root filesystem"
-            ));
-        }
-        None
     }
 
-    /// What a new claim may still take on this node (see `capacity::allocatable`); nothing while the
-    /// data root cannot serve, so the scheduler and other agents look elsewhere.
-    pub fn allocatable_bytes(&self) -> Result<u64> {
-        if self.root_problem().is_some() {
-            return Ok(0);
-        }
-        let fs = self.store.filesystem_stats()?;
-        Ok(capacity::allocatable(&CapacityInputs {
-            filesystem_total: fs.total_bytes,
-            filesystem_available: fs.available_bytes,
-            reserved: self.settings.reserved,
-            cap: self.settings.capacity_cap,
-            allocated: self.allocated_bytes(),
-        }))
+    pub fn volumes_in(&self, root: &str) -> usize {
+        self.volumes.state().iter().filter(|pv| pv_root(pv) == root).count()
     }
 
     /// Every node's room for `class`, from the published capacities (our own from live figures), minus
     /// the bytes of claims already placed on each node and not yet provisioned.
-    pub fn candidates(&self, class: &str, except_claim_uid: &str) -> Vec<Candidate> {
+    pub fn candidates(&self, class: &str, root: &str, except_claim_uid: &str) -> Vec<Candidate> {
         let Some(capacities) = &self.capacities else { return Vec::new() };
         let mut candidates: Vec<Candidate> = capacities
             .state()
@@ -149,7 +136,7 @@ impl Context {
             .filter_map(|o| {
                 let node = o.annotations().get(pv::ANN_NODE)?.clone();
                 let allocatable = if node == self.settings.node {
-                    self.allocatable_bytes().ok()?
+                    self.allocatable_bytes(root)
                 } else {
                     quantity::parse_bytes(o.data.get("capacity")?.as_str()?).ok()?
                 };
@@ -232,6 +219,11 @@ impl Context {
     fn reset_backoff(&self, key: &str) {
         self.failures.lock().expect("lock poisoned").remove(key);
     }
+}
+
+/// The data root a PV's directory is in (PVs from before named roots are in `default`).
+pub fn pv_root(pv: &PersistentVolume) -> &str {
+    pv.annotations().get(pv::ANN_DATA_ROOT).map_or(crate::roots::DEFAULT_ROOT, String::as_str)
 }
 
 fn pv_capacity_bytes(pv: &PersistentVolume) -> u64 {
@@ -369,7 +361,17 @@ async fn provision(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Conte
     if ctx.recent_volumes.lock().expect("lock poisoned").contains_key(&pv_name) {
         return Ok(Step::AlreadyDone);
     }
-    if let Some(why) = ctx.root_problem() {
+    let roots = ctx.roots();
+    let problem = match roots.get(&params.data_root) {
+        None => Some(format!(
+            "node {} has no data root {:?} (StorageClass {class_name} parameter dataRoot; this node has {})",
+            settings.node,
+            params.data_root,
+            roots.names().join(", ")
+        )),
+        Some(root) => root.problem(&settings.node),
+    };
+    if let Some(why) = problem {
         let refusal = Refusal::NodeCannotServe(format!("{why}; handing the claim back to the scheduler"));
         ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", refusal.message());
         reschedule(&claims, &pvc.name_any()).await?;
@@ -377,7 +379,8 @@ async fn provision(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Conte
             "removed {} so the scheduler picks another node", admission::ANN_SELECTED_NODE));
         return Ok(Step::Refused(refusal));
     }
-    let allocatable = ctx.allocatable_bytes()?;
+    let root = roots.get(&params.data_root).expect("checked above");
+    let allocatable = ctx.allocatable_bytes(&root.name);
     if let Err(refusal) = admission::fits(&request, allocatable, &settings.node) {
         ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", refusal.message());
         reschedule(&claims, &pvc.name_any()).await?;
@@ -386,13 +389,13 @@ async fn provision(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Conte
         return Ok(Step::Refused(refusal));
     }
 
-    let outcome = ctx.store.ensure_volume_dir(&directory, &params).inspect_err(|error| {
+    let outcome = root.store.ensure_volume_dir(&directory, &params).inspect_err(|error| {
         ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", format!(
             "node {}: cannot prepare the volume directory: {error}", settings.node));
     })?;
     debug!(%directory, ?outcome, "volume directory ready");
 
-    let host_path = pv::host_path(&settings.host_root, &directory);
+    let host_path = pv::host_path(&root.host_path, &directory);
     let volume = pv::build(&VolumeDescription {
         pv_name: pv_name.clone(),
         provisioner: settings.provisioner.clone(),
@@ -408,6 +411,7 @@ async fn provision(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Conte
         reclaim_policy: class.reclaim_policy.clone().unwrap_or_else(|| "Delete".into()),
     });
     let mut volume = volume;
+    volume.metadata.annotations.get_or_insert_default().insert(pv::ANN_DATA_ROOT.to_string(), root.name.clone());
     if volume.spec.as_ref().and_then(|s| s.persistent_volume_reclaim_policy.as_deref()) == Some("Delete") {
         volume.metadata.finalizers = Some(vec![crate::reclaim::FINALIZER.to_string()]);
         volume.metadata.annotations.get_or_insert_default().insert(
@@ -424,7 +428,7 @@ async fn provision(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Conte
             return Err(error.into());
         }
     }
-    ctx.recent_volumes.lock().expect("lock poisoned").insert(pv_name.clone(), request.capacity_bytes);
+    ctx.recent_volumes.lock().expect("lock poisoned").insert(pv_name.clone(), (root.name.clone(), request.capacity_bytes));
     ctx.volumes_changed.notify_waiters();
     ctx.publish(
         &claim_ref,
@@ -456,7 +460,9 @@ async fn choose_node(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Con
         // WaitForFirstConsumer claims are placed by the scheduler (or by a pod's spec.nodeName).
         return Ok(Action::await_change());
     }
-    let candidates = ctx.candidates(&class_name, &pvc.uid().unwrap_or_default());
+    let parsed = ClassParameters::parse(&class.parameters.clone().unwrap_or_default());
+    let root = parsed.as_ref().map(|p| p.data_root.clone()).unwrap_or_else(|_| crate::roots::DEFAULT_ROOT.to_string());
+    let candidates = ctx.candidates(&class_name, &root, &pvc.uid().unwrap_or_default());
     let speaks = placement::spokesperson(&candidates).is_some_and(|c| c.node == settings.node);
     let claim_ref = pvc.object_ref(&());
     let warn = |refusal: &Refusal| {
@@ -464,7 +470,7 @@ async fn choose_node(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Con
             ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", refusal.message());
         }
     };
-    if let Err(why) = ClassParameters::parse(&class.parameters.clone().unwrap_or_default()) {
+    if let Err(why) = parsed {
         warn(&Refusal::InvalidParameters(format!("StorageClass {class_name}: {why}")));
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
@@ -621,7 +627,7 @@ pub fn start(
     client: Client,
     settings: Settings,
     capacity_api: Option<(ApiResource, String)>,
-    store: VolumeStore,
+    roots: RootSet,
     recorder: Recorder,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -696,7 +702,7 @@ pub fn start(
     let ctx = Arc::new(Context {
         client,
         settings,
-        store,
+        roots: std::sync::RwLock::new(Arc::new(roots)),
         classes: classes.clone(),
         nodes: nodes.clone(),
         volumes: volumes.clone(),

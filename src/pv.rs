@@ -14,6 +14,8 @@ use crate::naming;
 pub const ANN_PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
 pub const ANN_NODE: &str = "hostvol.io/node";
 pub const ANN_DIRECTORY: &str = "hostvol.io/directory";
+/// Name of the node's data root holding the directory (`default` when absent).
+pub const ANN_DATA_ROOT: &str = "hostvol.io/data-root";
 /// Label on every PV we make, so each agent can watch only its own node's volumes.
 pub const LABEL_NODE: &str = "hostvol.io/node";
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";

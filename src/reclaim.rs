@@ -76,7 +76,14 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
                     pv::ANN_DIRECTORY, pv.name_any()));
                 return Ok(Action::requeue(Duration::from_secs(300)));
             };
-            let root = ctx.store.root_handle();
+            let root_name = crate::provisioner::pv_root(&pv).to_string();
+            let Some(data_root) = ctx.roots().get(&root_name) else {
+                ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(
+                    "node {} no longer has data root {root_name:?} (hostvol-config); the directory is kept; \
+                     restore the root in the configuration to let hostvol remove it", ctx.settings.node));
+                return Ok(Action::requeue(Duration::from_secs(300)));
+            };
+            let root = data_root.store.root_handle();
             let archive = matches!(what, Disposal::Delete { archive: true });
             let dir = directory.clone();
             let outcome = tokio::task::spawn_blocking(move || {

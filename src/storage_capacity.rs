@@ -116,18 +116,27 @@ pub async fn run(
             owner_ref = owner(&client, &namespace, pod_name.as_deref()).await;
         }
         let owner_uid = owner_ref.as_ref().map(|o| o.uid.clone());
-        let allocatable = reports.borrow_and_update().allocatable_bytes;
+        reports.borrow_and_update();
         let hostname = ctx.node_hostname();
-        let classes: Vec<String> = ctx
+        // Each class's capacity on this node is that of the data root it names (zero if the node has none).
+        let classes: Vec<(String, u64)> = ctx
             .classes
             .state()
             .iter()
             .filter(|c| c.provisioner == ctx.settings.provisioner)
-            .map(|c| c.name_any())
+            .map(|c| {
+                let root = crate::params::ClassParameters::parse(&c.parameters.clone().unwrap_or_default())
+                    .map(|p| p.data_root)
+                    .unwrap_or_else(|_| crate::roots::DEFAULT_ROOT.to_string());
+                (c.name_any(), ctx.allocatable_bytes(&root))
+            })
             .collect();
         let mut wanted = Vec::new();
-        for class in &classes {
+        let mut intact_values: HashMap<String, u64> = HashMap::new();
+        for (class, allocatable) in &classes {
+            let allocatable = *allocatable;
             let name = object_name(&node, class);
+            intact_values.insert(name.clone(), allocatable);
             wanted.push(name.clone());
             let state = (hostname.clone(), allocatable, owner_uid.clone());
             if written.get(&name) == Some(&state) {
@@ -158,7 +167,7 @@ pub async fn run(
                 .iter()
                 .filter(|o| {
                     o.data.get("capacity").and_then(|c| c.as_str()).and_then(|c| crate::quantity::parse_bytes(c).ok())
-                        == Some(allocatable)
+                        == intact_values.get(&o.name_any()).copied()
                 })
                 .map(|o| o.name_any())
                 .collect();

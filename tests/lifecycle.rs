@@ -406,3 +406,70 @@ async fn node_loss_cleanup_is_opt_in() {
     assert!(pvs.get_opt(&before["plain"].1).await.unwrap().is_some(), "PV kept");
     assert!(dirs_in(&agents[1].root).len() == 1, "only the healed replica's new volume on the survivor");
 }
+
+fn roots_config(node: &str, roots: &[(&str, &Path)]) -> String {
+    let lines: String = roots.iter().map(|(name, path)| format!("          {name}: {{path: {}}}\n", path.display())).collect();
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: hostvol-config\n  namespace: hostvol-system\ndata:\n  config.yaml: |\n    \
+         nodes:\n      {node}:\n        roots:\n{lines}"
+    )
+}
+
+/// Scenario 6: two data roots on one node from the ConfigMap and two classes; each claim lands in its
+/// root; dropping a root from the ConfigMap stops new claims for it and leaves existing volumes alone;
+/// an invalid change is rejected and the last good configuration stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_roots_from_the_config_map() {
+    let cluster = Cluster::start().await;
+    cluster.add_node("node-a").await;
+    let (fast, bulk) = (cluster.dir().join("nvme"), cluster.dir().join("bulk"));
+    std::fs::create_dir_all(&fast).unwrap();
+    std::fs::create_dir_all(&bulk).unwrap();
+    cluster.kubectl_apply_yaml(&roots_config("node-a", &[("fast", &fast), ("default", &bulk)]));
+    let agent = cluster.start_agent("node-a", &[]).await;
+    cluster.apply_repo_manifest("deploy/storageclass.yaml");
+    cluster.kubectl_apply_yaml(&class_yaml("hostvol-fast", "WaitForFirstConsumer", "Retain", &[("dataRoot", "fast")]));
+    cluster.create_namespace("roots").await;
+    cluster.kubectl_apply_yaml(&format!(
+        "{}---\n{}",
+        claim_yaml("roots", "quick", "hostvol-fast", "1Gi", Some("node-a")),
+        claim_yaml("roots", "big", "hostvol", "1Gi", Some("node-a"))
+    ));
+    let quick = pv_of_claim(&cluster, "roots", "quick").await;
+    let big = pv_of_claim(&cluster, "roots", "big").await;
+    assert!(quick.spec.as_ref().unwrap().host_path.as_ref().unwrap().path.starts_with(&fast.display().to_string()));
+    assert!(big.spec.as_ref().unwrap().host_path.as_ref().unwrap().path.starts_with(&bulk.display().to_string()));
+    assert_eq!(dirs_in(&fast).len(), 1);
+    assert_eq!(dirs_in(&bulk).len(), 1);
+    assert!(dirs_in(&agent.root).is_empty(), "the flags' root is not used when the ConfigMap configures the node");
+
+    // Capacity is reported per root.
+    let mut client = hostvol::report::connect(&hostvol::report::Address::Tcp(agent.grpc_addr.to_string()), Duration::from_secs(5)).await.unwrap();
+    let report = client.get_capacity(hostvol::grpc::v1::GetCapacityRequest {}).await.unwrap().into_inner();
+    let names: Vec<&str> = report.roots.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, vec!["default", "fast"]);
+    assert!(report.roots.iter().all(|r| r.volume_count == 1 && r.allocated_bytes == 1 << 30), "{report:?}");
+
+    // An invalid change is rejected; the last good configuration stays.
+    cluster.kubectl_apply_yaml(&roots_config("node-a", &[("Fast!", &fast)]));
+    cluster.wait_for(|| async { agent.log().contains("rejected the new hostvol configuration") }, T, "rejection logged").await;
+    let report = client.get_capacity(hostvol::grpc::v1::GetCapacityRequest {}).await.unwrap().into_inner();
+    assert_eq!(report.roots.len(), 2);
+
+    // Dropping the fast root: new claims for it are refused and handed back; the existing volume stays.
+    cluster.kubectl_apply_yaml(&roots_config("node-a", &[("default", &bulk)]));
+    cluster
+        .wait_for(
+            || async { client.clone().get_capacity(hostvol::grpc::v1::GetCapacityRequest {}).await.map(|r| r.into_inner().roots.len() == 1).unwrap_or(false) },
+            T,
+            "fast root dropped",
+        )
+        .await;
+    cluster.kubectl_apply_yaml(&claim_yaml("roots", "late", "hostvol-fast", "1Gi", Some("node-a")));
+    let (_, _, message) = cluster.wait_event("roots", "late", "ProvisioningFailed", T).await;
+    assert!(message.contains("no data root \"fast\""), "{message}");
+    assert_eq!(dirs_in(&fast).len(), 1, "the existing volume is untouched");
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client(), "roots");
+    assert!(claims.get("quick").await.unwrap().spec.unwrap().volume_name.is_some(), "still bound");
+    assert!(claims.get("late").await.unwrap().spec.unwrap().volume_name.is_none());
+}
