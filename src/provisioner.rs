@@ -127,7 +127,7 @@ impl Context {
 
     /// Every node's room for `class`, from the published capacities (our own from live figures), minus
     /// the bytes of claims already placed on each node and not yet provisioned.
-    pub fn candidates(&self, class: &str, root: &str, except_claim_uid: &str) -> Vec<Candidate> {
+    pub fn candidates(&self, class: &str, except_claim_uid: &str) -> Vec<Candidate> {
         let Some(capacities) = &self.capacities else { return Vec::new() };
         let mut candidates: Vec<Candidate> = capacities
             .state()
@@ -135,11 +135,10 @@ impl Context {
             .filter(|o| o.data.get("storageClassName").and_then(|v| v.as_str()) == Some(class))
             .filter_map(|o| {
                 let node = o.annotations().get(pv::ANN_NODE)?.clone();
-                let allocatable = if node == self.settings.node {
-                    self.allocatable_bytes(root)
-                } else {
-                    quantity::parse_bytes(o.data.get("capacity")?.as_str()?).ok()?
-                };
+                // Published figures for every node, ours included: all agents must decide from the same
+                // view, or each may think another node wins and nobody acts. Provisioning re-checks the
+                // live figure and hands the claim back if it no longer fits.
+                let allocatable = quantity::parse_bytes(o.data.get("capacity")?.as_str()?).ok()?;
                 Some(Candidate { node, allocatable, pending: 0 })
             })
             .collect();
@@ -461,8 +460,7 @@ async fn choose_node(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Con
         return Ok(Action::await_change());
     }
     let parsed = ClassParameters::parse(&class.parameters.clone().unwrap_or_default());
-    let root = parsed.as_ref().map(|p| p.data_root.clone()).unwrap_or_else(|_| crate::roots::DEFAULT_ROOT.to_string());
-    let candidates = ctx.candidates(&class_name, &root, &pvc.uid().unwrap_or_default());
+    let candidates = ctx.candidates(&class_name, &pvc.uid().unwrap_or_default());
     let speaks = placement::spokesperson(&candidates).is_some_and(|c| c.node == settings.node);
     let claim_ref = pvc.object_ref(&());
     let warn = |refusal: &Refusal| {
