@@ -12,7 +12,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set();
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     // Served by gRPC reflection so generic tools (grpcurl) can discover the service.
-    std::fs::write(out_dir.join("hostvol_descriptor.bin"), prost::Message::encode_to_vec(&descriptors))?;
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(descriptors)?;
+    std::fs::write(
+        out_dir.join("hostvol_descriptor.bin"),
+        prost::Message::encode_to_vec(&descriptors),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
     Ok(())
 }

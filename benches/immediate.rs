@@ -19,8 +19,15 @@ fn main() {
         println!("immediate benchmark: run with `cargo bench --bench immediate`; skipped");
         return;
     }
-    let n: usize = std::env::var("HOSTVOL_BENCH_IMMEDIATE").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let n: usize = std::env::var("HOSTVOL_BENCH_IMMEDIATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let cluster = Cluster::start().await;
         cluster.apply_repo_manifest("deploy/csidriver.yaml");

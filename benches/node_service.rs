@@ -54,7 +54,10 @@ const LIST_CALLS: usize = 1000;
 const USAGE_CONCURRENCY: usize = 2;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn loadavg() -> String {
@@ -130,12 +133,22 @@ impl CpuWindow {
     /// CPU seconds of the agent, this process and everything else over the window.
     fn stop(&self) -> CpuUse {
         let wall = self.wall.elapsed().as_secs_f64();
-        let agent = self.agent_pid.map(|p| proc_cpu(&p.to_string())).unwrap_or(0.0) - self.agent;
+        let agent = self
+            .agent_pid
+            .map(|p| proc_cpu(&p.to_string()))
+            .unwrap_or(0.0)
+            - self.agent;
         let me = proc_cpu("self") - self.me;
         let (busy, total) = machine_cpu();
         let busy = busy - self.machine.0;
         let cores = ((total - self.machine.1) / wall).round().max(1.0);
-        CpuUse { agent, me, others: (busy - agent - me).max(0.0), wall, cores }
+        CpuUse {
+            agent,
+            me,
+            others: (busy - agent - me).max(0.0),
+            wall,
+            cores,
+        }
     }
 }
 
@@ -186,7 +199,13 @@ struct Summary {
 
 fn summarize(mut v: Vec<f64>) -> Summary {
     v.sort_by(|a, b| a.total_cmp(b));
-    Summary { n: v.len(), median: pct(&v, 0.5), p90: pct(&v, 0.9), p99: pct(&v, 0.99), max: v.last().copied().unwrap_or(f64::NAN) }
+    Summary {
+        n: v.len(),
+        median: pct(&v, 0.5),
+        p90: pct(&v, 0.9),
+        p99: pct(&v, 0.99),
+        max: v.last().copied().unwrap_or(f64::NAN),
+    }
 }
 
 impl std::fmt::Display for Summary {
@@ -248,36 +267,57 @@ async fn provision(cluster: &Cluster, agent: &Agent, n: usize) {
     futures::stream::iter(0..n)
         .map(|i| {
             let api = api.clone();
-            async move { api.create(&PostParams::default(), &claim(&format!("c{i}"))).await.map(|_| ()) }
+            async move {
+                api.create(&PostParams::default(), &claim(&format!("c{i}")))
+                    .await
+                    .map(|_| ())
+            }
         })
         .buffer_unordered(8)
         .try_collect::<Vec<()>>()
         .await
         .unwrap_or_else(|e| panic!("create claim: {e}\n{}", cluster.diag()));
     let bound = |l: &[PersistentVolumeClaim]| {
-        l.iter().filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")).count()
+        l.iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"))
+            .count()
     };
     cluster
         .wait_for(
-            || async { api.list(&ListParams::default()).await.map(|l| bound(&l.items) >= n).unwrap_or(false) },
+            || async {
+                api.list(&ListParams::default())
+                    .await
+                    .map(|l| bound(&l.items) >= n)
+                    .unwrap_or(false)
+            },
             Duration::from_secs(120),
             &format!("{n} claims Bound"),
         )
         .await;
-    let mut client = connect(&tcp(agent), CONNECT_TIMEOUT).await.expect("connect to the agent");
+    let mut client = connect(&tcp(agent), CONNECT_TIMEOUT)
+        .await
+        .expect("connect to the agent");
     cluster
         .wait_for(
             || {
                 let mut client = client.clone();
                 async move {
-                    client.get_capacity(GetCapacityRequest {}).await.map(|r| r.into_inner().volume_count as usize >= n).unwrap_or(false)
+                    client
+                        .get_capacity(GetCapacityRequest {})
+                        .await
+                        .map(|r| r.into_inner().volume_count as usize >= n)
+                        .unwrap_or(false)
                 }
             },
             Duration::from_secs(30),
             &format!("agent reports {n} volumes"),
         )
         .await;
-    let report = client.get_capacity(GetCapacityRequest {}).await.unwrap().into_inner();
+    let report = client
+        .get_capacity(GetCapacityRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     eprintln!(
         "[bench] {n} claims Bound in {:.1} s; agent reports {} volumes, {} bytes allocated, filesystem {}",
         t0.elapsed().as_secs_f64(),
@@ -298,12 +338,18 @@ fn unix(agent: &Agent) -> Address {
 /// `calls` sequential GetCapacity calls on one channel, after a warm-up.
 async fn sequential_get_capacity(client: &mut NodeClient<Channel>, calls: usize) -> Summary {
     for _ in 0..WARMUP {
-        client.get_capacity(GetCapacityRequest {}).await.expect("GetCapacity");
+        client
+            .get_capacity(GetCapacityRequest {})
+            .await
+            .expect("GetCapacity");
     }
     let mut lat = Vec::with_capacity(calls);
     for _ in 0..calls {
         let t = Instant::now();
-        client.get_capacity(GetCapacityRequest {}).await.expect("GetCapacity");
+        client
+            .get_capacity(GetCapacityRequest {})
+            .await
+            .expect("GetCapacity");
         lat.push(us(t.elapsed()));
     }
     summarize(lat)
@@ -336,7 +382,9 @@ async fn throughput(address: &Address, clients: usize, seconds: u64, agent_pid: 
     let mut channels = Vec::with_capacity(clients);
     for _ in 0..clients {
         let mut c = connect(address, CONNECT_TIMEOUT).await.expect("connect");
-        c.get_capacity(GetCapacityRequest {}).await.expect("GetCapacity"); // establish the connection
+        c.get_capacity(GetCapacityRequest {})
+            .await
+            .expect("GetCapacity"); // establish the connection
         channels.push(c);
     }
     let start = tokio::time::Instant::now();
@@ -370,20 +418,36 @@ async fn throughput(address: &Address, clients: usize, seconds: u64, agent_pid: 
     }
     let wall = start.elapsed().as_secs_f64();
     let cpu = cpu.stop();
-    Throughput { calls, errors, per_sec: calls as f64 / wall, latency: summarize(lat), cpu }
+    Throughput {
+        calls,
+        errors,
+        per_sec: calls as f64 / wall,
+        latency: summarize(lat),
+        cpu,
+    }
 }
 
-async fn list_volumes_latency(client: &mut NodeClient<Channel>, volumes: usize) -> (Summary, usize) {
+async fn list_volumes_latency(
+    client: &mut NodeClient<Channel>,
+    volumes: usize,
+) -> (Summary, usize) {
     let mut size = 0;
     for _ in 0..50 {
-        let r = client.list_volumes(ListVolumesRequest {}).await.expect("ListVolumes").into_inner();
+        let r = client
+            .list_volumes(ListVolumesRequest {})
+            .await
+            .expect("ListVolumes")
+            .into_inner();
         assert_eq!(r.volumes.len(), volumes, "ListVolumes returns every volume");
         size = prost::Message::encoded_len(&r);
     }
     let mut lat = Vec::with_capacity(LIST_CALLS);
     for _ in 0..LIST_CALLS {
         let t = Instant::now();
-        client.list_volumes(ListVolumesRequest {}).await.expect("ListVolumes");
+        client
+            .list_volumes(ListVolumesRequest {})
+            .await
+            .expect("ListVolumes");
         lat.push(us(t.elapsed()));
     }
     (summarize(lat), size)
@@ -402,41 +466,79 @@ struct GrpcReport {
 }
 
 async fn grpc_part(volumes: usize, calls: usize, clients: usize, seconds: u64) -> GrpcReport {
-    let mut r = GrpcReport { volumes, ..Default::default() };
+    let mut r = GrpcReport {
+        volumes,
+        ..Default::default()
+    };
     let cluster = Cluster::start().await;
     cluster.add_node(NODE).await;
     let agent = cluster.start_agent(NODE, &[]).await;
-    let exe = std::fs::read_link(format!("/proc/{}/exe", agent.pid())).map(|p| p.display().to_string()).unwrap_or_else(|e| format!("? ({e})"));
-    eprintln!("[bench] agent {NODE} runs {exe} (pid {}); gRPC {} and {}", agent.pid(), agent.grpc_addr, agent.grpc_socket.display());
+    let exe = std::fs::read_link(format!("/proc/{}/exe", agent.pid()))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|e| format!("? ({e})"));
+    eprintln!(
+        "[bench] agent {NODE} runs {exe} (pid {}); gRPC {} and {}",
+        agent.pid(),
+        agent.grpc_addr,
+        agent.grpc_socket.display()
+    );
     provision(&cluster, &agent, volumes).await;
     // Let the agent's first usage walk of the new volumes and the PV controller's last updates settle.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     for (name, address) in [("TCP", tcp(&agent)), ("Unix socket", unix(&agent))] {
-        let mut client = connect(&address, CONNECT_TIMEOUT).await.unwrap_or_else(|e| panic!("connect {address}: {e}"));
-        eprintln!("[bench] part 1: {calls} sequential GetCapacity calls over {name} ({address}); load {}", loadavg());
+        let mut client = connect(&address, CONNECT_TIMEOUT)
+            .await
+            .unwrap_or_else(|e| panic!("connect {address}: {e}"));
+        eprintln!(
+            "[bench] part 1: {calls} sequential GetCapacity calls over {name} ({address}); load {}",
+            loadavg()
+        );
         let cpu = CpuWindow::start(Some(agent.pid()));
         let s = sequential_get_capacity(&mut client, calls).await;
         let cpu = cpu.stop();
-        eprintln!("[bench]   {s}\n[bench]   {cpu}; agent CPU {:.0} us per call", cpu.agent * 1e6 / (calls + WARMUP) as f64);
-        r.load.push(format!("part 1 {name}: load {}; {cpu}", loadavg()));
-        if name == "TCP" { r.tcp = Some(s) } else { r.unix = Some(s) }
+        eprintln!(
+            "[bench]   {s}\n[bench]   {cpu}; agent CPU {:.0} us per call",
+            cpu.agent * 1e6 / (calls + WARMUP) as f64
+        );
+        r.load
+            .push(format!("part 1 {name}: load {}; {cpu}", loadavg()));
+        if name == "TCP" {
+            r.tcp = Some(s)
+        } else {
+            r.unix = Some(s)
+        }
     }
 
     for (name, address) in [("TCP", tcp(&agent)), ("Unix socket", unix(&agent))] {
-        eprintln!("[bench] part 2: {clients} clients on separate channels, GetCapacity for {seconds} s over {name}; load {}", loadavg());
+        eprintln!(
+            "[bench] part 2: {clients} clients on separate channels, GetCapacity for {seconds} s over {name}; load {}",
+            loadavg()
+        );
         let t = throughput(&address, clients, seconds, agent.pid()).await;
         eprintln!("[bench]   {t}\n[bench]   {}", t.cpu);
-        r.load.push(format!("part 2 {name}: load {}; {}", loadavg(), t.cpu));
-        if name == "TCP" { r.tcp_tp = Some(t) } else { r.unix_tp = Some(t) }
+        r.load
+            .push(format!("part 2 {name}: load {}; {}", loadavg(), t.cpu));
+        if name == "TCP" {
+            r.tcp_tp = Some(t)
+        } else {
+            r.unix_tp = Some(t)
+        }
     }
 
     for (name, address) in [("TCP", tcp(&agent)), ("Unix socket", unix(&agent))] {
         let mut client = connect(&address, CONNECT_TIMEOUT).await.expect("connect");
-        eprintln!("[bench] part 2: {LIST_CALLS} sequential ListVolumes calls ({volumes} volumes) over {name}; load {}", loadavg());
+        eprintln!(
+            "[bench] part 2: {LIST_CALLS} sequential ListVolumes calls ({volumes} volumes) over {name}; load {}",
+            loadavg()
+        );
         let (s, size) = list_volumes_latency(&mut client, volumes).await;
         eprintln!("[bench]   {s}; response {size} bytes");
-        if name == "TCP" { r.list_tcp = Some((s, size)) } else { r.list_unix = Some((s, size)) }
+        if name == "TCP" {
+            r.list_tcp = Some((s, size))
+        } else {
+            r.list_unix = Some((s, size))
+        }
     }
     eprintln!("[bench] agent log: {}", agent.log_path().display());
     r
@@ -467,7 +569,9 @@ fn layout(files: usize) -> Vec<String> {
 /// Creates `dirs` volume directories under `root` with `files` files each (1-5 KiB), on 2 threads.
 /// Returns the directory names and the bytes written.
 fn build_tree(root: &Path, dirs: usize, files: usize) -> (Vec<String>, u64) {
-    let names: Vec<String> = (0..dirs).map(|i| format!("pvc-bench-{i:05}_bench_claim-{i}")).collect();
+    let names: Vec<String> = (0..dirs)
+        .map(|i| format!("pvc-bench-{i:05}_bench_claim-{i}"))
+        .collect();
     let paths = layout(files);
     let payload = vec![0x5au8; 5 * 1024];
     let written = std::sync::atomic::AtomicU64::new(0);
@@ -506,7 +610,8 @@ async fn usage_run(root: &Arc<OwnedFd>, names: &[String]) -> UsageRun {
     let (rss_before, _) = own_rss_mib();
     let peak = reset_peak_rss();
     let cpu = CpuWindow::start(None);
-    let (measured, wall) = usage::refresh(root.clone(), names.to_vec(), &cache, USAGE_CONCURRENCY).await;
+    let (measured, wall) =
+        usage::refresh(root.clone(), names.to_vec(), &cache, USAGE_CONCURRENCY).await;
     let cpu = cpu.stop();
     let (_, hwm) = own_rss_mib();
     let (mut bytes, mut inodes) = (0, 0);
@@ -516,7 +621,14 @@ async fn usage_run(root: &Arc<OwnedFd>, names: &[String]) -> UsageRun {
             inodes += u.inodes;
         }
     }
-    UsageRun { measured, wall, bytes, inodes, peak_rss_delta: peak.then(|| hwm - rss_before), cpu }
+    UsageRun {
+        measured,
+        wall,
+        bytes,
+        inodes,
+        peak_rss_delta: peak.then(|| hwm - rss_before),
+        cpu,
+    }
 }
 
 struct UsageReport {
@@ -534,7 +646,12 @@ async fn usage_part(dirs: usize, files_per_dir: usize) -> UsageReport {
         .arg(tmp.path())
         .output()
         .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().nth(1).map(|l| l.trim().to_string()))
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .nth(1)
+                .map(|l| l.trim().to_string())
+        })
         .unwrap_or_else(|| "?".into());
     let total = dirs * files_per_dir;
     eprintln!(
@@ -543,12 +660,21 @@ async fn usage_part(dirs: usize, files_per_dir: usize) -> UsageReport {
         loadavg()
     );
     let t0 = Instant::now();
-    let (names, written) = tokio::task::block_in_place(|| build_tree(tmp.path(), dirs, files_per_dir));
+    let (names, written) =
+        tokio::task::block_in_place(|| build_tree(tmp.path(), dirs, files_per_dir));
     let build = t0.elapsed();
-    eprintln!("[bench]   built in {:.1} s ({:.1} MiB written)", build.as_secs_f64(), written as f64 / (1 << 20) as f64);
+    eprintln!(
+        "[bench]   built in {:.1} s ({:.1} MiB written)",
+        build.as_secs_f64(),
+        written as f64 / (1 << 20) as f64
+    );
     let root = Arc::new(
-        nix::fcntl::open(tmp.path(), nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY, nix::sys::stat::Mode::empty())
-            .expect("open temp root"),
+        nix::fcntl::open(
+            tmp.path(),
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .expect("open temp root"),
     );
     let mut runs = Vec::new();
     for run in 1..=2 {
@@ -560,7 +686,9 @@ async fn usage_part(dirs: usize, files_per_dir: usize) -> UsageReport {
             total as f64 / r.wall.as_secs_f64(),
             r.bytes as f64 / (1 << 20) as f64,
             r.inodes,
-            r.peak_rss_delta.map(|m| format!("{m:.1} MiB")).unwrap_or_else(|| "n/a".into()),
+            r.peak_rss_delta
+                .map(|m| format!("{m:.1} MiB"))
+                .unwrap_or_else(|| "n/a".into()),
             r.cpu,
             loadavg()
         );
@@ -569,8 +697,17 @@ async fn usage_part(dirs: usize, files_per_dir: usize) -> UsageReport {
     let t = Instant::now();
     drop(root);
     tokio::task::block_in_place(|| drop(tmp));
-    eprintln!("[bench]   removed the tree in {:.1} s", t.elapsed().as_secs_f64());
-    UsageReport { dirs, files: total, fs, build, runs }
+    eprintln!(
+        "[bench]   removed the tree in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    UsageReport {
+        dirs,
+        files: total,
+        fs,
+        build,
+        runs,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -594,21 +731,41 @@ fn main() {
         _ => (true, true),
     };
     let exe = env!("CARGO_BIN_EXE_hostvol");
-    let release = !Path::new(exe).components().any(|c| c.as_os_str() == "debug");
+    let release = !Path::new(exe)
+        .components()
+        .any(|c| c.as_os_str() == "debug");
     let agent_bin = common::hostvol_bin();
-    eprintln!("[bench] agent binary {} ({} build)", agent_bin.display(), if release { "release" } else { "debug" });
+    eprintln!(
+        "[bench] agent binary {} ({} build)",
+        agent_bin.display(),
+        if release { "release" } else { "debug" }
+    );
     let uptime_start = uptime();
     let started = Instant::now();
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let (grpc, usage) = rt.block_on(async {
-        let grpc = if do_grpc { Some(grpc_part(volumes, calls, clients, seconds).await) } else { None };
-        let usage = if do_usage { Some(usage_part(usage_dirs, usage_files).await) } else { None };
+        let grpc = if do_grpc {
+            Some(grpc_part(volumes, calls, clients, seconds).await)
+        } else {
+            None
+        };
+        let usage = if do_usage {
+            Some(usage_part(usage_dirs, usage_files).await)
+        } else {
+            None
+        };
         (grpc, usage)
     });
     rt.shutdown_timeout(Duration::from_secs(2));
 
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let na = || "n/a".to_string();
     println!();
     println!(
@@ -622,8 +779,14 @@ fn main() {
     println!("uptime at end:   {}", uptime());
     if let Some(g) = &grpc {
         println!("-- node service, one agent with {} volumes --", g.volumes);
-        println!("GetCapacity, 1 client, sequential, TCP loopback: {}", g.tcp.as_ref().map(|s| s.to_string()).unwrap_or_else(na));
-        println!("GetCapacity, 1 client, sequential, Unix socket:  {}", g.unix.as_ref().map(|s| s.to_string()).unwrap_or_else(na));
+        println!(
+            "GetCapacity, 1 client, sequential, TCP loopback: {}",
+            g.tcp.as_ref().map(|s| s.to_string()).unwrap_or_else(na)
+        );
+        println!(
+            "GetCapacity, 1 client, sequential, Unix socket:  {}",
+            g.unix.as_ref().map(|s| s.to_string()).unwrap_or_else(na)
+        );
         println!(
             "GetCapacity, {clients} clients x {seconds} s, TCP:  {}",
             g.tcp_tp.as_ref().map(|t| t.to_string()).unwrap_or_else(na)
@@ -632,9 +795,21 @@ fn main() {
             "GetCapacity, {clients} clients x {seconds} s, Unix: {}",
             g.unix_tp.as_ref().map(|t| t.to_string()).unwrap_or_else(na)
         );
-        let list = |l: &Option<(Summary, usize)>| l.as_ref().map(|(s, size)| format!("{s}; response {size} bytes")).unwrap_or_else(na);
-        println!("ListVolumes ({} volumes), 1 client, TCP:  {}", g.volumes, list(&g.list_tcp));
-        println!("ListVolumes ({} volumes), 1 client, Unix: {}", g.volumes, list(&g.list_unix));
+        let list = |l: &Option<(Summary, usize)>| {
+            l.as_ref()
+                .map(|(s, size)| format!("{s}; response {size} bytes"))
+                .unwrap_or_else(na)
+        };
+        println!(
+            "ListVolumes ({} volumes), 1 client, TCP:  {}",
+            g.volumes,
+            list(&g.list_tcp)
+        );
+        println!(
+            "ListVolumes ({} volumes), 1 client, Unix: {}",
+            g.volumes,
+            list(&g.list_unix)
+        );
         for l in &g.load {
             println!("  {l}");
         }
@@ -651,14 +826,20 @@ fn main() {
             println!(
                 "run {} ({}): {:.0} ms wall, {:.0} files/s ({:.0} entries/s), {} dirs measured, {} inodes, {:.1} MiB; peak RSS +{}; {}",
                 i + 1,
-                if i == 0 { "right after creating the tree" } else { "warm" },
+                if i == 0 {
+                    "right after creating the tree"
+                } else {
+                    "warm"
+                },
                 r.wall.as_secs_f64() * 1e3,
                 u.files as f64 / r.wall.as_secs_f64(),
                 r.inodes as f64 / r.wall.as_secs_f64(),
                 r.measured,
                 r.inodes,
                 r.bytes as f64 / (1 << 20) as f64,
-                r.peak_rss_delta.map(|m| format!("{m:.1} MiB")).unwrap_or_else(na),
+                r.peak_rss_delta
+                    .map(|m| format!("{m:.1} MiB"))
+                    .unwrap_or_else(na),
                 r.cpu
             );
         }

@@ -42,7 +42,10 @@ const PARALLEL: usize = 8;
 const SIZE: &str = "1Mi";
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn loadavg() -> String {
@@ -89,8 +92,13 @@ impl Recorder {
     }
 
     fn volume(&self, pv: &PersistentVolume, now: Instant) {
-        let Some(cr) = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref()) else { return };
-        let key = (cr.namespace.clone().unwrap_or_default(), cr.name.clone().unwrap_or_default());
+        let Some(cr) = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref()) else {
+            return;
+        };
+        let key = (
+            cr.namespace.clone().unwrap_or_default(),
+            cr.name.clone().unwrap_or_default(),
+        );
         self.stamps.lock().unwrap().pv.entry(key).or_insert(now);
         self.changed.notify_waiters();
     }
@@ -112,7 +120,10 @@ impl Recorder {
     }
 
     fn count(&self, ns: &str, f: impl Fn(&Stamps) -> &HashMap<Key, Instant>) -> usize {
-        f(&self.stamps.lock().unwrap()).keys().filter(|(n, _)| n == ns).count()
+        f(&self.stamps.lock().unwrap())
+            .keys()
+            .filter(|(n, _)| n == ns)
+            .count()
     }
 }
 
@@ -125,7 +136,12 @@ async fn start_watches(client: Client, rec: Arc<Recorder>) -> Vec<tokio::task::J
     let c = client.clone();
     let claims = tokio::spawn(async move {
         let mut ready = Some(tx1);
-        let mut s = watcher(Api::<PersistentVolumeClaim>::all(c), watcher::Config::default()).default_backoff().boxed();
+        let mut s = watcher(
+            Api::<PersistentVolumeClaim>::all(c),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .boxed();
         while let Some(ev) = s.next().await {
             let now = Instant::now();
             match ev {
@@ -142,7 +158,12 @@ async fn start_watches(client: Client, rec: Arc<Recorder>) -> Vec<tokio::task::J
     });
     let volumes = tokio::spawn(async move {
         let mut ready = Some(tx2);
-        let mut s = watcher(Api::<PersistentVolume>::all(client), watcher::Config::default()).default_backoff().boxed();
+        let mut s = watcher(
+            Api::<PersistentVolume>::all(client),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .boxed();
         while let Some(ev) = s.next().await {
             let now = Instant::now();
             match ev {
@@ -217,9 +238,15 @@ async fn create_all(client: &Client, objs: Vec<Obj>) {
                 match o {
                     Obj::Claim(c) => {
                         let ns = c.namespace().unwrap();
-                        Api::<PersistentVolumeClaim>::namespaced(client, &ns).create(&pp, &c).await.map(|_| ())
+                        Api::<PersistentVolumeClaim>::namespaced(client, &ns)
+                            .create(&pp, &c)
+                            .await
+                            .map(|_| ())
                     }
-                    Obj::Volume(v) => Api::<PersistentVolume>::all(client).create(&pp, &v).await.map(|_| ()),
+                    Obj::Volume(v) => Api::<PersistentVolume>::all(client)
+                        .create(&pp, &v)
+                        .await
+                        .map(|_| ()),
                 }
             }
         })
@@ -232,7 +259,10 @@ async fn create_all(client: &Client, objs: Vec<Obj>) {
 /// A namespace without waiting for its ServiceAccount (no pods are made in it).
 async fn namespace(client: &Client, name: &str) {
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap_or_else(|e| panic!("namespace {name}: {e}"));
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap_or_else(|e| panic!("namespace {name}: {e}"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -258,7 +288,13 @@ struct Summary {
 
 fn summarize(mut v: Vec<f64>) -> Summary {
     v.sort_by(|a, b| a.total_cmp(b));
-    Summary { n: v.len(), median: pct(&v, 0.5), p90: pct(&v, 0.9), p99: pct(&v, 0.99), max: v.last().copied().unwrap_or(f64::NAN) }
+    Summary {
+        n: v.len(),
+        median: pct(&v, 0.5),
+        p90: pct(&v, 0.9),
+        p99: pct(&v, 0.99),
+        max: v.last().copied().unwrap_or(f64::NAN),
+    }
 }
 
 impl std::fmt::Display for Summary {
@@ -288,7 +324,11 @@ fn histogram(metrics: &str, name: &str) -> Vec<(f64, f64)> {
         .filter(|l| l.starts_with(&prefix))
         .filter_map(|l| {
             let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
             let count = l.rsplit_once(' ')?.1.trim().parse().ok()?;
             Some((le, count))
         })
@@ -308,7 +348,13 @@ fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
             if le.is_infinite() {
                 return lo;
             }
-            return lo + (le - lo) * if cum > below { (rank - below) / (cum - below) } else { 1.0 };
+            return lo
+                + (le - lo)
+                    * if cum > below {
+                        (rank - below) / (cum - below)
+                    } else {
+                        1.0
+                    };
         }
         (lo, below) = (le, cum);
     }
@@ -318,7 +364,11 @@ fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
 /// Upper bound of the bucket holding quantile q (the figure a coarse histogram can vouch for).
 fn bucket_bound(buckets: &[(f64, f64)], q: f64) -> f64 {
     let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
-    buckets.iter().find(|b| b.1 >= q * total).map(|b| b.0).unwrap_or(f64::NAN)
+    buckets
+        .iter()
+        .find(|b| b.1 >= q * total)
+        .map(|b| b.0)
+        .unwrap_or(f64::NAN)
 }
 
 fn strip_ansi(s: &str) -> String {
@@ -346,7 +396,14 @@ fn logged_millis(agent: &Agent, ns: &str) -> Vec<f64> {
         .lines()
         .map(strip_ansi)
         .filter(|l| l.contains(" provisioned") && l.contains(&needle))
-        .filter_map(|l| l.split("millis=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| {
+            l.split("millis=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect()
 }
 
@@ -355,16 +412,38 @@ fn logged_millis(agent: &Agent, ns: &str) -> Vec<f64> {
 /// directory ready -> "provisioned" [POST PV]) in ms.
 fn logged_split(agent: &Agent, ns: &str) -> (Vec<f64>, Vec<f64>) {
     let needle = format!("pvc={ns}/");
-    let ts = |l: &str| l.split_whitespace().next()?.parse::<k8s_openapi::jiff::Timestamp>().ok().map(|t| t.as_microsecond());
-    let pvc = |l: &str| l.split(&needle).nth(1)?.split(|c: char| c.is_whitespace() || c == '}').next().map(str::to_string);
+    let ts = |l: &str| {
+        l.split_whitespace()
+            .next()?
+            .parse::<k8s_openapi::jiff::Timestamp>()
+            .ok()
+            .map(|t| t.as_microsecond())
+    };
+    let pvc = |l: &str| {
+        l.split(&needle)
+            .nth(1)?
+            .split(|c: char| c.is_whitespace() || c == '}')
+            .next()
+            .map(str::to_string)
+    };
     let mut dir_ready: HashMap<String, i64> = HashMap::new();
     let (mut before, mut post) = (Vec::new(), Vec::new());
-    for l in agent.log().lines().map(strip_ansi).filter(|l| l.contains(&needle)) {
-        let (Some(t), Some(claim)) = (ts(&l), pvc(&l)) else { continue };
+    for l in agent
+        .log()
+        .lines()
+        .map(strip_ansi)
+        .filter(|l| l.contains(&needle))
+    {
+        let (Some(t), Some(claim)) = (ts(&l), pvc(&l)) else {
+            continue;
+        };
         if l.contains(" volume directory ready") {
             dir_ready.insert(claim, t);
         } else if l.contains(" provisioned")
-            && let Some(total) = l.split("millis=").nth(1).and_then(|m| m.split_whitespace().next()?.parse::<f64>().ok())
+            && let Some(total) = l
+                .split("millis=")
+                .nth(1)
+                .and_then(|m| m.split_whitespace().next()?.parse::<f64>().ok())
             && let Some(d) = dir_ready.get(&claim)
         {
             let p = (t - d) as f64 / 1e3;
@@ -383,7 +462,8 @@ fn mkdir_fsync_floor(root: &Path, n: usize) -> Vec<f64> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let t = Instant::now();
-        let made = std::fs::create_dir(dir.join(i.to_string())).and_then(|_| std::fs::File::open(&dir)?.sync_all());
+        let made = std::fs::create_dir(dir.join(i.to_string()))
+            .and_then(|_| std::fs::File::open(&dir)?.sync_all());
         if made.is_ok() {
             out.push(ms(t.elapsed()));
         }
@@ -407,7 +487,9 @@ fn rss_mib(pid: u32) -> (f64, f64) {
 }
 
 fn agent_exe(agent: &Agent) -> String {
-    std::fs::read_link(format!("/proc/{}/exe", agent.pid())).map(|p| p.display().to_string()).unwrap_or_else(|e| format!("? ({e})"))
+    std::fs::read_link(format!("/proc/{}/exe", agent.pid()))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|e| format!("? ({e})"))
 }
 
 fn storage_classes(cluster: &Cluster) {
@@ -434,11 +516,20 @@ struct Report {
 }
 
 /// Phase 1: claims one at a time on node-a's agent.
-async fn sequential(cluster: &Cluster, rec: &Recorder, agent: &Agent, n: usize, report: &mut Report) {
+async fn sequential(
+    cluster: &Cluster,
+    rec: &Recorder,
+    agent: &Agent,
+    n: usize,
+    report: &mut Report,
+) {
     let ns = "seq";
     namespace(&cluster.client(), ns).await;
     let api: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client(), ns);
-    eprintln!("[bench] phase 1: {n} claims one at a time on node-a (load {})", loadavg());
+    eprintln!(
+        "[bench] phase 1: {n} claims one at a time on node-a (load {})",
+        loadavg()
+    );
     let t0 = Instant::now();
     let mut timeouts = 0;
     let mut created_at: HashMap<Key, Instant> = HashMap::new();
@@ -446,15 +537,26 @@ async fn sequential(cluster: &Cluster, rec: &Recorder, agent: &Agent, n: usize, 
     for i in 0..n {
         let name = format!("seq-{i}");
         let t = Instant::now();
-        api.create(&PostParams::default(), &claim(ns, &name, "hostvol", Some("node-a"))).await.unwrap_or_else(|e| panic!("create {name}: {e}"));
+        api.create(
+            &PostParams::default(),
+            &claim(ns, &name, "hostvol", Some("node-a")),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("create {name}: {e}"));
         post_rtt.push(ms(t.elapsed()));
         let key = (ns.to_string(), name.clone());
         created_at.insert(key.clone(), Instant::now());
-        if !rec.wait(Duration::from_secs(30), |s| s.pv.contains_key(&key)).await {
+        if !rec
+            .wait(Duration::from_secs(30), |s| s.pv.contains_key(&key))
+            .await
+        {
             timeouts += 1;
             eprintln!("[bench] no PV for {ns}/{name} within 30 s");
             if timeouts >= 3 {
-                eprintln!("[bench] giving up phase 1 after 3 timeouts\n{}", cluster.diag());
+                eprintln!(
+                    "[bench] giving up phase 1 after 3 timeouts\n{}",
+                    cluster.diag()
+                );
                 break;
             }
         }
@@ -467,13 +569,15 @@ async fn sequential(cluster: &Cluster, rec: &Recorder, agent: &Agent, n: usize, 
     let elapsed = t0.elapsed();
     let (deltas, controller): (Vec<f64>, Vec<f64>) = {
         let s = rec.stamps.lock().unwrap();
-        let d = s
-            .pv
+        let d =
+            s.pv.iter()
+                .filter(|(k, _)| k.0 == ns)
+                .filter_map(|(k, pv)| Some(ms_between(*s.annotated.get(k)?, *pv)))
+                .collect();
+        let c = created_at
             .iter()
-            .filter(|(k, _)| k.0 == ns)
-            .filter_map(|(k, pv)| Some(ms_between(*s.annotated.get(k)?, *pv)))
+            .filter_map(|(k, t)| Some(ms_between(*t, *s.annotated.get(k)?)))
             .collect();
-        let c = created_at.iter().filter_map(|(k, t)| Some(ms_between(*t, *s.annotated.get(k)?))).collect();
         (d, c)
     };
     let outside = summarize(deltas);
@@ -489,8 +593,16 @@ async fn sequential(cluster: &Cluster, rec: &Recorder, agent: &Agent, n: usize, 
         bucket_quantile(&buckets, 0.99) * 1e3,
         count
     );
-    eprintln!("[bench] phase 1 done in {:.1} s ({:.0} ms per claim round trip), load {}", elapsed.as_secs_f64(), ms(elapsed) / n as f64, loadavg());
-    eprintln!("[bench]   create acknowledged -> annotation (PV controller): {}", summarize(controller));
+    eprintln!(
+        "[bench] phase 1 done in {:.1} s ({:.0} ms per claim round trip), load {}",
+        elapsed.as_secs_f64(),
+        ms(elapsed) / n as f64,
+        loadavg()
+    );
+    eprintln!(
+        "[bench]   create acknowledged -> annotation (PV controller): {}",
+        summarize(controller)
+    );
     eprintln!("[bench]   outside view (annotation -> PV):  {outside}");
     eprintln!("[bench]   agent log millis=:                {log}");
     eprintln!("[bench]   agent histogram:                  {hist}");
@@ -501,33 +613,71 @@ async fn sequential(cluster: &Cluster, rec: &Recorder, agent: &Agent, n: usize, 
             .filter_map(|&(le, c)| {
                 let here = c - prev;
                 prev = c;
-                (here > 0.0).then(|| format!("le {}ms: {here}", if le.is_infinite() { "+Inf".into() } else { format!("{}", le * 1e3) }))
+                (here > 0.0).then(|| {
+                    format!(
+                        "le {}ms: {here}",
+                        if le.is_infinite() {
+                            "+Inf".into()
+                        } else {
+                            format!("{}", le * 1e3)
+                        }
+                    )
+                })
             })
             .collect()
     };
-    eprintln!("[bench]   histogram buckets (non-cumulative): {}", nonzero.join(", "));
+    eprintln!(
+        "[bench]   histogram buckets (non-cumulative): {}",
+        nonzero.join(", ")
+    );
     let (before, post) = logged_split(agent, ns);
-    let (before, post, post_rtt, get_rtt) = (summarize(before), summarize(post), summarize(post_rtt), summarize(get_rtt));
-    eprintln!("[bench]   agent log split: start -> directory ready (GET claim, GET PV, lock, statvfs, mkdir+fsync): {before}");
-    eprintln!("[bench]   agent log split: directory ready -> provisioned (POST PV):                               {post}");
+    let (before, post, post_rtt, get_rtt) = (
+        summarize(before),
+        summarize(post),
+        summarize(post_rtt),
+        summarize(get_rtt),
+    );
+    eprintln!(
+        "[bench]   agent log split: start -> directory ready (GET claim, GET PV, lock, statvfs, mkdir+fsync): {before}"
+    );
+    eprintln!(
+        "[bench]   agent log split: directory ready -> provisioned (POST PV):                               {post}"
+    );
     eprintln!("[bench]   this client's API round trips for comparison: POST claim {post_rtt}");
     eprintln!("[bench]                                                  GET claim  {get_rtt}");
-    let fsync = summarize(mkdir_fsync_floor(agent.root.parent().unwrap_or(&agent.root), n));
+    let fsync = summarize(mkdir_fsync_floor(
+        agent.root.parent().unwrap_or(&agent.root),
+        n,
+    ));
     eprintln!("[bench]   this machine's mkdir + fsync(parent) next to the agent's root:  {fsync}");
     report.seq_split = Some(format!(
         "start -> directory ready median {:.1} ms / p99 {:.1} ms; POST PV median {:.1} ms / p99 {:.1} ms \
          (this client: GET {:.1} / {:.1} ms, POST {:.1} / {:.1} ms; mkdir+fsync {:.1} / {:.1} ms)",
-        before.median, before.p99, post.median, post.p99,
-        get_rtt.median, get_rtt.p99, post_rtt.median, post_rtt.p99,
-        fsync.median, fsync.p99,
+        before.median,
+        before.p99,
+        post.median,
+        post.p99,
+        get_rtt.median,
+        get_rtt.p99,
+        post_rtt.median,
+        post_rtt.p99,
+        fsync.median,
+        fsync.p99,
     ));
     report.seq = Some(outside);
     report.seq_log = Some(log);
     report.seq_hist = Some(hist);
 
     // Let the PV controller finish binding before the throughput phase.
-    let bound = rec.wait(Duration::from_secs(120), |s| s.bound.keys().filter(|k| k.0 == ns).count() >= n).await;
-    eprintln!("[bench] phase 1 claims all Bound: {bound} ({:.1} s after the first claim)", t0.elapsed().as_secs_f64());
+    let bound = rec
+        .wait(Duration::from_secs(120), |s| {
+            s.bound.keys().filter(|k| k.0 == ns).count() >= n
+        })
+        .await;
+    eprintln!(
+        "[bench] phase 1 claims all Bound: {bound} ({:.1} s after the first claim)",
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 /// Per-claim stage figures for a burst in namespace `ns` started at `t0`.
@@ -546,16 +696,39 @@ fn burst_stages(rec: &Recorder, ns: &str, t0: Instant) {
         }
     }
     if !annot.is_empty() {
-        eprintln!("[bench]   start -> provisioner annotation (PV controller): {}", summarize(annot));
-        eprintln!("[bench]   annotation -> PV (agent):                      {}", summarize(agent));
+        eprintln!(
+            "[bench]   start -> provisioner annotation (PV controller): {}",
+            summarize(annot)
+        );
+        eprintln!(
+            "[bench]   annotation -> PV (agent):                      {}",
+            summarize(agent)
+        );
     }
-    eprintln!("[bench]   PV -> claim Bound (PV controller):             {}", summarize(bind));
-    let bound: Vec<f64> = s.bound.iter().filter(|(k, _)| k.0 == ns).map(|(_, b)| ms_between(t0, *b)).collect();
-    eprintln!("[bench]   start -> claim Bound:                          {}", summarize(bound));
+    eprintln!(
+        "[bench]   PV -> claim Bound (PV controller):             {}",
+        summarize(bind)
+    );
+    let bound: Vec<f64> = s
+        .bound
+        .iter()
+        .filter(|(k, _)| k.0 == ns)
+        .map(|(_, b)| ms_between(t0, *b))
+        .collect();
+    eprintln!(
+        "[bench]   start -> claim Bound:                          {}",
+        summarize(bound)
+    );
 }
 
 /// Phase 2: n claims at once, pre-bound baseline then hostvol.
-async fn burst(cluster: &Cluster, rec: &Recorder, agents: &[&Agent], n: usize, report: &mut Report) {
+async fn burst(
+    cluster: &Cluster,
+    rec: &Recorder,
+    agents: &[&Agent],
+    n: usize,
+    report: &mut Report,
+) {
     let client = cluster.client();
     let timeout = Duration::from_secs(150);
 
@@ -566,13 +739,25 @@ async fn burst(cluster: &Cluster, rec: &Recorder, agents: &[&Agent], n: usize, r
     for i in 0..n {
         let name = format!("base-{i}");
         objs.push(Obj::Claim(claim(ns, &name, "", None)));
-        objs.push(Obj::Volume(prebound_pv(&format!("bench-base-{i}"), ns, &name, if i % 2 == 0 { "node-a" } else { "node-b" })));
+        objs.push(Obj::Volume(prebound_pv(
+            &format!("bench-base-{i}"),
+            ns,
+            &name,
+            if i % 2 == 0 { "node-a" } else { "node-b" },
+        )));
     }
-    eprintln!("[bench] phase 2 (i): baseline, {n} claims + {n} pre-bound PVs with {PARALLEL} requests in flight (load {})", loadavg());
+    eprintln!(
+        "[bench] phase 2 (i): baseline, {n} claims + {n} pre-bound PVs with {PARALLEL} requests in flight (load {})",
+        loadavg()
+    );
     let t0 = Instant::now();
     create_all(&client, objs).await;
     let created = t0.elapsed();
-    let ok = rec.wait(timeout, |s| s.bound.keys().filter(|k| k.0 == ns).count() >= n).await;
+    let ok = rec
+        .wait(timeout, |s| {
+            s.bound.keys().filter(|k| k.0 == ns).count() >= n
+        })
+        .await;
     let base = last_bound(rec, ns, t0);
     eprintln!(
         "[bench]   created in {:.1} s; {} / {n} Bound, last after {:.1} s{} (load {})",
@@ -588,13 +773,28 @@ async fn burst(cluster: &Cluster, rec: &Recorder, agents: &[&Agent], n: usize, r
     let ns = "burst";
     namespace(&client, ns).await;
     let objs = (0..n)
-        .map(|i| Obj::Claim(claim(ns, &format!("burst-{i}"), "hostvol", Some(&agents[i % agents.len()].node))))
+        .map(|i| {
+            Obj::Claim(claim(
+                ns,
+                &format!("burst-{i}"),
+                "hostvol",
+                Some(&agents[i % agents.len()].node),
+            ))
+        })
         .collect();
-    eprintln!("[bench] phase 2 (ii): hostvol, {n} claims over {} agents with {PARALLEL} requests in flight (load {})", agents.len(), loadavg());
+    eprintln!(
+        "[bench] phase 2 (ii): hostvol, {n} claims over {} agents with {PARALLEL} requests in flight (load {})",
+        agents.len(),
+        loadavg()
+    );
     let t0 = Instant::now();
     create_all(&client, objs).await;
     let created = t0.elapsed();
-    let ok = rec.wait(timeout, |s| s.bound.keys().filter(|k| k.0 == ns).count() >= n).await;
+    let ok = rec
+        .wait(timeout, |s| {
+            s.bound.keys().filter(|k| k.0 == ns).count() >= n
+        })
+        .await;
     let hv = last_bound(rec, ns, t0);
     eprintln!(
         "[bench]   created in {:.1} s; {} / {n} Bound, last after {:.1} s{} (load {})",
@@ -607,10 +807,14 @@ async fn burst(cluster: &Cluster, rec: &Recorder, agents: &[&Agent], n: usize, r
     burst_stages(rec, ns, t0);
     for a in agents {
         let m = a.metrics().await;
-        let done = common::metric_value(&m, "hostvol_provisions_total", &[("outcome", "succeeded")]).unwrap_or(0.0);
+        let done =
+            common::metric_value(&m, "hostvol_provisions_total", &[("outcome", "succeeded")])
+                .unwrap_or(0.0);
         let failed: Vec<&str> = m
             .lines()
-            .filter(|l| l.starts_with("hostvol_provisions_total{") && !l.contains("outcome=\"succeeded\""))
+            .filter(|l| {
+                l.starts_with("hostvol_provisions_total{") && !l.contains("outcome=\"succeeded\"")
+            })
             .collect();
         eprintln!(
             "[bench]   agent {}: {done} provisions succeeded in total, refused/failed: [{}]; burst log millis=: {}; RSS {:.1} MiB",
@@ -628,30 +832,52 @@ async fn burst(cluster: &Cluster, rec: &Recorder, agents: &[&Agent], n: usize, r
 /// Seconds from t0 to the last Bound arrival in `ns`.
 fn last_bound(rec: &Recorder, ns: &str, t0: Instant) -> f64 {
     let s = rec.stamps.lock().unwrap();
-    s.bound.iter().filter(|(k, _)| k.0 == ns).map(|(_, t)| ms_between(t0, *t) / 1e3).fold(0.0, f64::max)
+    s.bound
+        .iter()
+        .filter(|(k, _)| k.0 == ns)
+        .map(|(_, t)| ms_between(t0, *t) / 1e3)
+        .fold(0.0, f64::max)
 }
 
 /// Phase 3: RSS of a fresh agent, idle and with `n` claims of another class.
 async fn memory(n: usize, report: &mut Report) {
-    eprintln!("[bench] phase 3: agent RSS on a fresh cluster (load {})", loadavg());
+    eprintln!(
+        "[bench] phase 3: agent RSS on a fresh cluster (load {})",
+        loadavg()
+    );
     let cluster = Cluster::start().await;
     cluster.add_node("node-a").await;
     storage_classes(&cluster);
     let agent = cluster.start_agent("node-a", &[]).await;
-    eprintln!("[bench]   agent binary: {} (pid {})", agent_exe(&agent), agent.pid());
+    eprintln!(
+        "[bench]   agent binary: {} (pid {})",
+        agent_exe(&agent),
+        agent.pid()
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (idle, _) = rss_mib(agent.pid());
     eprintln!("[bench]   idle: VmRSS {idle:.1} MiB");
     let client = cluster.client();
     namespace(&client, "foreign").await;
-    let objs = (0..n).map(|i| Obj::Claim(claim("foreign", &format!("other-{i}"), "other", None))).collect();
+    let objs = (0..n)
+        .map(|i| Obj::Claim(claim("foreign", &format!("other-{i}"), "other", None)))
+        .collect();
     let t0 = Instant::now();
     create_all(&client, objs).await;
-    eprintln!("[bench]   created {n} claims of class `other` in {:.1} s", t0.elapsed().as_secs_f64());
-    let listed = Api::<PersistentVolumeClaim>::all(client).list_metadata(&ListParams::default()).await.map(|l| l.items.len()).unwrap_or(0);
+    eprintln!(
+        "[bench]   created {n} claims of class `other` in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let listed = Api::<PersistentVolumeClaim>::all(client)
+        .list_metadata(&ListParams::default())
+        .await
+        .map(|l| l.items.len())
+        .unwrap_or(0);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (with, hwm) = rss_mib(agent.pid());
-    eprintln!("[bench]   with {listed} claims in the cluster (5 s after creating them): VmRSS {with:.1} MiB, VmHWM {hwm:.1} MiB");
+    eprintln!(
+        "[bench]   with {listed} claims in the cluster (5 s after creating them): VmRSS {with:.1} MiB, VmHWM {hwm:.1} MiB"
+    );
     report.rss_idle = Some(idle);
     report.rss_foreign = Some(with);
     report.foreign = n;
@@ -667,13 +893,31 @@ fn main() {
     let burst_n = env_usize("HOSTVOL_BENCH_BURST", 200);
     let foreign_n = env_usize("HOSTVOL_BENCH_FOREIGN", 1000);
     let exe = env!("CARGO_BIN_EXE_hostvol");
-    let release = !Path::new(exe).components().any(|c| c.as_os_str() == "debug");
-    eprintln!("[bench] agent binary {exe} ({} build)", if release { "release" } else { "debug" });
+    let release = !Path::new(exe)
+        .components()
+        .any(|c| c.as_os_str() == "debug");
+    eprintln!(
+        "[bench] agent binary {exe} ({} build)",
+        if release { "release" } else { "debug" }
+    );
     let load_start = loadavg();
     let started = Instant::now();
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let mut report = Report { seq: None, seq_log: None, seq_hist: None, seq_split: None, burst: None, rss_idle: None, rss_foreign: None, foreign: foreign_n };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut report = Report {
+        seq: None,
+        seq_log: None,
+        seq_hist: None,
+        seq_split: None,
+        burst: None,
+        rss_idle: None,
+        rss_foreign: None,
+        foreign: foreign_n,
+    };
     rt.block_on(async {
         {
             let cluster = Cluster::start().await;
@@ -683,7 +927,11 @@ fn main() {
             let rec = Arc::new(Recorder::default());
             let watches = start_watches(cluster.client(), rec.clone()).await;
             let a = cluster.start_agent("node-a", &[]).await;
-            eprintln!("[bench] agent node-a runs {} (pid {})", agent_exe(&a), a.pid());
+            eprintln!(
+                "[bench] agent node-a runs {} (pid {})",
+                agent_exe(&a),
+                a.pid()
+            );
             if seq_n > 0 {
                 sequential(&cluster, &rec, &a, seq_n, &mut report).await;
             }
@@ -700,7 +948,9 @@ fn main() {
     });
     rt.shutdown_timeout(Duration::from_secs(2));
 
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let na = || "n/a".to_string();
     println!();
     println!(
@@ -713,22 +963,48 @@ fn main() {
     println!("agent binary: {exe}");
     println!(
         "agent step (outside view, annotation -> PV watch event): {}   [target: median <= 20 ms, p99 <= 100 ms]",
-        report.seq.as_ref().map(|s| s.to_string()).unwrap_or_else(na)
+        report
+            .seq
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_else(na)
     );
-    println!("agent step (agent histogram): {}", report.seq_hist.clone().unwrap_or_else(na));
-    println!("agent step (agent log millis=): {}", report.seq_log.as_ref().map(|s| s.to_string()).unwrap_or_else(na));
-    println!("agent step split (agent log timestamps): {}", report.seq_split.clone().unwrap_or_else(na));
+    println!(
+        "agent step (agent histogram): {}",
+        report.seq_hist.clone().unwrap_or_else(na)
+    );
+    println!(
+        "agent step (agent log millis=): {}",
+        report
+            .seq_log
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_else(na)
+    );
+    println!(
+        "agent step split (agent log timestamps): {}",
+        report.seq_split.clone().unwrap_or_else(na)
+    );
     println!(
         "{burst_n} claims: {}",
         report
             .burst
-            .map(|(hv, base)| format!("hostvol {hv:.1} s vs pre-bound baseline {base:.1} s: ratio {:.2} (target <= 1.1)", hv / base))
+            .map(|(hv, base)| format!(
+                "hostvol {hv:.1} s vs pre-bound baseline {base:.1} s: ratio {:.2} (target <= 1.1)",
+                hv / base
+            ))
             .unwrap_or_else(na)
     );
     println!(
         "agent RSS: idle {}, with {} foreign claims {}",
-        report.rss_idle.map(|m| format!("{m:.1} MiB")).unwrap_or_else(na),
+        report
+            .rss_idle
+            .map(|m| format!("{m:.1} MiB"))
+            .unwrap_or_else(na),
         report.foreign,
-        report.rss_foreign.map(|m| format!("{m:.1} MiB")).unwrap_or_else(na)
+        report
+            .rss_foreign
+            .map(|m| format!("{m:.1} MiB"))
+            .unwrap_or_else(na)
     );
 }

@@ -37,7 +37,10 @@ async fn main() {
     println!("hostvol demo: node-local hostPath volumes, provisioned by an agent on each node");
 
     // 1. Control plane, nodes, agents.
-    heading(1, "Start a local Kubernetes 1.20.2 control plane with two nodes");
+    heading(
+        1,
+        "Start a local Kubernetes 1.20.2 control plane with two nodes",
+    );
     let cluster = Cluster::start().await;
     for node in NODES {
         cluster.add_node(node).await;
@@ -79,19 +82,32 @@ async fn main() {
     kubectl(&cluster, &["get", "storageclass"]);
 
     // 3. The example StatefulSet.
-    heading(3, "Deploy the example StatefulSet: 3 nginx replicas, one 1Gi claim each");
+    heading(
+        3,
+        "Deploy the example StatefulSet: 3 nginx replicas, one 1Gi claim each",
+    );
     // 1.20 admits pods only once the namespace's default ServiceAccount has its token secret.
     cluster.create_namespace(NS).await;
-    kubectl(&cluster, &["apply", "-f", "deploy/examples/statefulset.yaml"]);
+    kubectl(
+        &cluster,
+        &["apply", "-f", "deploy/examples/statefulset.yaml"],
+    );
     let t_wait = Instant::now();
-    say("Waiting for the claims to be Bound and the pods Running (the StatefulSet starts them one by one)...");
+    say(
+        "Waiting for the claims to be Bound and the pods Running (the StatefulSet starts them one by one)...",
+    );
     for i in 0..REPLICAS {
         cluster.wait_pvc_bound(NS, &claim_name(i), T).await;
         cluster.wait_pod_running(NS, &pod_name(i), T).await;
     }
-    say(&format!("All {REPLICAS} claims Bound and pods Running after {:.1?}.", t_wait.elapsed()));
+    say(&format!(
+        "All {REPLICAS} claims Bound and pods Running after {:.1?}.",
+        t_wait.elapsed()
+    ));
     kubectl(&cluster, &["get", "pods", "-o", "wide"]);
-    say("Each claim got its own PersistentVolume, made by the agent of the node its pod was scheduled to:");
+    say(
+        "Each claim got its own PersistentVolume, made by the agent of the node its pod was scheduled to:",
+    );
     kubectl(&cluster, &["get", "pvc,pv", "-o", "wide"]);
     say("Each volume is a hostPath directory, pinned to its node by node affinity:");
     kubectl(
@@ -105,11 +121,16 @@ async fn main() {
              PATH:.spec.hostPath.path",
         ],
     );
-    say("The claim's Events tell the story: the scheduler picked a node, that node's agent provisioned it.");
+    say(
+        "The claim's Events tell the story: the scheduler picked a node, that node's agent provisioned it.",
+    );
     kubectl(&cluster, &["describe", "pvc", &claim_name(0)]);
 
     // 4. Directories on disk.
-    heading(4, "The volumes on disk: one directory per claim, on its node only");
+    heading(
+        4,
+        "The volumes on disk: one directory per claim, on its node only",
+    );
     for a in &agents {
         println!("  {} (data root {}):", a.node, a.root.display());
         for line in tree(&a.root) {
@@ -118,12 +139,19 @@ async fn main() {
     }
 
     // 5. Pod 0 restarts and finds its data.
-    heading(5, "Pod 0 writes a file, is deleted, and comes back to the same volume");
+    heading(
+        5,
+        "Pod 0 writes a file, is deleted, and comes back to the same volume",
+    );
     let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client(), NS);
     let pvs: Api<PersistentVolume> = Api::all(cluster.client());
     let pod0 = pods.get(&pod_name(0)).await.expect("get pod 0");
-    let node0 = pod0.spec.as_ref().and_then(|s| s.node_name.clone()).expect("pod 0 is scheduled");
+    let node0 = pod0
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .expect("pod 0 is scheduled");
     let pv0 = claims
         .get(&claim_name(0))
         .await
@@ -140,21 +168,34 @@ async fn main() {
             .expect("a hostPath volume")
             .path,
     );
-    let pv_count = pvs.list(&Default::default()).await.expect("list volumes").items.len();
+    let pv_count = pvs
+        .list(&Default::default())
+        .await
+        .expect("list volumes")
+        .items
+        .len();
     say(&format!(
         "{} runs on {node0}; its volume {pv0} is the directory {}.",
         pod_name(0),
         dir0.display()
     ));
-    say("With no container runtime here, write the file straight into that directory, as nginx would");
+    say(
+        "With no container runtime here, write the file straight into that directory, as nginx would",
+    );
     say("into /usr/share/nginx/html inside the pod:");
     let file = dir0.join("index.html");
     std::fs::write(&file, GREETING).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
-    shell(&format!("echo '{}' > {}", GREETING.trim_end(), file.display()));
+    shell(&format!(
+        "echo '{}' > {}",
+        GREETING.trim_end(),
+        file.display()
+    ));
 
     let old_uid = pod0.uid().unwrap_or_default();
     kubectl(&cluster, &["delete", "pod", &pod_name(0)]);
-    say("The StatefulSet controller re-creates it; the scheduler must put it where its volume lives...");
+    say(
+        "The StatefulSet controller re-creates it; the scheduler must put it where its volume lives...",
+    );
     cluster
         .wait_for(
             || async {
@@ -168,10 +209,15 @@ async fn main() {
     kubectl(&cluster, &["get", "pod", &pod_name(0), "-o", "wide"]);
     kubectl(&cluster, &["get", "pvc", &claim_name(0)]);
     shell(&format!("cat {}", file.display()));
-    let content = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
+    let content =
+        std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
     print!("{}", indent(&content));
 
-    let new_node = new_pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+    let new_node = new_pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default();
     let new_claim = new_pod
         .spec
         .as_ref()
@@ -180,12 +226,31 @@ async fn main() {
         .and_then(|v| v.persistent_volume_claim.as_ref())
         .map(|c| c.claim_name.clone())
         .unwrap_or_default();
-    let new_pv = claims.get(&claim_name(0)).await.ok().and_then(|c| c.spec).and_then(|s| s.volume_name);
-    let new_pv_count = pvs.list(&Default::default()).await.expect("list volumes").items.len();
-    check(new_pod.uid().unwrap_or_default() != old_uid, "a new pod (new uid)");
+    let new_pv = claims
+        .get(&claim_name(0))
+        .await
+        .ok()
+        .and_then(|c| c.spec)
+        .and_then(|s| s.volume_name);
+    let new_pv_count = pvs
+        .list(&Default::default())
+        .await
+        .expect("list volumes")
+        .items
+        .len();
+    check(
+        new_pod.uid().unwrap_or_default() != old_uid,
+        "a new pod (new uid)",
+    );
     check(new_node == node0, &format!("on the same node ({node0})"));
-    check(new_claim == claim_name(0), &format!("with the same claim ({})", claim_name(0)));
-    check(new_pv.as_deref() == Some(pv0.as_str()) && new_pv_count == pv_count, &format!("and the same volume ({pv0}), no new one"));
+    check(
+        new_claim == claim_name(0),
+        &format!("with the same claim ({})", claim_name(0)),
+    );
+    check(
+        new_pv.as_deref() == Some(pv0.as_str()) && new_pv_count == pv_count,
+        &format!("and the same volume ({pv0}), no new one"),
+    );
     check(content == GREETING, "and the file intact");
 
     // 6. Teardown.
@@ -193,7 +258,10 @@ async fn main() {
     say("Stopping the agents and the control plane, removing the cluster dir...");
     drop(agents);
     drop(cluster);
-    say(&format!("Done. The demo took {:.0?}.", round_secs(t0.elapsed())));
+    say(&format!(
+        "Done. The demo took {:.0?}.",
+        round_secs(t0.elapsed())
+    ));
 }
 
 fn claim_name(i: usize) -> String {
@@ -223,8 +291,14 @@ fn kubectl(cluster: &Cluster, args: &[&str]) {
     let shown: Vec<String> = args
         .iter()
         .map(|a| {
-            let plain = a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./,=:".contains(c));
-            if plain { a.to_string() } else { format!("'{a}'") }
+            let plain = a
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./,=:".contains(c));
+            if plain {
+                a.to_string()
+            } else {
+                format!("'{a}'")
+            }
         })
         .collect();
     println!("\n  $ kubectl {}", shown.join(" "));
@@ -233,7 +307,11 @@ fn kubectl(cluster: &Cluster, args: &[&str]) {
         .iter()
         .map(|a| {
             let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(a);
-            if a.starts_with("deploy/") && p.exists() { p.display().to_string() } else { a.to_string() }
+            if a.starts_with("deploy/") && p.exists() {
+                p.display().to_string()
+            } else {
+                a.to_string()
+            }
         })
         .collect();
     let abs: Vec<&str> = abs.iter().map(String::as_str).collect();
@@ -256,7 +334,9 @@ fn check(ok: bool, what: &str) {
 /// `tree`-style listing of `root` (directories end in `/`, files show their size).
 fn tree(root: &Path) -> Vec<String> {
     fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) {
-        let mut entries: Vec<_> = std::fs::read_dir(dir).map(|rd| rd.flatten().collect()).unwrap_or_default();
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .map(|rd| rd.flatten().collect())
+            .unwrap_or_default();
         entries.sort_by_key(|e| e.file_name());
         let n = entries.len();
         for (i, e) in entries.into_iter().enumerate() {
@@ -266,7 +346,11 @@ fn tree(root: &Path) -> Vec<String> {
             let path = e.path();
             if path.is_dir() {
                 out.push(format!("{prefix}{branch}{name}/"));
-                walk(&path, &format!("{prefix}{}", if last { "    " } else { "│   " }), out);
+                walk(
+                    &path,
+                    &format!("{prefix}{}", if last { "    " } else { "│   " }),
+                    out,
+                );
             } else {
                 let size = e.metadata().map(|m| m.len()).unwrap_or(0);
                 out.push(format!("{prefix}{branch}{name} ({size} bytes)"));

@@ -72,7 +72,11 @@ pub enum Refusal {
     MalformedRequest(String),
     StorageClassMissing(String),
     InvalidParameters(String),
-    InsufficientCapacity { requested: u64, allocatable: u64, node: String },
+    InsufficientCapacity {
+        requested: u64,
+        allocatable: u64,
+        node: String,
+    },
     /// The node's data root cannot take volumes now (missing, read-only, not mounted).
     NodeCannotServe(String),
 }
@@ -96,29 +100,45 @@ impl Refusal {
 
     pub fn message(&self) -> String {
         match self {
-            Refusal::BlockVolumeMode => "volumeMode Block is not supported: hostvol volumes are directories; \
+            Refusal::BlockVolumeMode => {
+                "volumeMode Block is not supported: hostvol volumes are directories; \
                 remove volumeMode or set it to Filesystem"
-                .into(),
+                    .into()
+            }
             Refusal::UnsupportedAccessModes(modes) => format!(
                 "access mode(s) {} not supported: a hostvol volume lives on one node's disk, so only \
                  ReadWriteOnce and ReadWriteOncePod can be honoured; use one of those",
                 modes.join(", ")
             ),
-            Refusal::DataSource => "dataSource/dataSourceRef (cloning, snapshots, populators) is not supported; \
+            Refusal::DataSource => {
+                "dataSource/dataSourceRef (cloning, snapshots, populators) is not supported; \
                 remove it and copy data in from a pod"
-                .into(),
-            Refusal::Selector => "spec.selector is not supported for dynamic provisioning; remove the selector, \
+                    .into()
+            }
+            Refusal::Selector => {
+                "spec.selector is not supported for dynamic provisioning; remove the selector, \
                 or create a PersistentVolume by hand and leave storageClassName empty"
-                .into(),
-            Refusal::MissingRequest => "spec.resources.requests.storage is missing; set it, e.g. 1Gi".into(),
-            Refusal::ZeroRequest => "spec.resources.requests.storage is zero; request at least 1 byte, e.g. 1Gi".into(),
+                    .into()
+            }
+            Refusal::MissingRequest => {
+                "spec.resources.requests.storage is missing; set it, e.g. 1Gi".into()
+            }
+            Refusal::ZeroRequest => {
+                "spec.resources.requests.storage is zero; request at least 1 byte, e.g. 1Gi".into()
+            }
             Refusal::MalformedRequest(why) => format!("spec.resources.requests.storage: {why}"),
             Refusal::StorageClassMissing(name) => format!(
                 "StorageClass {name:?} does not exist; create it (see deploy/storageclass.yaml) or fix storageClassName"
             ),
-            Refusal::InvalidParameters(why) => format!("{why}; fix the StorageClass and re-create the claim"),
+            Refusal::InvalidParameters(why) => {
+                format!("{why}; fix the StorageClass and re-create the claim")
+            }
             Refusal::NodeCannotServe(why) => why.clone(),
-            Refusal::InsufficientCapacity { requested, allocatable, node } => format!(
+            Refusal::InsufficientCapacity {
+                requested,
+                allocatable,
+                node,
+            } => format!(
                 "node {node} cannot hold {}: only {} is allocatable in its data root; free space on the node, \
                  raise its cap, or request less",
                 quantity::format_bytes(*requested),
@@ -135,8 +155,12 @@ pub fn admit(spec: &ClaimSpec) -> Result<VolumeRequest, Refusal> {
     if spec.volume_mode.as_deref() == Some("Block") {
         return Err(Refusal::BlockVolumeMode);
     }
-    let unsupported: Vec<String> =
-        spec.access_modes.iter().filter(|m| !SUPPORTED_ACCESS_MODES.contains(&m.as_str())).cloned().collect();
+    let unsupported: Vec<String> = spec
+        .access_modes
+        .iter()
+        .filter(|m| !SUPPORTED_ACCESS_MODES.contains(&m.as_str()))
+        .cloned()
+        .collect();
     if !unsupported.is_empty() {
         return Err(Refusal::UnsupportedAccessModes(unsupported));
     }
@@ -146,14 +170,25 @@ pub fn admit(spec: &ClaimSpec) -> Result<VolumeRequest, Refusal> {
     if spec.has_selector {
         return Err(Refusal::Selector);
     }
-    let request = spec.storage_request.as_deref().ok_or(Refusal::MissingRequest)?;
-    let capacity_bytes = quantity::parse_bytes(request).map_err(|e| Refusal::MalformedRequest(e.to_string()))?;
+    let request = spec
+        .storage_request
+        .as_deref()
+        .ok_or(Refusal::MissingRequest)?;
+    let capacity_bytes =
+        quantity::parse_bytes(request).map_err(|e| Refusal::MalformedRequest(e.to_string()))?;
     if capacity_bytes == 0 {
         return Err(Refusal::ZeroRequest);
     }
-    let access_modes =
-        if spec.access_modes.is_empty() { vec!["ReadWriteOnce".to_string()] } else { spec.access_modes.clone() };
-    Ok(VolumeRequest { capacity_bytes, capacity: request.trim().to_string(), access_modes })
+    let access_modes = if spec.access_modes.is_empty() {
+        vec!["ReadWriteOnce".to_string()]
+    } else {
+        spec.access_modes.clone()
+    };
+    Ok(VolumeRequest {
+        capacity_bytes,
+        capacity: request.trim().to_string(),
+        access_modes,
+    })
 }
 
 /// Whether a node with `allocatable` bytes left can take the request.
@@ -174,7 +209,10 @@ mod tests {
     use super::*;
 
     fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     const P: &str = "hostpath.hostvol.io";
@@ -182,13 +220,35 @@ mod tests {
     #[test]
     fn acts_only_on_claims_for_this_node_and_provisioner() {
         let cases = [
-            (vec![(ANN_SELECTED_NODE, "n1"), (ANN_STORAGE_PROVISIONER, P)], Interest::Provision),
-            (vec![(ANN_SELECTED_NODE, "n1"), (ANN_STORAGE_PROVISIONER_BETA, P)], Interest::Provision),
-            (vec![(ANN_SELECTED_NODE, "n2"), (ANN_STORAGE_PROVISIONER, P)], Interest::Ignore),
-            (vec![(ANN_SELECTED_NODE, "n1"), (ANN_STORAGE_PROVISIONER, "rancher.io/local-path")], Interest::Ignore),
+            (
+                vec![(ANN_SELECTED_NODE, "n1"), (ANN_STORAGE_PROVISIONER, P)],
+                Interest::Provision,
+            ),
+            (
+                vec![(ANN_SELECTED_NODE, "n1"), (ANN_STORAGE_PROVISIONER_BETA, P)],
+                Interest::Provision,
+            ),
+            (
+                vec![(ANN_SELECTED_NODE, "n2"), (ANN_STORAGE_PROVISIONER, P)],
+                Interest::Ignore,
+            ),
+            (
+                vec![
+                    (ANN_SELECTED_NODE, "n1"),
+                    (ANN_STORAGE_PROVISIONER, "rancher.io/local-path"),
+                ],
+                Interest::Ignore,
+            ),
             (vec![(ANN_STORAGE_PROVISIONER, P)], Interest::ChooseNode),
             (vec![(ANN_SELECTED_NODE, "n1")], Interest::Ignore),
-            (vec![(ANN_SELECTED_NODE, "n1"), (ANN_STORAGE_PROVISIONER, P), (ANN_BIND_COMPLETED, "yes")], Interest::Bound),
+            (
+                vec![
+                    (ANN_SELECTED_NODE, "n1"),
+                    (ANN_STORAGE_PROVISIONER, P),
+                    (ANN_BIND_COMPLETED, "yes"),
+                ],
+                Interest::Bound,
+            ),
         ];
         for (pairs, want) in cases {
             assert_eq!(interest(&annotations(&pairs), P, "n1"), want, "{pairs:?}");
@@ -207,30 +267,97 @@ mod tests {
     #[test]
     fn admits_a_plain_claim() {
         let r = admit(&valid()).unwrap();
-        assert_eq!(r, VolumeRequest { capacity_bytes: 1 << 30, capacity: "1Gi".into(), access_modes: vec!["ReadWriteOnce".into()] });
-        let pod_only = ClaimSpec { access_modes: vec!["ReadWriteOncePod".into()], volume_mode: None, ..valid() };
+        assert_eq!(
+            r,
+            VolumeRequest {
+                capacity_bytes: 1 << 30,
+                capacity: "1Gi".into(),
+                access_modes: vec!["ReadWriteOnce".into()]
+            }
+        );
+        let pod_only = ClaimSpec {
+            access_modes: vec!["ReadWriteOncePod".into()],
+            volume_mode: None,
+            ..valid()
+        };
         assert!(admit(&pod_only).is_ok());
     }
 
     #[test]
     fn refuses_what_a_node_local_directory_cannot_be() {
         let cases: Vec<(ClaimSpec, &str)> = vec![
-            (ClaimSpec { volume_mode: Some("Block".into()), ..valid() }, "block_volume_mode"),
-            (ClaimSpec { access_modes: vec!["ReadWriteMany".into()], ..valid() }, "unsupported_access_mode"),
-            (ClaimSpec { access_modes: vec!["ReadWriteOnce".into(), "ReadOnlyMany".into()], ..valid() }, "unsupported_access_mode"),
-            (ClaimSpec { has_data_source: true, ..valid() }, "data_source"),
-            (ClaimSpec { has_selector: true, ..valid() }, "selector"),
-            (ClaimSpec { storage_request: None, ..valid() }, "missing_request"),
-            (ClaimSpec { storage_request: Some("0".into()), ..valid() }, "zero_request"),
-            (ClaimSpec { storage_request: Some("lots".into()), ..valid() }, "malformed_request"),
+            (
+                ClaimSpec {
+                    volume_mode: Some("Block".into()),
+                    ..valid()
+                },
+                "block_volume_mode",
+            ),
+            (
+                ClaimSpec {
+                    access_modes: vec!["ReadWriteMany".into()],
+                    ..valid()
+                },
+                "unsupported_access_mode",
+            ),
+            (
+                ClaimSpec {
+                    access_modes: vec!["ReadWriteOnce".into(), "ReadOnlyMany".into()],
+                    ..valid()
+                },
+                "unsupported_access_mode",
+            ),
+            (
+                ClaimSpec {
+                    has_data_source: true,
+                    ..valid()
+                },
+                "data_source",
+            ),
+            (
+                ClaimSpec {
+                    has_selector: true,
+                    ..valid()
+                },
+                "selector",
+            ),
+            (
+                ClaimSpec {
+                    storage_request: None,
+                    ..valid()
+                },
+                "missing_request",
+            ),
+            (
+                ClaimSpec {
+                    storage_request: Some("0".into()),
+                    ..valid()
+                },
+                "zero_request",
+            ),
+            (
+                ClaimSpec {
+                    storage_request: Some("lots".into()),
+                    ..valid()
+                },
+                "malformed_request",
+            ),
         ];
         for (spec, reason) in cases {
             let refusal = admit(&spec).unwrap_err();
             assert_eq!(refusal.reason(), reason, "{spec:?}");
             assert!(refusal.message().len() > 20);
         }
-        let msg = admit(&ClaimSpec { access_modes: vec!["ReadWriteMany".into()], ..valid() }).unwrap_err().message();
-        assert!(msg.contains("ReadWriteMany") && msg.contains("one node"), "{msg}");
+        let msg = admit(&ClaimSpec {
+            access_modes: vec!["ReadWriteMany".into()],
+            ..valid()
+        })
+        .unwrap_err()
+        .message();
+        assert!(
+            msg.contains("ReadWriteMany") && msg.contains("one node"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -238,6 +365,10 @@ mod tests {
         let r = admit(&valid()).unwrap();
         assert!(fits(&r, 1 << 30, "n1").is_ok());
         let e = fits(&r, 512 << 20, "n1").unwrap_err();
-        assert!(e.message().contains("512Mi") && e.message().contains("1Gi"), "{}", e.message());
+        assert!(
+            e.message().contains("512Mi") && e.message().contains("1Gi"),
+            "{}",
+            e.message()
+        );
     }
 }

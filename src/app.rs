@@ -8,7 +8,10 @@ pub async fn run(cli: Cli) -> ExitCode {
     let result: Result<bool, String> = match cli.command {
         Command::Agent(args) => {
             crate::telemetry::init(args.log_format);
-            crate::agent::run(args).await.map(|()| true).map_err(|e| e.to_string())
+            crate::agent::run(args)
+                .await
+                .map(|()| true)
+                .map_err(|e| e.to_string())
         }
         Command::Capacity(args) => {
             crate::telemetry::init_cli();

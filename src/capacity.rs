@@ -17,7 +17,9 @@ pub struct CapacityInputs {
 
 pub fn allocatable(inputs: &CapacityInputs) -> u64 {
     let by_disk = inputs.filesystem_available.saturating_sub(inputs.reserved);
-    let limit = inputs.cap.unwrap_or_else(|| inputs.filesystem_total.saturating_sub(inputs.reserved));
+    let limit = inputs
+        .cap
+        .unwrap_or_else(|| inputs.filesystem_total.saturating_sub(inputs.reserved));
     let by_promises = limit.saturating_sub(inputs.allocated);
     by_disk.min(by_promises)
 }
@@ -29,19 +31,80 @@ mod tests {
     #[test]
     fn the_tighter_of_disk_and_cap_wins() {
         let gi = 1u64 << 30;
-        let disk = |total: u64, available: u64| CapacityInputs { filesystem_total: total, filesystem_available: available, ..Default::default() };
+        let disk = |total: u64, available: u64| CapacityInputs {
+            filesystem_total: total,
+            filesystem_available: available,
+            ..Default::default()
+        };
         let cases = [
             (disk(20 * gi, 10 * gi), 10 * gi),
-            (CapacityInputs { reserved: 2 * gi, ..disk(20 * gi, 10 * gi) }, 8 * gi),
+            (
+                CapacityInputs {
+                    reserved: 2 * gi,
+                    ..disk(20 * gi, 10 * gi)
+                },
+                8 * gi,
+            ),
             // Promises count even when the volumes are still empty: no overcommit without an explicit cap.
-            (CapacityInputs { allocated: 15 * gi, ..disk(20 * gi, 19 * gi) }, 5 * gi),
-            (CapacityInputs { allocated: 15 * gi, reserved: 2 * gi, ..disk(20 * gi, 19 * gi) }, 3 * gi),
+            (
+                CapacityInputs {
+                    allocated: 15 * gi,
+                    ..disk(20 * gi, 19 * gi)
+                },
+                5 * gi,
+            ),
+            (
+                CapacityInputs {
+                    allocated: 15 * gi,
+                    reserved: 2 * gi,
+                    ..disk(20 * gi, 19 * gi)
+                },
+                3 * gi,
+            ),
             // An explicit cap above the disk allows thin provisioning, still bounded by free space.
-            (CapacityInputs { cap: Some(100 * gi), allocated: 50 * gi, ..disk(20 * gi, 19 * gi) }, 19 * gi),
-            (CapacityInputs { filesystem_available: 10 * gi, cap: Some(3 * gi), allocated: gi, ..Default::default() }, 2 * gi),
-            (CapacityInputs { filesystem_available: gi, cap: Some(3 * gi), allocated: 0, ..Default::default() }, gi),
-            (CapacityInputs { filesystem_available: gi, reserved: 2 * gi, ..Default::default() }, 0),
-            (CapacityInputs { filesystem_available: 10 * gi, cap: Some(3 * gi), allocated: 5 * gi, ..Default::default() }, 0),
+            (
+                CapacityInputs {
+                    cap: Some(100 * gi),
+                    allocated: 50 * gi,
+                    ..disk(20 * gi, 19 * gi)
+                },
+                19 * gi,
+            ),
+            (
+                CapacityInputs {
+                    filesystem_available: 10 * gi,
+                    cap: Some(3 * gi),
+                    allocated: gi,
+                    ..Default::default()
+                },
+                2 * gi,
+            ),
+            (
+                CapacityInputs {
+                    filesystem_available: gi,
+                    cap: Some(3 * gi),
+                    allocated: 0,
+                    ..Default::default()
+                },
+                gi,
+            ),
+            (
+                CapacityInputs {
+                    filesystem_available: gi,
+                    reserved: 2 * gi,
+                    ..Default::default()
+                },
+                0,
+            ),
+            (
+                CapacityInputs {
+                    filesystem_available: 10 * gi,
+                    cap: Some(3 * gi),
+                    allocated: 5 * gi,
+                    ..Default::default()
+                },
+                0,
+            ),
         ];
         for (inputs, want) in cases {
             assert_eq!(allocatable(&inputs), want, "{inputs:?}");
@@ -73,12 +136,53 @@ mod change_tests {
 
     #[test]
     fn small_drift_is_not_news_but_volumes_are() {
-        let base = Snapshot { volume_count: 1, allocated: 10, allocatable: 1000, available: 5000 };
+        let base = Snapshot {
+            volume_count: 1,
+            allocated: 10,
+            allocatable: 1000,
+            available: 5000,
+        };
         assert!(!materially_changed(&base, &base, 100));
-        assert!(!materially_changed(&base, &Snapshot { available: 5050, allocatable: 990, ..base }, 100));
-        assert!(materially_changed(&base, &Snapshot { available: 4800, ..base }, 100));
-        assert!(materially_changed(&base, &Snapshot { allocatable: 800, ..base }, 100));
-        assert!(materially_changed(&base, &Snapshot { volume_count: 2, ..base }, 100));
-        assert!(materially_changed(&base, &Snapshot { allocated: 11, ..base }, 100));
+        assert!(!materially_changed(
+            &base,
+            &Snapshot {
+                available: 5050,
+                allocatable: 990,
+                ..base
+            },
+            100
+        ));
+        assert!(materially_changed(
+            &base,
+            &Snapshot {
+                available: 4800,
+                ..base
+            },
+            100
+        ));
+        assert!(materially_changed(
+            &base,
+            &Snapshot {
+                allocatable: 800,
+                ..base
+            },
+            100
+        ));
+        assert!(materially_changed(
+            &base,
+            &Snapshot {
+                volume_count: 2,
+                ..base
+            },
+            100
+        ));
+        assert!(materially_changed(
+            &base,
+            &Snapshot {
+                allocated: 11,
+                ..base
+            },
+            100
+        ));
     }
 }

@@ -8,7 +8,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::quantity;
 
 #[derive(Debug, Parser)]
-#[command(name = "hostvol", version, about = "Node-local hostPath volumes for Kubernetes, provisioned by a per-node agent")]
+#[command(
+    name = "hostvol",
+    version,
+    about = "Node-local hostPath volumes for Kubernetes, provisioned by a per-node agent"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -49,7 +53,12 @@ pub struct ReportArgs {
     pub endpoint: Option<String>,
 
     /// Namespace of the hostvol agents.
-    #[arg(long, short = 'n', env = "HOSTVOL_NAMESPACE", default_value = "hostvol-system")]
+    #[arg(
+        long,
+        short = 'n',
+        env = "HOSTVOL_NAMESPACE",
+        default_value = "hostvol-system"
+    )]
     pub namespace: String,
 
     /// Output format.
@@ -133,7 +142,11 @@ pub struct AgentArgs {
     pub grpc_addr: SocketAddr,
 
     /// Unix socket of the gRPC node service, for tools on the node.
-    #[arg(long, env = "HOSTVOL_GRPC_SOCKET", default_value = "/run/hostvol/hostvol.sock")]
+    #[arg(
+        long,
+        env = "HOSTVOL_GRPC_SOCKET",
+        default_value = "/run/hostvol/hostvol.sock"
+    )]
     pub grpc_socket: PathBuf,
 
     /// How often the bytes used by each volume are measured (a directory walk, off the request path).
@@ -167,7 +180,9 @@ pub struct AgentArgs {
 
 impl AgentArgs {
     pub fn host_data_root(&self) -> String {
-        self.host_data_root.clone().unwrap_or_else(|| self.data_root.to_string_lossy().into_owned())
+        self.host_data_root
+            .clone()
+            .unwrap_or_else(|| self.data_root.to_string_lossy().into_owned())
     }
 }
 
@@ -193,12 +208,32 @@ mod tests {
 
     #[test]
     fn agent_defaults() {
-        let cli = Cli::try_parse_from(["hostvol", "agent", "--node-name", "n1", "--capacity-cap", "20Gi"]).unwrap();
-        let Command::Agent(args) = cli.command else { panic!("expected agent") };
+        let cli = Cli::try_parse_from([
+            "hostvol",
+            "agent",
+            "--node-name",
+            "n1",
+            "--capacity-cap",
+            "20Gi",
+        ])
+        .unwrap();
+        let Command::Agent(args) = cli.command else {
+            panic!("expected agent")
+        };
         assert_eq!(args.data_root, PathBuf::from("/mnt/data"));
         assert_eq!(args.host_data_root(), "/mnt/data");
         assert_eq!(args.provisioner, "hostpath.hostvol.io");
         assert_eq!(args.capacity_cap, Some(20 << 30));
-        assert!(Cli::try_parse_from(["hostvol", "agent", "--node-name", "n1", "--reserved", "lots"]).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "hostvol",
+                "agent",
+                "--node-name",
+                "n1",
+                "--reserved",
+                "lots"
+            ])
+            .is_err()
+        );
     }
 }

@@ -27,9 +27,19 @@ pub struct Source {
 }
 
 /// The roots for `node` from the ConfigMap's text (None: the ConfigMap gives this node none).
-pub fn roots_from(config_map: Option<&ConfigMap>, node: &str, source: &Source) -> Result<RootSet, String> {
-    let text = config_map.and_then(|cm| cm.data.as_ref()).and_then(|d| d.get(roots::CONFIG_KEY));
-    match text.map(|t| roots::parse_config(t, node)).transpose()?.flatten() {
+pub fn roots_from(
+    config_map: Option<&ConfigMap>,
+    node: &str,
+    source: &Source,
+) -> Result<RootSet, String> {
+    let text = config_map
+        .and_then(|cm| cm.data.as_ref())
+        .and_then(|d| d.get(roots::CONFIG_KEY));
+    match text
+        .map(|t| roots::parse_config(t, node))
+        .transpose()?
+        .flatten()
+    {
         Some(specs) => RootSet::open(&specs, &source.path_prefix),
         None => (source.fallback)(),
     }
@@ -38,7 +48,12 @@ pub fn roots_from(config_map: Option<&ConfigMap>, node: &str, source: &Source) -
 /// Reads the ConfigMap once, for start-up. A missing ConfigMap means the flags' root.
 pub async fn initial(client: &Client, node: &str, source: &Source) -> Result<RootSet, String> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), &source.namespace);
-    let cm = api.get_opt(&source.name).await.map_err(|e| format!("cannot read ConfigMap {}/{}: {e}", source.namespace, source.name))?;
+    let cm = api.get_opt(&source.name).await.map_err(|e| {
+        format!(
+            "cannot read ConfigMap {}/{}: {e}",
+            source.namespace, source.name
+        )
+    })?;
     roots_from(cm.as_ref(), node, source)
 }
 
@@ -62,7 +77,10 @@ pub async fn watch(ctx: Arc<Context>, client: Client, source: Source, shutdown: 
                 continue;
             }
         };
-        let text = cm.as_ref().and_then(|c| c.data.as_ref()).and_then(|d| d.get(roots::CONFIG_KEY).cloned());
+        let text = cm
+            .as_ref()
+            .and_then(|c| c.data.as_ref())
+            .and_then(|d| d.get(roots::CONFIG_KEY).cloned());
         if text == current && cm.is_some() {
             continue;
         }

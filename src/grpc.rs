@@ -6,4 +6,5 @@ pub mod v1 {
 }
 
 /// Encoded descriptors of the proto files, served by gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hostvol_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/hostvol_descriptor.bin"));

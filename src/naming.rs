@@ -7,14 +7,20 @@ pub const MAX_DIRECTORY_NAME: usize = 255;
 /// exactly one volume and "a PV with this name exists" means the work is done.
 pub fn pv_name(claim_uid: &str) -> Result<String, NameError> {
     if !is_uid(claim_uid) {
-        return Err(NameError(format!("claim uid {claim_uid:?} is not a Kubernetes uid")));
+        return Err(NameError(format!(
+            "claim uid {claim_uid:?} is not a Kubernetes uid"
+        )));
     }
     Ok(format!("pvc-{claim_uid}"))
 }
 
 /// The directory of a volume: `<pv-name>_<namespace>_<claim-name>`, readable by people browsing the disk.
 /// The claim name is shortened when the whole would pass NAME_MAX; the uid in the PV name keeps it unique.
-pub fn directory_name(pv_name: &str, namespace: &str, claim_name: &str) -> Result<String, NameError> {
+pub fn directory_name(
+    pv_name: &str,
+    namespace: &str,
+    claim_name: &str,
+) -> Result<String, NameError> {
     validate_dns_name("PV name", pv_name)?;
     validate_dns_name("namespace", namespace)?;
     validate_dns_name("claim name", claim_name)?;
@@ -30,18 +36,38 @@ pub fn validate_directory_name(name: &str) -> Result<(), NameError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_DIRECTORY_NAME
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_'));
-    if ok { Ok(()) } else { Err(NameError(format!("{name:?} is not a safe directory name"))) }
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(NameError(format!("{name:?} is not a safe directory name")))
+    }
 }
 
 fn validate_dns_name(what: &str, name: &str) -> Result<(), NameError> {
     let ok = !name.is_empty()
         && name.len() <= 253
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && name.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .last()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
         && !name.contains("..");
-    if ok { Ok(()) } else { Err(NameError(format!("{what} {name:?} is not a valid Kubernetes name"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(NameError(format!(
+            "{what} {name:?} is not a valid Kubernetes name"
+        )))
+    }
 }
 
 fn is_uid(uid: &str) -> bool {
@@ -52,15 +78,29 @@ fn is_uid(uid: &str) -> bool {
 /// fits, otherwise a stable shortened form.
 pub fn node_label_value(node: &str) -> String {
     let valid = node.len() <= 63
-        && node.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && node.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
-        && node.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric());
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && node
+            .bytes()
+            .next()
+            .is_none_or(|b| b.is_ascii_alphanumeric())
+        && node
+            .bytes()
+            .last()
+            .is_none_or(|b| b.is_ascii_alphanumeric());
     if valid {
         return node.to_string();
     }
     // FNV-1a: stable across releases and platforms, unlike std's hasher.
-    let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-    let prefix: String = node.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect();
+    let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let prefix: String = node
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(40)
+        .collect();
     format!("{}-{hash:016x}", prefix.trim_end_matches('-'))
 }
 
@@ -85,7 +125,10 @@ mod tests {
     fn volume_and_directory_names() {
         let pv = pv_name(UID).unwrap();
         assert_eq!(pv, format!("pvc-{UID}"));
-        assert_eq!(directory_name(&pv, "default", "www-web-0").unwrap(), format!("pvc-{UID}_default_www-web-0"));
+        assert_eq!(
+            directory_name(&pv, "default", "www-web-0").unwrap(),
+            format!("pvc-{UID}_default_www-web-0")
+        );
     }
 
     #[test]
@@ -99,13 +142,22 @@ mod tests {
 
     #[test]
     fn unsafe_names_are_refused() {
-        for bad in ["..", ".", "", "a/b", "../etc", ".hidden", "A", "a\0b", "x y"] {
+        for bad in [
+            "..", ".", "", "a/b", "../etc", ".hidden", "A", "a\0b", "x y",
+        ] {
             assert!(validate_directory_name(bad).is_err(), "{bad:?}");
         }
         assert!(pv_name("../../etc").is_err());
         assert!(pv_name("").is_err());
         let pv = pv_name(UID).unwrap();
-        for (ns, claim) in [("..", "c"), ("ns", "a/b"), ("ns", ".."), ("ns", "-x"), ("NS", "c"), ("ns", "a..b")] {
+        for (ns, claim) in [
+            ("..", "c"),
+            ("ns", "a/b"),
+            ("ns", ".."),
+            ("ns", "-x"),
+            ("NS", "c"),
+            ("ns", "a..b"),
+        ] {
             assert!(directory_name(&pv, ns, claim).is_err(), "{ns} {claim}");
         }
     }

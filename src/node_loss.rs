@@ -37,7 +37,11 @@ pub fn stranded(volumes: &[(String, String, String)], nodes: &HashSet<String>) -
     volumes
         .iter()
         .filter(|(_, node, _)| !node.is_empty() && !nodes.contains(node))
-        .map(|(pv, node, class)| Stranded { pv: pv.clone(), node: node.clone(), class: class.clone() })
+        .map(|(pv, node, class)| Stranded {
+            pv: pv.clone(),
+            node: node.clone(),
+            class: class.clone(),
+        })
         .collect()
 }
 
@@ -74,7 +78,10 @@ async fn hold_lease(api: &Api<Lease>, me: &str) -> Result<bool, kube::Error> {
         "metadata": {"resourceVersion": lease.resource_version()},
         "spec": {"holderIdentity": me, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": now},
     });
-    match api.patch(LEASE_NAME, &PatchParams::default(), &Patch::Merge(&patch)).await {
+    match api
+        .patch(LEASE_NAME, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
         Err(e) => Err(e),
@@ -91,7 +98,10 @@ pub async fn run(ctx: Arc<Context>, namespace: String, shutdown: CancellationTok
         match hold_lease(&leases, &me).await {
             Ok(now_leading) => {
                 if now_leading != leading {
-                    info!(leading = now_leading, "node-loss cleanup leadership changed");
+                    info!(
+                        leading = now_leading,
+                        "node-loss cleanup leadership changed"
+                    );
                 }
                 leading = now_leading;
             }
@@ -110,17 +120,37 @@ pub async fn run(ctx: Arc<Context>, namespace: String, shutdown: CancellationTok
     }
 }
 
-async fn sweep(ctx: &Context, missing_since: &mut HashMap<String, Instant>) -> Result<(), kube::Error> {
-    let nodes: HashSet<String> =
-        Api::<Node>::all(ctx.client.clone()).list_metadata(&ListParams::default()).await?.items.iter().map(|n| n.name_any()).collect();
+async fn sweep(
+    ctx: &Context,
+    missing_since: &mut HashMap<String, Instant>,
+) -> Result<(), kube::Error> {
+    let nodes: HashSet<String> = Api::<Node>::all(ctx.client.clone())
+        .list_metadata(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .map(|n| n.name_any())
+        .collect();
     let volumes_api: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    let all = volumes_api.list(&ListParams::default().labels(pv::LABEL_NODE)).await?.items;
-    let by_name: BTreeMap<String, &PersistentVolume> = all.iter().map(|p| (p.name_any(), p)).collect();
+    let all = volumes_api
+        .list(&ListParams::default().labels(pv::LABEL_NODE))
+        .await?
+        .items;
+    let by_name: BTreeMap<String, &PersistentVolume> =
+        all.iter().map(|p| (p.name_any(), p)).collect();
     let facts: Vec<(String, String, String)> = all
         .iter()
         .map(|p| {
-            let node = p.annotations().get(pv::ANN_NODE).cloned().unwrap_or_default();
-            let class = p.spec.as_ref().and_then(|s| s.storage_class_name.clone()).unwrap_or_default();
+            let node = p
+                .annotations()
+                .get(pv::ANN_NODE)
+                .cloned()
+                .unwrap_or_default();
+            let class = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.storage_class_name.clone())
+                .unwrap_or_default();
             (p.name_any(), node, class)
         })
         .collect();
@@ -134,15 +164,24 @@ async fn sweep(ctx: &Context, missing_since: &mut HashMap<String, Instant>) -> R
         });
     }
     for s in lost {
-        let policy = ctx.classes.get(&kube::runtime::reflector::ObjectRef::new(&s.class)).map(|class| {
-            let params = ClassParameters::parse(&class.parameters.clone().unwrap_or_default()).unwrap_or_default();
-            (params.node_loss_cleanup, params.node_loss_grace)
-        });
-        let missing_for = missing_since.get(&s.node).map(Instant::elapsed).unwrap_or_default();
+        let policy = ctx
+            .classes
+            .get(&kube::runtime::reflector::ObjectRef::new(&s.class))
+            .map(|class| {
+                let params = ClassParameters::parse(&class.parameters.clone().unwrap_or_default())
+                    .unwrap_or_default();
+                (params.node_loss_cleanup, params.node_loss_grace)
+            });
+        let missing_for = missing_since
+            .get(&s.node)
+            .map(Instant::elapsed)
+            .unwrap_or_default();
         if !due(missing_for, policy) {
             continue;
         }
-        let Some(pv) = by_name.get(&s.pv) else { continue };
+        let Some(pv) = by_name.get(&s.pv) else {
+            continue;
+        };
         let why = format!(
             "node {} was deleted {}s ago and StorageClass {} sets nodeLossCleanup; its data cannot be reached again",
             s.node,
@@ -159,20 +198,44 @@ async fn sweep(ctx: &Context, missing_since: &mut HashMap<String, Instant>) -> R
             {
                 ctx.publish(&pvc.object_ref(&()), EventType::Warning, "NodeLost", "Delete", format!(
                     "{why}; deleting this claim so its owner (e.g. a StatefulSet) re-creates it on another node"));
-                let params = DeleteParams { preconditions: Some(Preconditions { uid: pvc.uid(), resource_version: None }), ..Default::default() };
+                let params = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        uid: pvc.uid(),
+                        resource_version: None,
+                    }),
+                    ..Default::default()
+                };
                 match claims.delete(&name, &params).await {
-                    Ok(_) => info!(pvc = %format!("{ns}/{name}"), node = %s.node, "deleted claim of a lost node"),
+                    Ok(_) => {
+                        info!(pvc = %format!("{ns}/{name}"), node = %s.node, "deleted claim of a lost node")
+                    }
                     Err(kube::Error::Api(st)) if st.code == 404 || st.code == 409 => {}
                     Err(e) => return Err(e),
                 }
             }
         }
-        ctx.publish(&pv.object_ref(&()), EventType::Warning, "NodeLost", "Delete", format!("{why}; deleting this PV"));
-        if pv.finalizers().iter().any(|f| f == crate::reclaim::FINALIZER) {
+        ctx.publish(
+            &pv.object_ref(&()),
+            EventType::Warning,
+            "NodeLost",
+            "Delete",
+            format!("{why}; deleting this PV"),
+        );
+        if pv
+            .finalizers()
+            .iter()
+            .any(|f| f == crate::reclaim::FINALIZER)
+        {
             // Nobody is left to clean the directory on a node that no longer exists.
-            let remaining: Vec<&String> = pv.finalizers().iter().filter(|f| *f != crate::reclaim::FINALIZER).collect();
+            let remaining: Vec<&String> = pv
+                .finalizers()
+                .iter()
+                .filter(|f| *f != crate::reclaim::FINALIZER)
+                .collect();
             let patch = serde_json::json!({"metadata": {"finalizers": remaining}});
-            volumes_api.patch(&s.pv, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            volumes_api
+                .patch(&s.pv, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
         }
         match volumes_api.delete(&s.pv, &DeleteParams::default()).await {
             Ok(_) => info!(pv = %s.pv, node = %s.node, "deleted PV of a lost node"),
@@ -195,14 +258,27 @@ mod tests {
             ("pv2".to_string(), "b".to_string(), "c".to_string()),
             ("pv3".to_string(), String::new(), "c".to_string()),
         ];
-        assert_eq!(stranded(&volumes, &nodes), vec![Stranded { pv: "pv2".into(), node: "b".into(), class: "c".into() }]);
+        assert_eq!(
+            stranded(&volumes, &nodes),
+            vec![Stranded {
+                pv: "pv2".into(),
+                node: "b".into(),
+                class: "c".into()
+            }]
+        );
     }
 
     #[test]
     fn cleanup_needs_the_opt_in_and_the_grace_period() {
         let grace = Duration::from_secs(300);
-        assert!(!due(Duration::from_secs(3600), None), "unknown class: never");
-        assert!(!due(Duration::from_secs(3600), Some((false, grace))), "no opt-in: never");
+        assert!(
+            !due(Duration::from_secs(3600), None),
+            "unknown class: never"
+        );
+        assert!(
+            !due(Duration::from_secs(3600), Some((false, grace))),
+            "no opt-in: never"
+        );
         assert!(!due(Duration::from_secs(299), Some((true, grace))));
         assert!(due(Duration::from_secs(300), Some((true, grace))));
     }

@@ -17,23 +17,27 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::capacity::{self, Snapshot};
-use crate::roots::Root;
 use crate::grpc::v1::node_server::{Node, NodeServer};
 use crate::grpc::v1::{
-    CapacityReport, GetCapacityRequest, GetVolumeRequest, ListOrphansRequest, ListOrphansResponse, ListVolumesRequest,
-    ListVolumesResponse, LostVolume, Orphan, RootCapacity, Volume, WatchCapacityRequest,
+    CapacityReport, GetCapacityRequest, GetVolumeRequest, ListOrphansRequest, ListOrphansResponse,
+    ListVolumesRequest, ListVolumesResponse, LostVolume, Orphan, RootCapacity, Volume,
+    WatchCapacityRequest,
 };
 use crate::naming;
 use crate::provisioner::Context;
 use crate::pv;
 use crate::quantity;
+use crate::roots::Root;
 use crate::usage::{self, UsageCache};
 
 const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(10);
 
 fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+    prost_types::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
 }
 
 /// Figures of one data root, from the watch caches and one statvfs call (cheap, no disk walk).
@@ -63,7 +67,11 @@ pub fn capacity_report(ctx: &Context) -> Result<CapacityReport, Status> {
     let roots = ctx.roots();
     let all: Vec<RootCapacity> = roots.all().map(|r| root_capacity(ctx, r)).collect();
     let primary_name = roots.primary().map(|r| r.name.clone()).unwrap_or_default();
-    let primary = all.iter().find(|r| r.name == primary_name).cloned().unwrap_or_default();
+    let primary = all
+        .iter()
+        .find(|r| r.name == primary_name)
+        .cloned()
+        .unwrap_or_default();
     Ok(CapacityReport {
         node: ctx.settings.node.clone(),
         data_root: primary.data_root.clone(),
@@ -88,7 +96,12 @@ fn snapshot(report: &CapacityReport) -> Vec<Snapshot> {
     report
         .roots
         .iter()
-        .map(|r| Snapshot { volume_count: r.volume_count, allocated: r.allocated_bytes, allocatable: r.allocatable_bytes, available: r.available_bytes })
+        .map(|r| Snapshot {
+            volume_count: r.volume_count,
+            allocated: r.allocated_bytes,
+            allocatable: r.allocatable_bytes,
+            available: r.available_bytes,
+        })
         .collect()
 }
 
@@ -108,19 +121,34 @@ fn describe_volume(pv: &PersistentVolume, usage: &UsageCache) -> Volume {
         pv_name: pv.name_any(),
         claim_namespace: claim.namespace.unwrap_or_default(),
         claim_name: claim.name.unwrap_or_default(),
-        directory: pv.annotations().get(pv::ANN_DIRECTORY).cloned().unwrap_or_default(),
+        directory: pv
+            .annotations()
+            .get(pv::ANN_DIRECTORY)
+            .cloned()
+            .unwrap_or_default(),
         capacity_bytes: spec
             .capacity
-            .and_then(|c| c.get("storage").and_then(|q| quantity::parse_bytes(&q.0).ok()))
+            .and_then(|c| {
+                c.get("storage")
+                    .and_then(|q| quantity::parse_bytes(&q.0).ok())
+            })
             .unwrap_or(0),
         used_bytes: measured.map(|u| u.bytes),
         used_inodes: measured.map(|u| u.inodes),
-        phase: pv.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default(),
+        phase: pv
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default(),
         reclaim_policy: spec.persistent_volume_reclaim_policy.unwrap_or_default(),
-        created_at: pv.metadata.creation_timestamp.as_ref().map(|t| prost_types::Timestamp {
-            seconds: t.0.as_second(),
-            nanos: t.0.subsec_nanosecond(),
-        }),
+        created_at: pv
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| prost_types::Timestamp {
+                seconds: t.0.as_second(),
+                nanos: t.0.subsec_nanosecond(),
+            }),
         usage_measured_at: measured.map(|u| timestamp(u.measured_at)),
         storage_class: spec.storage_class_name.unwrap_or_default(),
     }
@@ -136,36 +164,64 @@ type ReportStream = Pin<Box<dyn Stream<Item = Result<CapacityReport, Status>> + 
 
 #[tonic::async_trait]
 impl Node for NodeService {
-    async fn get_capacity(&self, _: Request<GetCapacityRequest>) -> Result<Response<CapacityReport>, Status> {
+    async fn get_capacity(
+        &self,
+        _: Request<GetCapacityRequest>,
+    ) -> Result<Response<CapacityReport>, Status> {
         capacity_report(&self.ctx).map(Response::new)
     }
 
-    async fn list_volumes(&self, _: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
-        let mut volumes: Vec<Volume> =
-            self.ctx.volumes.state().iter().map(|pv| describe_volume(pv, &self.usage)).collect();
+    async fn list_volumes(
+        &self,
+        _: Request<ListVolumesRequest>,
+    ) -> Result<Response<ListVolumesResponse>, Status> {
+        let mut volumes: Vec<Volume> = self
+            .ctx
+            .volumes
+            .state()
+            .iter()
+            .map(|pv| describe_volume(pv, &self.usage))
+            .collect();
         volumes.sort_by(|a, b| a.pv_name.cmp(&b.pv_name));
         Ok(Response::new(ListVolumesResponse { volumes }))
     }
 
-    async fn get_volume(&self, request: Request<GetVolumeRequest>) -> Result<Response<Volume>, Status> {
+    async fn get_volume(
+        &self,
+        request: Request<GetVolumeRequest>,
+    ) -> Result<Response<Volume>, Status> {
         let name = request.into_inner().pv_name;
         let valid = !name.is_empty()
             && name.len() <= 253
-            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
         if !valid {
-            return Err(Status::invalid_argument(format!("{name:?} is not a PersistentVolume name")));
+            return Err(Status::invalid_argument(format!(
+                "{name:?} is not a PersistentVolume name"
+            )));
         }
         self.ctx
             .volumes
             .get(&kube::runtime::reflector::ObjectRef::new(&name))
             .map(|pv| Response::new(describe_volume(&pv, &self.usage)))
-            .ok_or_else(|| Status::not_found(format!("node {} has no hostvol volume {name}", self.ctx.settings.node)))
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "node {} has no hostvol volume {name}",
+                    self.ctx.settings.node
+                ))
+            })
     }
 
-    async fn list_orphans(&self, _: Request<ListOrphansRequest>) -> Result<Response<ListOrphansResponse>, Status> {
+    async fn list_orphans(
+        &self,
+        _: Request<ListOrphansRequest>,
+    ) -> Result<Response<ListOrphansResponse>, Status> {
         let mut orphans = Vec::new();
         let mut lost = Vec::new();
-        for (root, findings) in crate::orphans::scan(&self.ctx).map_err(|e| Status::unavailable(format!("cannot read a data root: {e}")))? {
+        for (root, findings) in crate::orphans::scan(&self.ctx)
+            .map_err(|e| Status::unavailable(format!("cannot read a data root: {e}")))?
+        {
             orphans.extend(findings.orphans.iter().map(|e| Orphan {
                 name: e.name.clone(),
                 path: pv::host_path(&root.host_path, &e.name),
@@ -177,29 +233,52 @@ impl Node for NodeService {
                 findings
                     .lost
                     .iter()
-                    .filter_map(|name| self.ctx.volumes.get(&kube::runtime::reflector::ObjectRef::new(name)))
+                    .filter_map(|name| {
+                        self.ctx
+                            .volumes
+                            .get(&kube::runtime::reflector::ObjectRef::new(name))
+                    })
                     .map(|pv| {
                         let v = describe_volume(&pv, &self.usage);
-                        LostVolume { pv_name: v.pv_name, claim_namespace: v.claim_namespace, claim_name: v.claim_name, directory: v.directory, phase: v.phase }
+                        LostVolume {
+                            pv_name: v.pv_name,
+                            claim_namespace: v.claim_namespace,
+                            claim_name: v.claim_name,
+                            directory: v.directory,
+                            phase: v.phase,
+                        }
                     }),
             );
         }
-        Ok(Response::new(ListOrphansResponse { orphans, lost, scanned_at: Some(timestamp(SystemTime::now())) }))
+        Ok(Response::new(ListOrphansResponse {
+            orphans,
+            lost,
+            scanned_at: Some(timestamp(SystemTime::now())),
+        }))
     }
 
     type WatchCapacityStream = ReportStream;
 
-    async fn watch_capacity(&self, request: Request<WatchCapacityRequest>) -> Result<Response<ReportStream>, Status> {
+    async fn watch_capacity(
+        &self,
+        request: Request<WatchCapacityRequest>,
+    ) -> Result<Response<ReportStream>, Status> {
         let seconds = request.into_inner().max_interval_seconds;
-        let interval = if seconds == 0 { DEFAULT_WATCH_INTERVAL } else { Duration::from_secs(seconds.clamp(1, 3600) as u64) };
+        let interval = if seconds == 0 {
+            DEFAULT_WATCH_INTERVAL
+        } else {
+            Duration::from_secs(seconds.clamp(1, 3600) as u64)
+        };
         let mut reports = self.reports.clone();
         let ctx = self.ctx.clone();
         let stream = async_stream(move |tx| async move {
-            let first = capacity_report(&ctx).unwrap_or_else(|_| reports.borrow_and_update().clone());
+            let first =
+                capacity_report(&ctx).unwrap_or_else(|_| reports.borrow_and_update().clone());
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
-            let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            let mut heartbeat =
+                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
             loop {
                 let next = tokio::select! {
                     changed = reports.changed() => match changed {
@@ -230,17 +309,32 @@ where
 }
 
 /// Keeps the latest material capacity report in `tx`, recomputing on volume changes and every second.
-pub async fn publish_capacity(ctx: Arc<Context>, tx: watch::Sender<CapacityReport>, threshold: u64, shutdown: CancellationToken) {
+pub async fn publish_capacity(
+    ctx: Arc<Context>,
+    tx: watch::Sender<CapacityReport>,
+    threshold: u64,
+    shutdown: CancellationToken,
+) {
     let mut last: Option<Vec<Snapshot>> = None;
     loop {
         if let Ok(report) = capacity_report(&ctx) {
             let now = snapshot(&report);
-            ctx.metrics.allocatable_bytes.set(report.allocatable_bytes as i64);
+            ctx.metrics
+                .allocatable_bytes
+                .set(report.allocatable_bytes as i64);
             let changed = last.as_ref().is_none_or(|prev| {
-                prev.len() != now.len() || prev.iter().zip(&now).any(|(a, b)| capacity::materially_changed(a, b, threshold))
+                prev.len() != now.len()
+                    || prev
+                        .iter()
+                        .zip(&now)
+                        .any(|(a, b)| capacity::materially_changed(a, b, threshold))
             });
             if changed {
-                debug!(allocatable = report.allocatable_bytes, volumes = report.volume_count, "capacity changed");
+                debug!(
+                    allocatable = report.allocatable_bytes,
+                    volumes = report.volume_count,
+                    "capacity changed"
+                );
                 last = Some(now);
                 tx.send_replace(report);
             }
@@ -255,11 +349,20 @@ pub async fn publish_capacity(ctx: Arc<Context>, tx: watch::Sender<CapacityRepor
 
 /// Measures every volume's usage every `every`, and new volumes as soon as they appear, off the
 /// request path.
-pub async fn refresh_usage(ctx: Arc<Context>, cache: UsageCache, every: Duration, concurrency: usize, shutdown: CancellationToken) {
+pub async fn refresh_usage(
+    ctx: Arc<Context>,
+    cache: UsageCache,
+    every: Duration,
+    concurrency: usize,
+    shutdown: CancellationToken,
+) {
     let mut next_full = tokio::time::Instant::now();
     loop {
         let volumes = ctx.volumes.state();
-        let keep: HashSet<String> = volumes.iter().filter_map(|pv| volume_directory(pv)).collect();
+        let keep: HashSet<String> = volumes
+            .iter()
+            .filter_map(|pv| volume_directory(pv))
+            .collect();
         let full = tokio::time::Instant::now() >= next_full;
         if full {
             next_full = tokio::time::Instant::now() + every;
@@ -272,7 +375,8 @@ pub async fn refresh_usage(ctx: Arc<Context>, cache: UsageCache, every: Duration
                 .filter(|d| full || cache.get(d).is_none())
                 .collect();
             if !todo.is_empty() {
-                let (measured, took) = usage::refresh(root.store.root_handle(), todo, &cache, concurrency).await;
+                let (measured, took) =
+                    usage::refresh(root.store.root_handle(), todo, &cache, concurrency).await;
                 debug!(root = %root.name, measured, full, millis = took.as_millis() as u64, "usage refreshed");
             }
         }
@@ -312,7 +416,9 @@ pub async fn bind(tcp: std::net::SocketAddr, socket: &Path) -> std::io::Result<L
 
 /// Accepted TCP connections with TCP_NODELAY: tonic ignores its own nodelay setting for a custom
 /// incoming stream, and without it small replies wait ~40 ms for the peer's delayed ACK.
-fn tcp_incoming(listener: tokio::net::TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+fn tcp_incoming(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     use futures::StreamExt;
     TcpListenerStream::new(listener).map(|conn| {
         conn.inspect(|stream| {
@@ -322,7 +428,13 @@ fn tcp_incoming(listener: tokio::net::TcpListener) -> impl futures::Stream<Item 
 }
 
 /// Serves the node service, health and reflection until `shutdown`.
-pub async fn serve(listeners: Listeners, ctx: Arc<Context>, usage: UsageCache, reports: watch::Receiver<CapacityReport>, shutdown: CancellationToken) -> Result<(), tonic::transport::Error> {
+pub async fn serve(
+    listeners: Listeners,
+    ctx: Arc<Context>,
+    usage: UsageCache,
+    reports: watch::Receiver<CapacityReport>,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<NodeServer<NodeService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -335,7 +447,11 @@ pub async fn serve(listeners: Listeners, ctx: Arc<Context>, usage: UsageCache, r
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("the embedded descriptors are valid");
-    let node = NodeServer::new(NodeService { ctx, usage, reports });
+    let node = NodeServer::new(NodeService {
+        ctx,
+        usage,
+        reports,
+    });
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
@@ -344,11 +460,24 @@ pub async fn serve(listeners: Listeners, ctx: Arc<Context>, usage: UsageCache, r
     info!(addr = ?listeners.tcp.local_addr().ok(), unix = listeners.unix.is_some(), "node service listening");
     match listeners.unix {
         Some(unix) => {
-            let tcp = router.clone().serve_with_incoming_shutdown(tcp_incoming(listeners.tcp), shutdown.clone().cancelled_owned());
-            let unix = router.serve_with_incoming_shutdown(UnixListenerStream::new(unix), shutdown.cancelled_owned());
+            let tcp = router.clone().serve_with_incoming_shutdown(
+                tcp_incoming(listeners.tcp),
+                shutdown.clone().cancelled_owned(),
+            );
+            let unix = router.serve_with_incoming_shutdown(
+                UnixListenerStream::new(unix),
+                shutdown.cancelled_owned(),
+            );
             let (a, b) = tokio::join!(tcp, unix);
             a.and(b)
         }
-        None => router.serve_with_incoming_shutdown(tcp_incoming(listeners.tcp), shutdown.cancelled_owned()).await,
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    tcp_incoming(listeners.tcp),
+                    shutdown.cancelled_owned(),
+                )
+                .await
+        }
     }
 }

@@ -40,19 +40,32 @@ pub struct Findings {
 }
 
 /// `expected` maps each of this node's PV names to its directory name.
-pub fn classify(entries: &[Entry], expected: &HashMap<String, String>, now: SystemTime) -> Findings {
-    let present: HashSet<&str> = entries.iter().filter(|e| e.is_dir).map(|e| e.name.as_str()).collect();
+pub fn classify(
+    entries: &[Entry],
+    expected: &HashMap<String, String>,
+    now: SystemTime,
+) -> Findings {
+    let present: HashSet<&str> = entries
+        .iter()
+        .filter(|e| e.is_dir)
+        .map(|e| e.name.as_str())
+        .collect();
     let wanted: HashSet<&str> = expected.values().map(String::as_str).collect();
     let mut orphans: Vec<Entry> = entries
         .iter()
-        .filter(|e| e.is_dir && !e.name.starts_with('.') && !SYSTEM_ENTRIES.contains(&e.name.as_str()))
+        .filter(|e| {
+            e.is_dir && !e.name.starts_with('.') && !SYSTEM_ENTRIES.contains(&e.name.as_str())
+        })
         .filter(|e| !wanted.contains(e.name.as_str()))
         .filter(|e| now.duration_since(e.modified).unwrap_or_default() >= GRACE)
         .cloned()
         .collect();
     orphans.sort_by_key(|e| e.modified);
-    let mut lost: Vec<String> =
-        expected.iter().filter(|(_, dir)| !present.contains(dir.as_str())).map(|(pv, _)| pv.clone()).collect();
+    let mut lost: Vec<String> = expected
+        .iter()
+        .filter(|(_, dir)| !present.contains(dir.as_str()))
+        .map(|(pv, _)| pv.clone())
+        .collect();
     lost.sort();
     Findings { orphans, lost }
 }
@@ -64,7 +77,12 @@ pub fn is_archived(name: &str) -> bool {
 /// Lists a data root (one level, no symlinks followed).
 pub fn read_root(root: &Root) -> std::io::Result<Vec<Entry>> {
     let root = root.store.root_handle();
-    let mut dir = Dir::openat(root.as_fd(), ".", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
+    let mut dir = Dir::openat(
+        root.as_fd(),
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
     let names: Vec<std::ffi::CString> = dir
         .iter()
         .filter_map(Result::ok)
@@ -85,7 +103,10 @@ pub fn read_root(root: &Root) -> std::io::Result<Vec<Entry>> {
 }
 
 pub fn expected_directories(volumes: &[Arc<PersistentVolume>]) -> HashMap<String, String> {
-    volumes.iter().filter_map(|pv| Some((pv.name_any(), crate::reclaim::own_directory(pv)?))).collect()
+    volumes
+        .iter()
+        .filter_map(|pv| Some((pv.name_any(), crate::reclaim::own_directory(pv)?)))
+        .collect()
 }
 
 /// Findings per data root. Volumes of roots this node no longer has are left out: they cannot be
@@ -95,8 +116,15 @@ pub fn scan(ctx: &Context) -> std::io::Result<Vec<(Arc<Root>, Findings)>> {
     let mut out = Vec::new();
     for root in ctx.roots().all() {
         let entries = read_root(root)?;
-        let here: Vec<Arc<PersistentVolume>> = volumes.iter().filter(|pv| crate::provisioner::pv_root(pv) == root.name).cloned().collect();
-        out.push((root.clone(), classify(&entries, &expected_directories(&here), SystemTime::now())));
+        let here: Vec<Arc<PersistentVolume>> = volumes
+            .iter()
+            .filter(|pv| crate::provisioner::pv_root(pv) == root.name)
+            .cloned()
+            .collect();
+        out.push((
+            root.clone(),
+            classify(&entries, &expected_directories(&here), SystemTime::now()),
+        ));
     }
     Ok(out)
 }
@@ -111,18 +139,36 @@ pub async fn run(ctx: Arc<Context>, every: Duration, shutdown: CancellationToken
         match scan(&ctx) {
             Ok(per_root) => {
                 let findings = Findings {
-                    orphans: per_root.iter().flat_map(|(_, f)| f.orphans.clone()).collect(),
+                    orphans: per_root
+                        .iter()
+                        .flat_map(|(_, f)| f.orphans.clone())
+                        .collect(),
                     lost: per_root.iter().flat_map(|(_, f)| f.lost.clone()).collect(),
                 };
-                ctx.metrics.orphan_directories.set(findings.orphans.len() as i64);
+                ctx.metrics
+                    .orphan_directories
+                    .set(findings.orphans.len() as i64);
                 ctx.metrics.lost_volumes.set(findings.lost.len() as i64);
-                debug!(orphans = findings.orphans.len(), lost = findings.lost.len(), "orphan scan");
+                debug!(
+                    orphans = findings.orphans.len(),
+                    lost = findings.lost.len(),
+                    "orphan scan"
+                );
                 for name in &findings.lost {
                     if !warned.insert(name.clone()) {
                         continue;
                     }
-                    let Some(pv) = ctx.volumes.get(&kube::runtime::reflector::ObjectRef::new(name)) else { continue };
-                    let path = pv.annotations().get(crate::pv::ANN_DIRECTORY).cloned().unwrap_or_default();
+                    let Some(pv) = ctx
+                        .volumes
+                        .get(&kube::runtime::reflector::ObjectRef::new(name))
+                    else {
+                        continue;
+                    };
+                    let path = pv
+                        .annotations()
+                        .get(crate::pv::ANN_DIRECTORY)
+                        .cloned()
+                        .unwrap_or_default();
                     warn!(pv = %name, %path, "volume directory is missing");
                     ctx.publish(&pv.object_ref(&()), EventType::Warning, "VolumeDirectoryMissing", "Check", format!(
                         "directory {path} of this volume is missing on node {}; pods using it will fail to start \\
@@ -145,17 +191,21 @@ mod tests {
     use super::*;
 
     fn entry(name: &str, is_dir: bool, age_secs: u64, now: SystemTime) -> Entry {
-        Entry { name: name.into(), is_dir, modified: now - Duration::from_secs(age_secs) }
+        Entry {
+            name: name.into(),
+            is_dir,
+            modified: now - Duration::from_secs(age_secs),
+        }
     }
 
     #[test]
     fn finds_orphans_and_lost_volumes_but_spares_young_and_system_entries() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let entries = vec![
-            entry("pvc-1_ns_a", true, 9999, now),          // has a PV
-            entry("pvc-2_ns_b", true, 9999, now),          // orphan
-            entry("archived-pvc-3_ns_c", true, 500, now),  // orphan, archived
-            entry("pvc-4_ns_d", true, 5, now),             // too young to judge
+            entry("pvc-1_ns_a", true, 9999, now),         // has a PV
+            entry("pvc-2_ns_b", true, 9999, now),         // orphan
+            entry("archived-pvc-3_ns_c", true, 500, now), // orphan, archived
+            entry("pvc-4_ns_d", true, 5, now),            // too young to judge
             entry("lost+found", true, 9999, now),
             entry(".hidden", true, 9999, now),
             entry("notes.txt", false, 9999, now),

@@ -3,7 +3,15 @@
 use std::collections::BTreeMap;
 
 /// Every parameter a hostvol StorageClass may set; anything else is refused so typos do not pass silently.
-pub const VALID_PARAMETERS: &[&str] = &["mode", "uid", "gid", "onDelete", "nodeLossCleanup", "nodeLossGracePeriod", "dataRoot"];
+pub const VALID_PARAMETERS: &[&str] = &[
+    "mode",
+    "uid",
+    "gid",
+    "onDelete",
+    "nodeLossCleanup",
+    "nodeLossGracePeriod",
+    "dataRoot",
+];
 
 /// How long a deleted node may stay gone before its volumes are cleaned up (classes that opt in).
 pub const DEFAULT_NODE_LOSS_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
@@ -30,15 +38,26 @@ pub struct ClassParameters {
 
 impl Default for ClassParameters {
     fn default() -> Self {
-        Self { mode: DEFAULT_MODE, uid: None, gid: None, archive_on_delete: false, node_loss_cleanup: false, node_loss_grace: DEFAULT_NODE_LOSS_GRACE, data_root: crate::roots::DEFAULT_ROOT.to_string() }
+        Self {
+            mode: DEFAULT_MODE,
+            uid: None,
+            gid: None,
+            archive_on_delete: false,
+            node_loss_cleanup: false,
+            node_loss_grace: DEFAULT_NODE_LOSS_GRACE,
+            data_root: crate::roots::DEFAULT_ROOT.to_string(),
+        }
     }
 }
 
 impl ClassParameters {
     /// Parses a StorageClass's `parameters`, explaining any problem in words a user can act on.
     pub fn parse(parameters: &BTreeMap<String, String>) -> Result<Self, String> {
-        let unknown: Vec<&str> =
-            parameters.keys().map(String::as_str).filter(|k| !VALID_PARAMETERS.contains(k)).collect();
+        let unknown: Vec<&str> = parameters
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !VALID_PARAMETERS.contains(k))
+            .collect();
         if !unknown.is_empty() {
             return Err(format!(
                 "unknown StorageClass parameter(s) {}; valid parameters are {}",
@@ -60,20 +79,34 @@ impl ClassParameters {
             parsed.archive_on_delete = match on_delete.trim() {
                 "delete" => false,
                 "archive" => true,
-                other => return Err(format!("StorageClass parameter onDelete={other:?} must be \"delete\" or \"archive\"")),
+                other => {
+                    return Err(format!(
+                        "StorageClass parameter onDelete={other:?} must be \"delete\" or \"archive\""
+                    ));
+                }
             };
         }
         if let Some(on) = parameters.get("nodeLossCleanup") {
             parsed.node_loss_cleanup = match on.trim() {
                 "true" => true,
                 "false" => false,
-                other => return Err(format!("StorageClass parameter nodeLossCleanup={other:?} must be \"true\" or \"false\"")),
+                other => {
+                    return Err(format!(
+                        "StorageClass parameter nodeLossCleanup={other:?} must be \"true\" or \"false\""
+                    ));
+                }
             };
         }
         if let Some(root) = parameters.get("dataRoot") {
-            let ok = !root.is_empty() && root.len() <= 63 && root.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            let ok = !root.is_empty()
+                && root.len() <= 63
+                && root
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
             if !ok {
-                return Err(format!("StorageClass parameter dataRoot={root:?} is not a root name such as \"fast\" (lowercase letters, digits, '-')"));
+                return Err(format!(
+                    "StorageClass parameter dataRoot={root:?} is not a root name such as \"fast\" (lowercase letters, digits, '-')"
+                ));
             }
             parsed.data_root = root.clone();
         }
@@ -103,17 +136,23 @@ pub fn parse_duration(value: &str) -> Option<std::time::Duration> {
 fn parse_mode(value: &str) -> Result<u32, String> {
     let digits = value.trim();
     let digits = digits.strip_prefix("0o").unwrap_or(digits);
-    let valid = !digits.is_empty() && digits.len() <= 5 && digits.bytes().all(|b| (b'0'..=b'7').contains(&b));
+    let valid = !digits.is_empty()
+        && digits.len() <= 5
+        && digits.bytes().all(|b| (b'0'..=b'7').contains(&b));
     match u32::from_str_radix(digits, 8) {
         Ok(mode) if valid && mode <= 0o7777 => Ok(mode),
-        _ => Err(format!("StorageClass parameter mode={value:?} is not an octal permission such as \"0770\" or \"0777\"")),
+        _ => Err(format!(
+            "StorageClass parameter mode={value:?} is not an octal permission such as \"0770\" or \"0777\""
+        )),
     }
 }
 
 fn parse_id(name: &str, value: &str) -> Result<u32, String> {
     match value.trim().parse::<u32>() {
         Ok(id) if id != u32::MAX => Ok(id),
-        _ => Err(format!("StorageClass parameter {name}={value:?} is not a numeric id such as \"1000\"")),
+        _ => Err(format!(
+            "StorageClass parameter {name}={value:?} is not a numeric id such as \"1000\""
+        )),
     }
 }
 
@@ -122,33 +161,86 @@ mod tests {
     use super::*;
 
     fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn defaults_to_world_writable_without_ownership_change() {
-        assert_eq!(ClassParameters::parse(&params(&[])).unwrap(), ClassParameters::default());
+        assert_eq!(
+            ClassParameters::parse(&params(&[])).unwrap(),
+            ClassParameters::default()
+        );
     }
 
     #[test]
     fn parses_mode_uid_gid() {
-        let p = ClassParameters::parse(&params(&[("mode", "0770"), ("uid", "1000"), ("gid", "2000")])).unwrap();
-        assert_eq!(p, ClassParameters { mode: 0o770, uid: Some(1000), gid: Some(2000), ..Default::default() });
-        let p = ClassParameters::parse(&params(&[("nodeLossCleanup", "true"), ("nodeLossGracePeriod", "10m"), ("onDelete", "archive")])).unwrap();
+        let p = ClassParameters::parse(&params(&[
+            ("mode", "0770"),
+            ("uid", "1000"),
+            ("gid", "2000"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            p,
+            ClassParameters {
+                mode: 0o770,
+                uid: Some(1000),
+                gid: Some(2000),
+                ..Default::default()
+            }
+        );
+        let p = ClassParameters::parse(&params(&[
+            ("nodeLossCleanup", "true"),
+            ("nodeLossGracePeriod", "10m"),
+            ("onDelete", "archive"),
+        ]))
+        .unwrap();
         assert!(p.node_loss_cleanup && p.archive_on_delete && p.node_loss_grace.as_secs() == 600);
-        assert_eq!(ClassParameters::parse(&params(&[("mode", "755")])).unwrap().mode, 0o755);
-        assert_eq!(ClassParameters::parse(&params(&[("mode", "2775")])).unwrap().mode, 0o2775);
+        assert_eq!(
+            ClassParameters::parse(&params(&[("mode", "755")]))
+                .unwrap()
+                .mode,
+            0o755
+        );
+        assert_eq!(
+            ClassParameters::parse(&params(&[("mode", "2775")]))
+                .unwrap()
+                .mode,
+            0o2775
+        );
     }
 
     #[test]
     fn unknown_parameters_list_the_valid_ones() {
-        let e = ClassParameters::parse(&params(&[("nodePath", "/x"), ("mode", "0777")])).unwrap_err();
-        assert!(e.contains("nodePath") && e.contains("mode, uid, gid, onDelete, nodeLossCleanup, nodeLossGracePeriod, dataRoot"), "{e}");
+        let e =
+            ClassParameters::parse(&params(&[("nodePath", "/x"), ("mode", "0777")])).unwrap_err();
+        assert!(
+            e.contains("nodePath")
+                && e.contains(
+                    "mode, uid, gid, onDelete, nodeLossCleanup, nodeLossGracePeriod, dataRoot"
+                ),
+            "{e}"
+        );
     }
 
     #[test]
     fn malformed_values_are_explained() {
-        for (k, v) in [("dataRoot", "Fast/x"), ("nodeLossGracePeriod", "soon"), ("nodeLossCleanup", "yes"), ("onDelete", "shred"), ("mode", "rwx"), ("mode", "0999"), ("mode", "77777"), ("mode", ""), ("uid", "-1"), ("gid", "root"), ("uid", "4294967295")] {
+        for (k, v) in [
+            ("dataRoot", "Fast/x"),
+            ("nodeLossGracePeriod", "soon"),
+            ("nodeLossCleanup", "yes"),
+            ("onDelete", "shred"),
+            ("mode", "rwx"),
+            ("mode", "0999"),
+            ("mode", "77777"),
+            ("mode", ""),
+            ("uid", "-1"),
+            ("gid", "root"),
+            ("uid", "4294967295"),
+        ] {
             let e = ClassParameters::parse(&params(&[(k, v)])).unwrap_err();
             assert!(e.contains(k), "{k}={v}: {e}");
         }

@@ -39,7 +39,11 @@ mod tests {
     use super::*;
 
     fn c(node: &str, allocatable: u64, pending: u64) -> Candidate {
-        Candidate { node: node.into(), allocatable, pending }
+        Candidate {
+            node: node.into(),
+            allocatable,
+            pending,
+        }
     }
 
     #[test]
@@ -47,7 +51,11 @@ mod tests {
         let nodes = [c("a", 10, 0), c("b", 30, 0), c("c", 30, 0)];
         assert_eq!(choose(5, &nodes).unwrap().node, "b");
         let nodes = [c("a", 10, 0), c("b", 30, 25), c("c", 20, 0)];
-        assert_eq!(choose(5, &nodes).unwrap().node, "c", "pending claims count against a node");
+        assert_eq!(
+            choose(5, &nodes).unwrap().node,
+            "c",
+            "pending claims count against a node"
+        );
     }
 
     #[test]

@@ -5,12 +5,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use kube::discovery::ApiResource;
-use k8s_openapi::api::core::v1::Pod;
 use kube::core::PartialObjectMeta;
+use kube::discovery::ApiResource;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -108,7 +108,13 @@ impl Context {
                 total = total.saturating_add(pv_capacity_bytes(&pv));
             }
         }
-        total.saturating_add(recent.values().filter(|(r, _)| r == root).map(|(_, b)| *b).sum::<u64>())
+        total.saturating_add(
+            recent
+                .values()
+                .filter(|(r, _)| r == root)
+                .map(|(_, b)| *b)
+                .sum::<u64>(),
+        )
     }
 
     /// What a new claim may still take in data root `root` on this node (see `capacity::allocatable`);
@@ -122,13 +128,19 @@ impl Context {
     }
 
     pub fn volumes_in(&self, root: &str) -> usize {
-        self.volumes.state().iter().filter(|pv| pv_root(pv) == root).count()
+        self.volumes
+            .state()
+            .iter()
+            .filter(|pv| pv_root(pv) == root)
+            .count()
     }
 
     /// Every node's room for `class`, from the published capacities (our own from live figures), minus
     /// the bytes of claims already placed on each node and not yet provisioned.
     pub fn candidates(&self, class: &str, except_claim_uid: &str) -> Vec<Candidate> {
-        let Some(capacities) = &self.capacities else { return Vec::new() };
+        let Some(capacities) = &self.capacities else {
+            return Vec::new();
+        };
         let mut candidates: Vec<Candidate> = capacities
             .state()
             .iter()
@@ -139,16 +151,30 @@ impl Context {
                 // view, or each may think another node wins and nobody acts. Provisioning re-checks the
                 // live figure and hands the claim back if it no longer fits.
                 let allocatable = quantity::parse_bytes(o.data.get("capacity")?.as_str()?).ok()?;
-                Some(Candidate { node, allocatable, pending: 0 })
+                Some(Candidate {
+                    node,
+                    allocatable,
+                    pending: 0,
+                })
             })
             .collect();
         for claim in self.claims.state() {
             let a = claim.annotations();
-            if a.contains_key(admission::ANN_BIND_COMPLETED) || claim.uid().as_deref() == Some(except_claim_uid) {
+            if a.contains_key(admission::ANN_BIND_COMPLETED)
+                || claim.uid().as_deref() == Some(except_claim_uid)
+            {
                 continue;
             }
-            let (Some(node), Some(bytes)) = (a.get(admission::ANN_SELECTED_NODE), a.get(admission::ANN_REQUESTED_BYTES)) else { continue };
-            if let (Some(c), Ok(bytes)) = (candidates.iter_mut().find(|c| &c.node == node), bytes.parse::<u64>()) {
+            let (Some(node), Some(bytes)) = (
+                a.get(admission::ANN_SELECTED_NODE),
+                a.get(admission::ANN_REQUESTED_BYTES),
+            ) else {
+                continue;
+            };
+            if let (Some(c), Ok(bytes)) = (
+                candidates.iter_mut().find(|c| &c.node == node),
+                bytes.parse::<u64>(),
+            ) {
                 c.pending = c.pending.saturating_add(bytes);
             }
         }
@@ -163,27 +189,52 @@ impl Context {
     }
 
     /// Events are published off the critical path; a lost Event is logged, never fatal.
-    pub fn publish(&self, regarding: &ObjectReference, type_: EventType, reason: &str, action: &str, note: String) {
+    pub fn publish(
+        &self,
+        regarding: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         let regarding = regarding.clone();
         if regarding.namespace.as_deref().unwrap_or("").is_empty() {
             // Cluster-scoped objects (PVs): some servers (1.20) reject events.k8s.io Events for them, so
             // use a core/v1 Event in "default", as Kubernetes' own PV controller does.
             let client = self.client.clone();
-            let (node, provisioner) = (self.settings.node.clone(), self.settings.provisioner.clone());
+            let (node, provisioner) = (
+                self.settings.node.clone(),
+                self.settings.provisioner.clone(),
+            );
             let reason = reason.to_string();
             tokio::spawn(async move {
-                let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+                let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::now(),
+                );
                 let event = k8s_openapi::api::core::v1::Event {
                     metadata: kube::api::ObjectMeta {
-                        generate_name: Some(format!("{}.", regarding.name.clone().unwrap_or_default())),
+                        generate_name: Some(format!(
+                            "{}.",
+                            regarding.name.clone().unwrap_or_default()
+                        )),
                         namespace: Some("default".into()),
                         ..Default::default()
                     },
                     involved_object: regarding,
                     reason: Some(reason.clone()),
                     message: Some(note),
-                    type_: Some(if type_ == EventType::Warning { "Warning" } else { "Normal" }.into()),
-                    source: Some(k8s_openapi::api::core::v1::EventSource { component: Some(provisioner.clone()), host: Some(node.clone()) }),
+                    type_: Some(
+                        if type_ == EventType::Warning {
+                            "Warning"
+                        } else {
+                            "Normal"
+                        }
+                        .into(),
+                    ),
+                    source: Some(k8s_openapi::api::core::v1::EventSource {
+                        component: Some(provisioner.clone()),
+                        host: Some(node.clone()),
+                    }),
                     first_timestamp: Some(now.clone()),
                     last_timestamp: Some(now),
                     count: Some(1),
@@ -191,7 +242,8 @@ impl Context {
                     reporting_instance: Some(node),
                     ..Default::default()
                 };
-                let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client, "default");
+                let events: Api<k8s_openapi::api::core::v1::Event> =
+                    Api::namespaced(client, "default");
                 if let Err(error) = events.create(&PostParams::default(), &event).await {
                     warn!(%error, %reason, "could not publish Event");
                 }
@@ -199,7 +251,13 @@ impl Context {
             return;
         }
         let recorder = self.recorder.clone();
-        let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
         tokio::spawn(async move {
             if let Err(error) = recorder.publish(&event, &regarding).await {
                 warn!(%error, reason = %event.reason, "could not publish Event");
@@ -212,7 +270,8 @@ impl Context {
         let n = failures.entry(key.to_string()).or_insert(0);
         *n = n.saturating_add(1);
         // 250 ms, 500 ms, ... capped at 30 s: a stuck claim is retried often, never left for 15 minutes.
-        Duration::from_millis(250u64.saturating_mul(1 << (*n - 1).min(7))).min(Duration::from_secs(30))
+        Duration::from_millis(250u64.saturating_mul(1 << (*n - 1).min(7)))
+            .min(Duration::from_secs(30))
     }
 
     fn reset_backoff(&self, key: &str) {
@@ -222,7 +281,9 @@ impl Context {
 
 /// The data root a PV's directory is in (PVs from before named roots are in `default`).
 pub fn pv_root(pv: &PersistentVolume) -> &str {
-    pv.annotations().get(pv::ANN_DATA_ROOT).map_or(crate::roots::DEFAULT_ROOT, String::as_str)
+    pv.annotations()
+        .get(pv::ANN_DATA_ROOT)
+        .map_or(crate::roots::DEFAULT_ROOT, String::as_str)
 }
 
 fn pv_capacity_bytes(pv: &PersistentVolume) -> u64 {
@@ -235,7 +296,11 @@ fn pv_capacity_bytes(pv: &PersistentVolume) -> u64 {
 }
 
 fn claim_key(claim: &PartialObjectMeta<PersistentVolumeClaim>) -> String {
-    format!("{}/{}", claim.namespace().unwrap_or_default(), claim.name_any())
+    format!(
+        "{}/{}",
+        claim.namespace().unwrap_or_default(),
+        claim.name_any()
+    )
 }
 
 fn claim_spec(pvc: &PersistentVolumeClaim) -> ClaimSpec {
@@ -260,7 +325,10 @@ enum Step {
     Refused(Refusal),
 }
 
-pub async fn reconcile(claim: Arc<PartialObjectMeta<PersistentVolumeClaim>>, ctx: Arc<Context>) -> Result<Action> {
+pub async fn reconcile(
+    claim: Arc<PartialObjectMeta<PersistentVolumeClaim>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
     let settings = &ctx.settings;
     match admission::interest(claim.annotations(), &settings.provisioner, &settings.node) {
         Interest::Provision => {}
@@ -271,7 +339,8 @@ pub async fn reconcile(claim: Arc<PartialObjectMeta<PersistentVolumeClaim>>, ctx
         Interest::Ignore | Interest::Bound => return Ok(Action::await_change()),
     }
     let key = claim_key(&claim);
-    let span = info_span!("provision", node = %settings.node, pvc = %key, pv = tracing::field::Empty);
+    let span =
+        info_span!("provision", node = %settings.node, pvc = %key, pv = tracing::field::Empty);
     async {
         let started = Instant::now();
         match provision(&claim, &ctx).await {
@@ -303,7 +372,10 @@ pub async fn reconcile(claim: Arc<PartialObjectMeta<PersistentVolumeClaim>>, ctx
     .await
 }
 
-async fn provision(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Context) -> Result<Step> {
+async fn provision(
+    claim: &PartialObjectMeta<PersistentVolumeClaim>,
+    ctx: &Context,
+) -> Result<Step> {
     let settings = &ctx.settings;
     let namespace = claim.namespace().unwrap_or_default();
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -311,7 +383,11 @@ async fn provision(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Conte
         return Ok(Step::AlreadyDone);
     };
     if pvc.metadata.deletion_timestamp.is_some()
-        || pvc.spec.as_ref().and_then(|s| s.volume_name.as_ref()).is_some_and(|v| !v.is_empty())
+        || pvc
+            .spec
+            .as_ref()
+            .and_then(|s| s.volume_name.as_ref())
+            .is_some_and(|v| !v.is_empty())
     {
         return Ok(Step::AlreadyDone);
     }
@@ -321,13 +397,25 @@ async fn provision(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Conte
     tracing::Span::current().record("pv", pv_name.as_str());
 
     let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    if ctx.volumes.get(&ObjectRef::new(&pv_name)).is_some() || volumes.get_opt(&pv_name).await?.is_some() {
+    if ctx.volumes.get(&ObjectRef::new(&pv_name)).is_some()
+        || volumes.get_opt(&pv_name).await?.is_some()
+    {
         return Ok(Step::AlreadyDone);
     }
 
-    let class_name = pvc.spec.as_ref().and_then(|s| s.storage_class_name.clone()).unwrap_or_default();
+    let class_name = pvc
+        .spec
+        .as_ref()
+        .and_then(|s| s.storage_class_name.clone())
+        .unwrap_or_default();
     let refuse = |refusal: Refusal| {
-        ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", refusal.message());
+        ctx.publish(
+            &claim_ref,
+            EventType::Warning,
+            "ProvisioningFailed",
+            "Provision",
+            refusal.message(),
+        );
         Ok(Step::Refused(refusal))
     };
     let Some(class) = ctx.classes.get(&ObjectRef::new(&class_name)) else {
@@ -339,7 +427,11 @@ async fn provision(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Conte
     }
     let params = match ClassParameters::parse(&class.parameters.clone().unwrap_or_default()) {
         Ok(params) => params,
-        Err(why) => return refuse(Refusal::InvalidParameters(format!("StorageClass {class_name}: {why}"))),
+        Err(why) => {
+            return refuse(Refusal::InvalidParameters(format!(
+                "StorageClass {class_name}: {why}"
+            )));
+        }
     };
     let request: VolumeRequest = match admission::admit(&claim_spec(&pvc)) {
         Ok(request) => request,
@@ -352,12 +444,21 @@ async fn provision(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Conte
         EventType::Normal,
         "Provisioning",
         "Provision",
-        format!("hostvol agent on node {} is provisioning volume {pv_name} for claim {namespace}/{}", settings.node, pvc.name_any()),
+        format!(
+            "hostvol agent on node {} is provisioning volume {pv_name} for claim {namespace}/{}",
+            settings.node,
+            pvc.name_any()
+        ),
     );
 
     let _admission = ctx.admission_lock.lock().await;
     // Another reconcile of the same claim may have finished while we waited for the lock.
-    if ctx.recent_volumes.lock().expect("lock poisoned").contains_key(&pv_name) {
+    if ctx
+        .recent_volumes
+        .lock()
+        .expect("lock poisoned")
+        .contains_key(&pv_name)
+    {
         return Ok(Step::AlreadyDone);
     }
     let roots = ctx.roots();
@@ -371,27 +472,67 @@ async fn provision(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Conte
         Some(root) => root.problem(&settings.node),
     };
     if let Some(why) = problem {
-        let refusal = Refusal::NodeCannotServe(format!("{why}; handing the claim back to the scheduler"));
-        ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", refusal.message());
+        let refusal =
+            Refusal::NodeCannotServe(format!("{why}; handing the claim back to the scheduler"));
+        ctx.publish(
+            &claim_ref,
+            EventType::Warning,
+            "ProvisioningFailed",
+            "Provision",
+            refusal.message(),
+        );
         reschedule(&claims, &pvc.name_any()).await?;
-        ctx.publish(&claim_ref, EventType::Normal, "ProvisioningReschedule", "Provision", format!(
-            "removed {} so the scheduler picks another node", admission::ANN_SELECTED_NODE));
+        ctx.publish(
+            &claim_ref,
+            EventType::Normal,
+            "ProvisioningReschedule",
+            "Provision",
+            format!(
+                "removed {} so the scheduler picks another node",
+                admission::ANN_SELECTED_NODE
+            ),
+        );
         return Ok(Step::Refused(refusal));
     }
     let root = roots.get(&params.data_root).expect("checked above");
     let allocatable = ctx.allocatable_bytes(&root.name);
     if let Err(refusal) = admission::fits(&request, allocatable, &settings.node) {
-        ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", refusal.message());
+        ctx.publish(
+            &claim_ref,
+            EventType::Warning,
+            "ProvisioningFailed",
+            "Provision",
+            refusal.message(),
+        );
         reschedule(&claims, &pvc.name_any()).await?;
-        ctx.publish(&claim_ref, EventType::Normal, "ProvisioningReschedule", "Provision", format!(
-            "removed {} so the scheduler picks another node", admission::ANN_SELECTED_NODE));
+        ctx.publish(
+            &claim_ref,
+            EventType::Normal,
+            "ProvisioningReschedule",
+            "Provision",
+            format!(
+                "removed {} so the scheduler picks another node",
+                admission::ANN_SELECTED_NODE
+            ),
+        );
         return Ok(Step::Refused(refusal));
     }
 
-    let outcome = root.store.ensure_volume_dir(&directory, &params).inspect_err(|error| {
-        ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", format!(
-            "node {}: cannot prepare the volume directory: {error}", settings.node));
-    })?;
+    let outcome = root
+        .store
+        .ensure_volume_dir(&directory, &params)
+        .inspect_err(|error| {
+            ctx.publish(
+                &claim_ref,
+                EventType::Warning,
+                "ProvisioningFailed",
+                "Provision",
+                format!(
+                    "node {}: cannot prepare the volume directory: {error}",
+                    settings.node
+                ),
+            );
+        })?;
     debug!(%directory, ?outcome, "volume directory ready");
 
     let host_path = pv::host_path(&root.host_path, &directory);
@@ -407,15 +548,32 @@ async fn provision(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Conte
         storage_class: class_name,
         capacity: request.capacity.clone(),
         access_modes: request.access_modes.clone(),
-        reclaim_policy: class.reclaim_policy.clone().unwrap_or_else(|| "Delete".into()),
+        reclaim_policy: class
+            .reclaim_policy
+            .clone()
+            .unwrap_or_else(|| "Delete".into()),
     });
     let mut volume = volume;
-    volume.metadata.annotations.get_or_insert_default().insert(pv::ANN_DATA_ROOT.to_string(), root.name.clone());
-    if volume.spec.as_ref().and_then(|s| s.persistent_volume_reclaim_policy.as_deref()) == Some("Delete") {
+    volume
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(pv::ANN_DATA_ROOT.to_string(), root.name.clone());
+    if volume
+        .spec
+        .as_ref()
+        .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
+        == Some("Delete")
+    {
         volume.metadata.finalizers = Some(vec![crate::reclaim::FINALIZER.to_string()]);
         volume.metadata.annotations.get_or_insert_default().insert(
             crate::reclaim::ANN_ON_DELETE.to_string(),
-            if params.archive_on_delete { "archive" } else { "delete" }.to_string(),
+            if params.archive_on_delete {
+                "archive"
+            } else {
+                "delete"
+            }
+            .to_string(),
         );
     }
     match volumes.create(&PostParams::default(), &volume).await {
@@ -427,35 +585,52 @@ async fn provision(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Conte
             return Err(error.into());
         }
     }
-    ctx.recent_volumes.lock().expect("lock poisoned").insert(pv_name.clone(), (root.name.clone(), request.capacity_bytes));
+    ctx.recent_volumes
+        .lock()
+        .expect("lock poisoned")
+        .insert(pv_name.clone(), (root.name.clone(), request.capacity_bytes));
     ctx.volumes_changed.notify_waiters();
     ctx.publish(
         &claim_ref,
         EventType::Normal,
         "ProvisioningSucceeded",
         "Provision",
-        format!("Successfully provisioned volume {pv_name} ({}) at {host_path} on node {}", request.capacity, settings.node),
+        format!(
+            "Successfully provisioned volume {pv_name} ({}) at {host_path} on node {}",
+            request.capacity, settings.node
+        ),
     );
     Ok(Step::Provisioned { pv_name })
 }
 
 /// Immediate classes: every agent computes the same choice; only the chosen node's agent places the
 /// claim on itself, guarded by the claim's resourceVersion so concurrent writers cannot both succeed.
-async fn choose_node(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Context) -> Result<Action> {
+async fn choose_node(
+    claim: &PartialObjectMeta<PersistentVolumeClaim>,
+    ctx: &Context,
+) -> Result<Action> {
     let settings = &ctx.settings;
     let namespace = claim.namespace().unwrap_or_default();
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
-    let Some(pvc) = claims.get_opt(&claim.name_any()).await? else { return Ok(Action::await_change()) };
+    let Some(pvc) = claims.get_opt(&claim.name_any()).await? else {
+        return Ok(Action::await_change());
+    };
     let spec = pvc.spec.clone().unwrap_or_default();
-    if pvc.metadata.deletion_timestamp.is_some() || spec.volume_name.as_ref().is_some_and(|v| !v.is_empty()) {
+    if pvc.metadata.deletion_timestamp.is_some()
+        || spec.volume_name.as_ref().is_some_and(|v| !v.is_empty())
+    {
         return Ok(Action::await_change());
     }
     if pvc.annotations().contains_key(admission::ANN_SELECTED_NODE) {
         return Ok(Action::await_change()); // placed since our watch saw it
     }
     let class_name = spec.storage_class_name.clone().unwrap_or_default();
-    let Some(class) = ctx.classes.get(&ObjectRef::new(&class_name)) else { return Ok(Action::requeue(Duration::from_secs(30))) };
-    if class.provisioner != settings.provisioner || class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer") {
+    let Some(class) = ctx.classes.get(&ObjectRef::new(&class_name)) else {
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    };
+    if class.provisioner != settings.provisioner
+        || class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer")
+    {
         // WaitForFirstConsumer claims are placed by the scheduler (or by a pod's spec.nodeName).
         return Ok(Action::await_change());
     }
@@ -465,11 +640,19 @@ async fn choose_node(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Con
     let claim_ref = pvc.object_ref(&());
     let warn = |refusal: &Refusal| {
         if speaks {
-            ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", refusal.message());
+            ctx.publish(
+                &claim_ref,
+                EventType::Warning,
+                "ProvisioningFailed",
+                "Provision",
+                refusal.message(),
+            );
         }
     };
     if let Err(why) = parsed {
-        warn(&Refusal::InvalidParameters(format!("StorageClass {class_name}: {why}")));
+        warn(&Refusal::InvalidParameters(format!(
+            "StorageClass {class_name}: {why}"
+        )));
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
     let request = match admission::admit(&claim_spec(&pvc)) {
@@ -504,12 +687,28 @@ async fn choose_node(claim: &PartialObjectMeta<PersistentVolumeClaim>, ctx: &Con
             admission::ANN_REQUESTED_BYTES: request.capacity_bytes.to_string(),
         },
     }});
-    match claims.patch(&pvc.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+    match claims
+        .patch(
+            &pvc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
         Ok(_) => {
             ctx.metrics.placements.inc();
             info!(room = chosen.room(), "placed Immediate claim on this node");
-            ctx.publish(&claim_ref, EventType::Normal, "NodeSelected", "Provision", format!(
-                "hostvol placed the claim on node {} (most room: {})", settings.node, quantity::format_bytes(chosen.room())));
+            ctx.publish(
+                &claim_ref,
+                EventType::Normal,
+                "NodeSelected",
+                "Provision",
+                format!(
+                    "hostvol placed the claim on node {} (most room: {})",
+                    settings.node,
+                    quantity::format_bytes(chosen.room())
+                ),
+            );
             Ok(Action::await_change())
         }
         Err(kube::Error::Api(status)) if status.code == 409 => {
@@ -532,28 +731,49 @@ async fn place_claims_of_pod(pod: &Pod, ctx: &Context) -> Result<()> {
         .spec
         .iter()
         .flat_map(|s| s.volumes.iter().flatten())
-        .filter_map(|v| v.persistent_volume_claim.as_ref().map(|c| c.claim_name.clone()));
+        .filter_map(|v| {
+            v.persistent_volume_claim
+                .as_ref()
+                .map(|c| c.claim_name.clone())
+        });
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
     for name in claim_names {
-        let Some(meta) = ctx.claims.get(&ObjectRef::new(&name).within(&namespace)) else { continue };
+        let Some(meta) = ctx.claims.get(&ObjectRef::new(&name).within(&namespace)) else {
+            continue;
+        };
         let annotations = meta.annotations();
-        if annotations.contains_key(admission::ANN_SELECTED_NODE) || annotations.contains_key(admission::ANN_BIND_COMPLETED) {
+        if annotations.contains_key(admission::ANN_SELECTED_NODE)
+            || annotations.contains_key(admission::ANN_BIND_COMPLETED)
+        {
             continue;
         }
-        let Some(pvc) = claims.get_opt(&name).await? else { continue };
+        let Some(pvc) = claims.get_opt(&name).await? else {
+            continue;
+        };
         let spec = pvc.spec.clone().unwrap_or_default();
         if spec.volume_name.as_ref().is_some_and(|v| !v.is_empty()) {
             continue;
         }
-        let Some(class) = spec.storage_class_name.as_ref().and_then(|c| ctx.classes.get(&ObjectRef::new(c))) else { continue };
-        if class.provisioner != ctx.settings.provisioner || class.volume_binding_mode.as_deref() != Some("WaitForFirstConsumer") {
+        let Some(class) = spec
+            .storage_class_name
+            .as_ref()
+            .and_then(|c| ctx.classes.get(&ObjectRef::new(c)))
+        else {
+            continue;
+        };
+        if class.provisioner != ctx.settings.provisioner
+            || class.volume_binding_mode.as_deref() != Some("WaitForFirstConsumer")
+        {
             continue;
         }
         let patch = serde_json::json!({"metadata": {
             "resourceVersion": pvc.resource_version(),
             "annotations": {admission::ANN_SELECTED_NODE: ctx.settings.node},
         }});
-        match claims.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        match claims
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
             Ok(_) => {
                 ctx.metrics.placements.inc();
                 info!(pvc = %format!("{namespace}/{name}"), pod = %pod.name_any(), "pod names this node; placed its claim here");
@@ -572,12 +792,19 @@ async fn place_claims_of_pod(pod: &Pod, ctx: &Context) -> Result<()> {
 
 /// Drops the claim's selected node so the scheduler chooses again (as sig-storage's ProvisioningReschedule).
 async fn reschedule(claims: &Api<PersistentVolumeClaim>, name: &str) -> Result<()> {
-    let patch = serde_json::json!({"metadata": {"annotations": {admission::ANN_SELECTED_NODE: null}}});
-    claims.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {admission::ANN_SELECTED_NODE: null}}});
+    claims
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
     Ok(())
 }
 
-pub fn error_policy(claim: Arc<PartialObjectMeta<PersistentVolumeClaim>>, _error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(
+    claim: Arc<PartialObjectMeta<PersistentVolumeClaim>>,
+    _error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
     Action::requeue(ctx.backoff(&claim_key(&claim)))
 }
 
@@ -643,42 +870,67 @@ pub fn start(
     }
     // StorageClasses: few and small; kept whole.
     let (classes, writer) = reflector::store();
-    drive("storageclasses", watcher(Api::<StorageClass>::all(client.clone()), watcher::Config::default()).default_backoff().reflect(writer));
+    drive(
+        "storageclasses",
+        watcher(
+            Api::<StorageClass>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(writer),
+    );
     // Our own Node, metadata only (a Node's status with its image list is large).
     let (nodes, writer) = reflector::store();
     drive(
         "node",
-        watcher(Api::<PartialObjectMeta<Node>>::all(client.clone()), watcher::Config::default().fields(&format!("metadata.name={}", settings.node)))
-            .default_backoff()
-            .modify(|n| n.managed_fields_mut().clear())
-            .reflect(writer),
+        watcher(
+            Api::<PartialObjectMeta<Node>>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={}", settings.node)),
+        )
+        .default_backoff()
+        .modify(|n| n.managed_fields_mut().clear())
+        .reflect(writer),
     );
     // hostvol PVs of this node only.
     let (volumes, writer) = reflector::store();
     let volumes_changed = Arc::new(tokio::sync::Notify::new());
     let notify = volumes_changed.clone();
-    let label = format!("{}={}", pv::LABEL_NODE, naming::node_label_value(&settings.node));
-    let volume_stream = watcher(Api::<PersistentVolume>::all(client.clone()), watcher::Config::default().labels(&label))
-        .default_backoff()
-        .modify(|pv| pv.managed_fields_mut().clear())
-        .reflect(writer)
-        .inspect(move |_| notify.notify_waiters())
-        .applied_objects();
+    let label = format!(
+        "{}={}",
+        pv::LABEL_NODE,
+        naming::node_label_value(&settings.node)
+    );
+    let volume_stream = watcher(
+        Api::<PersistentVolume>::all(client.clone()),
+        watcher::Config::default().labels(&label),
+    )
+    .default_backoff()
+    .modify(|pv| pv.managed_fields_mut().clear())
+    .reflect(writer)
+    .inspect(move |_| notify.notify_waiters())
+    .applied_objects();
     // Claims: no server-side filter can select by annotation, so watch metadata only and filter here.
     let (claims, writer) = reflector::store();
     let (provisioner, node) = (settings.provisioner.clone(), settings.node.clone());
-    let claim_stream = watcher(Api::<PartialObjectMeta<PersistentVolumeClaim>>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .modify(|c| {
-            c.managed_fields_mut().clear();
-            c.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
-        })
-        .reflect(writer)
-        .applied_objects()
-        .try_filter(move |c| {
-            let interest = admission::interest(c.annotations(), &provisioner, &node);
-            futures::future::ready(matches!(interest, Interest::Provision | Interest::ChooseNode))
-        });
+    let claim_stream = watcher(
+        Api::<PartialObjectMeta<PersistentVolumeClaim>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(|c| {
+        c.managed_fields_mut().clear();
+        c.annotations_mut()
+            .remove("kubectl.kubernetes.io/last-applied-configuration");
+    })
+    .reflect(writer)
+    .applied_objects()
+    .try_filter(move |c| {
+        let interest = admission::interest(c.annotations(), &provisioner, &node);
+        futures::future::ready(matches!(
+            interest,
+            Interest::Provision | Interest::ChooseNode
+        ))
+    });
 
     // The capacities every agent publishes, for placing Immediate claims.
     let capacities = capacity_api.map(|(resource, namespace)| {
@@ -738,7 +990,11 @@ pub fn start(
     // Reclaim: this node's PVs once their claims are gone.
     let reclaimer = Controller::for_stream(volume_stream, volumes.clone())
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-        .run(crate::reclaim::reconcile, crate::reclaim::error_policy, ctx.clone())
+        .run(
+            crate::reclaim::reconcile,
+            crate::reclaim::error_policy,
+            ctx.clone(),
+        )
         .for_each(|result| {
             if let Err(kube::runtime::controller::Error::QueueError(error)) = result {
                 warn!(watch = "persistentvolumes", %error, "watch failed; retrying with backoff");
@@ -763,6 +1019,14 @@ pub fn start(
     let controller = async move {
         futures::join!(provisioner, reclaimer);
     };
-    (Watches { classes, nodes, volumes, claims }, ctx, controller)
+    (
+        Watches {
+            classes,
+            nodes,
+            volumes,
+            claims,
+        },
+        ctx,
+        controller,
+    )
 }
-

@@ -45,7 +45,10 @@ pub fn build(volume: &VolumeDescription) -> PersistentVolume {
         (ANN_NODE.to_string(), volume.node.clone()),
         (ANN_DIRECTORY.to_string(), volume.host_path.clone()),
     ]);
-    let labels = BTreeMap::from([(LABEL_NODE.to_string(), naming::node_label_value(&volume.node))]);
+    let labels = BTreeMap::from([(
+        LABEL_NODE.to_string(),
+        naming::node_label_value(&volume.node),
+    )]);
     PersistentVolume {
         metadata: ObjectMeta {
             name: Some(volume.pv_name.clone()),
@@ -54,14 +57,20 @@ pub fn build(volume: &VolumeDescription) -> PersistentVolume {
             ..Default::default()
         },
         spec: Some(PersistentVolumeSpec {
-            capacity: Some(BTreeMap::from([("storage".to_string(), Quantity(volume.capacity.clone()))])),
+            capacity: Some(BTreeMap::from([(
+                "storage".to_string(),
+                Quantity(volume.capacity.clone()),
+            )])),
             access_modes: Some(volume.access_modes.clone()),
             volume_mode: Some("Filesystem".into()),
             storage_class_name: Some(volume.storage_class.clone()),
             persistent_volume_reclaim_policy: Some(volume.reclaim_policy.clone()),
             // Directory, never DirectoryOrCreate: a missing directory (say, a disk that did not mount)
             // must fail the pod instead of silently writing to the node's root filesystem.
-            host_path: Some(HostPathVolumeSource { path: volume.host_path.clone(), type_: Some("Directory".into()) }),
+            host_path: Some(HostPathVolumeSource {
+                path: volume.host_path.clone(),
+                type_: Some("Directory".into()),
+            }),
             node_affinity: Some(VolumeNodeAffinity {
                 required: Some(NodeSelector {
                     node_selector_terms: vec![NodeSelectorTerm {
@@ -116,12 +125,22 @@ mod tests {
         };
         let pv = build(&v);
         let json = serde_json::to_value(&pv).unwrap();
-        assert_eq!(json["spec"]["hostPath"], serde_json::json!({"path": "/mnt/data/pvc-u1_ns_c", "type": "Directory"}));
-        assert_eq!(json["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]["values"][0], "host-a");
+        assert_eq!(
+            json["spec"]["hostPath"],
+            serde_json::json!({"path": "/mnt/data/pvc-u1_ns_c", "type": "Directory"})
+        );
+        assert_eq!(
+            json["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]
+                ["values"][0],
+            "host-a"
+        );
         assert_eq!(json["spec"]["claimRef"]["uid"], "u1");
         assert_eq!(json["spec"]["persistentVolumeReclaimPolicy"], "Retain");
         assert_eq!(json["spec"]["capacity"]["storage"], "1Gi");
-        assert_eq!(json["metadata"]["annotations"][ANN_PROVISIONED_BY], "hostpath.hostvol.io");
+        assert_eq!(
+            json["metadata"]["annotations"][ANN_PROVISIONED_BY],
+            "hostpath.hostvol.io"
+        );
         assert_eq!(json["metadata"]["labels"][LABEL_NODE], "node-a");
     }
 }

@@ -29,7 +29,11 @@ pub fn parse_bytes(input: &str) -> Result<u64, QuantityError> {
         return Err(err("it is negative"));
     }
     let number = number.strip_prefix('+').unwrap_or(number);
-    if number.is_empty() || number == "." || number.matches('.').count() > 1 || number.contains(['+', '-']) {
+    if number.is_empty()
+        || number == "."
+        || number.matches('.').count() > 1
+        || number.contains(['+', '-'])
+    {
         return Err(err("expected a number such as 1Gi or 500Mi"));
     }
     let (int_part, frac_part) = number.split_once('.').unwrap_or((number, ""));
@@ -38,7 +42,13 @@ pub fn parse_bytes(input: &str) -> Result<u64, QuantityError> {
     let mantissa: u128 = format!("{int_part}{frac_part}")
         .trim_start_matches('0')
         .parse::<u128>()
-        .or_else(|e| if int_part.chars().chain(frac_part.chars()).all(|c| c == '0') { Ok(0) } else { Err(e) })
+        .or_else(|e| {
+            if int_part.chars().chain(frac_part.chars()).all(|c| c == '0') {
+                Ok(0)
+            } else {
+                Err(e)
+            }
+        })
         .map_err(|_| err("the number is too large"))?;
     let mut denominator: u128 = 10u128
         .checked_pow(frac_part.len() as u32)
@@ -58,7 +68,9 @@ pub fn parse_bytes(input: &str) -> Result<u64, QuantityError> {
         "P" => 1_000_000_000_000_000,
         "E" => 1_000_000_000_000_000_000,
         "m" => {
-            denominator = denominator.checked_mul(1000).ok_or_else(|| err("too many decimal places"))?;
+            denominator = denominator
+                .checked_mul(1000)
+                .ok_or_else(|| err("too many decimal places"))?;
             1
         }
         other if other.starts_with(['e', 'E']) => {
@@ -71,18 +83,26 @@ pub fn parse_bytes(input: &str) -> Result<u64, QuantityError> {
         other => {
             return Err(err(&format!(
                 "unknown suffix {other:?}; use Ki, Mi, Gi, Ti, Pi, Ei, k, M, G, T, P or E"
-            )))
+            )));
         }
     };
-    let scaled = mantissa.checked_mul(scale).ok_or_else(|| err("the number is too large"))?;
+    let scaled = mantissa
+        .checked_mul(scale)
+        .ok_or_else(|| err("the number is too large"))?;
     let bytes = scaled.div_ceil(denominator);
     u64::try_from(bytes).map_err(|_| err("the number is too large"))
 }
 
 /// Formats bytes in the largest binary unit that keeps one decimal, e.g. `1.5Gi`, `512Mi`, `100`.
 pub fn format_bytes(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 6] =
-        [("Ei", 1 << 60), ("Pi", 1 << 50), ("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)];
+    const UNITS: [(&str, u64); 6] = [
+        ("Ei", 1 << 60),
+        ("Pi", 1 << 50),
+        ("Ti", 1 << 40),
+        ("Gi", 1 << 30),
+        ("Mi", 1 << 20),
+        ("Ki", 1 << 10),
+    ];
     for (unit, size) in UNITS {
         if bytes >= size {
             let tenths = (bytes as u128 * 10).div_ceil(size as u128);
@@ -98,7 +118,14 @@ pub fn format_bytes(bytes: u64) -> String {
 
 /// Formats bytes as an exact Kubernetes quantity (largest binary suffix that divides evenly).
 pub fn to_quantity(bytes: u64) -> String {
-    for (unit, size) in [("Ei", 1u64 << 60), ("Pi", 1 << 50), ("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+    for (unit, size) in [
+        ("Ei", 1u64 << 60),
+        ("Pi", 1 << 50),
+        ("Ti", 1 << 40),
+        ("Gi", 1 << 30),
+        ("Mi", 1 << 20),
+        ("Ki", 1 << 10),
+    ] {
         if bytes >= size && bytes % size == 0 {
             return format!("{}{unit}", bytes / size);
         }
@@ -137,7 +164,17 @@ mod tests {
 
     #[test]
     fn rejects_garbage_with_a_reason() {
-        for bad in ["", "Gi", "-1Gi", "1GB", "1.2.3", "abc", "1 Gi x", "99999999999999999999Ei", "1e99"] {
+        for bad in [
+            "",
+            "Gi",
+            "-1Gi",
+            "1GB",
+            "1.2.3",
+            "abc",
+            "1 Gi x",
+            "99999999999999999999Ei",
+            "1e99",
+        ] {
             let e = parse_bytes(bad).unwrap_err();
             assert!(e.0.contains("not a valid quantity"), "{bad}: {e}");
         }

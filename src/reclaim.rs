@@ -26,7 +26,9 @@ pub const ANN_ON_DELETE: &str = "hostvol.io/on-delete";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposal {
     Keep,
-    Delete { archive: bool },
+    Delete {
+        archive: bool,
+    },
     Purge,
     /// Finished cleaning; only our finalizer holds the PV.
     ReleaseFinalizer,
@@ -34,11 +36,21 @@ pub enum Disposal {
 
 pub fn disposal(pv: &PersistentVolume) -> Disposal {
     let spec = pv.spec.clone().unwrap_or_default();
-    let phase = pv.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("");
+    let phase = pv
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("");
     let deleting = pv.metadata.deletion_timestamp.is_some();
     let unbound = matches!(phase, "Released" | "Failed") || (deleting && phase != "Bound");
-    let policy = spec.persistent_volume_reclaim_policy.as_deref().unwrap_or("Delete");
-    let archive = pv.annotations().get(ANN_ON_DELETE).is_some_and(|v| v == "archive");
+    let policy = spec
+        .persistent_volume_reclaim_policy
+        .as_deref()
+        .unwrap_or("Delete");
+    let archive = pv
+        .annotations()
+        .get(ANN_ON_DELETE)
+        .is_some_and(|v| v == "archive");
     if !unbound {
         return Disposal::Keep;
     }
@@ -58,7 +70,8 @@ pub fn disposal(pv: &PersistentVolume) -> Disposal {
 /// annotation can never point the agent at another volume's data).
 pub fn own_directory(pv: &PersistentVolume) -> Option<String> {
     let name = crate::node_service::volume_directory(pv)?;
-    name.starts_with(&format!("{}_", pv.name_any())).then_some(name)
+    name.starts_with(&format!("{}_", pv.name_any()))
+        .then_some(name)
 }
 
 pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action> {
@@ -149,11 +162,22 @@ mod tests {
     use super::*;
     use kube::api::ObjectMeta;
 
-    fn pv(policy: &str, phase: &str, annotations: &[(&str, &str)], deleting: bool, finalizers: &[&str]) -> PersistentVolume {
+    fn pv(
+        policy: &str,
+        phase: &str,
+        annotations: &[(&str, &str)],
+        deleting: bool,
+        finalizers: &[&str],
+    ) -> PersistentVolume {
         let mut pv = PersistentVolume {
             metadata: ObjectMeta {
                 name: Some("pvc-1".into()),
-                annotations: Some(annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
                 finalizers: Some(finalizers.iter().map(|f| f.to_string()).collect()),
                 ..Default::default()
             },
@@ -163,9 +187,15 @@ mod tests {
             persistent_volume_reclaim_policy: Some(policy.into()),
             ..Default::default()
         });
-        pv.status = Some(k8s_openapi::api::core::v1::PersistentVolumeStatus { phase: Some(phase.into()), ..Default::default() });
+        pv.status = Some(k8s_openapi::api::core::v1::PersistentVolumeStatus {
+            phase: Some(phase.into()),
+            ..Default::default()
+        });
         if deleting {
-            pv.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+            pv.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ));
         }
         pv
     }
@@ -173,31 +203,83 @@ mod tests {
     #[test]
     fn bound_volumes_are_never_touched() {
         for policy in ["Delete", "Retain"] {
-            assert_eq!(disposal(&pv(policy, "Bound", &[(ANN_PURGE, "requested")], true, &[FINALIZER])), Disposal::Keep);
+            assert_eq!(
+                disposal(&pv(
+                    policy,
+                    "Bound",
+                    &[(ANN_PURGE, "requested")],
+                    true,
+                    &[FINALIZER]
+                )),
+                Disposal::Keep
+            );
         }
     }
 
     #[test]
     fn delete_and_archive_follow_the_policy() {
-        assert_eq!(disposal(&pv("Delete", "Released", &[], false, &[FINALIZER])), Disposal::Delete { archive: false });
-        assert_eq!(disposal(&pv("Delete", "Released", &[(ANN_ON_DELETE, "archive")], false, &[])), Disposal::Delete { archive: true });
-        assert_eq!(disposal(&pv("Delete", "Available", &[], true, &[FINALIZER])), Disposal::Delete { archive: false });
+        assert_eq!(
+            disposal(&pv("Delete", "Released", &[], false, &[FINALIZER])),
+            Disposal::Delete { archive: false }
+        );
+        assert_eq!(
+            disposal(&pv(
+                "Delete",
+                "Released",
+                &[(ANN_ON_DELETE, "archive")],
+                false,
+                &[]
+            )),
+            Disposal::Delete { archive: true }
+        );
+        assert_eq!(
+            disposal(&pv("Delete", "Available", &[], true, &[FINALIZER])),
+            Disposal::Delete { archive: false }
+        );
     }
 
     #[test]
     fn retain_keeps_until_purged() {
-        assert_eq!(disposal(&pv("Retain", "Released", &[], false, &[])), Disposal::Keep);
-        assert_eq!(disposal(&pv("Retain", "Released", &[], true, &[])), Disposal::Keep);
-        assert_eq!(disposal(&pv("Retain", "Released", &[(ANN_PURGE, "requested")], false, &[])), Disposal::Purge);
+        assert_eq!(
+            disposal(&pv("Retain", "Released", &[], false, &[])),
+            Disposal::Keep
+        );
+        assert_eq!(
+            disposal(&pv("Retain", "Released", &[], true, &[])),
+            Disposal::Keep
+        );
+        assert_eq!(
+            disposal(&pv(
+                "Retain",
+                "Released",
+                &[(ANN_PURGE, "requested")],
+                false,
+                &[]
+            )),
+            Disposal::Purge
+        );
     }
 
     #[test]
     fn directory_must_belong_to_the_volume() {
-        let mut v = pv("Delete", "Released", &[(pv::ANN_DIRECTORY, "/mnt/data/pvc-1_ns_c")], false, &[]);
+        let mut v = pv(
+            "Delete",
+            "Released",
+            &[(pv::ANN_DIRECTORY, "/mnt/data/pvc-1_ns_c")],
+            false,
+            &[],
+        );
         assert_eq!(own_directory(&v).as_deref(), Some("pvc-1_ns_c"));
-        v.metadata.annotations = Some([(pv::ANN_DIRECTORY.to_string(), "/mnt/data/pvc-2_ns_c".to_string())].into());
+        v.metadata.annotations = Some(
+            [(
+                pv::ANN_DIRECTORY.to_string(),
+                "/mnt/data/pvc-2_ns_c".to_string(),
+            )]
+            .into(),
+        );
         assert_eq!(own_directory(&v), None);
-        v.metadata.annotations = Some([(pv::ANN_DIRECTORY.to_string(), "/mnt/data/..".to_string())].into());
+        v.metadata.annotations =
+            Some([(pv::ANN_DIRECTORY.to_string(), "/mnt/data/..".to_string())].into());
         assert_eq!(own_directory(&v), None);
     }
 }

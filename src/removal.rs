@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use nix::dir::Dir;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat};
-use nix::sys::stat::{FileStat, FchmodatFlags, Mode, SFlag, fchmod, fchmodat, fstat, fstatat};
+use nix::sys::stat::{FchmodatFlags, FileStat, Mode, SFlag, fchmod, fchmodat, fstat, fstatat};
 use nix::unistd::{UnlinkatFlags, fsync, unlinkat};
 
 use crate::naming::{self, NameError};
@@ -34,18 +34,28 @@ const MAX_SCANS: u8 = 3;
 pub enum Error {
     #[error(transparent)]
     UnsafeName(#[from] NameError),
-    #[error("{name} in the data root is not a plain directory (a file or a symlink?); hostvol will neither follow nor remove it; move it away")]
+    #[error(
+        "{name} in the data root is not a plain directory (a file or a symlink?); hostvol will neither follow nor remove it; move it away"
+    )]
     NotADirectory { name: String },
-    #[error("{path} (under the data root) is a mount point; hostvol removes nothing on another filesystem; unmount it, then retry to finish the removal")]
+    #[error(
+        "{path} (under the data root) is a mount point; hostvol removes nothing on another filesystem; unmount it, then retry to finish the removal"
+    )]
     MountPoint { path: PathBuf },
     #[error("{path} (under the data root) was moved or replaced while being removed; retry")]
     Changed { path: PathBuf },
     #[error("{name} is not in the data root (already archived or removed?)")]
     NotFound { name: String },
-    #[error("cannot archive {name}: {last} and every name before it are taken; clean up old archives")]
+    #[error(
+        "cannot archive {name}: {last} and every name before it are taken; clean up old archives"
+    )]
     ArchiveNamesTaken { name: String, last: String },
     #[error("{op} {path} (under the data root): {source}")]
-    Io { op: &'static str, path: PathBuf, source: Errno },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: Errno,
+    },
 }
 
 impl Error {
@@ -93,19 +103,44 @@ struct Frame {
 /// the cause is gone, removes the rest. A `name` that does not exist is success with zero counts.
 pub fn remove_volume_dir(root: BorrowedFd<'_>, name: &str) -> Result<RemovalStats, Error> {
     naming::validate_directory_name(name)?;
-    let cname = CString::new(name).map_err(|_| NameError(format!("{name:?} is not a safe directory name")))?;
+    let cname = CString::new(name)
+        .map_err(|_| NameError(format!("{name:?} is not a safe directory name")))?;
     let mut stats = RemovalStats::default();
-    let io = |op, source| Error::Io { op, path: PathBuf::from(name), source };
+    let io = |op, source| Error::Io {
+        op,
+        path: PathBuf::from(name),
+        source,
+    };
 
-    let dev = fstat(root).map_err(|e| Error::Io { op: "stat", path: PathBuf::from("."), source: e })?.st_dev;
+    let dev = fstat(root)
+        .map_err(|e| Error::Io {
+            op: "stat",
+            path: PathBuf::from("."),
+            source: e,
+        })?
+        .st_dev;
     let (mut cur, st) = match open_dir(root, &cname, dev) {
         Ok(opened) => opened,
         Err((_, Errno::ENOENT)) => return Ok(stats),
-        Err((_, Errno::ELOOP | Errno::ENOTDIR)) => return Err(Error::NotADirectory { name: name.to_string() }),
-        Err((_, Errno::EXDEV)) => return Err(Error::MountPoint { path: PathBuf::from(name) }),
+        Err((_, Errno::ELOOP | Errno::ENOTDIR)) => {
+            return Err(Error::NotADirectory {
+                name: name.to_string(),
+            });
+        }
+        Err((_, Errno::EXDEV)) => {
+            return Err(Error::MountPoint {
+                path: PathBuf::from(name),
+            });
+        }
         Err((op, source)) => return Err(io(op, source)),
     };
-    let mut stack = vec![Frame { name: cname, id: id(&st), blocks: blocks(&st), pending: None, scans: 0 }];
+    let mut stack = vec![Frame {
+        name: cname,
+        id: id(&st),
+        blocks: blocks(&st),
+        pending: None,
+        scans: 0,
+    }];
 
     while let Some(frame) = stack.last() {
         if frame.pending.is_none() {
@@ -115,17 +150,41 @@ pub fn remove_volume_dir(root: BorrowedFd<'_>, name: &str) -> Result<RemovalStat
             frame.scans += 1;
             continue;
         }
-        if let Some(child) = stack.last_mut().and_then(|f| f.pending.as_mut()).and_then(Vec::pop) {
+        if let Some(child) = stack
+            .last_mut()
+            .and_then(|f| f.pending.as_mut())
+            .and_then(Vec::pop)
+        {
             match open_dir(cur.as_fd(), &child, dev) {
                 Ok((fd, st)) => {
                     // Only this one fd stays open; the parent is found again through "..".
                     cur = fd;
-                    stack.push(Frame { name: child, id: id(&st), blocks: blocks(&st), pending: None, scans: 0 });
+                    stack.push(Frame {
+                        name: child,
+                        id: id(&st),
+                        blocks: blocks(&st),
+                        pending: None,
+                        scans: 0,
+                    });
                 }
                 Err((_, Errno::ENOENT)) => {} // removed by someone else meanwhile
-                Err((_, Errno::ELOOP | Errno::ENOTDIR)) => return Err(Error::Changed { path: path_of(&stack, Some(&child)) }),
-                Err((_, Errno::EXDEV)) => return Err(Error::MountPoint { path: path_of(&stack, Some(&child)) }),
-                Err((op, source)) => return Err(Error::Io { op, path: path_of(&stack, Some(&child)), source }),
+                Err((_, Errno::ELOOP | Errno::ENOTDIR)) => {
+                    return Err(Error::Changed {
+                        path: path_of(&stack, Some(&child)),
+                    });
+                }
+                Err((_, Errno::EXDEV)) => {
+                    return Err(Error::MountPoint {
+                        path: path_of(&stack, Some(&child)),
+                    });
+                }
+                Err((op, source)) => {
+                    return Err(Error::Io {
+                        op,
+                        path: path_of(&stack, Some(&child)),
+                        source,
+                    });
+                }
             }
             continue;
         }
@@ -133,10 +192,18 @@ pub fn remove_volume_dir(root: BorrowedFd<'_>, name: &str) -> Result<RemovalStat
         // Everything below is gone: remove the directory itself from its parent.
         let parent = match stack.len() {
             1 => None,
-            n => Some(reopen_parent(cur.as_fd(), stack[n - 2].id).map_err(|e| match e {
-                None => Error::Changed { path: path_of(&stack, None) },
-                Some(source) => Error::Io { op: "open parent of", path: path_of(&stack, None), source },
-            })?),
+            n => Some(
+                reopen_parent(cur.as_fd(), stack[n - 2].id).map_err(|e| match e {
+                    None => Error::Changed {
+                        path: path_of(&stack, None),
+                    },
+                    Some(source) => Error::Io {
+                        op: "open parent of",
+                        path: path_of(&stack, None),
+                        source,
+                    },
+                })?,
+            ),
         };
         let parent_fd = parent.as_ref().map_or(root, |p| p.as_fd());
         let frame = stack.last_mut().expect("stack is not empty");
@@ -151,8 +218,18 @@ pub fn remove_volume_dir(root: BorrowedFd<'_>, name: &str) -> Result<RemovalStat
                 frame.pending = None;
                 continue;
             }
-            Err(Errno::EBUSY) => return Err(Error::MountPoint { path: path_of(&stack, None) }),
-            Err(source) => return Err(Error::Io { op: "remove", path: path_of(&stack, None), source }),
+            Err(Errno::EBUSY) => {
+                return Err(Error::MountPoint {
+                    path: path_of(&stack, None),
+                });
+            }
+            Err(source) => {
+                return Err(Error::Io {
+                    op: "remove",
+                    path: path_of(&stack, None),
+                    source,
+                });
+            }
         }
         stack.pop();
         match parent {
@@ -170,18 +247,36 @@ pub fn remove_volume_dir(root: BorrowedFd<'_>, name: &str) -> Result<RemovalStat
 /// is `Error::NotFound` (it may have been archived before a crash).
 pub fn archive_volume_dir(root: BorrowedFd<'_>, name: &str) -> Result<String, Error> {
     naming::validate_directory_name(name)?;
-    let io = |op, source| Error::Io { op, path: PathBuf::from(name), source };
+    let io = |op, source| Error::Io {
+        op,
+        path: PathBuf::from(name),
+        source,
+    };
     match fstatat(root, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
         Ok(st) if is_dir(&st) => {}
-        Ok(_) => return Err(Error::NotADirectory { name: name.to_string() }),
-        Err(Errno::ENOENT) => return Err(Error::NotFound { name: name.to_string() }),
+        Ok(_) => {
+            return Err(Error::NotADirectory {
+                name: name.to_string(),
+            });
+        }
+        Err(Errno::ENOENT) => {
+            return Err(Error::NotFound {
+                name: name.to_string(),
+            });
+        }
         Err(source) => return Err(io("stat", source)),
     }
     let mut last = String::new();
     for n in 0..=MAX_ARCHIVE_SUFFIX {
-        let suffix = if n == 0 { String::new() } else { format!("-{n}") };
+        let suffix = if n == 0 {
+            String::new()
+        } else {
+            format!("-{n}")
+        };
         // Names are ASCII (validated), so cutting bytes stays on a char boundary.
-        let keep = name.len().min(naming::MAX_DIRECTORY_NAME - ARCHIVE_PREFIX.len() - suffix.len());
+        let keep = name
+            .len()
+            .min(naming::MAX_DIRECTORY_NAME - ARCHIVE_PREFIX.len() - suffix.len());
         let candidate = format!("{ARCHIVE_PREFIX}{}{suffix}", &name[..keep]);
         naming::validate_directory_name(&candidate)?;
         match rename_noreplace(root, name, &candidate) {
@@ -190,20 +285,41 @@ pub fn archive_volume_dir(root: BorrowedFd<'_>, name: &str) -> Result<String, Er
                 return Ok(candidate);
             }
             Err(Errno::EEXIST) => last = candidate,
-            Err(Errno::ENOENT) => return Err(Error::NotFound { name: name.to_string() }),
+            Err(Errno::ENOENT) => {
+                return Err(Error::NotFound {
+                    name: name.to_string(),
+                });
+            }
             Err(source) => return Err(io("archive (rename)", source)),
         }
     }
-    Err(Error::ArchiveNamesTaken { name: name.to_string(), last })
+    Err(Error::ArchiveNamesTaken {
+        name: name.to_string(),
+        last,
+    })
 }
 
 /// Reads the open directory `dir`, unlinks every non-directory in it, and returns its subdirectories.
 /// Everything is checked before anything is unlinked, so a mount point here leaves this directory whole.
-fn empty_files(dir: BorrowedFd<'_>, dev: u64, stack: &[Frame], stats: &mut RemovalStats) -> Result<Vec<CString>, Error> {
-    let io = |op, child: Option<&CStr>, source| Error::Io { op, path: path_of(stack, child), source };
+fn empty_files(
+    dir: BorrowedFd<'_>,
+    dev: u64,
+    stack: &[Frame],
+    stats: &mut RemovalStats,
+) -> Result<Vec<CString>, Error> {
+    let io = |op, child: Option<&CStr>, source| Error::Io {
+        op,
+        path: path_of(stack, child),
+        source,
+    };
     // A second fd for the stream, closed before we go deeper.
-    let mut stream = Dir::openat(dir, c".", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| io("read", None, e))?;
+    let mut stream = Dir::openat(
+        dir,
+        c".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io("read", None, e))?;
     let mut names = Vec::new();
     for entry in stream.iter() {
         let entry = entry.map_err(|e| io("read", None, e))?;
@@ -222,7 +338,9 @@ fn empty_files(dir: BorrowedFd<'_>, dev: u64, stack: &[Frame], stats: &mut Remov
             Err(e) => return Err(io("stat", Some(&name), e)),
         };
         if st.st_dev != dev {
-            return Err(Error::MountPoint { path: path_of(stack, Some(&name)) });
+            return Err(Error::MountPoint {
+                path: path_of(stack, Some(&name)),
+            });
         }
         entries.push((name, st));
     }
@@ -242,7 +360,11 @@ fn empty_files(dir: BorrowedFd<'_>, dev: u64, stack: &[Frame], stats: &mut Remov
                 }
             }
             Err(Errno::ENOENT) => {}
-            Err(Errno::EBUSY) => return Err(Error::MountPoint { path: path_of(stack, Some(&name)) }),
+            Err(Errno::EBUSY) => {
+                return Err(Error::MountPoint {
+                    path: path_of(stack, Some(&name)),
+                });
+            }
             Err(Errno::EISDIR) => subdirs.push(name), // replaced by a directory meanwhile
             Err(e) => return Err(io("remove", Some(&name), e)),
         }
@@ -253,23 +375,38 @@ fn empty_files(dir: BorrowedFd<'_>, dev: u64, stack: &[Frame], stats: &mut Remov
 /// Opens the directory `name` in `parent` without following a symlink or crossing a mount, and makes
 /// it u+rwx so its entries can be removed (a pod may have left it 0500 or 0000). Another filesystem or
 /// a bind mount is reported as EXDEV. Errors carry what was being done.
-fn open_dir(parent: BorrowedFd<'_>, name: &CStr, dev: u64) -> Result<(OwnedFd, FileStat), (&'static str, Errno)> {
+fn open_dir(
+    parent: BorrowedFd<'_>,
+    name: &CStr,
+    dev: u64,
+) -> Result<(OwnedFd, FileStat), (&'static str, Errno)> {
     let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let fd = match open_beneath(parent, name, flags | OFlag::O_RDONLY) {
         Err(Errno::EACCES) => {
             // Not root and the directory is not readable: get a handle that needs no permission, give
             // ourselves u+rwx through its /proc link (fchmod refuses O_PATH fds; the link names this
             // very inode, so nothing can be swapped in between), then open it for reading.
-            let handle = open_beneath(parent, name, flags | OFlag::O_PATH).map_err(|e| ("open", e))?;
+            let handle =
+                open_beneath(parent, name, flags | OFlag::O_PATH).map_err(|e| ("open", e))?;
             let st = fstat(&handle).map_err(|e| ("stat", e))?;
             if st.st_dev != dev {
                 return Err(("open", Errno::EXDEV));
             }
             let link = format!("/proc/self/fd/{}", handle.as_raw_fd());
-            fchmodat(nix::fcntl::AT_FDCWD, link.as_str(), user_rwx(&st), FchmodatFlags::FollowSymlink)
-                .map_err(|_| ("open", Errno::EACCES))?;
-            openat(&handle, c".", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-                .map_err(|e| ("open", e))?
+            fchmodat(
+                nix::fcntl::AT_FDCWD,
+                link.as_str(),
+                user_rwx(&st),
+                FchmodatFlags::FollowSymlink,
+            )
+            .map_err(|_| ("open", Errno::EACCES))?;
+            openat(
+                &handle,
+                c".",
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| ("open", e))?
         }
         other => other.map_err(|e| ("open", e))?,
     };
@@ -290,7 +427,9 @@ static OPENAT2_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
 fn open_beneath(parent: BorrowedFd<'_>, name: &CStr, flags: OFlag) -> Result<OwnedFd, Errno> {
     use nix::fcntl::{OpenHow, ResolveFlag, openat2};
     if !OPENAT2_UNAVAILABLE.load(Ordering::Relaxed) {
-        let how = OpenHow::new().flags(flags).resolve(ResolveFlag::RESOLVE_NO_XDEV | ResolveFlag::RESOLVE_NO_SYMLINKS);
+        let how = OpenHow::new()
+            .flags(flags)
+            .resolve(ResolveFlag::RESOLVE_NO_XDEV | ResolveFlag::RESOLVE_NO_SYMLINKS);
         match openat2(parent, name, how) {
             // Old kernels say ENOSYS; some seccomp profiles say EPERM, which a plain open never does here.
             Err(Errno::ENOSYS | Errno::EPERM) => OPENAT2_UNAVAILABLE.store(true, Ordering::Relaxed),
@@ -303,8 +442,13 @@ fn open_beneath(parent: BorrowedFd<'_>, name: &CStr, flags: OFlag) -> Result<Own
 /// Opens `..` of `dir` and checks it is the directory we descended from; `Err(None)` if it is not
 /// (the subtree was moved meanwhile, and climbing on could take us outside the volume).
 fn reopen_parent(dir: BorrowedFd<'_>, expected: (u64, u64)) -> Result<OwnedFd, Option<Errno>> {
-    let parent = openat(dir, c"..", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(Some)?;
+    let parent = openat(
+        dir,
+        c"..",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(Some)?;
     let st = fstat(&parent).map_err(Some)?;
     if id(&st) != expected {
         return Err(None);
@@ -315,7 +459,13 @@ fn reopen_parent(dir: BorrowedFd<'_>, expected: (u64, u64)) -> Result<OwnedFd, O
 /// Renames without ever replacing an existing `to`.
 fn rename_noreplace(root: BorrowedFd<'_>, from: &str, to: &str) -> Result<(), Errno> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    match nix::fcntl::renameat2(root, from, root, to, nix::fcntl::RenameFlags::RENAME_NOREPLACE) {
+    match nix::fcntl::renameat2(
+        root,
+        from,
+        root,
+        to,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    ) {
         // EINVAL: this filesystem does not support the flag; ENOSYS: nor does the kernel.
         Err(Errno::EINVAL | Errno::ENOSYS) => {}
         result => return result,
@@ -363,7 +513,12 @@ mod tests {
     use std::process::Command;
 
     fn open(dir: &Path) -> OwnedFd {
-        nix::fcntl::open(dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).unwrap()
+        nix::fcntl::open(
+            dir,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap()
     }
 
     fn chmod(path: &Path, mode: u32) {
@@ -383,7 +538,11 @@ mod tests {
 
     impl Mounted {
         fn new(args: &[&str], at: &Path) -> Option<Self> {
-            let ok = Command::new("mount").args(args).arg(at).output().is_ok_and(|o| o.status.success());
+            let ok = Command::new("mount")
+                .args(args)
+                .arg(at)
+                .output()
+                .is_ok_and(|o| o.status.success());
             ok.then(|| Mounted(at.to_path_buf()))
         }
     }
@@ -408,12 +567,24 @@ mod tests {
         let stats = remove_volume_dir(fd.as_fd(), "pvc-1_ns_c").unwrap();
         assert_eq!((stats.files, stats.directories), (3, 4), "{stats:?}");
         // The 64 KiB file is counted once, when its last link goes.
-        assert!(stats.bytes >= 64 * 1024 && stats.bytes < 128 * 1024, "{stats:?}");
+        assert!(
+            stats.bytes >= 64 * 1024 && stats.bytes < 128 * 1024,
+            "{stats:?}"
+        );
         assert!(!vol.exists());
-        assert_eq!(std::fs::read(root.path().join("neighbour")).unwrap(), b"keep");
+        assert_eq!(
+            std::fs::read(root.path().join("neighbour")).unwrap(),
+            b"keep"
+        );
 
-        assert_eq!(remove_volume_dir(fd.as_fd(), "pvc-1_ns_c").unwrap(), RemovalStats::default());
-        assert_eq!(remove_volume_dir(fd.as_fd(), "never-existed").unwrap(), RemovalStats::default());
+        assert_eq!(
+            remove_volume_dir(fd.as_fd(), "pvc-1_ns_c").unwrap(),
+            RemovalStats::default()
+        );
+        assert_eq!(
+            remove_volume_dir(fd.as_fd(), "never-existed").unwrap(),
+            RemovalStats::default()
+        );
     }
 
     #[test]
@@ -441,7 +612,10 @@ mod tests {
         assert!(!vol.exists());
         assert_eq!(std::fs::read(&target_file).unwrap(), b"precious");
         assert_eq!(mode(&target_file), 0o604);
-        assert_eq!(std::fs::read(target_dir.join("inner")).unwrap(), b"also precious");
+        assert_eq!(
+            std::fs::read(target_dir.join("inner")).unwrap(),
+            b"also precious"
+        );
         assert_eq!(mode(&target_dir), 0o500);
         chmod(&target_dir, 0o700);
     }
@@ -459,11 +633,25 @@ mod tests {
             let err = remove_volume_dir(fd.as_fd(), name).unwrap_err();
             assert_eq!(err.category(), "not_a_directory", "{err}");
             assert!(err.to_string().contains(name), "{err}");
-            assert_eq!(archive_volume_dir(fd.as_fd(), name).unwrap_err().category(), "not_a_directory");
+            assert_eq!(
+                archive_volume_dir(fd.as_fd(), name).unwrap_err().category(),
+                "not_a_directory"
+            );
         }
-        assert!(std::fs::symlink_metadata(root.path().join("pvc-3_ns_c")).unwrap().file_type().is_symlink());
-        assert_eq!(std::fs::read(outside.path().join("data")).unwrap(), b"precious");
-        assert_eq!(std::fs::read(root.path().join("pvc-4_ns_c")).unwrap(), b"a file");
+        assert!(
+            std::fs::symlink_metadata(root.path().join("pvc-3_ns_c"))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(
+            std::fs::read(outside.path().join("data")).unwrap(),
+            b"precious"
+        );
+        assert_eq!(
+            std::fs::read(root.path().join("pvc-4_ns_c")).unwrap(),
+            b"a file"
+        );
     }
 
     #[test]
@@ -471,8 +659,16 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let fd = open(root.path());
         for bad in ["..", ".", "/", "", "a/b", "../x", "/etc", ".hidden", "a\0b"] {
-            assert_eq!(remove_volume_dir(fd.as_fd(), bad).unwrap_err().category(), "unsafe_name", "{bad:?}");
-            assert_eq!(archive_volume_dir(fd.as_fd(), bad).unwrap_err().category(), "unsafe_name", "{bad:?}");
+            assert_eq!(
+                remove_volume_dir(fd.as_fd(), bad).unwrap_err().category(),
+                "unsafe_name",
+                "{bad:?}"
+            );
+            assert_eq!(
+                archive_volume_dir(fd.as_fd(), bad).unwrap_err().category(),
+                "unsafe_name",
+                "{bad:?}"
+            );
         }
         assert!(root.path().exists());
     }
@@ -483,7 +679,11 @@ mod tests {
         let vol = root.path().join("pvc-5_ns_c");
         std::fs::create_dir_all(vol.join("locked/inner")).unwrap();
         std::fs::create_dir_all(vol.join("readonly")).unwrap();
-        for (file, m) in [("locked/f1", 0o000), ("locked/inner/f2", 0o000), ("readonly/f3", 0o400)] {
+        for (file, m) in [
+            ("locked/f1", 0o000),
+            ("locked/inner/f2", 0o000),
+            ("readonly/f3", 0o400),
+        ] {
             std::fs::write(vol.join(file), b"x").unwrap();
             chmod(&vol.join(file), m);
         }
@@ -534,11 +734,19 @@ mod tests {
             let out = Command::new("sh")
                 .args(["-c", r#"ulimit -n 64 && exec "$0" "$@""#])
                 .arg(std::env::current_exe().unwrap())
-                .args(["--exact", "removal::tests::deep_trees_use_a_constant_number_of_fds", "--nocapture"])
+                .args([
+                    "--exact",
+                    "removal::tests::deep_trees_use_a_constant_number_of_fds",
+                    "--nocapture",
+                ])
                 .env(CHILD, "1")
                 .output()
                 .unwrap();
-            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
             assert!(out.status.success(), "{text}");
             assert!(text.contains("1 passed"), "the child ran no test: {text}");
             return;
@@ -548,14 +756,32 @@ mod tests {
         let fd = open(root.path());
         // Built through fds, one level at a time: the path is too long for path-based calls.
         nix::sys::stat::mkdirat(fd.as_fd(), "pvc-7_ns_c", Mode::from_bits_truncate(0o700)).unwrap();
-        let mut cur = openat(fd.as_fd(), "pvc-7_ns_c", OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()).unwrap();
+        let mut cur = openat(
+            fd.as_fd(),
+            "pvc-7_ns_c",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
         for level in 0..DEPTH {
             if level % 100 == 0 {
-                let file = openat(cur.as_fd(), "f", OFlag::O_CREAT | OFlag::O_WRONLY, Mode::from_bits_truncate(0o400)).unwrap();
+                let file = openat(
+                    cur.as_fd(),
+                    "f",
+                    OFlag::O_CREAT | OFlag::O_WRONLY,
+                    Mode::from_bits_truncate(0o400),
+                )
+                .unwrap();
                 drop(file);
             }
             nix::sys::stat::mkdirat(cur.as_fd(), "d", Mode::from_bits_truncate(0o700)).unwrap();
-            let child = openat(cur.as_fd(), "d", OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()).unwrap();
+            let child = openat(
+                cur.as_fd(),
+                "d",
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                Mode::empty(),
+            )
+            .unwrap();
             if level % 7 == 0 {
                 fchmod(cur.as_fd(), Mode::from_bits_truncate(0o500)).unwrap();
             }
@@ -564,7 +790,11 @@ mod tests {
         drop(cur);
 
         let stats = remove_volume_dir(fd.as_fd(), "pvc-7_ns_c").unwrap();
-        assert_eq!((stats.files, stats.directories), ((DEPTH / 100) as u64, DEPTH as u64 + 1), "{stats:?}");
+        assert_eq!(
+            (stats.files, stats.directories),
+            ((DEPTH / 100) as u64, DEPTH as u64 + 1),
+            "{stats:?}"
+        );
         assert!(!root.path().join("pvc-7_ns_c").exists());
     }
 
@@ -600,7 +830,10 @@ mod tests {
         let err = remove_volume_dir(fd.as_fd(), "pvc-9_ns_c").unwrap_err();
         assert_eq!(err.category(), "mount_point", "{err}");
         assert!(err.to_string().contains("pvc-9_ns_c/a/mnt"), "{err}");
-        assert_eq!(std::fs::read(vol.join("a/mnt/on-tmpfs")).unwrap(), b"other filesystem");
+        assert_eq!(
+            std::fs::read(vol.join("a/mnt/on-tmpfs")).unwrap(),
+            b"other filesystem"
+        );
 
         drop(mount);
         let stats = remove_volume_dir(fd.as_fd(), "pvc-9_ns_c").unwrap();
@@ -616,7 +849,8 @@ mod tests {
         std::fs::write(outside.join("data"), b"precious").unwrap();
         let vol = root.path().join("pvc-10_ns_c");
         std::fs::create_dir_all(vol.join("bound")).unwrap();
-        let Some(_mount) = Mounted::new(&["--bind", outside.to_str().unwrap()], &vol.join("bound")) else {
+        let Some(_mount) = Mounted::new(&["--bind", outside.to_str().unwrap()], &vol.join("bound"))
+        else {
             return; // needs CAP_SYS_ADMIN; CI has it
         };
         let err = remove_volume_dir(open(root.path()).as_fd(), "pvc-10_ns_c").unwrap_err();
@@ -628,7 +862,11 @@ mod tests {
         let vol = root.path().join("pvc-12_ns_c");
         std::fs::create_dir(&vol).unwrap();
         std::fs::write(vol.join("bound-file"), b"").unwrap();
-        let _file_mount = Mounted::new(&["--bind", outside.join("data").to_str().unwrap()], &vol.join("bound-file")).unwrap();
+        let _file_mount = Mounted::new(
+            &["--bind", outside.join("data").to_str().unwrap()],
+            &vol.join("bound-file"),
+        )
+        .unwrap();
         let err = remove_volume_dir(open(root.path()).as_fd(), "pvc-12_ns_c").unwrap_err();
         assert_eq!(err.category(), "mount_point", "{err}");
         assert!(err.to_string().contains("pvc-12_ns_c/bound-file"), "{err}");
@@ -645,12 +883,27 @@ mod tests {
             std::fs::write(root.path().join("pvc-11_ns_c/data"), [generation]).unwrap();
             archived.push(archive_volume_dir(fd.as_fd(), "pvc-11_ns_c").unwrap());
         }
-        assert_eq!(archived, ["archived-pvc-11_ns_c", "archived-pvc-11_ns_c-1", "archived-pvc-11_ns_c-2"]);
+        assert_eq!(
+            archived,
+            [
+                "archived-pvc-11_ns_c",
+                "archived-pvc-11_ns_c-1",
+                "archived-pvc-11_ns_c-2"
+            ]
+        );
         for (generation, name) in archived.iter().enumerate() {
-            assert_eq!(std::fs::read(root.path().join(name).join("data")).unwrap(), [generation as u8]);
+            assert_eq!(
+                std::fs::read(root.path().join(name).join("data")).unwrap(),
+                [generation as u8]
+            );
         }
         assert!(!root.path().join("pvc-11_ns_c").exists());
-        assert_eq!(archive_volume_dir(fd.as_fd(), "pvc-11_ns_c").unwrap_err().category(), "not_found");
+        assert_eq!(
+            archive_volume_dir(fd.as_fd(), "pvc-11_ns_c")
+                .unwrap_err()
+                .category(),
+            "not_found"
+        );
 
         // A name at NAME_MAX is shortened so the archived name still fits.
         let long = "a".repeat(naming::MAX_DIRECTORY_NAME);
@@ -658,7 +911,10 @@ mod tests {
             std::fs::create_dir(root.path().join(&long)).unwrap();
             let name = archive_volume_dir(fd.as_fd(), &long).unwrap();
             assert_eq!(name.len(), naming::MAX_DIRECTORY_NAME);
-            assert!(name.starts_with(ARCHIVE_PREFIX) && name.ends_with(&format!("a{suffix}")), "{name}");
+            assert!(
+                name.starts_with(ARCHIVE_PREFIX) && name.ends_with(&format!("a{suffix}")),
+                "{name}"
+            );
         }
     }
 }

@@ -11,7 +11,9 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::cli::{OutputFormat, ReportArgs, VolumesArgs};
 use crate::grpc::v1::node_client::NodeClient;
-use crate::grpc::v1::{CapacityReport, GetCapacityRequest, ListOrphansRequest, ListVolumesRequest, Volume};
+use crate::grpc::v1::{
+    CapacityReport, GetCapacityRequest, ListOrphansRequest, ListVolumesRequest, Volume,
+};
 use crate::quantity::format_bytes;
 
 /// Label selector of the agent pods shipped in deploy/daemonset.yaml.
@@ -27,7 +29,10 @@ pub enum Address {
 impl Address {
     /// `unix:/path`, `unix:///path`, a path starting with `/`, or `host:port`.
     pub fn parse(s: &str) -> Address {
-        if let Some(path) = s.strip_prefix("unix://").or_else(|| s.strip_prefix("unix:")) {
+        if let Some(path) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
             Address::Unix(PathBuf::from(path))
         } else if s.starts_with('/') {
             Address::Unix(PathBuf::from(s))
@@ -69,7 +74,11 @@ pub async fn connect(address: &Address, timeout: Duration) -> Result<NodeClient<
                 .timeout(timeout)
                 .connect_with_connector(tower::service_fn(move |_: Uri| {
                     let path = path.clone();
-                    async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
                 }))
                 .await
                 .map_err(|e| format!("cannot connect to {address}: {}", root_cause(&e)))?
@@ -98,7 +107,10 @@ pub async fn discover(client: &Client, namespace: &str) -> Result<Vec<Target>, S
         .iter()
         .map(|pod| {
             let spec = pod.spec.clone().unwrap_or_default();
-            let node = spec.node_name.clone().unwrap_or_else(|| format!("<unscheduled {}>", pod.name_any()));
+            let node = spec
+                .node_name
+                .clone()
+                .unwrap_or_else(|| format!("<unscheduled {}>", pod.name_any()));
             let port = spec
                 .containers
                 .iter()
@@ -108,9 +120,17 @@ pub async fn discover(client: &Client, namespace: &str) -> Result<Vec<Target>, S
             let status = pod.status.clone().unwrap_or_default();
             let address = match (status.phase.as_deref(), status.pod_ip) {
                 (Some("Running"), Some(ip)) if !ip.is_empty() => {
-                    Ok(Address::Tcp(if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }))
+                    Ok(Address::Tcp(if ip.contains(':') {
+                        format!("[{ip}]:{port}")
+                    } else {
+                        format!("{ip}:{port}")
+                    }))
                 }
-                (phase, _) => Err(format!("agent pod {} is {}", pod.name_any(), phase.unwrap_or("Unknown"))),
+                (phase, _) => Err(format!(
+                    "agent pod {} is {}",
+                    pod.name_any(),
+                    phase.unwrap_or("Unknown")
+                )),
             };
             Target { node, address }
         })
@@ -121,12 +141,20 @@ pub async fn discover(client: &Client, namespace: &str) -> Result<Vec<Target>, S
 
 async fn targets(args: &ReportArgs) -> Result<Vec<Target>, String> {
     if let Some(endpoint) = &args.endpoint {
-        return Ok(vec![Target { node: String::new(), address: Ok(Address::parse(endpoint)) }]);
+        return Ok(vec![Target {
+            node: String::new(),
+            address: Ok(Address::parse(endpoint)),
+        }]);
     }
-    let client = Client::try_default().await.map_err(|e| format!("cannot reach the cluster (check KUBECONFIG): {e}"))?;
+    let client = Client::try_default()
+        .await
+        .map_err(|e| format!("cannot reach the cluster (check KUBECONFIG): {e}"))?;
     let found = discover(&client, &args.namespace).await?;
     if found.is_empty() {
-        return Err(format!("no hostvol agents found in namespace {} (label {AGENT_SELECTOR}); is hostvol deployed?", args.namespace));
+        return Err(format!(
+            "no hostvol agents found in namespace {} (label {AGENT_SELECTOR}); is hostvol deployed?",
+            args.namespace
+        ));
     }
     Ok(found)
 }
@@ -179,9 +207,24 @@ impl From<&CapacityReport> for CapacityFigures {
 }
 
 pub fn render_capacity(rows: &[CapacityRow], wide: bool) -> String {
-    let mut header = vec!["NODE", "FILESYSTEM", "TOTAL", "USED", "ALLOCATED", "ALLOCATABLE", "VOLUMES"];
+    let mut header = vec![
+        "NODE",
+        "FILESYSTEM",
+        "TOTAL",
+        "USED",
+        "ALLOCATED",
+        "ALLOCATABLE",
+        "VOLUMES",
+    ];
     if wide {
-        header.extend(["AVAILABLE", "RESERVED", "CAP", "INODES", "DATA ROOT", "ENDPOINT"]);
+        header.extend([
+            "AVAILABLE",
+            "RESERVED",
+            "CAP",
+            "INODES",
+            "DATA ROOT",
+            "ENDPOINT",
+        ]);
     }
     let mut table: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     let mut totals = (0u64, 0u64, 0u64, 0u64, 0u32);
@@ -189,7 +232,13 @@ pub fn render_capacity(rows: &[CapacityRow], wide: bool) -> String {
         let mut line = vec![row.node.clone()];
         match (&row.report, &row.error) {
             (Some(r), _) => {
-                totals = (totals.0 + r.total_bytes, totals.1 + r.used_bytes, totals.2 + r.allocated_bytes, totals.3 + r.allocatable_bytes, totals.4 + r.volumes);
+                totals = (
+                    totals.0 + r.total_bytes,
+                    totals.1 + r.used_bytes,
+                    totals.2 + r.allocated_bytes,
+                    totals.3 + r.allocatable_bytes,
+                    totals.4 + r.volumes,
+                );
                 line.extend([
                     r.filesystem_type.clone(),
                     format_bytes(r.total_bytes),
@@ -210,13 +259,22 @@ pub fn render_capacity(rows: &[CapacityRow], wide: bool) -> String {
                 }
             }
             (None, error) => {
-                line.push(format!("unreachable: {}", error.clone().unwrap_or_default()));
+                line.push(format!(
+                    "unreachable: {}",
+                    error.clone().unwrap_or_default()
+                ));
             }
         }
         table.push(line);
     }
     let mut total = vec!["TOTAL".to_string(), String::new()];
-    total.extend([format_bytes(totals.0), format_bytes(totals.1), format_bytes(totals.2), format_bytes(totals.3), totals.4.to_string()]);
+    total.extend([
+        format_bytes(totals.0),
+        format_bytes(totals.1),
+        format_bytes(totals.2),
+        format_bytes(totals.3),
+        totals.4.to_string(),
+    ]);
     table.push(total);
     align(&table)
 }
@@ -236,7 +294,13 @@ fn align(table: &[Vec<String>]) -> String {
         let cells: Vec<String> = row
             .iter()
             .enumerate()
-            .map(|(i, c)| if i + 1 == row.len() { c.clone() } else { format!("{c:<w$}", w = widths[i]) })
+            .map(|(i, c)| {
+                if i + 1 == row.len() {
+                    c.clone()
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
             .collect();
         out.push_str(cells.join("   ").trim_end());
         out.push('\n');
@@ -249,23 +313,44 @@ pub async fn capacity(args: &ReportArgs) -> Result<bool, String> {
     let targets = targets(args).await?;
     let timeout = Duration::from_secs(args.timeout_seconds.max(1));
     let asks = targets.iter().map(|target| async move {
-        let endpoint = target.address.as_ref().map(ToString::to_string).unwrap_or_default();
+        let endpoint = target
+            .address
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
         let result = match &target.address {
             Ok(address) => match connect(address, timeout).await {
-                Ok(mut client) => client.get_capacity(GetCapacityRequest {}).await.map(|r| r.into_inner()).map_err(|s| s.message().to_string()),
+                Ok(mut client) => client
+                    .get_capacity(GetCapacityRequest {})
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| s.message().to_string()),
                 Err(e) => Err(e),
             },
             Err(reason) => Err(reason.clone()),
         };
         match result {
-            Ok(report) => CapacityRow { node: report.node.clone(), endpoint, error: None, report: Some((&report).into()) },
-            Err(error) => CapacityRow { node: target.node.clone(), endpoint, error: Some(error), report: None },
+            Ok(report) => CapacityRow {
+                node: report.node.clone(),
+                endpoint,
+                error: None,
+                report: Some((&report).into()),
+            },
+            Err(error) => CapacityRow {
+                node: target.node.clone(),
+                endpoint,
+                error: Some(error),
+                report: None,
+            },
         }
     });
     let rows: Vec<CapacityRow> = futures::future::join_all(asks).await;
     let all_answered = rows.iter().all(|r| r.error.is_none());
     match args.output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows).expect("rows serialise")),
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).expect("rows serialise")
+        ),
         OutputFormat::Table => print!("{}", render_capacity(&rows, false)),
         OutputFormat::Wide => print!("{}", render_capacity(&rows, true)),
     }
@@ -306,8 +391,12 @@ impl VolumeRow {
 
 /// "5d", "3h", "12m", "40s", like kubectl's AGE column.
 pub fn age(created_unix: Option<i64>, now: SystemTime) -> String {
-    let Some(created) = created_unix else { return "-".into() };
-    let now = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let Some(created) = created_unix else {
+        return "-".into();
+    };
+    let now = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
     let s = (now - created).max(0);
     match s {
         s if s >= 86_400 => format!("{}d", s / 86_400),
@@ -318,14 +407,18 @@ pub fn age(created_unix: Option<i64>, now: SystemTime) -> String {
 }
 
 pub fn render_volumes(rows: &[VolumeRow], wide: bool, now: SystemTime) -> String {
-    let mut header = vec!["NODE", "VOLUME", "CLAIM", "CAPACITY", "USED", "USE%", "PHASE", "RECLAIM", "AGE"];
+    let mut header = vec![
+        "NODE", "VOLUME", "CLAIM", "CAPACITY", "USED", "USE%", "PHASE", "RECLAIM", "AGE",
+    ];
     if wide {
         header.extend(["CLASS", "DIRECTORY"]);
     }
     let mut table: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     for r in rows {
         let percent = match r.used_bytes {
-            Some(used) if r.capacity_bytes > 0 => format!("{}%", used.saturating_mul(100) / r.capacity_bytes),
+            Some(used) if r.capacity_bytes > 0 => {
+                format!("{}%", used.saturating_mul(100) / r.capacity_bytes)
+            }
             _ => "-".into(),
         };
         let mut line = vec![
@@ -367,7 +460,11 @@ pub async fn volumes(args: &VolumesArgs) -> Result<bool, String> {
                         Ok(r) => r.into_inner().node,
                         Err(_) => target.node.clone(),
                     };
-                    client.list_volumes(ListVolumesRequest {}).await.map(|r| (node, r.into_inner().volumes)).map_err(|s| s.message().to_string())
+                    client
+                        .list_volumes(ListVolumesRequest {})
+                        .await
+                        .map(|r| (node, r.into_inner().volumes))
+                        .map_err(|s| s.message().to_string())
                 }
                 Err(e) => Err(e),
             },
@@ -375,13 +472,19 @@ pub async fn volumes(args: &VolumesArgs) -> Result<bool, String> {
         };
         match answer {
             Ok((node, volumes)) => rows.extend(
-                volumes.iter().filter(|v| !args.released || v.phase == "Released").map(|v| VolumeRow::new(&node, v)),
+                volumes
+                    .iter()
+                    .filter(|v| !args.released || v.phase == "Released")
+                    .map(|v| VolumeRow::new(&node, v)),
             ),
             Err(error) => failures.push(format!("node {}: unreachable: {error}", target.node)),
         }
     }
     match args.report.output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows).expect("rows serialise")),
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).expect("rows serialise")
+        ),
         OutputFormat::Table => print!("{}", render_volumes(&rows, false, SystemTime::now())),
         OutputFormat::Wide => print!("{}", render_volumes(&rows, true, SystemTime::now())),
     }
@@ -395,7 +498,12 @@ pub async fn volumes(args: &VolumesArgs) -> Result<bool, String> {
 pub async fn doctor(args: &ReportArgs) -> Result<bool, String> {
     let targets = targets(args).await?;
     let timeout = Duration::from_secs(args.timeout_seconds.max(1));
-    let mut table: Vec<Vec<String>> = vec![["NODE", "PROBLEM", "NAME", "DETAIL"].iter().map(|s| s.to_string()).collect()];
+    let mut table: Vec<Vec<String>> = vec![
+        ["NODE", "PROBLEM", "NAME", "DETAIL"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    ];
     let mut json_rows = Vec::new();
     let (mut orphans, mut lost, mut unreachable) = (0, 0, 0);
     let now = SystemTime::now();
@@ -403,8 +511,16 @@ pub async fn doctor(args: &ReportArgs) -> Result<bool, String> {
         let answer = match &target.address {
             Ok(address) => match connect(address, timeout).await {
                 Ok(mut client) => {
-                    let node = client.get_capacity(GetCapacityRequest {}).await.map(|r| r.into_inner().node).unwrap_or_else(|_| target.node.clone());
-                    client.list_orphans(ListOrphansRequest {}).await.map(|r| (node, r.into_inner())).map_err(|s| s.message().to_string())
+                    let node = client
+                        .get_capacity(GetCapacityRequest {})
+                        .await
+                        .map(|r| r.into_inner().node)
+                        .unwrap_or_else(|_| target.node.clone());
+                    client
+                        .list_orphans(ListOrphansRequest {})
+                        .await
+                        .map(|r| (node, r.into_inner()))
+                        .map_err(|s| s.message().to_string())
                 }
                 Err(e) => Err(e),
             },
@@ -416,29 +532,55 @@ pub async fn doctor(args: &ReportArgs) -> Result<bool, String> {
                     orphans += 1;
                     let age = age(o.modified_at.as_ref().map(|t| t.seconds), now);
                     let (problem, detail) = if o.archived {
-                        ("archived", format!("kept by onDelete=archive, {age} old; remove by hand when no longer needed"))
+                        (
+                            "archived",
+                            format!(
+                                "kept by onDelete=archive, {age} old; remove by hand when no longer needed"
+                            ),
+                        )
                     } else {
                         ("orphan", format!("directory with no PV, {age} old"))
                     };
-                    table.push(vec![node.clone(), problem.into(), o.path.clone(), detail.clone()]);
+                    table.push(vec![
+                        node.clone(),
+                        problem.into(),
+                        o.path.clone(),
+                        detail.clone(),
+                    ]);
                     json_rows.push(serde_json::json!({"node": node, "problem": problem, "path": o.path, "detail": detail}));
                 }
                 for l in &found.lost {
                     lost += 1;
-                    let detail = format!("claim {}/{} ({}): directory {} is missing", l.claim_namespace, l.claim_name, l.phase, l.directory);
-                    table.push(vec![node.clone(), "lost".into(), l.pv_name.clone(), detail.clone()]);
+                    let detail = format!(
+                        "claim {}/{} ({}): directory {} is missing",
+                        l.claim_namespace, l.claim_name, l.phase, l.directory
+                    );
+                    table.push(vec![
+                        node.clone(),
+                        "lost".into(),
+                        l.pv_name.clone(),
+                        detail.clone(),
+                    ]);
                     json_rows.push(serde_json::json!({"node": node, "problem": "lost", "pv": l.pv_name, "detail": detail}));
                 }
             }
             Err(error) => {
                 unreachable += 1;
-                table.push(vec![target.node.clone(), "unreachable".into(), String::new(), error.clone()]);
+                table.push(vec![
+                    target.node.clone(),
+                    "unreachable".into(),
+                    String::new(),
+                    error.clone(),
+                ]);
                 json_rows.push(serde_json::json!({"node": target.node, "problem": "unreachable", "detail": error}));
             }
         }
     }
     match args.output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&json_rows).expect("rows serialise")),
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json_rows).expect("rows serialise")
+        ),
         _ => {
             if table.len() > 1 {
                 print!("{}", align(&table));
@@ -448,7 +590,11 @@ pub async fn doctor(args: &ReportArgs) -> Result<bool, String> {
                 if orphans == 1 { "y" } else { "ies" },
                 if lost == 1 { "" } else { "s" },
                 targets.len() - unreachable,
-                if targets.len() - unreachable == 1 { "" } else { "s" },
+                if targets.len() - unreachable == 1 {
+                    ""
+                } else {
+                    "s"
+                },
             );
         }
     }
@@ -480,25 +626,69 @@ mod tests {
     fn capacity_table_has_a_total_row_and_marks_unreachable_agents() {
         let gi = 1u64 << 30;
         let rows = vec![
-            CapacityRow { node: "node-a".into(), endpoint: "10.0.0.1:9809".into(), error: None, report: Some(figures(100 * gi, 5 * gi, 45 * gi, 2)) },
-            CapacityRow { node: "node-b".into(), endpoint: "10.0.0.2:9809".into(), error: Some("connection refused".into()), report: None },
-            CapacityRow { node: "node-c".into(), endpoint: "10.0.0.3:9809".into(), error: None, report: Some(figures(20 * gi, gi, 9 * gi, 1)) },
+            CapacityRow {
+                node: "node-a".into(),
+                endpoint: "10.0.0.1:9809".into(),
+                error: None,
+                report: Some(figures(100 * gi, 5 * gi, 45 * gi, 2)),
+            },
+            CapacityRow {
+                node: "node-b".into(),
+                endpoint: "10.0.0.2:9809".into(),
+                error: Some("connection refused".into()),
+                report: None,
+            },
+            CapacityRow {
+                node: "node-c".into(),
+                endpoint: "10.0.0.3:9809".into(),
+                error: None,
+                report: Some(figures(20 * gi, gi, 9 * gi, 1)),
+            },
         ];
         let text = render_capacity(&rows, false);
         let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[0].starts_with("NODE") && lines[0].contains("ALLOCATABLE"), "{text}");
-        assert!(lines[1].starts_with("node-a") && lines[1].contains("100Gi") && lines[1].contains("45Gi"), "{text}");
-        assert!(lines[2].starts_with("node-b") && lines[2].contains("unreachable: connection refused"), "{text}");
-        assert!(lines[4].starts_with("TOTAL") && lines[4].contains("120Gi") && lines[4].contains("54Gi") && lines[4].ends_with('3'), "{text}");
+        assert!(
+            lines[0].starts_with("NODE") && lines[0].contains("ALLOCATABLE"),
+            "{text}"
+        );
+        assert!(
+            lines[1].starts_with("node-a")
+                && lines[1].contains("100Gi")
+                && lines[1].contains("45Gi"),
+            "{text}"
+        );
+        assert!(
+            lines[2].starts_with("node-b") && lines[2].contains("unreachable: connection refused"),
+            "{text}"
+        );
+        assert!(
+            lines[4].starts_with("TOTAL")
+                && lines[4].contains("120Gi")
+                && lines[4].contains("54Gi")
+                && lines[4].ends_with('3'),
+            "{text}"
+        );
         assert!(render_capacity(&rows, true).contains("10.0.0.3:9809"));
     }
 
     #[test]
     fn endpoints_parse() {
-        assert_eq!(Address::parse("127.0.0.1:9809"), Address::Tcp("127.0.0.1:9809".into()));
-        assert_eq!(Address::parse("http://node:9809"), Address::Tcp("node:9809".into()));
-        assert_eq!(Address::parse("unix:///run/hostvol/hostvol.sock"), Address::Unix("/run/hostvol/hostvol.sock".into()));
-        assert_eq!(Address::parse("/run/hostvol/hostvol.sock"), Address::Unix("/run/hostvol/hostvol.sock".into()));
+        assert_eq!(
+            Address::parse("127.0.0.1:9809"),
+            Address::Tcp("127.0.0.1:9809".into())
+        );
+        assert_eq!(
+            Address::parse("http://node:9809"),
+            Address::Tcp("node:9809".into())
+        );
+        assert_eq!(
+            Address::parse("unix:///run/hostvol/hostvol.sock"),
+            Address::Unix("/run/hostvol/hostvol.sock".into())
+        );
+        assert_eq!(
+            Address::parse("/run/hostvol/hostvol.sock"),
+            Address::Unix("/run/hostvol/hostvol.sock".into())
+        );
     }
 
     #[test]

@@ -45,7 +45,10 @@ impl Root {
             return Some(format!("node {node}: data root {:?}: {error}", self.name));
         }
         if self.store.is_read_only() {
-            return Some(format!("node {node}: data root {:?} ({path}) is on a read-only filesystem", self.name));
+            return Some(format!(
+                "node {node}: data root {:?} ({path}) is on a read-only filesystem",
+                self.name
+            ));
         }
         if self.require_mount_point && !self.store.is_mount_point().unwrap_or(false) {
             return Some(format!(
@@ -83,7 +86,9 @@ pub struct RootSet {
 
 impl RootSet {
     pub fn single(root: Root) -> Self {
-        Self { roots: BTreeMap::from([(root.name.clone(), Arc::new(root))]) }
+        Self {
+            roots: BTreeMap::from([(root.name.clone(), Arc::new(root))]),
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Root>> {
@@ -100,7 +105,8 @@ impl RootSet {
 
     /// The root reported first: `default` if there is one.
     pub fn primary(&self) -> Option<Arc<Root>> {
-        self.get(DEFAULT_ROOT).or_else(|| self.roots.values().next().cloned())
+        self.get(DEFAULT_ROOT)
+            .or_else(|| self.roots.values().next().cloned())
     }
 
     /// Opens every root of `specs`; any root that cannot be opened rejects the whole set.
@@ -112,7 +118,8 @@ impl RootSet {
             } else {
                 path_prefix.join(spec.path.trim_start_matches('/'))
             };
-            let store = VolumeStore::open(&local).map_err(|e| format!("data root {name:?}: {e}"))?;
+            let store =
+                VolumeStore::open(&local).map_err(|e| format!("data root {name:?}: {e}"))?;
             roots.insert(
                 name.clone(),
                 Arc::new(Root {
@@ -156,33 +163,51 @@ struct RootConfig {
 
 /// The roots the configuration gives `node` (its own entry, else `"*"`), or None if it gives none.
 pub fn parse_config(text: &str, node: &str) -> Result<Option<BTreeMap<String, RootSpec>>, String> {
-    let file: ConfigFile = serde_yaml::from_str(text).map_err(|e| format!("{CONFIG_KEY} is not valid: {e}"))?;
+    let file: ConfigFile =
+        serde_yaml::from_str(text).map_err(|e| format!("{CONFIG_KEY} is not valid: {e}"))?;
     // Validate every node's entry, not just ours, so a typo for another node is caught here too.
     let mut mine = None;
     for (entry, config) in &file.nodes {
         let mut specs = BTreeMap::new();
         if config.roots.is_empty() {
-            return Err(format!("nodes.{entry}.roots is empty; list at least one root"));
+            return Err(format!(
+                "nodes.{entry}.roots is empty; list at least one root"
+            ));
         }
         for (name, root) in &config.roots {
             let at = format!("nodes.{entry}.roots.{name}");
             let name_ok = !name.is_empty()
                 && name.len() <= 63
-                && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
             if !name_ok {
-                return Err(format!("{at}: root names are lowercase letters, digits and '-'"));
+                return Err(format!(
+                    "{at}: root names are lowercase letters, digits and '-'"
+                ));
             }
             let path = Path::new(&root.path);
-            if !path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir)) || root.path == "/" {
-                return Err(format!("{at}.path {:?} must be an absolute path below / without '..'", root.path));
+            if !path.is_absolute()
+                || path.components().any(|c| matches!(c, Component::ParentDir))
+                || root.path == "/"
+            {
+                return Err(format!(
+                    "{at}.path {:?} must be an absolute path below / without '..'",
+                    root.path
+                ));
             }
             let bytes = |field: &str, v: &Option<String>| -> Result<Option<u64>, String> {
-                v.as_deref().map(|s| quantity::parse_bytes(s).map_err(|e| format!("{at}.{field}: {e}"))).transpose()
+                v.as_deref()
+                    .map(|s| quantity::parse_bytes(s).map_err(|e| format!("{at}.{field}: {e}")))
+                    .transpose()
             };
             specs.insert(
                 name.clone(),
                 RootSpec {
-                    path: PathBuf::from(&root.path).to_string_lossy().trim_end_matches('/').to_string(),
+                    path: PathBuf::from(&root.path)
+                        .to_string_lossy()
+                        .trim_end_matches('/')
+                        .to_string(),
                     reserved: bytes("reserved", &root.reserved)?.unwrap_or(0),
                     cap: bytes("capacityCap", &root.capacity_cap)?,
                     require_mount_point: root.require_mount_point,
@@ -217,21 +242,51 @@ nodes:
     fn a_node_gets_its_own_entry_or_the_wildcard() {
         let a = parse_config(CONFIG, "node-a").unwrap().unwrap();
         assert_eq!(a.keys().collect::<Vec<_>>(), vec!["default", "fast"]);
-        assert_eq!(a["fast"], RootSpec { path: "/mnt/nvme".into(), reserved: 1 << 30, cap: Some(100 << 30), require_mount_point: true });
+        assert_eq!(
+            a["fast"],
+            RootSpec {
+                path: "/mnt/nvme".into(),
+                reserved: 1 << 30,
+                cap: Some(100 << 30),
+                require_mount_point: true
+            }
+        );
         let b = parse_config(CONFIG, "node-b").unwrap().unwrap();
         assert_eq!(b.keys().collect::<Vec<_>>(), vec!["default"]);
-        assert_eq!(parse_config("nodes:\n  node-a:\n    roots:\n      default: {path: /x}\n", "node-b").unwrap(), None);
+        assert_eq!(
+            parse_config(
+                "nodes:\n  node-a:\n    roots:\n      default: {path: /x}\n",
+                "node-b"
+            )
+            .unwrap(),
+            None
+        );
     }
 
     #[test]
     fn invalid_configuration_is_explained() {
         for (bad, words) in [
             ("nodes: [", "not valid"),
-            ("nodes:\n  n:\n    roots:\n      Fast: {path: /x}\n", "root names"),
-            ("nodes:\n  n:\n    roots:\n      fast: {path: relative}\n", "absolute"),
-            ("nodes:\n  n:\n    roots:\n      fast: {path: /a/../etc}\n", "'..'"),
-            ("nodes:\n  n:\n    roots:\n      fast: {path: /x, capacityCap: lots}\n", "capacityCap"),
-            ("nodes:\n  n:\n    roots:\n      fast: {path: /x, size: 1Gi}\n", "unknown field"),
+            (
+                "nodes:\n  n:\n    roots:\n      Fast: {path: /x}\n",
+                "root names",
+            ),
+            (
+                "nodes:\n  n:\n    roots:\n      fast: {path: relative}\n",
+                "absolute",
+            ),
+            (
+                "nodes:\n  n:\n    roots:\n      fast: {path: /a/../etc}\n",
+                "'..'",
+            ),
+            (
+                "nodes:\n  n:\n    roots:\n      fast: {path: /x, capacityCap: lots}\n",
+                "capacityCap",
+            ),
+            (
+                "nodes:\n  n:\n    roots:\n      fast: {path: /x, size: 1Gi}\n",
+                "unknown field",
+            ),
             ("nodes:\n  n:\n    roots: {}\n", "empty"),
         ] {
             let e = parse_config(bad, "n").unwrap_err();
@@ -245,14 +300,31 @@ nodes:
         std::fs::create_dir(dir.path().join("fast")).unwrap();
         let specs = BTreeMap::from([(
             "fast".to_string(),
-            RootSpec { path: "/fast".into(), reserved: 0, cap: Some(10 << 30), require_mount_point: false },
+            RootSpec {
+                path: "/fast".into(),
+                reserved: 0,
+                cap: Some(10 << 30),
+                require_mount_point: false,
+            },
         )]);
         let set = RootSet::open(&specs, dir.path()).unwrap();
         let fast = set.get("fast").unwrap();
         assert_eq!(fast.host_path, "/fast");
         assert!(fast.allocatable("n", 4 << 30) <= 6 << 30);
         assert_eq!(set.primary().unwrap().name, "fast");
-        let missing = BTreeMap::from([("x".to_string(), RootSpec { path: "/nope".into(), reserved: 0, cap: None, require_mount_point: false })]);
-        assert!(RootSet::open(&missing, dir.path()).unwrap_err().contains("\"x\""));
+        let missing = BTreeMap::from([(
+            "x".to_string(),
+            RootSpec {
+                path: "/nope".into(),
+                reserved: 0,
+                cap: None,
+                require_mount_point: false,
+            },
+        )]);
+        assert!(
+            RootSet::open(&missing, dir.path())
+                .unwrap_err()
+                .contains("\"x\"")
+        );
     }
 }

@@ -6,7 +6,10 @@ use tokio_util::sync::CancellationToken;
 /// Cancels `token` on the first SIGTERM or SIGINT.
 pub fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers; shutdown only by SIGKILL");
             return;
         };

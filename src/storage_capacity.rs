@@ -49,20 +49,39 @@ pub async fn discover(client: &Client) -> Option<ApiResource> {
 pub fn object_name(node: &str, class: &str) -> String {
     let hash = format!("{node}/{class}")
         .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
     format!("hostvol-{hash:016x}")
 }
 
-fn desired(resource: &ApiResource, name: &str, node: &str, hostname: &str, class: &str, allocatable: u64, owner: Option<&OwnerReference>) -> DynamicObject {
+fn desired(
+    resource: &ApiResource,
+    name: &str,
+    node: &str,
+    hostname: &str,
+    class: &str,
+    allocatable: u64,
+    owner: Option<&OwnerReference>,
+) -> DynamicObject {
     let mut object = DynamicObject::new(name, resource);
     object.metadata.labels = Some(BTreeMap::from([
         (pv::LABEL_NODE.to_string(), naming::node_label_value(node)),
-        (LABEL_STORAGE_CLASS.to_string(), naming::node_label_value(class)),
-        ("app.kubernetes.io/managed-by".to_string(), "hostvol".to_string()),
+        (
+            LABEL_STORAGE_CLASS.to_string(),
+            naming::node_label_value(class),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "hostvol".to_string(),
+        ),
     ]));
     object.metadata.owner_references = owner.map(|o| vec![o.clone()]);
     // The exact node name (labels may shorten it), read by other agents to place Immediate claims.
-    object.metadata.annotations = Some(BTreeMap::from([(pv::ANN_NODE.to_string(), node.to_string())]));
+    object.metadata.annotations = Some(BTreeMap::from([(
+        pv::ANN_NODE.to_string(),
+        node.to_string(),
+    )]));
     object.data = serde_json::json!({
         "storageClassName": class,
         "nodeTopology": {"matchLabels": {pv::HOSTNAME_LABEL: hostname}},
@@ -77,7 +96,10 @@ fn desired(resource: &ApiResource, name: &str, node: &str, hostname: &str, class
 
 /// The agent's own pod, as owner of its objects, so they go when the agent is removed.
 async fn owner(client: &Client, namespace: &str, pod_name: Option<&str>) -> Option<OwnerReference> {
-    let pod = Api::<Pod>::namespaced(client.clone(), namespace).get(pod_name?).await.ok()?;
+    let pod = Api::<Pod>::namespaced(client.clone(), namespace)
+        .get(pod_name?)
+        .await
+        .ok()?;
     Some(OwnerReference {
         api_version: "v1".into(),
         kind: "Pod".into(),
@@ -100,7 +122,9 @@ pub async fn run(
         return;
     }
     let Some(resource) = discover(&client).await else {
-        warn!("the API server serves no CSIStorageCapacity; capacity-aware scheduling is off (admission still refuses claims that do not fit)");
+        warn!(
+            "the API server serves no CSIStorageCapacity; capacity-aware scheduling is off (admission still refuses claims that do not fit)"
+        );
         return;
     };
     info!(api_version = %resource.api_version, "publishing CSIStorageCapacity");
@@ -125,9 +149,11 @@ pub async fn run(
             .iter()
             .filter(|c| c.provisioner == ctx.settings.provisioner)
             .map(|c| {
-                let root = crate::params::ClassParameters::parse(&c.parameters.clone().unwrap_or_default())
-                    .map(|p| p.data_root)
-                    .unwrap_or_else(|_| crate::roots::DEFAULT_ROOT.to_string());
+                let root = crate::params::ClassParameters::parse(
+                    &c.parameters.clone().unwrap_or_default(),
+                )
+                .map(|p| p.data_root)
+                .unwrap_or_else(|_| crate::roots::DEFAULT_ROOT.to_string());
                 (c.name_any(), ctx.allocatable_bytes(&root))
             })
             .collect();
@@ -142,8 +168,23 @@ pub async fn run(
             if written.get(&name) == Some(&state) {
                 continue;
             }
-            let object = desired(&resource, &name, &node, &hostname, class, allocatable, owner_ref.as_ref());
-            match api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object)).await {
+            let object = desired(
+                &resource,
+                &name,
+                &node,
+                &hostname,
+                class,
+                allocatable,
+                owner_ref.as_ref(),
+            );
+            match api
+                .patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&object),
+                )
+                .await
+            {
                 Ok(_) => {
                     debug!(%name, class = %class, allocatable, "CSIStorageCapacity updated");
                     written.insert(name, state);
@@ -153,7 +194,12 @@ pub async fn run(
         }
         // Objects of classes that are gone or no longer ours.
         if let Ok(list) = api.list(&ListParams::default().labels(&selector)).await {
-            for stale in list.items.iter().map(|o| o.name_any()).filter(|n| !wanted.contains(n)) {
+            for stale in list
+                .items
+                .iter()
+                .map(|o| o.name_any())
+                .filter(|n| !wanted.contains(n))
+            {
                 written.remove(&stale);
                 if let Err(error) = api.delete(&stale, &DeleteParams::default()).await {
                     debug!(name = %stale, %error, "cannot delete stale CSIStorageCapacity");
@@ -166,7 +212,10 @@ pub async fn run(
                 .items
                 .iter()
                 .filter(|o| {
-                    o.data.get("capacity").and_then(|c| c.as_str()).and_then(|c| crate::quantity::parse_bytes(c).ok())
+                    o.data
+                        .get("capacity")
+                        .and_then(|c| c.as_str())
+                        .and_then(|c| crate::quantity::parse_bytes(c).ok())
                         == intact_values.get(&o.name_any()).copied()
                 })
                 .map(|o| o.name_any())
@@ -191,6 +240,10 @@ mod tests {
         assert_eq!(a, object_name("node-a", "hostvol"));
         assert_ne!(a, object_name("node-b", "hostvol"));
         assert_ne!(a, object_name("node-a", "fast"));
-        assert!(a.len() <= 63 && a.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+        assert!(
+            a.len() <= 63
+                && a.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        );
     }
 }

@@ -27,16 +27,31 @@ pub struct Usage {
 
 /// Measures the directory `name` under the open root `root`.
 pub fn measure(root: BorrowedFd<'_>, name: &str) -> Result<Usage, Errno> {
-    let top = nix::fcntl::openat(root, name, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())?;
+    let top = nix::fcntl::openat(
+        root,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
     let st = fstat(top.as_fd())?;
     let device = st.st_dev;
     let mut totals = (st.st_blocks as u64 * 512, 1u64);
     let mut seen_links = HashSet::new();
     walk(top, device, 0, &mut totals, &mut seen_links)?;
-    Ok(Usage { bytes: totals.0, inodes: totals.1, measured_at: SystemTime::now() })
+    Ok(Usage {
+        bytes: totals.0,
+        inodes: totals.1,
+        measured_at: SystemTime::now(),
+    })
 }
 
-fn walk(dir: OwnedFd, device: u64, depth: usize, totals: &mut (u64, u64), seen_links: &mut HashSet<u64>) -> Result<(), Errno> {
+fn walk(
+    dir: OwnedFd,
+    device: u64,
+    depth: usize,
+    totals: &mut (u64, u64),
+    seen_links: &mut HashSet<u64>,
+) -> Result<(), Errno> {
     let mut handle = Dir::from_fd(dir)?;
     let names: Vec<std::ffi::CString> = handle
         .iter()
@@ -46,7 +61,13 @@ fn walk(dir: OwnedFd, device: u64, depth: usize, totals: &mut (u64, u64), seen_l
         .collect();
     let mut subdirs = Vec::new();
     for name in names {
-        let Ok(st) = fstatat(handle.as_fd(), name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else { continue };
+        let Ok(st) = fstatat(
+            handle.as_fd(),
+            name.as_c_str(),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) else {
+            continue;
+        };
         if st.st_dev != device {
             continue; // a mount inside the volume: not ours to count or enter
         }
@@ -62,7 +83,8 @@ fn walk(dir: OwnedFd, device: u64, depth: usize, totals: &mut (u64, u64), seen_l
     }
     for name in subdirs {
         let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        if let Ok(child) = nix::fcntl::openat(handle.as_fd(), name.as_c_str(), flags, Mode::empty()) {
+        if let Ok(child) = nix::fcntl::openat(handle.as_fd(), name.as_c_str(), flags, Mode::empty())
+        {
             walk(child, device, depth + 1, totals, seen_links)?;
         }
     }
@@ -77,20 +99,35 @@ pub struct UsageCache {
 
 impl UsageCache {
     pub fn get(&self, directory: &str) -> Option<Usage> {
-        self.inner.read().expect("lock poisoned").get(directory).copied()
+        self.inner
+            .read()
+            .expect("lock poisoned")
+            .get(directory)
+            .copied()
     }
 
     pub fn insert(&self, directory: &str, usage: Usage) {
-        self.inner.write().expect("lock poisoned").insert(directory.to_string(), usage);
+        self.inner
+            .write()
+            .expect("lock poisoned")
+            .insert(directory.to_string(), usage);
     }
 
     /// Drops entries for directories that are no longer volumes.
     pub fn retain(&self, keep: &HashSet<String>) {
-        self.inner.write().expect("lock poisoned").retain(|k, _| keep.contains(k));
+        self.inner
+            .write()
+            .expect("lock poisoned")
+            .retain(|k, _| keep.contains(k));
     }
 
     pub fn total_bytes(&self) -> u64 {
-        self.inner.read().expect("lock poisoned").values().map(|u| u.bytes).sum()
+        self.inner
+            .read()
+            .expect("lock poisoned")
+            .values()
+            .map(|u| u.bytes)
+            .sum()
     }
 }
 
@@ -106,7 +143,11 @@ pub async fn refresh(
     let limit = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for directory in directories {
-        let permit = limit.clone().acquire_owned().await.expect("semaphore never closed");
+        let permit = limit
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
         let root = root.clone();
         tasks.spawn_blocking(move || {
             let _permit = permit;
@@ -145,7 +186,10 @@ mod tests {
 
         let usage = measure(open(root.path()).as_fd(), "pvc-1_ns_c").unwrap();
         // 64 KiB of data plus directory blocks; the 1 MiB behind the symlink is not counted.
-        assert!(usage.bytes >= 64 * 1024 && usage.bytes < 1024 * 1024, "{usage:?}");
+        assert!(
+            usage.bytes >= 64 * 1024 && usage.bytes < 1024 * 1024,
+            "{usage:?}"
+        );
         // top, a, b, data (once despite the hard link), escape
         assert_eq!(usage.inodes, 5, "{usage:?}");
     }

@@ -2,8 +2,8 @@
 //! single validated name, never a joined path, and never follows a symlink.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, openat};
@@ -21,10 +21,17 @@ pub enum Error {
     RootNotDirectory { path: PathBuf },
     #[error(transparent)]
     UnsafeName(#[from] NameError),
-    #[error("{name} in {root} exists but is not a plain directory (a file or a symlink?); hostvol will not use or follow it; move it away")]
+    #[error(
+        "{name} in {root} exists but is not a plain directory (a file or a symlink?); hostvol will not use or follow it; move it away"
+    )]
     NotADirectory { root: PathBuf, name: String },
     #[error("{op} {name} in {root}: {source}")]
-    Io { op: &'static str, root: PathBuf, name: String, source: Errno },
+    Io {
+        op: &'static str,
+        root: PathBuf,
+        name: String,
+        source: Errno,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -33,7 +40,9 @@ impl Error {
     /// Short machine-readable kind, for Event reasons and metrics labels.
     pub fn category(&self) -> &'static str {
         match self {
-            Error::RootUnavailable { .. } | Error::RootNotDirectory { .. } => "data_root_unavailable",
+            Error::RootUnavailable { .. } | Error::RootNotDirectory { .. } => {
+                "data_root_unavailable"
+            }
             Error::UnsafeName(_) => "unsafe_name",
             Error::NotADirectory { .. } => "not_a_directory",
             Error::Io { .. } => "io",
@@ -68,12 +77,24 @@ impl VolumeStore {
     /// Opens the data root; it must already exist and be a directory (we never create the root, so a
     /// disk that failed to mount is not silently replaced by a directory on the root filesystem).
     pub fn open(path: &Path) -> Result<Self> {
-        let root = nix::fcntl::open(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|source| match source {
-                Errno::ENOTDIR => Error::RootNotDirectory { path: path.to_path_buf() },
-                source => Error::RootUnavailable { path: path.to_path_buf(), source },
-            })?;
-        Ok(Self { root_path: path.to_path_buf(), root: Arc::new(root) })
+        let root = nix::fcntl::open(
+            path,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|source| match source {
+            Errno::ENOTDIR => Error::RootNotDirectory {
+                path: path.to_path_buf(),
+            },
+            source => Error::RootUnavailable {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+        Ok(Self {
+            root_path: path.to_path_buf(),
+            root: Arc::new(root),
+        })
     }
 
     pub fn root_path(&self) -> &Path {
@@ -86,7 +107,12 @@ impl VolumeStore {
         let io = |op: &'static str| {
             let root = self.root_path.clone();
             let name = name.to_string();
-            move |source| Error::Io { op, root, name, source }
+            move |source| Error::Io {
+                op,
+                root,
+                name,
+                source,
+            }
         };
         let outcome = match mkdirat(self.root.as_fd(), name, Mode::from_bits_truncate(0o700)) {
             Ok(()) => Outcome::Created,
@@ -94,13 +120,26 @@ impl VolumeStore {
             Err(source) => return Err(io("create")(source)),
         };
         // O_NOFOLLOW: if something swapped the name for a symlink, the open fails instead of leaving the root.
-        let dir = openat(self.root.as_fd(), name, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|source| match source {
-                Errno::ENOTDIR | Errno::ELOOP => Error::NotADirectory { root: self.root_path.clone(), name: name.to_string() },
-                source => io("open")(source),
-            })?;
+        let dir = openat(
+            self.root.as_fd(),
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|source| match source {
+            Errno::ENOTDIR | Errno::ELOOP => Error::NotADirectory {
+                root: self.root_path.clone(),
+                name: name.to_string(),
+            },
+            source => io("open")(source),
+        })?;
         if params.uid.is_some() || params.gid.is_some() {
-            fchown(dir.as_fd(), params.uid.map(Uid::from_raw), params.gid.map(Gid::from_raw)).map_err(io("chown"))?;
+            fchown(
+                dir.as_fd(),
+                params.uid.map(Uid::from_raw),
+                params.gid.map(Gid::from_raw),
+            )
+            .map_err(io("chown"))?;
         }
         // After chown (which clears setgid) and explicitly, because mkdir's mode is filtered by the umask.
         fchmod(dir.as_fd(), Mode::from_bits_truncate(params.mode)).map_err(io("chmod"))?;
@@ -114,10 +153,19 @@ impl VolumeStore {
     /// Whether `name` exists under the root as a real directory (symlinks do not count).
     pub fn volume_dir_exists(&self, name: &str) -> Result<bool> {
         naming::validate_directory_name(name)?;
-        match fstatat(self.root.as_fd(), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+        match fstatat(
+            self.root.as_fd(),
+            name,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
             Ok(st) => Ok(SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR),
             Err(Errno::ENOENT) => Ok(false),
-            Err(source) => Err(Error::Io { op: "stat", root: self.root_path.clone(), name: name.to_string(), source }),
+            Err(source) => Err(Error::Io {
+                op: "stat",
+                root: self.root_path.clone(),
+                name: name.to_string(),
+                source,
+            }),
         }
     }
 
@@ -136,9 +184,11 @@ impl VolumeStore {
 
     /// Space of the filesystem the root lives on.
     pub fn filesystem_stats(&self) -> Result<FilesystemStats> {
-        let st = nix::sys::statvfs::fstatvfs(self.root.as_fd()).map_err(|source| Error::RootUnavailable {
-            path: self.root_path.clone(),
-            source,
+        let st = nix::sys::statvfs::fstatvfs(self.root.as_fd()).map_err(|source| {
+            Error::RootUnavailable {
+                path: self.root_path.clone(),
+                source,
+            }
         })?;
         let block = st.fragment_size() as u64;
         Ok(FilesystemStats {
@@ -152,9 +202,13 @@ impl VolumeStore {
 
     /// Whether the root is the top of a filesystem (a mounted disk), not a plain directory on its parent's.
     pub fn is_mount_point(&self) -> Result<bool> {
-        let unavailable = |source| Error::RootUnavailable { path: self.root_path.clone(), source };
+        let unavailable = |source| Error::RootUnavailable {
+            path: self.root_path.clone(),
+            source,
+        };
         let own = fstat(self.root.as_fd()).map_err(unavailable)?;
-        let parent = fstatat(self.root.as_fd(), "..", nix::fcntl::AtFlags::empty()).map_err(unavailable)?;
+        let parent =
+            fstatat(self.root.as_fd(), "..", nix::fcntl::AtFlags::empty()).map_err(unavailable)?;
         Ok(own.st_dev != parent.st_dev || own.st_ino == parent.st_ino)
     }
 
@@ -167,10 +221,15 @@ impl VolumeStore {
 
     /// The root still exists and is a directory (it may vanish if a disk is unmounted under us).
     pub fn check_root(&self) -> Result<()> {
-        let st = fstat(self.root.as_fd())
-            .map_err(|source| Error::RootUnavailable { path: self.root_path.clone(), source })?;
+        let st = fstat(self.root.as_fd()).map_err(|source| Error::RootUnavailable {
+            path: self.root_path.clone(),
+            source,
+        })?;
         if st.st_nlink == 0 {
-            return Err(Error::RootUnavailable { path: self.root_path.clone(), source: Errno::ENOENT });
+            return Err(Error::RootUnavailable {
+                path: self.root_path.clone(),
+                source: Errno::ENOENT,
+            });
         }
         Ok(())
     }
@@ -207,12 +266,21 @@ mod tests {
     fn creates_with_requested_mode_despite_umask_and_reuses() {
         let (dir, store) = store();
         let params = ClassParameters::default();
-        assert_eq!(store.ensure_volume_dir("pvc-1_ns_c", &params).unwrap(), Outcome::Created);
+        assert_eq!(
+            store.ensure_volume_dir("pvc-1_ns_c", &params).unwrap(),
+            Outcome::Created
+        );
         let meta = std::fs::metadata(dir.path().join("pvc-1_ns_c")).unwrap();
         assert_eq!(meta.permissions().mode() & 0o7777, 0o777);
         std::fs::write(dir.path().join("pvc-1_ns_c/data"), b"keep").unwrap();
-        assert_eq!(store.ensure_volume_dir("pvc-1_ns_c", &params).unwrap(), Outcome::Reused);
-        assert_eq!(std::fs::read(dir.path().join("pvc-1_ns_c/data")).unwrap(), b"keep");
+        assert_eq!(
+            store.ensure_volume_dir("pvc-1_ns_c", &params).unwrap(),
+            Outcome::Reused
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("pvc-1_ns_c/data")).unwrap(),
+            b"keep"
+        );
         assert!(store.volume_dir_exists("pvc-1_ns_c").unwrap());
         assert!(!store.volume_dir_exists("pvc-2_ns_c").unwrap());
     }
@@ -223,10 +291,18 @@ mod tests {
             return; // chown to another uid needs root; CI runs as root
         }
         let (dir, store) = store();
-        let params = ClassParameters { mode: 0o2770, uid: Some(1234), gid: Some(5678), ..Default::default() };
+        let params = ClassParameters {
+            mode: 0o2770,
+            uid: Some(1234),
+            gid: Some(5678),
+            ..Default::default()
+        };
         store.ensure_volume_dir("pvc-2_ns_c", &params).unwrap();
         let meta = std::fs::metadata(dir.path().join("pvc-2_ns_c")).unwrap();
-        assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o7777), (1234, 5678, 0o2770));
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (1234, 5678, 0o2770)
+        );
     }
 
     #[test]
@@ -234,17 +310,35 @@ mod tests {
         let (dir, store) = store();
         let outside = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(outside.path(), dir.path().join("pvc-3_ns_c")).unwrap();
-        let err = store.ensure_volume_dir("pvc-3_ns_c", &ClassParameters::default()).unwrap_err();
+        let err = store
+            .ensure_volume_dir("pvc-3_ns_c", &ClassParameters::default())
+            .unwrap_err();
         assert_eq!(err.category(), "not_a_directory", "{err}");
         assert!(!store.volume_dir_exists("pvc-3_ns_c").unwrap());
         // The symlink target's permissions were not touched.
-        let mode = std::fs::metadata(outside.path()).unwrap().permissions().mode() & 0o7777;
+        let mode = std::fs::metadata(outside.path())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777;
         assert_ne!(mode, 0o777);
         for bad in ["..", "../x", "a/b", ".", ""] {
-            assert_eq!(store.ensure_volume_dir(bad, &ClassParameters::default()).unwrap_err().category(), "unsafe_name");
+            assert_eq!(
+                store
+                    .ensure_volume_dir(bad, &ClassParameters::default())
+                    .unwrap_err()
+                    .category(),
+                "unsafe_name"
+            );
         }
         std::fs::write(dir.path().join("pvc-4_ns_c"), b"").unwrap();
-        assert_eq!(store.ensure_volume_dir("pvc-4_ns_c", &ClassParameters::default()).unwrap_err().category(), "not_a_directory");
+        assert_eq!(
+            store
+                .ensure_volume_dir("pvc-4_ns_c", &ClassParameters::default())
+                .unwrap_err()
+                .category(),
+            "not_a_directory"
+        );
     }
 
     #[test]
@@ -253,14 +347,22 @@ mod tests {
         let missing = VolumeStore::open(&dir.path().join("nope")).unwrap_err();
         assert!(missing.to_string().contains("mkdir -p"), "{missing}");
         std::fs::write(dir.path().join("file"), b"").unwrap();
-        assert!(matches!(VolumeStore::open(&dir.path().join("file")).unwrap_err(), Error::RootNotDirectory { .. }));
+        assert!(matches!(
+            VolumeStore::open(&dir.path().join("file")).unwrap_err(),
+            Error::RootNotDirectory { .. }
+        ));
     }
 
     #[test]
     fn a_plain_directory_is_not_a_mount_point() {
         let (_dir, store) = store();
         assert!(!store.is_mount_point().unwrap());
-        assert!(VolumeStore::open(Path::new("/")).unwrap().is_mount_point().unwrap());
+        assert!(
+            VolumeStore::open(Path::new("/"))
+                .unwrap()
+                .is_mount_point()
+                .unwrap()
+        );
         assert!(!store.is_read_only());
     }
 

@@ -6,18 +6,22 @@ use std::time::{Duration, Instant};
 
 use common::{Agent, Cluster, fmt_events};
 use futures::StreamExt;
-use hostvol::grpc::v1::{GetCapacityRequest, GetVolumeRequest, ListVolumesRequest, WatchCapacityRequest};
+use hostvol::grpc::v1::{
+    GetCapacityRequest, GetVolumeRequest, ListVolumesRequest, WatchCapacityRequest,
+};
 use hostvol::report::{Address, connect};
 use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
 use kube::runtime::watcher;
-use kube::ResourceExt;
 
 const T: Duration = Duration::from_secs(90);
 const GI: u64 = 1 << 30;
 
 fn claim_yaml(ns: &str, name: &str, node: Option<&str>, size: &str) -> String {
-    let annotations = node.map_or(String::new(), |n| format!("  annotations:\n    volume.kubernetes.io/selected-node: {n}\n"));
+    let annotations = node.map_or(String::new(), |n| {
+        format!("  annotations:\n    volume.kubernetes.io/selected-node: {n}\n")
+    });
     format!(
         "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {name}\n  namespace: {ns}\n{annotations}spec:\n  \
          storageClassName: hostvol\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: {size}\n"
@@ -47,47 +51,118 @@ async fn scheduler_places_pods_only_where_they_fit() {
     let cluster = Cluster::start().await;
     cluster.add_node("small").await;
     cluster.add_node("large").await;
-    let small = cluster.start_agent("small", &["--capacity-cap", "3Gi", "--pod-name", "hostvol-small"]).await;
-    let _large = cluster.start_agent("large", &["--capacity-cap", "20Gi", "--pod-name", "hostvol-large"]).await;
+    let small = cluster
+        .start_agent(
+            "small",
+            &["--capacity-cap", "3Gi", "--pod-name", "hostvol-small"],
+        )
+        .await;
+    let _large = cluster
+        .start_agent(
+            "large",
+            &["--capacity-cap", "20Gi", "--pod-name", "hostvol-large"],
+        )
+        .await;
     cluster.apply_repo_manifest("deploy/csidriver.yaml");
     cluster.apply_repo_manifest("deploy/storageclass.yaml");
     cluster.create_namespace("cap").await;
 
     // Both agents publish one CSIStorageCapacity each for class hostvol, in the served API version.
-    let version = cluster.csi_storage_capacity_api_version().await.expect("CSIStorageCapacity served");
+    let version = cluster
+        .csi_storage_capacity_api_version()
+        .await
+        .expect("CSIStorageCapacity served");
     let (group, ver) = version.split_once('/').unwrap();
-    let resource = kube::discovery::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(group, ver, "CSIStorageCapacity"));
-    let capacities: Api<DynamicObject> = Api::namespaced_with(cluster.client(), "hostvol-system", &resource);
+    let resource = kube::discovery::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+        group,
+        ver,
+        "CSIStorageCapacity",
+    ));
+    let capacities: Api<DynamicObject> =
+        Api::namespaced_with(cluster.client(), "hostvol-system", &resource);
     cluster
-        .wait_for(|| async { capacities.list(&ListParams::default()).await.map(|l| l.items.len() == 2).unwrap_or(false) }, T, "two CSIStorageCapacity objects")
+        .wait_for(
+            || async {
+                capacities
+                    .list(&ListParams::default())
+                    .await
+                    .map(|l| l.items.len() == 2)
+                    .unwrap_or(false)
+            },
+            T,
+            "two CSIStorageCapacity objects",
+        )
         .await;
 
     for i in 0..4 {
-        cluster.kubectl_apply_yaml(&format!("{}---\n{}", claim_yaml("cap", &format!("c{i}"), None, "5Gi"), pod_yaml("cap", &format!("p{i}"), &format!("c{i}"))));
+        cluster.kubectl_apply_yaml(&format!(
+            "{}---\n{}",
+            claim_yaml("cap", &format!("c{i}"), None, "5Gi"),
+            pod_yaml("cap", &format!("p{i}"), &format!("c{i}"))
+        ));
         let pod = cluster.wait_pod_running("cap", &format!("p{i}"), T).await;
-        assert_eq!(pod.spec.unwrap().node_name.as_deref(), Some("large"), "p{i} must land where 5Gi fits");
+        assert_eq!(
+            pod.spec.unwrap().node_name.as_deref(),
+            Some("large"),
+            "p{i} must land where 5Gi fits"
+        );
     }
     // 4 x 5Gi = 20Gi: the large node is full, the small one too small.
-    cluster.kubectl_apply_yaml(&format!("{}---\n{}", claim_yaml("cap", "c4", None, "5Gi"), pod_yaml("cap", "p4", "c4")));
+    cluster.kubectl_apply_yaml(&format!(
+        "{}---\n{}",
+        claim_yaml("cap", "c4", None, "5Gi"),
+        pod_yaml("cap", "p4", "c4")
+    ));
     let pods: Api<Pod> = Api::namespaced(cluster.client(), "cap");
     cluster
         .wait_for(
             || async {
-                cluster.object_events("cap", "Pod", "p4").await.iter().any(|(_, r, m)| r == "FailedScheduling" && m.contains("did not have enough free storage"))
+                cluster
+                    .object_events("cap", "Pod", "p4")
+                    .await
+                    .iter()
+                    .any(|(_, r, m)| {
+                        r == "FailedScheduling" && m.contains("did not have enough free storage")
+                    })
             },
             T,
             "p4 FailedScheduling: did not have enough free storage",
         )
         .await;
-    assert!(pods.get("p4").await.unwrap().spec.unwrap().node_name.is_none(), "p4 stays Pending");
-    assert!(small.root.read_dir().unwrap().next().is_none(), "nothing was ever provisioned on the small node");
+    assert!(
+        pods.get("p4")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .node_name
+            .is_none(),
+        "p4 stays Pending"
+    );
+    assert!(
+        small.root.read_dir().unwrap().next().is_none(),
+        "nothing was ever provisioned on the small node"
+    );
 
     // Free room: the user removes p0, its claim and (Retain) its volume.
     cluster.force_delete_pod("cap", "p0").await;
-    cluster.kubectl_ok(&["delete", "-n", "cap", "pvc", "c0", "--wait=true", "--timeout=60s"]);
+    cluster.kubectl_ok(&[
+        "delete",
+        "-n",
+        "cap",
+        "pvc",
+        "c0",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
     let pv0 = hostvol_pv_of(&cluster, "c0").await;
-    Api::<PersistentVolume>::all(cluster.client()).delete(&pv0, &DeleteParams::default()).await.unwrap();
-    let pod = cluster.wait_pod_running("cap", "p4", Duration::from_secs(150)).await;
+    Api::<PersistentVolume>::all(cluster.client())
+        .delete(&pv0, &DeleteParams::default())
+        .await
+        .unwrap();
+    let pod = cluster
+        .wait_pod_running("cap", "p4", Duration::from_secs(150))
+        .await;
     assert_eq!(pod.spec.unwrap().node_name.as_deref(), Some("large"));
     cluster.wait_pvc_bound("cap", "c4", T).await;
 }
@@ -99,7 +174,13 @@ async fn hostvol_pv_of(cluster: &Cluster, claim: &str) -> String {
         .unwrap()
         .items
         .into_iter()
-        .find(|pv| pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref()).and_then(|c| c.name.as_deref()) == Some(claim))
+        .find(|pv| {
+            pv.spec
+                .as_ref()
+                .and_then(|s| s.claim_ref.as_ref())
+                .and_then(|c| c.name.as_deref())
+                == Some(claim)
+        })
         .map(|pv| pv.name_any())
         .unwrap_or_else(|| panic!("no PV for claim {claim}"))
 }
@@ -110,57 +191,126 @@ async fn hostvol_pv_of(cluster: &Cluster, claim: &str) -> String {
 async fn node_service_agrees_with_the_disk() {
     let cluster = Cluster::start().await;
     cluster.add_node("node-a").await;
-    let agent = cluster.start_agent("node-a", &["--usage-refresh-seconds", "1", "--reserved", "1Gi", "--capacity-cap", "50Gi"]).await;
+    let agent = cluster
+        .start_agent(
+            "node-a",
+            &[
+                "--usage-refresh-seconds",
+                "1",
+                "--reserved",
+                "1Gi",
+                "--capacity-cap",
+                "50Gi",
+            ],
+        )
+        .await;
     cluster.apply_repo_manifest("deploy/storageclass.yaml");
     cluster.create_namespace("svc").await;
-    cluster.kubectl_apply_yaml(&format!("{}---\n{}", claim_yaml("svc", "one", Some("node-a"), "1Gi"), claim_yaml("svc", "two", Some("node-a"), "2Gi")));
+    cluster.kubectl_apply_yaml(&format!(
+        "{}---\n{}",
+        claim_yaml("svc", "one", Some("node-a"), "1Gi"),
+        claim_yaml("svc", "two", Some("node-a"), "2Gi")
+    ));
     cluster.wait_pvc_bound("svc", "one", T).await;
     cluster.wait_pvc_bound("svc", "two", T).await;
     let one = hostvol_pv_of(&cluster, "one").await;
-    let dir_one = agent.root.read_dir().unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().contains(&one)).unwrap();
+    let dir_one = agent
+        .root
+        .read_dir()
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains(&one))
+        .unwrap();
     std::fs::write(dir_one.join("payload"), vec![1u8; 3 << 20]).unwrap();
 
     for address in [tcp(&agent), unix(&agent)] {
         let mut client = connect(&address, Duration::from_secs(5)).await.unwrap();
-        let report = client.get_capacity(GetCapacityRequest {}).await.unwrap().into_inner();
+        let report = client
+            .get_capacity(GetCapacityRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(report.node, "node-a");
         assert_eq!(report.data_root, agent.root.display().to_string());
         assert_eq!(report.volume_count, 2, "{report:?}");
         assert_eq!(report.allocated_bytes, 3 * GI);
         assert_eq!(report.reserved_bytes, GI);
         assert_eq!(report.cap_bytes, Some(50 * GI));
-        assert_eq!(report.allocatable_bytes, (report.available_bytes - GI).min(47 * GI));
+        assert_eq!(
+            report.allocatable_bytes,
+            (report.available_bytes - GI).min(47 * GI)
+        );
         assert!(report.total_bytes >= report.available_bytes && !report.filesystem_type.is_empty());
     }
     // Usage comes from the background refresh; within a few refreshes the 3 MiB file shows.
     let mut client = connect(&tcp(&agent), Duration::from_secs(5)).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let volumes = client.list_volumes(ListVolumesRequest {}).await.unwrap().into_inner().volumes;
+        let volumes = client
+            .list_volumes(ListVolumesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .volumes;
         assert_eq!(volumes.len(), 2);
         let v = volumes.iter().find(|v| v.pv_name == one).unwrap();
-        assert_eq!((v.claim_namespace.as_str(), v.claim_name.as_str(), v.capacity_bytes), ("svc", "one", GI));
+        assert_eq!(
+            (
+                v.claim_namespace.as_str(),
+                v.claim_name.as_str(),
+                v.capacity_bytes
+            ),
+            ("svc", "one", GI)
+        );
         assert_eq!(v.reclaim_policy, "Retain");
         if v.used_bytes.unwrap_or(0) >= 3 << 20 {
-            assert!(v.directory.ends_with(&dir_one.file_name().unwrap().to_string_lossy().to_string()));
+            assert!(
+                v.directory
+                    .ends_with(&dir_one.file_name().unwrap().to_string_lossy().to_string())
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "usage never showed the 3 MiB file: {v:?}");
+        assert!(
+            Instant::now() < deadline,
+            "usage never showed the 3 MiB file: {v:?}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let single = client.get_volume(GetVolumeRequest { pv_name: one.clone() }).await.unwrap().into_inner();
+    let single = client
+        .get_volume(GetVolumeRequest {
+            pv_name: one.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(single.claim_name, "one");
 
     // Bad requests get the right codes.
-    let missing = client.get_volume(GetVolumeRequest { pv_name: "pvc-nope".into() }).await.unwrap_err();
+    let missing = client
+        .get_volume(GetVolumeRequest {
+            pv_name: "pvc-nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
     for bad in ["", "../etc", "PVC_upper", &"x".repeat(300)] {
-        let err = client.get_volume(GetVolumeRequest { pv_name: bad.to_string() }).await.unwrap_err();
+        let err = client
+            .get_volume(GetVolumeRequest {
+                pv_name: bad.to_string(),
+            })
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}: {err:?}");
     }
 
     // WatchCapacity: the current report at once, and a new volume within a second of its PV.
-    let mut stream = client.watch_capacity(WatchCapacityRequest { max_interval_seconds: 30 }).await.unwrap().into_inner();
+    let mut stream = client
+        .watch_capacity(WatchCapacityRequest {
+            max_interval_seconds: 30,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let first = stream.next().await.unwrap().unwrap();
     assert_eq!(first.volume_count, 2);
     let pvs: Api<PersistentVolume> = Api::all(cluster.client());
@@ -170,7 +320,12 @@ async fn node_service_agrees_with_the_disk() {
         let mut tx = Some(pv_seen_tx);
         while let Some(Ok(event)) = pv_events.next().await {
             if let watcher::Event::Apply(pv) = event
-                && pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref()).and_then(|c| c.name.as_deref()) == Some("three")
+                && pv
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.claim_ref.as_ref())
+                    .and_then(|c| c.name.as_deref())
+                    == Some("three")
                 && let Some(tx) = tx.take()
             {
                 let _ = tx.send(Instant::now());
@@ -179,43 +334,96 @@ async fn node_service_agrees_with_the_disk() {
     });
     cluster.kubectl_apply_yaml(&claim_yaml("svc", "three", Some("node-a"), "1Gi"));
     let report = loop {
-        let report = tokio::time::timeout(Duration::from_secs(30), stream.next()).await.expect("a report").unwrap().unwrap();
+        let report = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("a report")
+            .unwrap()
+            .unwrap();
         if report.volume_count == 3 {
             break report;
         }
     };
     let streamed_at = Instant::now();
-    let pv_at = tokio::time::timeout(Duration::from_secs(5), pv_seen_rx).await.expect("PV watch").unwrap();
+    let pv_at = tokio::time::timeout(Duration::from_secs(5), pv_seen_rx)
+        .await
+        .expect("PV watch")
+        .unwrap();
     let lag = streamed_at.saturating_duration_since(pv_at);
     eprintln!("[e2e] WatchCapacity reported the new volume {lag:?} after the PV watch saw it");
     assert!(lag < Duration::from_secs(1), "stream lagged {lag:?}");
     assert_eq!(report.allocated_bytes, 4 * GI);
 
     // Health and reflection, as generic tools use them.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", agent.grpc_addr)).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", agent.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     for service in ["", "hostvol.v1.Node"] {
-        let status = health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
-        assert_eq!(status.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{service:?}");
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            status.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
     }
-    use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse};
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
     let mut reflection = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut responses = reflection.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) = responses.next().await.unwrap().unwrap().message_response else { panic!("no service list") };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list")
+    };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"hostvol.v1.Node".to_string()) && names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"hostvol.v1.Node".to_string())
+            && names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
 }
 
 fn run_cli(cluster: &Cluster, program: &str, args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(program)
         .args(args)
         .env("KUBECONFIG", cluster.admin_kubeconfig())
-        .env("PATH", format!("{}:{}", std::path::Path::new(env!("CARGO_BIN_EXE_kubectl-hostvol")).parent().unwrap().display(), std::env::var("PATH").unwrap()))
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                std::path::Path::new(env!("CARGO_BIN_EXE_kubectl-hostvol"))
+                    .parent()
+                    .unwrap()
+                    .display(),
+                std::env::var("PATH").unwrap()
+            ),
+        )
         .env_remove("RUST_LOG")
         .output()
         .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Scenario 4: `hostvol capacity` and `kubectl hostvol capacity` print every node; a stopped agent is
@@ -225,8 +433,18 @@ async fn capacity_report_for_people() {
     let cluster = Cluster::start().await;
     cluster.add_node("node-a").await;
     cluster.add_node("node-b").await;
-    let a = cluster.start_agent("node-a", &["--capacity-cap", "10Gi", "--pod-name", "hostvol-node-a"]).await;
-    let mut b = cluster.start_agent("node-b", &["--capacity-cap", "20Gi", "--pod-name", "hostvol-node-b"]).await;
+    let a = cluster
+        .start_agent(
+            "node-a",
+            &["--capacity-cap", "10Gi", "--pod-name", "hostvol-node-a"],
+        )
+        .await;
+    let mut b = cluster
+        .start_agent(
+            "node-b",
+            &["--capacity-cap", "20Gi", "--pod-name", "hostvol-node-b"],
+        )
+        .await;
     cluster.register_agent_pod(&a).await;
     cluster.register_agent_pod(&b).await;
     cluster.apply_repo_manifest("deploy/storageclass.yaml");
@@ -238,15 +456,38 @@ async fn capacity_report_for_people() {
     let (code, out, err) = run_cli(&cluster, hostvol, &["capacity"]);
     assert_eq!(code, 0, "{out}{err}");
     let lines: Vec<&str> = out.lines().collect();
-    assert!(lines[0].starts_with("NODE") && lines[0].contains("ALLOCATABLE"), "{out}");
-    let row_a = lines.iter().find(|l| l.starts_with("node-a")).unwrap_or_else(|| panic!("{out}"));
-    assert!(row_a.contains("2Gi") && row_a.contains("8Gi") && row_a.trim_end().ends_with('1'), "allocated 2Gi, allocatable 8Gi, 1 volume: {out}");
-    assert!(lines.iter().any(|l| l.starts_with("node-b") && l.contains("20Gi")), "{out}");
-    assert!(lines.last().unwrap().starts_with("TOTAL") && lines.last().unwrap().contains("28Gi"), "{out}");
+    assert!(
+        lines[0].starts_with("NODE") && lines[0].contains("ALLOCATABLE"),
+        "{out}"
+    );
+    let row_a = lines
+        .iter()
+        .find(|l| l.starts_with("node-a"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        row_a.contains("2Gi") && row_a.contains("8Gi") && row_a.trim_end().ends_with('1'),
+        "allocated 2Gi, allocatable 8Gi, 1 volume: {out}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("node-b") && l.contains("20Gi")),
+        "{out}"
+    );
+    assert!(
+        lines.last().unwrap().starts_with("TOTAL") && lines.last().unwrap().contains("28Gi"),
+        "{out}"
+    );
 
-    let (code, kubectl_out, err) = run_cli(&cluster, "kubectl", &["hostvol", "capacity", "-o", "wide"]);
+    let (code, kubectl_out, err) =
+        run_cli(&cluster, "kubectl", &["hostvol", "capacity", "-o", "wide"]);
     assert_eq!(code, 0, "{kubectl_out}{err}");
-    assert!(kubectl_out.contains("node-a") && kubectl_out.contains("node-b") && kubectl_out.contains("DATA ROOT"), "{kubectl_out}");
+    assert!(
+        kubectl_out.contains("node-a")
+            && kubectl_out.contains("node-b")
+            && kubectl_out.contains("DATA ROOT"),
+        "{kubectl_out}"
+    );
 
     let (code, json, err) = run_cli(&cluster, hostvol, &["capacity", "-o", "json"]);
     assert_eq!(code, 0, "{err}");
@@ -256,22 +497,48 @@ async fn capacity_report_for_people() {
 
     let (code, out, err) = run_cli(&cluster, hostvol, &["volumes", "--node", "node-a"]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("cli/data") && out.contains("2Gi") && out.contains("Bound"), "{out}");
-    let (code, out, _) = run_cli(&cluster, hostvol, &["capacity", "--endpoint", &format!("unix:{}", a.grpc_socket.display())]);
+    assert!(
+        out.contains("cli/data") && out.contains("2Gi") && out.contains("Bound"),
+        "{out}"
+    );
+    let (code, out, _) = run_cli(
+        &cluster,
+        hostvol,
+        &[
+            "capacity",
+            "--endpoint",
+            &format!("unix:{}", a.grpc_socket.display()),
+        ],
+    );
     assert_eq!(code, 0);
     assert!(out.contains("node-a") && !out.contains("node-b"), "{out}");
 
     // The CSIStorageCapacity objects belong to the agent pods (garbage-collected with them).
-    let version = cluster.csi_storage_capacity_api_version().await.expect("CSIStorageCapacity served");
+    let version = cluster
+        .csi_storage_capacity_api_version()
+        .await
+        .expect("CSIStorageCapacity served");
     let (group, ver) = version.split_once('/').unwrap();
-    let resource = kube::discovery::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(group, ver, "CSIStorageCapacity"));
-    let capacities: Api<DynamicObject> = Api::namespaced_with(cluster.client(), "hostvol-system", &resource);
+    let resource = kube::discovery::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+        group,
+        ver,
+        "CSIStorageCapacity",
+    ));
+    let capacities: Api<DynamicObject> =
+        Api::namespaced_with(cluster.client(), "hostvol-system", &resource);
     cluster
         .wait_for(
             || async {
-                capacities.list(&ListParams::default()).await.map(|l| {
-                    l.items.len() == 2 && l.items.iter().all(|o| o.owner_references().iter().any(|r| r.kind == "Pod"))
-                }).unwrap_or(false)
+                capacities
+                    .list(&ListParams::default())
+                    .await
+                    .map(|l| {
+                        l.items.len() == 2
+                            && l.items
+                                .iter()
+                                .all(|o| o.owner_references().iter().any(|r| r.kind == "Pod"))
+                    })
+                    .unwrap_or(false)
             },
             T,
             "CSIStorageCapacity objects owned by the agent pods",
@@ -281,14 +548,38 @@ async fn capacity_report_for_people() {
     b.terminate();
     let (code, out, err) = run_cli(&cluster, hostvol, &["capacity"]);
     assert_ne!(code, 0, "a partial answer must not exit 0: {out}{err}");
-    assert!(out.lines().any(|l| l.starts_with("node-a") && l.contains("8Gi")), "{out}");
-    assert!(out.lines().any(|l| l.starts_with("node-b") && l.contains("unreachable")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("node-a") && l.contains("8Gi")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("node-b") && l.contains("unreachable")),
+        "{out}"
+    );
 
     // Removing node-b's agent pod removes its capacity object (owner reference), node-a's stays.
-    cluster.force_delete_pod("hostvol-system", "hostvol-node-b").await;
     cluster
-        .wait_for(|| async { capacities.list(&ListParams::default()).await.map(|l| l.items.len() == 1).unwrap_or(false) }, T, "node-b's CSIStorageCapacity garbage-collected")
+        .force_delete_pod("hostvol-system", "hostvol-node-b")
+        .await;
+    cluster
+        .wait_for(
+            || async {
+                capacities
+                    .list(&ListParams::default())
+                    .await
+                    .map(|l| l.items.len() == 1)
+                    .unwrap_or(false)
+            },
+            T,
+            "node-b's CSIStorageCapacity garbage-collected",
+        )
         .await;
     let events = cluster.pvc_events("cli", "data").await;
-    assert!(events.iter().any(|(_, r, _)| r == "ProvisioningSucceeded"), "{}", fmt_events(&events));
+    assert!(
+        events.iter().any(|(_, r, _)| r == "ProvisioningSucceeded"),
+        "{}",
+        fmt_events(&events)
+    );
 }

@@ -8,23 +8,38 @@ use std::time::Duration;
 
 use common::{Agent, Cluster, fmt_events, metric_value};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use kube::api::{Api, ListParams};
 use kube::ResourceExt;
+use kube::api::{Api, ListParams};
 
 const T: Duration = Duration::from_secs(120);
 const PROVISIONER: &str = "hostpath.hostvol.io";
 
 fn class_yaml(name: &str, binding: &str, reclaim: &str, parameters: &[(&str, &str)]) -> String {
-    let params: String = parameters.iter().map(|(k, v)| format!("\n  {k}: \"{v}\"")).collect();
-    let params = if params.is_empty() { String::new() } else { format!("parameters:{params}\n") };
+    let params: String = parameters
+        .iter()
+        .map(|(k, v)| format!("\n  {k}: \"{v}\""))
+        .collect();
+    let params = if params.is_empty() {
+        String::new()
+    } else {
+        format!("parameters:{params}\n")
+    };
     format!(
         "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: {name}\nprovisioner: {PROVISIONER}\n\
          volumeBindingMode: {binding}\nreclaimPolicy: {reclaim}\n{params}"
     )
 }
 
-fn claim_yaml(ns: &str, name: &str, class: &str, size: &str, selected_node: Option<&str>) -> String {
-    let annotations = selected_node.map_or(String::new(), |n| format!("  annotations:\n    volume.kubernetes.io/selected-node: {n}\n"));
+fn claim_yaml(
+    ns: &str,
+    name: &str,
+    class: &str,
+    size: &str,
+    selected_node: Option<&str>,
+) -> String {
+    let annotations = selected_node.map_or(String::new(), |n| {
+        format!("  annotations:\n    volume.kubernetes.io/selected-node: {n}\n")
+    });
     format!(
         "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {name}\n  namespace: {ns}\n{annotations}spec:\n  \
          storageClassName: {class}\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: {size}\n"
@@ -41,7 +56,11 @@ fn pod_yaml(ns: &str, name: &str, claim: &str, extra_spec: &str) -> String {
 
 fn dirs_in(root: &Path) -> BTreeSet<String> {
     std::fs::read_dir(root)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -52,16 +71,31 @@ async fn hostvol_pvs(cluster: &Cluster) -> Vec<PersistentVolume> {
         .unwrap()
         .items
         .into_iter()
-        .filter(|pv| pv.annotations().get("pv.kubernetes.io/provisioned-by").is_some_and(|p| p == PROVISIONER))
+        .filter(|pv| {
+            pv.annotations()
+                .get("pv.kubernetes.io/provisioned-by")
+                .is_some_and(|p| p == PROVISIONER)
+        })
         .collect()
 }
 
 fn pv_node(pv: &PersistentVolume) -> String {
-    pv.annotations().get("hostvol.io/node").cloned().unwrap_or_default()
+    pv.annotations()
+        .get("hostvol.io/node")
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn pv_claim(pv: &PersistentVolume) -> String {
-    pv.spec.as_ref().unwrap().claim_ref.as_ref().unwrap().name.clone().unwrap()
+    pv.spec
+        .as_ref()
+        .unwrap()
+        .claim_ref
+        .as_ref()
+        .unwrap()
+        .name
+        .clone()
+        .unwrap()
 }
 
 async fn cluster_with_agents(nodes: &[(&str, &[&str])]) -> (Cluster, Vec<Agent>) {
@@ -87,9 +121,17 @@ async fn immediate_claims_are_placed_once_and_spread_by_capacity() {
     cluster.kubectl_apply_yaml(&class_yaml("hostvol-now", "Immediate", "Retain", &[]));
     cluster.create_namespace("now").await;
     // Every node's capacity for the class must be published first.
-    cluster.wait_for(|| async { capacity_objects(&cluster, "hostvol-now").await >= 3 }, T, "published capacities of all three nodes").await;
+    cluster
+        .wait_for(
+            || async { capacity_objects(&cluster, "hostvol-now").await >= 3 },
+            T,
+            "published capacities of all three nodes",
+        )
+        .await;
     let n = 30;
-    let manifests: Vec<String> = (0..n).map(|i| claim_yaml("now", &format!("c{i}"), "hostvol-now", "1Gi", None)).collect();
+    let manifests: Vec<String> = (0..n)
+        .map(|i| claim_yaml("now", &format!("c{i}"), "hostvol-now", "1Gi", None))
+        .collect();
     cluster.kubectl_apply_yaml(&manifests.join("---\n"));
     for i in 0..n {
         cluster.wait_pvc_bound("now", &format!("c{i}"), T).await;
@@ -106,24 +148,45 @@ async fn immediate_claims_are_placed_once_and_spread_by_capacity() {
     assert_eq!(dirs, n, "one directory per claim across all nodes");
     let count = |node: &str| per_node.get(node).copied().unwrap_or(0);
     eprintln!("[e2e] Immediate placement: {per_node:?}");
-    assert!(count("node-c") >= count("node-b") && count("node-b") >= count("node-a"), "spread by capacity: {per_node:?}");
+    assert!(
+        count("node-c") >= count("node-b") && count("node-b") >= count("node-a"),
+        "spread by capacity: {per_node:?}"
+    );
     assert!(count("node-c") < n, "not all on one node: {per_node:?}");
     let mut conflicts = 0.0;
     for agent in &agents {
-        conflicts += metric_value(&agent.metrics().await, "hostvol_placement_conflicts_total", &[]).unwrap_or(0.0);
+        conflicts += metric_value(
+            &agent.metrics().await,
+            "hostvol_placement_conflicts_total",
+            &[],
+        )
+        .unwrap_or(0.0);
     }
     eprintln!("[e2e] placement conflicts: {conflicts}");
 }
 
 /// CSIStorageCapacity objects published for `class` (what the agents read to place Immediate claims).
 async fn capacity_objects(cluster: &Cluster, class: &str) -> usize {
-    let version = cluster.csi_storage_capacity_api_version().await.expect("CSIStorageCapacity served");
+    let version = cluster
+        .csi_storage_capacity_api_version()
+        .await
+        .expect("CSIStorageCapacity served");
     let (group, ver) = version.split_once('/').unwrap();
-    let resource = kube::discovery::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(group, ver, "CSIStorageCapacity"));
-    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(cluster.client(), "hostvol-system", &resource);
+    let resource = kube::discovery::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+        group,
+        ver,
+        "CSIStorageCapacity",
+    ));
+    let api: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(cluster.client(), "hostvol-system", &resource);
     api.list(&ListParams::default())
         .await
-        .map(|l| l.items.iter().filter(|o| o.data.get("storageClassName").and_then(|c| c.as_str()) == Some(class)).count())
+        .map(|l| {
+            l.items
+                .iter()
+                .filter(|o| o.data.get("storageClassName").and_then(|c| c.as_str()) == Some(class))
+                .count()
+        })
         .unwrap_or(0)
 }
 
@@ -140,12 +203,22 @@ async fn pods_with_node_name_get_their_volume_on_that_node() {
     ));
     let pvc = cluster.wait_pvc_bound("pinned", "data", T).await;
     let pv_name = pvc.spec.unwrap().volume_name.unwrap();
-    let pv = hostvol_pvs(&cluster).await.into_iter().find(|pv| pv.name_any() == pv_name).unwrap();
+    let pv = hostvol_pvs(&cluster)
+        .await
+        .into_iter()
+        .find(|pv| pv.name_any() == pv_name)
+        .unwrap();
     assert_eq!(pv_node(&pv), "node-b");
     assert_eq!(dirs_in(&agents[1].root).len(), 1);
     assert!(dirs_in(&agents[0].root).is_empty());
     let events = cluster.pvc_events("pinned", "data").await;
-    assert!(events.iter().any(|(_, r, m)| r == "NodeSelected" && m.contains("spec.nodeName")), "{}", fmt_events(&events));
+    assert!(
+        events
+            .iter()
+            .any(|(_, r, m)| r == "NodeSelected" && m.contains("spec.nodeName")),
+        "{}",
+        fmt_events(&events)
+    );
 }
 
 /// Scenario 3: a node capped below the claim's size hands the claim back; it is provisioned on the other.
@@ -168,14 +241,40 @@ async fn a_node_that_cannot_serve_hands_the_claim_back() {
     ));
     let pvc = cluster.wait_pvc_bound("resched", "big", T).await;
     let pv_name = pvc.spec.unwrap().volume_name.unwrap();
-    let pv = hostvol_pvs(&cluster).await.into_iter().find(|pv| pv.name_any() == pv_name).unwrap();
+    let pv = hostvol_pvs(&cluster)
+        .await
+        .into_iter()
+        .find(|pv| pv.name_any() == pv_name)
+        .unwrap();
     assert_eq!(pv_node(&pv), "large");
     let events = cluster.pvc_events("resched", "big").await;
-    assert!(events.iter().any(|(t, r, m)| t == "Warning" && r == "ProvisioningFailed" && m.contains("small cannot hold 5Gi")), "{}", fmt_events(&events));
-    assert!(events.iter().any(|(_, r, _)| r == "ProvisioningReschedule"), "{}", fmt_events(&events));
-    assert!(dirs_in(&agents[0].root).is_empty(), "nothing made on the small node");
+    assert!(
+        events.iter().any(|(t, r, m)| t == "Warning"
+            && r == "ProvisioningFailed"
+            && m.contains("small cannot hold 5Gi")),
+        "{}",
+        fmt_events(&events)
+    );
+    assert!(
+        events.iter().any(|(_, r, _)| r == "ProvisioningReschedule"),
+        "{}",
+        fmt_events(&events)
+    );
+    assert!(
+        dirs_in(&agents[0].root).is_empty(),
+        "nothing made on the small node"
+    );
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client(), "resched");
-    assert_eq!(claims.get("big").await.unwrap().annotations().get("volume.kubernetes.io/selected-node").map(String::as_str), Some("large"));
+    assert_eq!(
+        claims
+            .get("big")
+            .await
+            .unwrap()
+            .annotations()
+            .get("volume.kubernetes.io/selected-node")
+            .map(String::as_str),
+        Some("large")
+    );
 
     // A node whose data root is not mounted refuses, says why, and hands the claim back too.
     cluster.kubectl_apply_yaml(&format!(
@@ -184,11 +283,24 @@ async fn a_node_that_cannot_serve_hands_the_claim_back() {
         pod_yaml("resched", "app2", "elsewhere", "")
     ));
     let pvc = cluster.wait_pvc_bound("resched", "elsewhere", T).await;
-    let pv = hostvol_pvs(&cluster).await.into_iter().find(|pv| Some(pv.name_any()) == pvc.spec.as_ref().unwrap().volume_name).unwrap();
+    let pv = hostvol_pvs(&cluster)
+        .await
+        .into_iter()
+        .find(|pv| Some(pv.name_any()) == pvc.spec.as_ref().unwrap().volume_name)
+        .unwrap();
     assert_ne!(pv_node(&pv), "unmounted");
     let events = cluster.pvc_events("resched", "elsewhere").await;
-    assert!(events.iter().any(|(t, _, m)| t == "Warning" && m.contains("not a mount point")), "{}", fmt_events(&events));
-    assert!(dirs_in(&agents[2].root).is_empty(), "nothing written to an unmounted root");
+    assert!(
+        events
+            .iter()
+            .any(|(t, _, m)| t == "Warning" && m.contains("not a mount point")),
+        "{}",
+        fmt_events(&events)
+    );
+    assert!(
+        dirs_in(&agents[2].root).is_empty(),
+        "nothing written to an unmounted root"
+    );
 }
 
 fn hostvol_cli(cluster: &Cluster, args: &[&str], stdin: &str) -> (i32, String, String) {
@@ -202,19 +314,39 @@ fn hostvol_cli(cluster: &Cluster, args: &[&str], stdin: &str) -> (i32, String, S
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 async fn pv_of_claim(cluster: &Cluster, ns: &str, claim: &str) -> PersistentVolume {
     let pvc = cluster.wait_pvc_bound(ns, claim, T).await;
     let name = pvc.spec.unwrap().volume_name.unwrap();
-    Api::<PersistentVolume>::all(cluster.client()).get(&name).await.unwrap()
+    Api::<PersistentVolume>::all(cluster.client())
+        .get(&name)
+        .await
+        .unwrap()
 }
 
 fn volume_dir(agent: &Agent, pv: &PersistentVolume) -> std::path::PathBuf {
-    let path = pv.spec.as_ref().unwrap().host_path.as_ref().unwrap().path.clone();
+    let path = pv
+        .spec
+        .as_ref()
+        .unwrap()
+        .host_path
+        .as_ref()
+        .unwrap()
+        .path
+        .clone();
     agent.root.join(path.rsplit('/').next().unwrap())
 }
 
@@ -225,41 +357,103 @@ async fn delete_policy_cleans_up_without_following_symlinks() {
     use std::os::unix::fs::PermissionsExt;
     let (cluster, agents) = cluster_with_agents(&[("node-a", &[])]).await;
     let agent = &agents[0];
-    cluster.kubectl_apply_yaml(&class_yaml("hostvol-delete", "WaitForFirstConsumer", "Delete", &[]));
+    cluster.kubectl_apply_yaml(&class_yaml(
+        "hostvol-delete",
+        "WaitForFirstConsumer",
+        "Delete",
+        &[],
+    ));
     cluster.create_namespace("del").await;
-    cluster.kubectl_apply_yaml(&claim_yaml("del", "scratch", "hostvol-delete", "1Gi", Some("node-a")));
+    cluster.kubectl_apply_yaml(&claim_yaml(
+        "del",
+        "scratch",
+        "hostvol-delete",
+        "1Gi",
+        Some("node-a"),
+    ));
     let pv = pv_of_claim(&cluster, "del", "scratch").await;
-    assert!(pv.finalizers().iter().any(|f| f == "hostvol.io/cleanup"), "Delete volumes carry the cleanup finalizer");
+    assert!(
+        pv.finalizers().iter().any(|f| f == "hostvol.io/cleanup"),
+        "Delete volumes carry the cleanup finalizer"
+    );
     let dir = volume_dir(agent, &pv);
     let outside = cluster.dir().join("precious.txt");
     std::fs::write(&outside, "do not touch").unwrap();
     std::fs::create_dir_all(dir.join("a/b/c")).unwrap();
     std::fs::write(dir.join("a/b/c/deep.txt"), "x").unwrap();
     std::fs::write(dir.join("readonly.txt"), "x").unwrap();
-    std::fs::set_permissions(dir.join("readonly.txt"), std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::set_permissions(
+        dir.join("readonly.txt"),
+        std::fs::Permissions::from_mode(0o444),
+    )
+    .unwrap();
     std::fs::create_dir(dir.join("locked")).unwrap();
     std::fs::write(dir.join("locked/inside.txt"), "x").unwrap();
     std::fs::set_permissions(dir.join("locked"), std::fs::Permissions::from_mode(0o555)).unwrap();
     std::os::unix::fs::symlink(&outside, dir.join("escape")).unwrap();
 
-    cluster.kubectl_ok(&["delete", "-n", "del", "pvc", "scratch", "--wait=true", "--timeout=60s"]);
+    cluster.kubectl_ok(&[
+        "delete",
+        "-n",
+        "del",
+        "pvc",
+        "scratch",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
     let pvs: Api<PersistentVolume> = Api::all(cluster.client());
-    cluster.wait_for(|| async { pvs.get_opt(&pv.name_any()).await.unwrap().is_none() }, T, "Delete PV removed").await;
+    cluster
+        .wait_for(
+            || async { pvs.get_opt(&pv.name_any()).await.unwrap().is_none() },
+            T,
+            "Delete PV removed",
+        )
+        .await;
     assert!(!dir.exists(), "directory removed");
-    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "do not touch", "symlink target untouched");
+    assert_eq!(
+        std::fs::read_to_string(&outside).unwrap(),
+        "do not touch",
+        "symlink target untouched"
+    );
 
     // kubectl delete pv on a bound Delete volume: held until the claim goes, then cleaned the same way.
-    cluster.kubectl_apply_yaml(&claim_yaml("del", "second", "hostvol-delete", "1Gi", Some("node-a")));
+    cluster.kubectl_apply_yaml(&claim_yaml(
+        "del",
+        "second",
+        "hostvol-delete",
+        "1Gi",
+        Some("node-a"),
+    ));
     let pv2 = pv_of_claim(&cluster, "del", "second").await;
     let dir2 = volume_dir(agent, &pv2);
     std::fs::write(dir2.join("data"), "x").unwrap();
     cluster.kubectl_ok(&["delete", "pv", &pv2.name_any(), "--wait=false"]);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(dir2.join("data").exists(), "a bound volume keeps its data while its claim exists");
+    assert!(
+        dir2.join("data").exists(),
+        "a bound volume keeps its data while its claim exists"
+    );
     assert!(pvs.get_opt(&pv2.name_any()).await.unwrap().is_some());
-    cluster.kubectl_ok(&["delete", "-n", "del", "pvc", "second", "--wait=true", "--timeout=60s"]);
-    cluster.wait_for(|| async { pvs.get_opt(&pv2.name_any()).await.unwrap().is_none() }, T, "deleted PV gone after cleanup").await;
-    assert!(!dir2.exists(), "kubectl delete pv did not leak the directory");
+    cluster.kubectl_ok(&[
+        "delete",
+        "-n",
+        "del",
+        "pvc",
+        "second",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    cluster
+        .wait_for(
+            || async { pvs.get_opt(&pv2.name_any()).await.unwrap().is_none() },
+            T,
+            "deleted PV gone after cleanup",
+        )
+        .await;
+    assert!(
+        !dir2.exists(),
+        "kubectl delete pv did not leak the directory"
+    );
 }
 
 /// Scenario 5: `hostvol purge` removes exactly one released Retain volume; without --yes it asks.
@@ -278,28 +472,63 @@ async fn purge_removes_exactly_one_released_volume() {
     let old = pv_of_claim(&cluster, "keep", "old").await;
     let other = pv_of_claim(&cluster, "keep", "other").await;
     std::fs::write(volume_dir(agent, &old).join("data"), "x").unwrap();
-    cluster.kubectl_ok(&["delete", "-n", "keep", "pvc", "--all", "--wait=true", "--timeout=60s"]);
+    cluster.kubectl_ok(&[
+        "delete",
+        "-n",
+        "keep",
+        "pvc",
+        "--all",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
     let pvs: Api<PersistentVolume> = Api::all(cluster.client());
     for pv in [&old, &other] {
         cluster
-            .wait_for(|| async { pvs.get(&pv.name_any()).await.ok().and_then(|p| p.status).and_then(|s| s.phase).as_deref() == Some("Released") }, T, "Released")
+            .wait_for(
+                || async {
+                    pvs.get(&pv.name_any())
+                        .await
+                        .ok()
+                        .and_then(|p| p.status)
+                        .and_then(|s| s.phase)
+                        .as_deref()
+                        == Some("Released")
+                },
+                T,
+                "Released",
+            )
             .await;
     }
     let (code, out, err) = hostvol_cli(&cluster, &["volumes", "--released"], "");
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains(&old.name_any()) && out.contains(&other.name_any()), "{out}");
+    assert!(
+        out.contains(&old.name_any()) && out.contains(&other.name_any()),
+        "{out}"
+    );
 
     let (code, _, err) = hostvol_cli(&cluster, &["purge", &old.name_any()], "no\n");
     assert_ne!(code, 0, "declined purge must not succeed");
-    assert!(err.contains("Purge") && err.contains("Type 'yes'"), "it asks first: {err}");
+    assert!(
+        err.contains("Purge") && err.contains("Type 'yes'"),
+        "it asks first: {err}"
+    );
     assert!(volume_dir(agent, &old).join("data").exists());
 
     let (code, out, err) = hostvol_cli(&cluster, &["purge", &old.name_any()], "yes\n");
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("purged"), "{out}");
-    assert!(!volume_dir(agent, &old).exists(), "purged directory removed");
-    assert!(pvs.get_opt(&old.name_any()).await.unwrap().is_none(), "purged PV removed");
-    assert!(volume_dir(agent, &other).exists(), "the other released volume is untouched");
+    assert!(
+        !volume_dir(agent, &old).exists(),
+        "purged directory removed"
+    );
+    assert!(
+        pvs.get_opt(&old.name_any()).await.unwrap().is_none(),
+        "purged PV removed"
+    );
+    assert!(
+        volume_dir(agent, &other).exists(),
+        "the other released volume is untouched"
+    );
     assert!(pvs.get_opt(&other.name_any()).await.unwrap().is_some());
 
     let (code, _, err) = hostvol_cli(&cluster, &["purge", "--yes", "does-not-exist"], "");
@@ -310,7 +539,11 @@ async fn purge_removes_exactly_one_released_volume() {
 /// Scenario 8: orphans and lost volumes made by hand are reported (metrics, Event, doctor); nothing deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doctor_reports_orphans_and_lost_volumes() {
-    let (cluster, agents) = cluster_with_agents(&[("node-a", &["--orphan-scan-seconds", "1"]), ("node-b", &["--orphan-scan-seconds", "1"])]).await;
+    let (cluster, agents) = cluster_with_agents(&[
+        ("node-a", &["--orphan-scan-seconds", "1"]),
+        ("node-b", &["--orphan-scan-seconds", "1"]),
+    ])
+    .await;
     for agent in &agents {
         cluster.register_agent_pod(agent).await;
     }
@@ -319,32 +552,80 @@ async fn doctor_reports_orphans_and_lost_volumes() {
     cluster.kubectl_apply_yaml(&claim_yaml("doc", "gone", "hostvol", "1Gi", Some("node-b")));
     let lost_pv = pv_of_claim(&cluster, "doc", "gone").await;
     std::fs::remove_dir(volume_dir(&agents[1], &lost_pv)).unwrap();
-    let orphan = agents[0].root.join("pvc-00000000-0000-0000-0000-000000000000_old_data");
+    let orphan = agents[0]
+        .root
+        .join("pvc-00000000-0000-0000-0000-000000000000_old_data");
     std::fs::create_dir(&orphan).unwrap();
     std::fs::write(orphan.join("file"), "keep me").unwrap();
     let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
-    std::fs::File::open(&orphan).unwrap().set_modified(hour_ago).unwrap();
+    std::fs::File::open(&orphan)
+        .unwrap()
+        .set_modified(hour_ago)
+        .unwrap();
 
     cluster
-        .wait_for(|| async { metric_value(&agents[0].metrics().await, "hostvol_orphan_directories", &[]) == Some(1.0) }, T, "orphan metric on node-a")
-        .await;
-    cluster
-        .wait_for(|| async { metric_value(&agents[1].metrics().await, "hostvol_lost_volumes", &[]) == Some(1.0) }, T, "lost metric on node-b")
+        .wait_for(
+            || async {
+                metric_value(
+                    &agents[0].metrics().await,
+                    "hostvol_orphan_directories",
+                    &[],
+                ) == Some(1.0)
+            },
+            T,
+            "orphan metric on node-a",
+        )
         .await;
     cluster
         .wait_for(
-            || async { cluster.object_events("", "PersistentVolume", &lost_pv.name_any()).await.iter().any(|(t, r, _)| t == "Warning" && r == "VolumeDirectoryMissing") },
+            || async {
+                metric_value(&agents[1].metrics().await, "hostvol_lost_volumes", &[]) == Some(1.0)
+            },
+            T,
+            "lost metric on node-b",
+        )
+        .await;
+    cluster
+        .wait_for(
+            || async {
+                cluster
+                    .object_events("", "PersistentVolume", &lost_pv.name_any())
+                    .await
+                    .iter()
+                    .any(|(t, r, _)| t == "Warning" && r == "VolumeDirectoryMissing")
+            },
             T,
             "Warning VolumeDirectoryMissing on the lost PV",
         )
         .await;
     let (code, out, err) = hostvol_cli(&cluster, &["doctor"], "");
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.lines().any(|l| l.starts_with("node-a") && l.contains("orphan") && l.contains("_old_data")), "{out}");
-    assert!(out.lines().any(|l| l.starts_with("node-b") && l.contains("lost") && l.contains(&lost_pv.name_any()) && l.contains("doc/gone")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("node-a") && l.contains("orphan") && l.contains("_old_data")),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l.starts_with("node-b")
+            && l.contains("lost")
+            && l.contains(&lost_pv.name_any())
+            && l.contains("doc/gone")),
+        "{out}"
+    );
     assert!(out.contains("nothing was deleted"), "{out}");
-    assert_eq!(std::fs::read_to_string(orphan.join("file")).unwrap(), "keep me", "orphans are never deleted");
-    assert!(Api::<PersistentVolume>::all(cluster.client()).get_opt(&lost_pv.name_any()).await.unwrap().is_some(), "lost PVs are never deleted");
+    assert_eq!(
+        std::fs::read_to_string(orphan.join("file")).unwrap(),
+        "keep me",
+        "orphans are never deleted"
+    );
+    assert!(
+        Api::<PersistentVolume>::all(cluster.client())
+            .get_opt(&lost_pv.name_any())
+            .await
+            .unwrap()
+            .is_some(),
+        "lost PVs are never deleted"
+    );
 }
 
 fn statefulset_yaml(ns: &str, name: &str, class: &str, preferred_node: &str) -> String {
@@ -365,17 +646,36 @@ fn statefulset_yaml(ns: &str, name: &str, class: &str, preferred_node: &str) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_loss_cleanup_is_opt_in() {
     let (cluster, mut agents) = cluster_with_agents(&[("doomed", &[]), ("survivor", &[])]).await;
-    cluster.kubectl_apply_yaml(&class_yaml("hostvol-heal", "WaitForFirstConsumer", "Retain", &[("nodeLossCleanup", "true"), ("nodeLossGracePeriod", "3s")]));
+    cluster.kubectl_apply_yaml(&class_yaml(
+        "hostvol-heal",
+        "WaitForFirstConsumer",
+        "Retain",
+        &[("nodeLossCleanup", "true"), ("nodeLossGracePeriod", "3s")],
+    ));
     cluster.apply_repo_manifest("deploy/storageclass.yaml");
     cluster.create_namespace("loss").await;
-    cluster.kubectl_apply_yaml(&format!("{}---\n{}", statefulset_yaml("loss", "healing", "hostvol-heal", "doomed"), statefulset_yaml("loss", "plain", "hostvol", "doomed")));
+    cluster.kubectl_apply_yaml(&format!(
+        "{}---\n{}",
+        statefulset_yaml("loss", "healing", "hostvol-heal", "doomed"),
+        statefulset_yaml("loss", "plain", "hostvol", "doomed")
+    ));
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client(), "loss");
     let mut before = BTreeMap::new();
     for sts in ["healing", "plain"] {
-        let pod = cluster.wait_pod_running("loss", &format!("{sts}-0"), T).await;
+        let pod = cluster
+            .wait_pod_running("loss", &format!("{sts}-0"), T)
+            .await;
         assert_eq!(pod.spec.unwrap().node_name.as_deref(), Some("doomed"));
-        let claim = cluster.wait_pvc_bound("loss", &format!("data-{sts}-0"), T).await;
-        before.insert(sts, (claim.uid().unwrap(), claim.spec.unwrap().volume_name.unwrap()));
+        let claim = cluster
+            .wait_pvc_bound("loss", &format!("data-{sts}-0"), T)
+            .await;
+        before.insert(
+            sts,
+            (
+                claim.uid().unwrap(),
+                claim.spec.unwrap().volume_name.unwrap(),
+            ),
+        );
     }
     // The node disappears for good: its agent dies with it.
     agents[0].kill();
@@ -384,18 +684,31 @@ async fn node_loss_cleanup_is_opt_in() {
     // The opted-in replica comes back on the survivor with a new claim and volume.
     cluster
         .wait_for(
-            || async { claims.get_opt("data-healing-0").await.ok().flatten().is_some_and(|c| c.uid() != Some(before["healing"].0.clone())) },
+            || async {
+                claims
+                    .get_opt("data-healing-0")
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|c| c.uid() != Some(before["healing"].0.clone()))
+            },
             Duration::from_secs(180),
             "a new claim for healing-0",
         )
         .await;
     let claim = cluster.wait_pvc_bound("loss", "data-healing-0", T).await;
-    let pv = Api::<PersistentVolume>::all(cluster.client()).get(claim.spec.as_ref().unwrap().volume_name.as_ref().unwrap()).await.unwrap();
+    let pv = Api::<PersistentVolume>::all(cluster.client())
+        .get(claim.spec.as_ref().unwrap().volume_name.as_ref().unwrap())
+        .await
+        .unwrap();
     assert_eq!(pv_node(&pv), "survivor");
     let pod = cluster.wait_pod_running("loss", "healing-0", T).await;
     assert_eq!(pod.spec.unwrap().node_name.as_deref(), Some("survivor"));
     let pvs: Api<PersistentVolume> = Api::all(cluster.client());
-    assert!(pvs.get_opt(&before["healing"].1).await.unwrap().is_none(), "the lost node's PV was deleted");
+    assert!(
+        pvs.get_opt(&before["healing"].1).await.unwrap().is_none(),
+        "the lost node's PV was deleted"
+    );
     let events = cluster.object_events("loss", "", "data-healing-0").await;
     let _ = events;
 
@@ -403,12 +716,21 @@ async fn node_loss_cleanup_is_opt_in() {
     let plain = claims.get("data-plain-0").await.unwrap();
     assert_eq!(plain.uid(), Some(before["plain"].0.clone()), "claim kept");
     assert!(plain.metadata.deletion_timestamp.is_none());
-    assert!(pvs.get_opt(&before["plain"].1).await.unwrap().is_some(), "PV kept");
-    assert!(dirs_in(&agents[1].root).len() == 1, "only the healed replica's new volume on the survivor");
+    assert!(
+        pvs.get_opt(&before["plain"].1).await.unwrap().is_some(),
+        "PV kept"
+    );
+    assert!(
+        dirs_in(&agents[1].root).len() == 1,
+        "only the healed replica's new volume on the survivor"
+    );
 }
 
 fn roots_config(node: &str, roots: &[(&str, &Path)]) -> String {
-    let lines: String = roots.iter().map(|(name, path)| format!("          {name}: {{path: {}}}\n", path.display())).collect();
+    let lines: String = roots
+        .iter()
+        .map(|(name, path)| format!("          {name}: {{path: {}}}\n", path.display()))
+        .collect();
     format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: hostvol-config\n  namespace: hostvol-system\ndata:\n  config.yaml: |\n    \
          nodes:\n      {node}:\n        roots:\n{lines}"
@@ -425,10 +747,18 @@ async fn data_roots_from_the_config_map() {
     let (fast, bulk) = (cluster.dir().join("nvme"), cluster.dir().join("bulk"));
     std::fs::create_dir_all(&fast).unwrap();
     std::fs::create_dir_all(&bulk).unwrap();
-    cluster.kubectl_apply_yaml(&roots_config("node-a", &[("fast", &fast), ("default", &bulk)]));
+    cluster.kubectl_apply_yaml(&roots_config(
+        "node-a",
+        &[("fast", &fast), ("default", &bulk)],
+    ));
     let agent = cluster.start_agent("node-a", &[]).await;
     cluster.apply_repo_manifest("deploy/storageclass.yaml");
-    cluster.kubectl_apply_yaml(&class_yaml("hostvol-fast", "WaitForFirstConsumer", "Retain", &[("dataRoot", "fast")]));
+    cluster.kubectl_apply_yaml(&class_yaml(
+        "hostvol-fast",
+        "WaitForFirstConsumer",
+        "Retain",
+        &[("dataRoot", "fast")],
+    ));
     cluster.create_namespace("roots").await;
     cluster.kubectl_apply_yaml(&format!(
         "{}---\n{}",
@@ -437,39 +767,124 @@ async fn data_roots_from_the_config_map() {
     ));
     let quick = pv_of_claim(&cluster, "roots", "quick").await;
     let big = pv_of_claim(&cluster, "roots", "big").await;
-    assert!(quick.spec.as_ref().unwrap().host_path.as_ref().unwrap().path.starts_with(&fast.display().to_string()));
-    assert!(big.spec.as_ref().unwrap().host_path.as_ref().unwrap().path.starts_with(&bulk.display().to_string()));
+    assert!(
+        quick
+            .spec
+            .as_ref()
+            .unwrap()
+            .host_path
+            .as_ref()
+            .unwrap()
+            .path
+            .starts_with(&fast.display().to_string())
+    );
+    assert!(
+        big.spec
+            .as_ref()
+            .unwrap()
+            .host_path
+            .as_ref()
+            .unwrap()
+            .path
+            .starts_with(&bulk.display().to_string())
+    );
     assert_eq!(dirs_in(&fast).len(), 1);
     assert_eq!(dirs_in(&bulk).len(), 1);
-    assert!(dirs_in(&agent.root).is_empty(), "the flags' root is not used when the ConfigMap configures the node");
+    assert!(
+        dirs_in(&agent.root).is_empty(),
+        "the flags' root is not used when the ConfigMap configures the node"
+    );
 
     // Capacity is reported per root.
-    let mut client = hostvol::report::connect(&hostvol::report::Address::Tcp(agent.grpc_addr.to_string()), Duration::from_secs(5)).await.unwrap();
-    let report = client.get_capacity(hostvol::grpc::v1::GetCapacityRequest {}).await.unwrap().into_inner();
+    let mut client = hostvol::report::connect(
+        &hostvol::report::Address::Tcp(agent.grpc_addr.to_string()),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let report = client
+        .get_capacity(hostvol::grpc::v1::GetCapacityRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let names: Vec<&str> = report.roots.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, vec!["default", "fast"]);
-    assert!(report.roots.iter().all(|r| r.volume_count == 1 && r.allocated_bytes == 1 << 30), "{report:?}");
+    assert!(
+        report
+            .roots
+            .iter()
+            .all(|r| r.volume_count == 1 && r.allocated_bytes == 1 << 30),
+        "{report:?}"
+    );
 
     // An invalid change is rejected; the last good configuration stays.
     cluster.kubectl_apply_yaml(&roots_config("node-a", &[("Fast!", &fast)]));
-    cluster.wait_for(|| async { agent.log().contains("rejected the new hostvol configuration") }, T, "rejection logged").await;
-    let report = client.get_capacity(hostvol::grpc::v1::GetCapacityRequest {}).await.unwrap().into_inner();
+    cluster
+        .wait_for(
+            || async {
+                agent
+                    .log()
+                    .contains("rejected the new hostvol configuration")
+            },
+            T,
+            "rejection logged",
+        )
+        .await;
+    let report = client
+        .get_capacity(hostvol::grpc::v1::GetCapacityRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(report.roots.len(), 2);
 
     // Dropping the fast root: new claims for it are refused and handed back; the existing volume stays.
     cluster.kubectl_apply_yaml(&roots_config("node-a", &[("default", &bulk)]));
     cluster
         .wait_for(
-            || async { client.clone().get_capacity(hostvol::grpc::v1::GetCapacityRequest {}).await.map(|r| r.into_inner().roots.len() == 1).unwrap_or(false) },
+            || async {
+                client
+                    .clone()
+                    .get_capacity(hostvol::grpc::v1::GetCapacityRequest {})
+                    .await
+                    .map(|r| r.into_inner().roots.len() == 1)
+                    .unwrap_or(false)
+            },
             T,
             "fast root dropped",
         )
         .await;
-    cluster.kubectl_apply_yaml(&claim_yaml("roots", "late", "hostvol-fast", "1Gi", Some("node-a")));
-    let (_, _, message) = cluster.wait_event("roots", "late", "ProvisioningFailed", T).await;
+    cluster.kubectl_apply_yaml(&claim_yaml(
+        "roots",
+        "late",
+        "hostvol-fast",
+        "1Gi",
+        Some("node-a"),
+    ));
+    let (_, _, message) = cluster
+        .wait_event("roots", "late", "ProvisioningFailed", T)
+        .await;
     assert!(message.contains("no data root \"fast\""), "{message}");
     assert_eq!(dirs_in(&fast).len(), 1, "the existing volume is untouched");
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client(), "roots");
-    assert!(claims.get("quick").await.unwrap().spec.unwrap().volume_name.is_some(), "still bound");
-    assert!(claims.get("late").await.unwrap().spec.unwrap().volume_name.is_none());
+    assert!(
+        claims
+            .get("quick")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .volume_name
+            .is_some(),
+        "still bound"
+    );
+    assert!(
+        claims
+            .get("late")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .volume_name
+            .is_none()
+    );
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::{Agent, Cluster, fmt_events, metric_value};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
-use kube::api::{Api, DeleteParams, ListParams};
 use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams};
 
 const T: Duration = Duration::from_secs(90);
 const PROVISIONER: &str = "hostpath.hostvol.io";
@@ -19,13 +19,26 @@ const PROVISIONER: &str = "hostpath.hostvol.io";
 fn apply_shipped_class(cluster: &Cluster, default: bool) {
     cluster.apply_repo_manifest("deploy/storageclass.yaml");
     if default {
-        cluster.kubectl_ok(&["annotate", "--overwrite", "storageclass", "hostvol", "storageclass.kubernetes.io/is-default-class=true"]);
+        cluster.kubectl_ok(&[
+            "annotate",
+            "--overwrite",
+            "storageclass",
+            "hostvol",
+            "storageclass.kubernetes.io/is-default-class=true",
+        ]);
     }
 }
 
 fn class_yaml(name: &str, binding: &str, parameters: &[(&str, &str)]) -> String {
-    let params: String = parameters.iter().map(|(k, v)| format!("\n  {k}: \"{v}\"")).collect();
-    let params = if params.is_empty() { String::new() } else { format!("parameters:{params}") };
+    let params: String = parameters
+        .iter()
+        .map(|(k, v)| format!("\n  {k}: \"{v}\""))
+        .collect();
+    let params = if params.is_empty() {
+        String::new()
+    } else {
+        format!("parameters:{params}")
+    };
     format!(
         "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: {name}\nprovisioner: {PROVISIONER}\n\
          volumeBindingMode: {binding}\nreclaimPolicy: Retain\n{params}\n"
@@ -33,7 +46,14 @@ fn class_yaml(name: &str, binding: &str, parameters: &[(&str, &str)]) -> String 
 }
 
 /// A claim already placed on `node`, as the scheduler leaves it for a WaitForFirstConsumer class.
-fn claim_yaml(ns: &str, name: &str, class: &str, node: &str, size: &str, extra_spec: &str) -> String {
+fn claim_yaml(
+    ns: &str,
+    name: &str,
+    class: &str,
+    node: &str,
+    size: &str,
+    extra_spec: &str,
+) -> String {
     format!(
         "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations:\n    \
          volume.kubernetes.io/selected-node: {node}\nspec:\n  storageClassName: {class}\n  accessModes: [ReadWriteOnce]\n  \
@@ -43,12 +63,25 @@ fn claim_yaml(ns: &str, name: &str, class: &str, node: &str, size: &str, extra_s
 
 fn dirs_in(root: &Path) -> BTreeSet<String> {
     std::fs::read_dir(root)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 fn pv_node(pv: &PersistentVolume) -> String {
-    pv.spec.as_ref().unwrap().node_affinity.as_ref().unwrap().required.as_ref().unwrap().node_selector_terms[0]
+    pv.spec
+        .as_ref()
+        .unwrap()
+        .node_affinity
+        .as_ref()
+        .unwrap()
+        .required
+        .as_ref()
+        .unwrap()
+        .node_selector_terms[0]
         .match_expressions
         .as_ref()
         .unwrap()[0]
@@ -70,7 +103,11 @@ async fn hostvol_pvs(cluster: &Cluster) -> Vec<PersistentVolume> {
         .unwrap()
         .items
         .into_iter()
-        .filter(|pv| pv.annotations().get("pv.kubernetes.io/provisioned-by").is_some_and(|p| p == PROVISIONER))
+        .filter(|pv| {
+            pv.annotations()
+                .get("pv.kubernetes.io/provisioned-by")
+                .is_some_and(|p| p == PROVISIONER)
+        })
         .collect()
 }
 
@@ -90,39 +127,99 @@ async fn statefulset_walkthrough() {
     apply_shipped_class(&cluster, true);
     cluster.create_namespace("web").await;
     // The example names class hostvol explicitly; drop that line so the default class is what picks hostvol.
-    let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/statefulset.yaml")).unwrap();
-    let example: String = example.lines().filter(|l| !l.contains("storageClassName")).collect::<Vec<_>>().join("\n");
-    cluster.kubectl_ok(&["apply", "-n", "web", "-f", &write_temp(&cluster, "sts.yaml", &example)]);
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/statefulset.yaml"),
+    )
+    .unwrap();
+    let example: String = example
+        .lines()
+        .filter(|l| !l.contains("storageClassName"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    cluster.kubectl_ok(&[
+        "apply",
+        "-n",
+        "web",
+        "-f",
+        &write_temp(&cluster, "sts.yaml", &example),
+    ]);
 
-    let claims: Vec<String> = (0..3).map(|i| format!("nginx-storage-nginx-statefulset-{i}")).collect();
+    let claims: Vec<String> = (0..3)
+        .map(|i| format!("nginx-storage-nginx-statefulset-{i}"))
+        .collect();
     let pods: Api<Pod> = Api::namespaced(cluster.client(), "web");
     let mut placement = BTreeMap::new();
     for (i, claim) in claims.iter().enumerate() {
         let pvc = cluster.wait_pvc_bound("web", claim, T).await;
-        assert_eq!(pvc.spec.as_ref().unwrap().storage_class_name.as_deref(), Some("hostvol"));
-        let pod = cluster.wait_pod_running("web", &format!("nginx-statefulset-{i}"), T).await;
+        assert_eq!(
+            pvc.spec.as_ref().unwrap().storage_class_name.as_deref(),
+            Some("hostvol")
+        );
+        let pod = cluster
+            .wait_pod_running("web", &format!("nginx-statefulset-{i}"), T)
+            .await;
         placement.insert(claim.clone(), pod.spec.unwrap().node_name.unwrap());
     }
     let pvs = hostvol_pvs(&cluster).await;
     assert_eq!(pvs.len(), 3, "one PV per claim");
     for pv in &pvs {
-        let claim = pv.spec.as_ref().unwrap().claim_ref.as_ref().unwrap().name.clone().unwrap();
+        let claim = pv
+            .spec
+            .as_ref()
+            .unwrap()
+            .claim_ref
+            .as_ref()
+            .unwrap()
+            .name
+            .clone()
+            .unwrap();
         let node = &placement[&claim];
-        assert_eq!(&pv_node(pv), node, "PV {} pinned to the pod's node", pv.name_any());
+        assert_eq!(
+            &pv_node(pv),
+            node,
+            "PV {} pinned to the pod's node",
+            pv.name_any()
+        );
         let spec = pv.spec.as_ref().unwrap();
-        assert_eq!(spec.persistent_volume_reclaim_policy.as_deref(), Some("Retain"));
-        assert_eq!(spec.host_path.as_ref().unwrap().type_.as_deref(), Some("Directory"));
+        assert_eq!(
+            spec.persistent_volume_reclaim_policy.as_deref(),
+            Some("Retain")
+        );
+        assert_eq!(
+            spec.host_path.as_ref().unwrap().type_.as_deref(),
+            Some("Directory")
+        );
         let dir = pv_dir_name(pv);
         let (here, there) = if node == "node-a" { (&a, &b) } else { (&b, &a) };
         assert!(here.root.join(&dir).is_dir(), "{dir} on {node}");
-        assert!(!there.root.join(&dir).exists(), "{dir} must exist only on {node}");
+        assert!(
+            !there.root.join(&dir).exists(),
+            "{dir} must exist only on {node}"
+        );
         let events = cluster.pvc_events("web", &claim).await;
-        assert!(events.iter().any(|(_, r, _)| r == "ProvisioningSucceeded"), "{}", fmt_events(&events));
+        assert!(
+            events.iter().any(|(_, r, _)| r == "ProvisioningSucceeded"),
+            "{}",
+            fmt_events(&events)
+        );
     }
 
     // Pod 0 writes a file, dies, and comes back to the same node, claim, volume and data.
     let claim0 = &claims[0];
-    let pv0 = pvs.iter().find(|pv| pv.spec.as_ref().unwrap().claim_ref.as_ref().unwrap().name.as_deref() == Some(claim0)).unwrap();
+    let pv0 = pvs
+        .iter()
+        .find(|pv| {
+            pv.spec
+                .as_ref()
+                .unwrap()
+                .claim_ref
+                .as_ref()
+                .unwrap()
+                .name
+                .as_deref()
+                == Some(claim0)
+        })
+        .unwrap();
     let node0 = placement[claim0].clone();
     let root0 = if node0 == "node-a" { &a.root } else { &b.root };
     let file = root0.join(pv_dir_name(pv0)).join("index.html");
@@ -131,43 +228,114 @@ async fn statefulset_walkthrough() {
     cluster.force_delete_pod("web", "nginx-statefulset-0").await;
     cluster
         .wait_for(
-            || async { pods.get_opt("nginx-statefulset-0").await.ok().flatten().is_some_and(|p| p.uid() != old_uid) },
+            || async {
+                pods.get_opt("nginx-statefulset-0")
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|p| p.uid() != old_uid)
+            },
             T,
             "pod 0 re-created",
         )
         .await;
-    let pod0 = cluster.wait_pod_running("web", "nginx-statefulset-0", T).await;
-    assert_eq!(pod0.spec.as_ref().unwrap().node_name.as_deref(), Some(node0.as_str()), "same node");
-    let volume = pod0.spec.unwrap().volumes.unwrap().into_iter().find(|v| v.name == "nginx-storage").unwrap();
-    assert_eq!(volume.persistent_volume_claim.unwrap().claim_name, *claim0, "same claim");
+    let pod0 = cluster
+        .wait_pod_running("web", "nginx-statefulset-0", T)
+        .await;
+    assert_eq!(
+        pod0.spec.as_ref().unwrap().node_name.as_deref(),
+        Some(node0.as_str()),
+        "same node"
+    );
+    let volume = pod0
+        .spec
+        .unwrap()
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "nginx-storage")
+        .unwrap();
+    assert_eq!(
+        volume.persistent_volume_claim.unwrap().claim_name,
+        *claim0,
+        "same claim"
+    );
     let pvc0 = cluster.wait_pvc_bound("web", claim0, T).await;
-    assert_eq!(pvc0.spec.unwrap().volume_name.as_deref(), Some(pv0.name_any().as_str()), "same volume");
-    assert_eq!(std::fs::read_to_string(&file).unwrap(), "Hello from nginx-statefulset-0\n");
+    assert_eq!(
+        pvc0.spec.unwrap().volume_name.as_deref(),
+        Some(pv0.name_any().as_str()),
+        "same volume"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "Hello from nginx-statefulset-0\n"
+    );
     assert_eq!(hostvol_pvs(&cluster).await.len(), 3, "no new volume");
 
     // Clean up as a user would: StatefulSet, claims, then volumes. Retain keeps every byte on disk.
-    cluster.kubectl_ok(&["delete", "-n", "web", "statefulset", "nginx-statefulset", "--wait=false"]);
+    cluster.kubectl_ok(&[
+        "delete",
+        "-n",
+        "web",
+        "statefulset",
+        "nginx-statefulset",
+        "--wait=false",
+    ]);
     for i in 0..3 {
-        cluster.force_delete_pod("web", &format!("nginx-statefulset-{i}")).await;
+        cluster
+            .force_delete_pod("web", &format!("nginx-statefulset-{i}"))
+            .await;
     }
-    cluster.kubectl_ok(&["delete", "-n", "web", "pvc", "--all", "--wait=true", "--timeout=60s"]);
+    cluster.kubectl_ok(&[
+        "delete",
+        "-n",
+        "web",
+        "pvc",
+        "--all",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
     let pv_api: Api<PersistentVolume> = Api::all(cluster.client());
     for pv in &pvs {
         cluster
             .wait_for(
-                || async { pv_api.get(&pv.name_any()).await.ok().and_then(|p| p.status).and_then(|s| s.phase).as_deref() == Some("Released") },
+                || async {
+                    pv_api
+                        .get(&pv.name_any())
+                        .await
+                        .ok()
+                        .and_then(|p| p.status)
+                        .and_then(|s| s.phase)
+                        .as_deref()
+                        == Some("Released")
+                },
                 T,
                 &format!("PV {} Released", pv.name_any()),
             )
             .await;
-        pv_api.delete(&pv.name_any(), &DeleteParams::default()).await.unwrap();
+        pv_api
+            .delete(&pv.name_any(), &DeleteParams::default())
+            .await
+            .unwrap();
     }
-    cluster.wait_for(|| async { hostvol_pvs(&cluster).await.is_empty() }, T, "PVs deleted").await;
+    cluster
+        .wait_for(
+            || async { hostvol_pvs(&cluster).await.is_empty() },
+            T,
+            "PVs deleted",
+        )
+        .await;
     for pv in &pvs {
         let dir = pv_dir_name(pv);
-        assert!(a.root.join(&dir).is_dir() || b.root.join(&dir).is_dir(), "{dir} kept after Retain");
+        assert!(
+            a.root.join(&dir).is_dir() || b.root.join(&dir).is_dir(),
+            "{dir} kept after Retain"
+        );
     }
-    assert_eq!(std::fs::read_to_string(&file).unwrap(), "Hello from nginx-statefulset-0\n");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "Hello from nginx-statefulset-0\n"
+    );
 }
 
 fn write_temp(cluster: &Cluster, name: &str, text: &str) -> String {
@@ -193,13 +361,24 @@ async fn static_volumes_are_left_alone() {
     let pvc = cluster.wait_pvc_bound("static", "static-claim", T).await;
     assert_eq!(pvc.spec.unwrap().volume_name.as_deref(), Some("static-pv"));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(dirs_in(&a.root).is_empty() && dirs_in(&b.root).is_empty(), "agents created nothing");
+    assert!(
+        dirs_in(&a.root).is_empty() && dirs_in(&b.root).is_empty(),
+        "agents created nothing"
+    );
     assert!(hostvol_pvs(&cluster).await.is_empty());
     let events = cluster.pvc_events("static", "static-claim").await;
-    assert!(!events.iter().any(|(_, r, _)| r.starts_with("Provisioning")), "{}", fmt_events(&events));
+    assert!(
+        !events.iter().any(|(_, r, _)| r.starts_with("Provisioning")),
+        "{}",
+        fmt_events(&events)
+    );
     for agent in [&a, &b] {
         let m = agent.metrics().await;
-        assert_eq!(metric_value(&m, "hostvol_provisions_total", &[]).unwrap_or(0.0), 0.0, "{m}");
+        assert_eq!(
+            metric_value(&m, "hostvol_provisions_total", &[]).unwrap_or(0.0),
+            0.0,
+            "{m}"
+        );
     }
 }
 
@@ -222,11 +401,21 @@ async fn each_node_serves_only_its_own_claims() {
     }
     let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..n {
-        cluster.wait_pvc_bound("spread", &format!("data-{i}"), T).await;
-        let pod = cluster.wait_pod_running("spread", &format!("app-{i}"), T).await;
-        *per_node.entry(pod.spec.unwrap().node_name.unwrap()).or_default() += 1;
+        cluster
+            .wait_pvc_bound("spread", &format!("data-{i}"), T)
+            .await;
+        let pod = cluster
+            .wait_pod_running("spread", &format!("app-{i}"), T)
+            .await;
+        *per_node
+            .entry(pod.spec.unwrap().node_name.unwrap())
+            .or_default() += 1;
     }
-    assert_eq!(per_node.len(), 2, "the scheduler used both nodes: {per_node:?}");
+    assert_eq!(
+        per_node.len(),
+        2,
+        "the scheduler used both nodes: {per_node:?}"
+    );
     for pv in hostvol_pvs(&cluster).await {
         let node = pv_node(&pv);
         let (here, there) = if node == "node-a" { (&a, &b) } else { (&b, &a) };
@@ -235,10 +424,20 @@ async fn each_node_serves_only_its_own_claims() {
     }
     for agent in [&a, &b] {
         let want = per_node[&agent.node];
-        assert_eq!(dirs_in(&agent.root).len(), want, "directories on {}", agent.node);
+        assert_eq!(
+            dirs_in(&agent.root).len(),
+            want,
+            "directories on {}",
+            agent.node
+        );
         let m = agent.metrics().await;
-        let got = metric_value(&m, "hostvol_provisions_total", &[("outcome", "succeeded")]).unwrap_or(0.0);
-        assert_eq!(got as usize, want, "agent {} provisioned only its node's claims:\n{m}", agent.node);
+        let got = metric_value(&m, "hostvol_provisions_total", &[("outcome", "succeeded")])
+            .unwrap_or(0.0);
+        assert_eq!(
+            got as usize, want,
+            "agent {} provisioned only its node's claims:\n{m}",
+            agent.node
+        );
     }
 }
 
@@ -250,21 +449,80 @@ async fn bad_input_is_refused_and_explained() {
     cluster.add_node("node-a").await;
     let agent = cluster.start_agent("node-a", &[]).await;
     apply_shipped_class(&cluster, false);
-    cluster.kubectl_apply_yaml(&class_yaml("hostvol-typo", "WaitForFirstConsumer", &[("nodePath", "/x")]));
-    cluster.kubectl_apply_yaml(&class_yaml("hostvol-badmode", "WaitForFirstConsumer", &[("mode", "rwx")]));
-    cluster.kubectl_apply_yaml(&class_yaml("hostvol-baduid", "WaitForFirstConsumer", &[("uid", "root")]));
+    cluster.kubectl_apply_yaml(&class_yaml(
+        "hostvol-typo",
+        "WaitForFirstConsumer",
+        &[("nodePath", "/x")],
+    ));
+    cluster.kubectl_apply_yaml(&class_yaml(
+        "hostvol-badmode",
+        "WaitForFirstConsumer",
+        &[("mode", "rwx")],
+    ));
+    cluster.kubectl_apply_yaml(&class_yaml(
+        "hostvol-baduid",
+        "WaitForFirstConsumer",
+        &[("uid", "root")],
+    ));
     cluster.create_namespace("bad").await;
     let n = "node-a";
     // (claim, manifest, words the Warning must contain)
     let cases: Vec<(&str, String, &str)> = vec![
-        ("block", claim_yaml("bad", "block", "hostvol", n, "1Gi", "  volumeMode: Block\n"), "volumeMode Block"),
-        ("rwx", claim_yaml("bad", "rwx", "hostvol", n, "1Gi", "").replace("[ReadWriteOnce]", "[ReadWriteMany]"), "ReadWriteMany"),
-        ("clone", claim_yaml("bad", "clone", "hostvol", n, "1Gi", "  dataSource:\n    kind: PersistentVolumeClaim\n    name: valid\n"), "dataSource"),
-        ("selector", claim_yaml("bad", "selector", "hostvol", n, "1Gi", "  selector:\n    matchLabels:\n      a: b\n"), "selector"),
-        ("huge", claim_yaml("bad", "huge", "hostvol", n, "1Ei", ""), "cannot hold"),
-        ("typo", claim_yaml("bad", "typo", "hostvol-typo", n, "1Gi", ""), "valid parameters are mode, uid, gid"),
-        ("badmode", claim_yaml("bad", "badmode", "hostvol-badmode", n, "1Gi", ""), "mode=\"rwx\""),
-        ("baduid", claim_yaml("bad", "baduid", "hostvol-baduid", n, "1Gi", ""), "uid=\"root\""),
+        (
+            "block",
+            claim_yaml("bad", "block", "hostvol", n, "1Gi", "  volumeMode: Block\n"),
+            "volumeMode Block",
+        ),
+        (
+            "rwx",
+            claim_yaml("bad", "rwx", "hostvol", n, "1Gi", "")
+                .replace("[ReadWriteOnce]", "[ReadWriteMany]"),
+            "ReadWriteMany",
+        ),
+        (
+            "clone",
+            claim_yaml(
+                "bad",
+                "clone",
+                "hostvol",
+                n,
+                "1Gi",
+                "  dataSource:\n    kind: PersistentVolumeClaim\n    name: valid\n",
+            ),
+            "dataSource",
+        ),
+        (
+            "selector",
+            claim_yaml(
+                "bad",
+                "selector",
+                "hostvol",
+                n,
+                "1Gi",
+                "  selector:\n    matchLabels:\n      a: b\n",
+            ),
+            "selector",
+        ),
+        (
+            "huge",
+            claim_yaml("bad", "huge", "hostvol", n, "1Ei", ""),
+            "cannot hold",
+        ),
+        (
+            "typo",
+            claim_yaml("bad", "typo", "hostvol-typo", n, "1Gi", ""),
+            "valid parameters are mode, uid, gid",
+        ),
+        (
+            "badmode",
+            claim_yaml("bad", "badmode", "hostvol-badmode", n, "1Gi", ""),
+            "mode=\"rwx\"",
+        ),
+        (
+            "baduid",
+            claim_yaml("bad", "baduid", "hostvol-baduid", n, "1Gi", ""),
+            "uid=\"root\"",
+        ),
     ];
     let mut all = cases.iter().map(|(_, y, _)| y.clone()).collect::<Vec<_>>();
     all.push(claim_yaml("bad", "valid", "hostvol", n, "1Gi", ""));
@@ -272,16 +530,28 @@ async fn bad_input_is_refused_and_explained() {
 
     let valid = cluster.wait_pvc_bound("bad", "valid", T).await;
     for (name, _, words) in &cases {
-        let (kind, reason, message) = cluster.wait_event("bad", name, "ProvisioningFailed", T).await;
+        let (kind, reason, message) = cluster
+            .wait_event("bad", name, "ProvisioningFailed", T)
+            .await;
         assert_eq!(kind, "Warning");
         assert_eq!(reason, "ProvisioningFailed");
-        assert!(message.contains(words), "claim {name}: {message:?} should contain {words:?}");
+        assert!(
+            message.contains(words),
+            "claim {name}: {message:?} should contain {words:?}"
+        );
     }
     // The oversized claim is also handed back to the scheduler.
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client(), "bad");
     cluster
         .wait_for(
-            || async { !claims.get("huge").await.unwrap().annotations().contains_key("volume.kubernetes.io/selected-node") },
+            || async {
+                !claims
+                    .get("huge")
+                    .await
+                    .unwrap()
+                    .annotations()
+                    .contains_key("volume.kubernetes.io/selected-node")
+            },
             T,
             "selected-node removed from the oversized claim",
         )
@@ -289,12 +559,36 @@ async fn bad_input_is_refused_and_explained() {
     let pvs = hostvol_pvs(&cluster).await;
     assert_eq!(pvs.len(), 1, "only the valid claim got a PV");
     assert_eq!(Some(pvs[0].name_any()), valid.spec.unwrap().volume_name);
-    assert_eq!(dirs_in(&agent.root).len(), 1, "only the valid claim got a directory: {:?}", dirs_in(&agent.root));
+    assert_eq!(
+        dirs_in(&agent.root).len(),
+        1,
+        "only the valid claim got a directory: {:?}",
+        dirs_in(&agent.root)
+    );
     for (name, _, _) in &cases {
-        assert!(claims.get(name).await.unwrap().spec.unwrap().volume_name.is_none(), "{name} stays unbound");
+        assert!(
+            claims
+                .get(name)
+                .await
+                .unwrap()
+                .spec
+                .unwrap()
+                .volume_name
+                .is_none(),
+            "{name} stays unbound"
+        );
     }
     let m = agent.metrics().await;
-    assert!(metric_value(&m, "hostvol_provisions_total", &[("outcome", "refused"), ("reason", "block_volume_mode")]).unwrap_or(0.0) >= 1.0, "{m}");
+    assert!(
+        metric_value(
+            &m,
+            "hostvol_provisions_total",
+            &[("outcome", "refused"), ("reason", "block_volume_mode")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{m}"
+    );
 }
 
 /// Scenario 5: SIGKILL mid-way; after a restart every claim has exactly one PV and one directory.
@@ -306,20 +600,44 @@ async fn crash_and_restart_leaves_exactly_one_of_each() {
     apply_shipped_class(&cluster, false);
     cluster.create_namespace("crash").await;
     let n = 40;
-    let manifests: Vec<String> = (0..n).map(|i| claim_yaml("crash", &format!("c{i}"), "hostvol", "node-a", "10Mi", "")).collect();
+    let manifests: Vec<String> = (0..n)
+        .map(|i| claim_yaml("crash", &format!("c{i}"), "hostvol", "node-a", "10Mi", ""))
+        .collect();
     cluster.kubectl_apply_yaml(&manifests.join("---\n"));
     // Kill as soon as the agent is part-way through.
-    cluster.wait_for(|| async { !hostvol_pvs(&cluster).await.is_empty() }, T, "first PV").await;
+    cluster
+        .wait_for(
+            || async { !hostvol_pvs(&cluster).await.is_empty() },
+            T,
+            "first PV",
+        )
+        .await;
     agent.kill();
     let before = hostvol_pvs(&cluster).await.len();
-    eprintln!("[e2e] killed the agent with {before}/{n} PVs and {} directories", dirs_in(&agent.root).len());
+    eprintln!(
+        "[e2e] killed the agent with {before}/{n} PVs and {} directories",
+        dirs_in(&agent.root).len()
+    );
     agent.restart().await;
     for i in 0..n {
         cluster.wait_pvc_bound("crash", &format!("c{i}"), T).await;
     }
     let pvs = hostvol_pvs(&cluster).await;
     assert_eq!(pvs.len(), n, "exactly one PV per claim");
-    let claims: BTreeSet<String> = pvs.iter().map(|pv| pv.spec.as_ref().unwrap().claim_ref.as_ref().unwrap().name.clone().unwrap()).collect();
+    let claims: BTreeSet<String> = pvs
+        .iter()
+        .map(|pv| {
+            pv.spec
+                .as_ref()
+                .unwrap()
+                .claim_ref
+                .as_ref()
+                .unwrap()
+                .name
+                .clone()
+                .unwrap()
+        })
+        .collect();
     assert_eq!(claims.len(), n);
     let dirs = dirs_in(&agent.root);
     assert_eq!(dirs.len(), n, "exactly one directory per claim: {dirs:?}");
@@ -334,9 +652,23 @@ async fn shipped_manifests_are_valid() {
     let cluster = Cluster::start().await;
     let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
     let out = cluster.kubectl_ok(&["apply", "--dry-run=server", "-k", deploy.to_str().unwrap()]);
-    for kind in ["namespace/hostvol-system", "serviceaccount/hostvol", "clusterrole", "daemonset.apps/hostvol", "storageclass.storage.k8s.io/hostvol", "csidriver.storage.k8s.io/hostpath.hostvol.io"] {
+    for kind in [
+        "namespace/hostvol-system",
+        "serviceaccount/hostvol",
+        "clusterrole",
+        "daemonset.apps/hostvol",
+        "storageclass.storage.k8s.io/hostvol",
+        "csidriver.storage.k8s.io/hostpath.hostvol.io",
+    ] {
         assert!(out.contains(kind), "{kind} missing from:\n{out}");
     }
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/statefulset.yaml");
-    cluster.kubectl_ok(&["apply", "--dry-run=server", "-n", "default", "-f", example.to_str().unwrap()]);
+    cluster.kubectl_ok(&[
+        "apply",
+        "--dry-run=server",
+        "-n",
+        "default",
+        "-f",
+        example.to_str().unwrap(),
+    ]);
 }

@@ -225,7 +225,11 @@ async fn handle(
         return Ok(());
     }
     // Like a real kubelet, a hostNetwork pod gets the node's address (all fake nodes are 127.0.0.1).
-    let host_network = pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+    let host_network = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false);
     let ip = if host_network {
         "127.0.0.1".to_string()
     } else {

@@ -1181,7 +1181,8 @@ impl Cluster {
             node = agent.node,
             port = agent.grpc_addr.port()
         ));
-        self.wait_pod_running(AGENT_NAMESPACE, &name, Duration::from_secs(60)).await;
+        self.wait_pod_running(AGENT_NAMESPACE, &name, Duration::from_secs(60))
+            .await;
         name
     }
 
