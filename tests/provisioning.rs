@@ -7,10 +7,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Agent, Cluster, fmt_events, metric_value};
+use common::{Agent, Cluster, dirs_in, fmt_events, hostvol_pvs, metric_value};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{Api, DeleteParams};
 
 const T: Duration = Duration::from_secs(90);
 const PROVISIONER: &str = "hostpath.hostvol.io";
@@ -61,16 +61,6 @@ fn claim_yaml(
     )
 }
 
-fn dirs_in(root: &Path) -> BTreeSet<String> {
-    std::fs::read_dir(root)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn pv_node(pv: &PersistentVolume) -> String {
     pv.spec
         .as_ref()
@@ -94,21 +84,6 @@ fn pv_node(pv: &PersistentVolume) -> String {
 fn pv_dir_name(pv: &PersistentVolume) -> String {
     let path = &pv.spec.as_ref().unwrap().host_path.as_ref().unwrap().path;
     path.rsplit('/').next().unwrap().to_string()
-}
-
-async fn hostvol_pvs(cluster: &Cluster) -> Vec<PersistentVolume> {
-    let pvs: Api<PersistentVolume> = Api::all(cluster.client());
-    pvs.list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|pv| {
-            pv.annotations()
-                .get("pv.kubernetes.io/provisioned-by")
-                .is_some_and(|p| p == PROVISIONER)
-        })
-        .collect()
 }
 
 async fn two_node_cluster() -> (Cluster, Agent, Agent) {

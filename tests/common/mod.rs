@@ -1630,3 +1630,32 @@ pub fn metric_value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Optio
             value.trim().parse().ok()
         })
 }
+
+/// Entry names directly in `root` (an agent's data root), empty if it cannot be read.
+pub fn dirs_in(root: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(root)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every PV hostvol provisioned in the cluster.
+pub async fn hostvol_pvs(cluster: &Cluster) -> Vec<k8s_openapi::api::core::v1::PersistentVolume> {
+    let pvs: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(cluster.client());
+    pvs.list(&ListParams::default())
+        .await
+        .expect("list PVs")
+        .items
+        .into_iter()
+        .filter(|pv| {
+            pv.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("pv.kubernetes.io/provisioned-by"))
+                .is_some_and(|p| p == "hostpath.hostvol.io")
+        })
+        .collect()
+}
