@@ -1,6 +1,6 @@
 //! Benchmark of the gRPC node service (`hostvol.v1.Node`) of a real `hostvol agent` on a real
 //! Kubernetes 1.20 control plane (the e2e harness of tests/common), and of the usage walk
-//! (`hostvol::usage::refresh`). It prints figures; it asserts nothing about timing.
+//! (`hostvol::node::usage::refresh`). It prints figures; it asserts nothing about timing.
 //!
 //! Run: `cargo bench --bench node_service` (needs `scripts/setup-control-plane.sh` first). `cargo
 //! bench` builds the agent with the bench profile (release); the path of the binary run is printed.
@@ -35,10 +35,10 @@ use std::time::{Duration, Instant};
 
 use common::{Agent, Cluster};
 use futures::{StreamExt, TryStreamExt};
-use hostvol::grpc::v1::node_client::NodeClient;
-use hostvol::grpc::v1::{GetCapacityRequest, ListVolumesRequest};
-use hostvol::report::{Address, connect};
-use hostvol::usage::{self, UsageCache};
+use hostvol::cli::report::{Address, connect};
+use hostvol::node::usage::{self, UsageCache};
+use hostvol::service::grpc::v1::node_client::NodeClient;
+use hostvol::service::grpc::v1::{GetCapacityRequest, ListVolumesRequest};
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;

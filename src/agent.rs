@@ -3,22 +3,26 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::cli::AgentArgs;
-use crate::config_map;
-use crate::metrics::Metrics;
-use crate::node_service;
-use crate::provisioner::{self, Settings};
-use crate::roots::{self, Root, RootSet};
-use crate::storage_capacity;
-use crate::usage::UsageCache;
-use crate::volume_store::{self, VolumeStore};
-use crate::{http, shutdown};
+use crate::cli::args::AgentArgs;
+use crate::controller::capacity::NodeFigures;
+use crate::controller::context::{Context, Settings};
+use crate::controller::metrics::Metrics;
+use crate::controller::{
+    capacity, config_map, node_loss, orphan_report, storage_capacity, usage_refresh, watches,
+};
+use crate::domain::params::DEFAULT_ROOT;
+use crate::node::roots::{Root, RootSet};
+use crate::node::usage::UsageCache;
+use crate::node::volume_store::{self, VolumeStore};
+use crate::service::{http, node_service};
+use crate::shutdown;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -36,6 +40,7 @@ pub enum StartupError {
     Invalid(String),
 }
 
+/// Runs the agent until SIGTERM/SIGINT: the controllers first, then every task on one shutdown signal.
 pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
     if args.node_name.trim().is_empty() {
         return Err(StartupError::Invalid(
@@ -45,24 +50,7 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
     // The flags' root must be there even when a ConfigMap configures others: a clear start-up error.
     VolumeStore::open(&args.data_root)?;
     let client = Client::try_default().await?;
-    let fallback_args = args.clone();
-    let source = config_map::Source {
-        namespace: args.pod_namespace.clone(),
-        name: args.config_map.clone(),
-        path_prefix: args.host_path_prefix.clone().unwrap_or_default(),
-        fallback: Arc::new(move || {
-            let a = &fallback_args;
-            let store = VolumeStore::open(&a.data_root).map_err(|e| e.to_string())?;
-            Ok(RootSet::single(Root {
-                name: roots::DEFAULT_ROOT.to_string(),
-                store,
-                host_path: a.host_data_root(),
-                reserved: a.reserved,
-                cap: a.capacity_cap,
-                require_mount_point: a.require_mount_point,
-            }))
-        }),
-    };
+    let source = config_source(&args);
     let roots = match config_map::initial(&client, &args.node_name, &source).await {
         Ok(roots) => roots,
         Err(why) => {
@@ -74,34 +62,8 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
     };
     let shutdown = CancellationToken::new();
     shutdown::cancel_on_signal(shutdown.clone());
+    let (http_listener, grpc_listeners) = bind(&args).await?;
 
-    let metrics = Arc::new(Metrics::default());
-    let ready = Arc::new(AtomicBool::new(false));
-    let http_listener =
-        http::bind(args.http_addr)
-            .await
-            .map_err(|source| StartupError::Listen {
-                what: "HTTP",
-                addr: args.http_addr.to_string(),
-                source,
-            })?;
-
-    let grpc_listeners = node_service::bind(args.grpc_addr, &args.grpc_socket)
-        .await
-        .map_err(|source| StartupError::Listen {
-            what: "gRPC",
-            addr: args.grpc_addr.to_string(),
-            source,
-        })?;
-
-    let reporter = Reporter {
-        controller: args.provisioner.clone(),
-        instance: Some(
-            args.pod_name
-                .clone()
-                .unwrap_or_else(|| format!("hostvol-{}", args.node_name)),
-        ),
-    };
     let settings = Settings {
         node: args.node_name.clone(),
         provisioner: args.provisioner.clone(),
@@ -116,93 +78,162 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
     let capacity_api = storage_capacity::discover(&client)
         .await
         .map(|r| (r, args.pod_namespace.clone()));
-    let client_for_config = client.clone();
-    let (watches, ctx, controller) = provisioner::start(
+    let metrics = Arc::new(Metrics::default());
+    let recorder = Recorder::new(client.clone(), reporter(&args));
+    let (watches, ctx, controllers) = watches::start(
         client.clone(),
         settings,
         capacity_api,
         roots,
-        Recorder::new(client, reporter),
+        recorder,
         metrics.clone(),
         shutdown.clone(),
     );
 
+    let ready = Arc::new(AtomicBool::new(false));
     let http_task = tokio::spawn(http::serve(
         http_listener,
         ready.clone(),
-        metrics.clone(),
+        metrics,
         shutdown.clone(),
     ));
+    let (usage, figures) = spawn_background_tasks(&args, &ctx, client, source, &shutdown);
+    let grpc_task = tokio::spawn(node_service::serve(
+        grpc_listeners,
+        ctx,
+        usage,
+        figures,
+        shutdown.clone(),
+    ));
+    let readiness = tokio::spawn(async move {
+        if watches.wait_until_ready().await {
+            ready.store(true, Ordering::Release);
+            info!("watches synced; ready");
+        } else {
+            warn!("a watch ended before syncing");
+        }
+    });
+
+    controllers.await;
+    info!("controller stopped; in-flight provisioning finished");
+    shutdown.cancel();
+    readiness.abort();
+    report_end("gRPC", grpc_task.await);
+    report_end("HTTP", http_task.await);
+    Ok(())
+}
+
+/// Where the data roots come from: the hostvol ConfigMap, else the flags' single root.
+fn config_source(args: &AgentArgs) -> config_map::Source {
+    let fallback_args = args.clone();
+    config_map::Source {
+        namespace: args.pod_namespace.clone(),
+        name: args.config_map.clone(),
+        path_prefix: args.host_path_prefix.clone().unwrap_or_default(),
+        fallback: Arc::new(move || {
+            let a = &fallback_args;
+            let store = VolumeStore::open(&a.data_root).map_err(|e| e.to_string())?;
+            Ok(RootSet::single(Root {
+                name: DEFAULT_ROOT.to_string(),
+                store,
+                host_path: a.host_data_root(),
+                reserved: a.reserved,
+                cap: a.capacity_cap,
+                require_mount_point: a.require_mount_point,
+            }))
+        }),
+    }
+}
+
+/// Binds the HTTP and gRPC listeners before anything starts, so a taken port is a start-up error.
+async fn bind(
+    args: &AgentArgs,
+) -> Result<(tokio::net::TcpListener, node_service::Listeners), StartupError> {
+    let http = http::bind(args.http_addr)
+        .await
+        .map_err(|source| StartupError::Listen {
+            what: "HTTP",
+            addr: args.http_addr.to_string(),
+            source,
+        })?;
+    let grpc = node_service::bind(args.grpc_addr, &args.grpc_socket)
+        .await
+        .map_err(|source| StartupError::Listen {
+            what: "gRPC",
+            addr: args.grpc_addr.to_string(),
+            source,
+        })?;
+    Ok((http, grpc))
+}
+
+fn reporter(args: &AgentArgs) -> Reporter {
+    Reporter {
+        controller: args.provisioner.clone(),
+        instance: Some(
+            args.pod_name
+                .clone()
+                .unwrap_or_else(|| format!("hostvol-{}", args.node_name)),
+        ),
+    }
+}
+
+/// The agent's tasks beside the controllers; each ends on `shutdown`. Returns what the node service
+/// reads: the usage cache and the node's capacity figures.
+fn spawn_background_tasks(
+    args: &AgentArgs,
+    ctx: &Arc<Context>,
+    client: Client,
+    source: config_map::Source,
+    shutdown: &CancellationToken,
+) -> (UsageCache, tokio::sync::watch::Receiver<NodeFigures>) {
     let usage = UsageCache::default();
-    let (reports_tx, reports) = tokio::sync::watch::channel(Default::default());
-    tokio::spawn(node_service::publish_capacity(
+    let (figures_tx, figures) = tokio::sync::watch::channel(NodeFigures::default());
+    tokio::spawn(capacity::track(
         ctx.clone(),
-        reports_tx,
+        figures_tx,
         args.capacity_change_threshold,
         shutdown.clone(),
     ));
-    tokio::spawn(node_service::refresh_usage(
+    tokio::spawn(usage_refresh::run(
         ctx.clone(),
         usage.clone(),
-        std::time::Duration::from_secs(args.usage_refresh_seconds.max(1)),
+        Duration::from_secs(args.usage_refresh_seconds.max(1)),
         args.usage_concurrency,
         shutdown.clone(),
     ));
     tokio::spawn(config_map::watch(
         ctx.clone(),
-        client_for_config,
+        client,
         source,
         shutdown.clone(),
     ));
-    tokio::spawn(crate::node_loss::run(
+    tokio::spawn(node_loss::run(
         ctx.clone(),
         args.pod_namespace.clone(),
         shutdown.clone(),
     ));
-    tokio::spawn(crate::orphans::run(
+    tokio::spawn(orphan_report::run(
         ctx.clone(),
-        std::time::Duration::from_secs(args.orphan_scan_seconds.max(1)),
+        Duration::from_secs(args.orphan_scan_seconds.max(1)),
         shutdown.clone(),
     ));
     tokio::spawn(storage_capacity::run(
         ctx.clone(),
-        reports.clone(),
+        figures.clone(),
         args.pod_namespace.clone(),
         args.pod_name.clone(),
         shutdown.clone(),
     ));
-    let grpc_task = tokio::spawn(node_service::serve(
-        grpc_listeners,
-        ctx.clone(),
-        usage,
-        reports,
-        shutdown.clone(),
-    ));
-    let readiness = {
-        let ready = ready.clone();
-        tokio::spawn(async move {
-            if watches.wait_until_ready().await {
-                ready.store(true, Ordering::Release);
-                info!("watches synced; ready");
-            } else {
-                warn!("a watch ended before syncing");
-            }
-        })
-    };
+    (usage, figures)
+}
 
-    controller.await;
-    info!("controller stopped; in-flight provisioning finished");
-    shutdown.cancel();
-    readiness.abort();
-    match grpc_task.await {
+fn report_end<E: std::fmt::Display>(
+    what: &str,
+    joined: Result<Result<(), E>, tokio::task::JoinError>,
+) {
+    match joined {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => error!(error = %e, "gRPC server failed"),
-        Err(e) => error!(error = %e, "gRPC task panicked"),
+        Ok(Err(e)) => error!(error = %e, "{what} server failed"),
+        Err(e) => error!(error = %e, "{what} task panicked"),
     }
-    match http_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => error!(error = %e, "HTTP server failed"),
-        Err(e) => error!(error = %e, "HTTP task panicked"),
-    }
-    Ok(())
 }

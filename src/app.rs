@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Command};
+use crate::cli::args::{Cli, Command};
 
 pub async fn run(cli: Cli) -> ExitCode {
     let result: Result<bool, String> = match cli.command {
@@ -15,19 +15,19 @@ pub async fn run(cli: Cli) -> ExitCode {
         }
         Command::Capacity(args) => {
             crate::telemetry::init_cli();
-            crate::report::capacity(&args).await
+            crate::cli::report::capacity(&args).await
         }
         Command::Volumes(args) => {
             crate::telemetry::init_cli();
-            crate::report::volumes(&args).await
+            crate::cli::report::volumes(&args).await
         }
         Command::Purge(args) => {
             crate::telemetry::init_cli();
-            crate::purge::run(&args).await
+            crate::cli::purge::run(&args).await
         }
         Command::Doctor(args) => {
             crate::telemetry::init_cli();
-            crate::report::doctor(&args).await
+            crate::cli::report::doctor(&args).await
         }
     };
     match result {

@@ -1,36 +1,28 @@
 //! hostvol: node-local hostPath volumes for Kubernetes, provisioned by a per-node agent.
 //!
-//! The domain (names, parameters, admission, capacity arithmetic) is plain functions; the Kubernetes
-//! glue (`provisioner`) and the disk work (`volume_store`) sit around it.
+//! The source tree is the architecture; each layer may use only the layers listed before it:
+//!
+//! 1. [`domain`]: pure decisions and values (admission, naming, class parameters, capacity
+//!    arithmetic, placement, quantities). No I/O, no Kubernetes client.
+//! 2. [`node`]: everything that touches the node's filesystems (data roots, volume directories,
+//!    removal and archiving, usage walks, orphan scans).
+//! 3. [`controller`]: the agent's Kubernetes side (shared context, watches, provisioning, reclaim,
+//!    CSIStorageCapacity, node-loss cleanup, the ConfigMap, PV objects, metrics).
+//! 4. [`service`] and [`cli`]: what the agent serves (gRPC node service, HTTP probes and metrics)
+//!    and the commands for people.
+//! 5. The wiring at the top: [`app`] dispatches commands, [`agent`] starts the agent's tasks,
+//!    [`telemetry`] and [`shutdown`] are process concerns.
 
-pub mod admission;
+pub mod cli;
+pub mod controller;
+pub mod domain;
+pub mod node;
+pub mod service;
+
 pub mod agent;
 pub mod app;
-pub mod capacity;
-pub mod cli;
-pub mod config_map;
-pub mod grpc;
-pub mod http;
-pub mod metrics;
-pub mod naming;
-pub mod node_loss;
-pub mod node_service;
-pub mod orphans;
-pub mod params;
-pub mod placement;
-pub mod provisioner;
-pub mod purge;
-pub mod pv;
-pub mod quantity;
-pub mod reclaim;
-pub mod removal;
-pub mod report;
-pub mod roots;
 pub mod shutdown;
-pub mod storage_capacity;
 pub mod telemetry;
-pub mod usage;
-pub mod volume_store;
 
 /// The provisioner name: a valid CSIDriver name too (no `/`), which capacity-aware scheduling needs.
 pub const DEFAULT_PROVISIONER: &str = "hostpath.hostvol.io";

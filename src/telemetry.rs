@@ -2,7 +2,7 @@
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-use crate::cli::LogFormat;
+use crate::cli::args::LogFormat;
 
 pub fn init(format: LogFormat) {
     init_with_default(format, "info");

@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use common::{Agent, Cluster, fmt_events};
 use futures::StreamExt;
-use hostvol::grpc::v1::{
+use hostvol::cli::report::{Address, connect};
+use hostvol::service::grpc::v1::{
     GetCapacityRequest, GetVolumeRequest, ListVolumesRequest, WatchCapacityRequest,
 };
-use hostvol::report::{Address, connect};
 use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams};

@@ -769,14 +769,14 @@ async fn data_roots_from_the_config_map() {
     );
 
     // Capacity is reported per root.
-    let mut client = hostvol::report::connect(
-        &hostvol::report::Address::Tcp(agent.grpc_addr.to_string()),
+    let mut client = hostvol::cli::report::connect(
+        &hostvol::cli::report::Address::Tcp(agent.grpc_addr.to_string()),
         Duration::from_secs(5),
     )
     .await
     .unwrap();
     let report = client
-        .get_capacity(hostvol::grpc::v1::GetCapacityRequest {})
+        .get_capacity(hostvol::service::grpc::v1::GetCapacityRequest {})
         .await
         .unwrap()
         .into_inner();
@@ -804,7 +804,7 @@ async fn data_roots_from_the_config_map() {
         )
         .await;
     let report = client
-        .get_capacity(hostvol::grpc::v1::GetCapacityRequest {})
+        .get_capacity(hostvol::service::grpc::v1::GetCapacityRequest {})
         .await
         .unwrap()
         .into_inner();
@@ -817,7 +817,7 @@ async fn data_roots_from_the_config_map() {
             || async {
                 client
                     .clone()
-                    .get_capacity(hostvol::grpc::v1::GetCapacityRequest {})
+                    .get_capacity(hostvol::service::grpc::v1::GetCapacityRequest {})
                     .await
                     .map(|r| r.into_inner().roots.len() == 1)
                     .unwrap_or(false)

@@ -16,9 +16,9 @@ use kube::{Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::params::ClassParameters;
-use crate::provisioner::Context;
-use crate::pv;
+use crate::controller::context::Context;
+use crate::controller::pv;
+use crate::domain::params::ClassParameters;
 
 pub const LEASE_NAME: &str = "hostvol-node-loss";
 const LEASE_SECONDS: i32 = 30;
@@ -224,13 +224,13 @@ async fn sweep(
         if pv
             .finalizers()
             .iter()
-            .any(|f| f == crate::reclaim::FINALIZER)
+            .any(|f| f == crate::controller::reclaim::FINALIZER)
         {
             // Nobody is left to clean the directory on a node that no longer exists.
             let remaining: Vec<&String> = pv
                 .finalizers()
                 .iter()
-                .filter(|f| *f != crate::reclaim::FINALIZER)
+                .filter(|f| *f != crate::controller::reclaim::FINALIZER)
                 .collect();
             let patch = serde_json::json!({"metadata": {"finalizers": remaining}});
             volumes_api

@@ -9,12 +9,12 @@ use kube::{Client, ResourceExt};
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::cli::{OutputFormat, ReportArgs, VolumesArgs};
-use crate::grpc::v1::node_client::NodeClient;
-use crate::grpc::v1::{
+use crate::cli::args::{OutputFormat, ReportArgs, VolumesArgs};
+use crate::domain::quantity::format_bytes;
+use crate::service::grpc::v1::node_client::NodeClient;
+use crate::service::grpc::v1::{
     CapacityReport, GetCapacityRequest, ListOrphansRequest, ListVolumesRequest, Volume,
 };
-use crate::quantity::format_bytes;
 
 /// Label selector of the agent pods shipped in deploy/daemonset.yaml.
 pub const AGENT_SELECTOR: &str = "app.kubernetes.io/name=hostvol,app.kubernetes.io/component=agent";

@@ -106,7 +106,7 @@ pub fn format_bytes(bytes: u64) -> String {
     for (unit, size) in UNITS {
         if bytes >= size {
             let tenths = (bytes as u128 * 10).div_ceil(size as u128);
-            return if tenths % 10 == 0 {
+            return if tenths.is_multiple_of(10) {
                 format!("{}{unit}", tenths / 10)
             } else {
                 format!("{}.{}{unit}", tenths / 10, tenths % 10)
@@ -126,7 +126,7 @@ pub fn to_quantity(bytes: u64) -> String {
         ("Mi", 1 << 20),
         ("Ki", 1 << 10),
     ] {
-        if bytes >= size && bytes % size == 0 {
+        if bytes >= size && bytes.is_multiple_of(size) {
             return format!("{}{unit}", bytes / size);
         }
     }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::quantity;
+use crate::domain::quantity;
 
 pub const ANN_SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
 pub const ANN_STORAGE_PROVISIONER: &str = "volume.kubernetes.io/storage-provisioner";

@@ -11,9 +11,9 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::provisioner::{Context, Error, Result};
-use crate::pv;
-use crate::removal;
+use crate::controller::context::{Context, Error, Result};
+use crate::controller::pv;
+use crate::node::removal;
 
 /// On PVs of Delete classes: `kubectl delete pv` then waits for the directory to be cleaned up.
 pub const FINALIZER: &str = "hostvol.io/cleanup";
@@ -69,7 +69,7 @@ pub fn disposal(pv: &PersistentVolume) -> Disposal {
 /// The volume's directory name, only if it is the one this PV's name says it must be (an edited
 /// annotation can never point the agent at another volume's data).
 pub fn own_directory(pv: &PersistentVolume) -> Option<String> {
-    let name = crate::node_service::volume_directory(pv)?;
+    let name = pv::directory_name(pv)?;
     name.starts_with(&format!("{}_", pv.name_any()))
         .then_some(name)
 }
@@ -89,7 +89,7 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
                     pv::ANN_DIRECTORY, pv.name_any()));
                 return Ok(Action::requeue(Duration::from_secs(300)));
             };
-            let root_name = crate::provisioner::pv_root(&pv).to_string();
+            let root_name = pv::data_root(&pv).to_string();
             let Some(data_root) = ctx.roots().get(&root_name) else {
                 ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(
                     "node {} no longer has data root {root_name:?} (hostvol-config); the directory is kept; \

@@ -10,8 +10,8 @@ use nix::fcntl::{OFlag, openat};
 use nix::sys::stat::{Mode, SFlag, fchmod, fstat, fstatat, mkdirat};
 use nix::unistd::{Gid, Uid, fchown, fsync};
 
-use crate::naming::{self, NameError};
-use crate::params::ClassParameters;
+use crate::domain::naming::{self, NameError};
+use crate::domain::params::ClassParameters;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -177,7 +177,7 @@ impl VolumeStore {
     /// Name of the filesystem type holding the root ("ext4", "xfs", ...).
     pub fn filesystem_type(&self) -> String {
         match nix::sys::statfs::fstatfs(self.root.as_fd()) {
-            Ok(st) => filesystem_type_name(st.filesystem_type().0 as i64),
+            Ok(st) => filesystem_type_name(st.filesystem_type().0),
             Err(_) => "unknown".into(),
         }
     }

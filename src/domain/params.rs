@@ -20,6 +20,8 @@ pub const DEFAULT_NODE_LOSS_GRACE: std::time::Duration = std::time::Duration::fr
 /// kubelet, so without 0777 a pod running as non-root could not write to its own volume. Classes that
 /// know their pods' uid should set `uid`/`gid` and a tighter `mode` such as `0770`.
 pub const DEFAULT_MODE: u32 = 0o777;
+/// The data root a class uses when it names none (and of PVs made before named roots).
+pub const DEFAULT_ROOT: &str = "default";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClassParameters {
@@ -45,7 +47,7 @@ impl Default for ClassParameters {
             archive_on_delete: false,
             node_loss_cleanup: false,
             node_loss_grace: DEFAULT_NODE_LOSS_GRACE,
-            data_root: crate::roots::DEFAULT_ROOT.to_string(),
+            data_root: DEFAULT_ROOT.to_string(),
         }
     }
 }

@@ -9,7 +9,7 @@ use axum::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::controller::metrics::Metrics;
 
 #[derive(Clone)]
 struct HttpState {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::quantity;
+use crate::domain::quantity;
 
 #[derive(Debug, Parser)]
 #[command(

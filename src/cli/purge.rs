@@ -8,15 +8,15 @@ use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 
-use crate::cli::PurgeArgs;
-use crate::reclaim::ANN_PURGE;
+use crate::cli::args::PurgeArgs;
+use crate::controller::reclaim::ANN_PURGE;
 
 /// Why a PV may not be purged, or None if it may.
 pub fn refusal(pv: &PersistentVolume, provisioner: &str) -> Option<String> {
     let name = pv.name_any();
     if pv
         .annotations()
-        .get(crate::pv::ANN_PROVISIONED_BY)
+        .get(crate::controller::pv::ANN_PROVISIONED_BY)
         .map(String::as_str)
         != Some(provisioner)
     {
@@ -58,12 +58,12 @@ fn describe(pv: &PersistentVolume) -> String {
         .unwrap_or_default();
     let node = pv
         .annotations()
-        .get(crate::pv::ANN_NODE)
+        .get(crate::controller::pv::ANN_NODE)
         .cloned()
         .unwrap_or_default();
     let dir = pv
         .annotations()
-        .get(crate::pv::ANN_DIRECTORY)
+        .get(crate::controller::pv::ANN_DIRECTORY)
         .cloned()
         .unwrap_or_default();
     let phase = pv

@@ -1,22 +1,15 @@
-//! Directories with no PV (orphans) and PVs whose directory is gone (lost): found, reported, never deleted.
+//! Directories with no PV (orphans) and PVs whose directory is gone (lost): found here, reported by the
+//! controller's orphan report, never deleted.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::PersistentVolume;
-use kube::runtime::events::EventType;
-use kube::{Resource, ResourceExt};
+use crate::node::removal::ARCHIVE_PREFIX;
+use crate::node::roots::Root;
 use nix::dir::Dir;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{Mode, SFlag, fstatat};
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
-
-use crate::provisioner::Context;
-use crate::removal::ARCHIVE_PREFIX;
-use crate::roots::Root;
 
 /// A new directory has no PV for the few milliseconds before its PV is created; ignore young ones.
 pub const GRACE: Duration = Duration::from_secs(120);
@@ -100,90 +93,6 @@ pub fn read_root(root: &Root) -> std::io::Result<Vec<Entry>> {
             })
         })
         .collect())
-}
-
-pub fn expected_directories(volumes: &[Arc<PersistentVolume>]) -> HashMap<String, String> {
-    volumes
-        .iter()
-        .filter_map(|pv| Some((pv.name_any(), crate::reclaim::own_directory(pv)?)))
-        .collect()
-}
-
-/// Findings per data root. Volumes of roots this node no longer has are left out: they cannot be
-/// checked, and dropping a root from the configuration must not make its volumes look lost.
-pub fn scan(ctx: &Context) -> std::io::Result<Vec<(Arc<Root>, Findings)>> {
-    let volumes = ctx.volumes.state();
-    let mut out = Vec::new();
-    for root in ctx.roots().all() {
-        let entries = read_root(root)?;
-        let here: Vec<Arc<PersistentVolume>> = volumes
-            .iter()
-            .filter(|pv| crate::provisioner::pv_root(pv) == root.name)
-            .cloned()
-            .collect();
-        out.push((
-            root.clone(),
-            classify(&entries, &expected_directories(&here), SystemTime::now()),
-        ));
-    }
-    Ok(out)
-}
-
-/// At start-up and every `every`: update the metrics and warn once on each lost PV.
-pub async fn run(ctx: Arc<Context>, every: Duration, shutdown: CancellationToken) {
-    let mut warned: HashSet<String> = HashSet::new();
-    if !crate::provisioner::store_ready(&ctx.volumes).await {
-        return;
-    }
-    loop {
-        match scan(&ctx) {
-            Ok(per_root) => {
-                let findings = Findings {
-                    orphans: per_root
-                        .iter()
-                        .flat_map(|(_, f)| f.orphans.clone())
-                        .collect(),
-                    lost: per_root.iter().flat_map(|(_, f)| f.lost.clone()).collect(),
-                };
-                ctx.metrics
-                    .orphan_directories
-                    .set(findings.orphans.len() as i64);
-                ctx.metrics.lost_volumes.set(findings.lost.len() as i64);
-                debug!(
-                    orphans = findings.orphans.len(),
-                    lost = findings.lost.len(),
-                    "orphan scan"
-                );
-                for name in &findings.lost {
-                    if !warned.insert(name.clone()) {
-                        continue;
-                    }
-                    let Some(pv) = ctx
-                        .volumes
-                        .get(&kube::runtime::reflector::ObjectRef::new(name))
-                    else {
-                        continue;
-                    };
-                    let path = pv
-                        .annotations()
-                        .get(crate::pv::ANN_DIRECTORY)
-                        .cloned()
-                        .unwrap_or_default();
-                    warn!(pv = %name, %path, "volume directory is missing");
-                    ctx.publish(&pv.object_ref(&()), EventType::Warning, "VolumeDirectoryMissing", "Check", format!(
-                        "directory {path} of this volume is missing on node {}; pods using it will fail to start \\
-                         (hostPath type Directory); restore it from a backup or delete the claim and the PV",
-                        ctx.settings.node));
-                }
-                warned.retain(|n| findings.lost.contains(n));
-            }
-            Err(error) => warn!(%error, "cannot scan the data root for orphans"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-    }
 }
 
 #[cfg(test)]

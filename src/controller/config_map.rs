@@ -12,8 +12,8 @@ use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::provisioner::Context;
-use crate::roots::{self, RootSet};
+use crate::controller::context::Context;
+use crate::node::roots::{self, RootSet};
 
 /// Where the configuration lives and how to build the roots when it says nothing for this node.
 #[derive(Clone)]

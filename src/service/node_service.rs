@@ -1,7 +1,6 @@
 //! The gRPC node service (`hostvol.v1.Node`), with the standard health service and reflection,
 //! served on TCP and on a Unix socket.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,21 +13,20 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use crate::capacity::{self, Snapshot};
-use crate::grpc::v1::node_server::{Node, NodeServer};
-use crate::grpc::v1::{
+use crate::controller::capacity::{self, NodeFigures, RootFigures};
+use crate::controller::context::Context;
+use crate::controller::{orphan_report, pv};
+use crate::domain::quantity;
+use crate::node::orphans;
+use crate::node::usage::UsageCache;
+use crate::service::grpc::v1::node_server::{Node, NodeServer};
+use crate::service::grpc::v1::{
     CapacityReport, GetCapacityRequest, GetVolumeRequest, ListOrphansRequest, ListOrphansResponse,
     ListVolumesRequest, ListVolumesResponse, LostVolume, Orphan, RootCapacity, Volume,
     WatchCapacityRequest,
 };
-use crate::naming;
-use crate::provisioner::Context;
-use crate::pv;
-use crate::quantity;
-use crate::roots::Root;
-use crate::usage::{self, UsageCache};
 
 const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -40,40 +38,30 @@ fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     }
 }
 
-/// Figures of one data root, from the watch caches and one statvfs call (cheap, no disk walk).
-fn root_capacity(ctx: &Context, root: &Root) -> RootCapacity {
-    let fs = root.store.filesystem_stats().unwrap_or_default();
-    let allocated = ctx.allocated_bytes(&root.name);
+fn root_capacity(r: &RootFigures) -> RootCapacity {
     RootCapacity {
-        name: root.name.clone(),
-        data_root: root.host_path.clone(),
-        filesystem_type: root.store.filesystem_type(),
-        total_bytes: fs.total_bytes,
-        available_bytes: fs.available_bytes,
-        used_bytes: fs.used_bytes,
-        total_inodes: fs.total_inodes,
-        free_inodes: fs.free_inodes,
-        allocated_bytes: allocated,
-        reserved_bytes: root.reserved,
-        cap_bytes: root.cap,
-        allocatable_bytes: root.allocatable(&ctx.settings.node, allocated),
-        volume_count: ctx.volumes_in(&root.name) as u32,
-        problem: root.problem(&ctx.settings.node).unwrap_or_default(),
+        name: r.name.clone(),
+        data_root: r.data_root.clone(),
+        filesystem_type: r.filesystem_type.clone(),
+        total_bytes: r.total_bytes,
+        available_bytes: r.available_bytes,
+        used_bytes: r.used_bytes,
+        total_inodes: r.total_inodes,
+        free_inodes: r.free_inodes,
+        allocated_bytes: r.allocated_bytes,
+        reserved_bytes: r.reserved_bytes,
+        cap_bytes: r.cap_bytes,
+        allocatable_bytes: r.allocatable_bytes,
+        volume_count: r.volume_count,
+        problem: r.problem.clone(),
     }
 }
 
 /// The node's report: its primary root's figures at the top, and every root in `roots`.
-pub fn capacity_report(ctx: &Context) -> Result<CapacityReport, Status> {
-    let roots = ctx.roots();
-    let all: Vec<RootCapacity> = roots.all().map(|r| root_capacity(ctx, r)).collect();
-    let primary_name = roots.primary().map(|r| r.name.clone()).unwrap_or_default();
-    let primary = all
-        .iter()
-        .find(|r| r.name == primary_name)
-        .cloned()
-        .unwrap_or_default();
-    Ok(CapacityReport {
-        node: ctx.settings.node.clone(),
+fn capacity_report(figures: &NodeFigures) -> CapacityReport {
+    let primary = &figures.primary;
+    CapacityReport {
+        node: figures.node.clone(),
         data_root: primary.data_root.clone(),
         filesystem_type: primary.filesystem_type.clone(),
         total_bytes: primary.total_bytes,
@@ -87,36 +75,20 @@ pub fn capacity_report(ctx: &Context) -> Result<CapacityReport, Status> {
         cap_bytes: primary.cap_bytes,
         allocatable_bytes: primary.allocatable_bytes,
         volume_count: primary.volume_count,
-        observed_at: Some(timestamp(SystemTime::now())),
-        roots: all,
-    })
+        observed_at: figures.observed_at.map(timestamp),
+        roots: figures.roots.iter().map(root_capacity).collect(),
+    }
 }
 
-fn snapshot(report: &CapacityReport) -> Vec<Snapshot> {
-    report
-        .roots
-        .iter()
-        .map(|r| Snapshot {
-            volume_count: r.volume_count,
-            allocated: r.allocated_bytes,
-            allocatable: r.allocatable_bytes,
-            available: r.available_bytes,
-        })
-        .collect()
-}
-
-/// The directory name (last path component) of one of our PVs.
-pub fn volume_directory(pv: &PersistentVolume) -> Option<String> {
-    let path = pv.annotations().get(pv::ANN_DIRECTORY)?;
-    let name = path.rsplit('/').next()?;
-    naming::validate_directory_name(name).ok()?;
-    Some(name.to_string())
+/// The report from live figures.
+fn current_report(ctx: &Context) -> CapacityReport {
+    capacity_report(&capacity::node_figures(ctx))
 }
 
 fn describe_volume(pv: &PersistentVolume, usage: &UsageCache) -> Volume {
     let spec = pv.spec.clone().unwrap_or_default();
     let claim = spec.claim_ref.unwrap_or_default();
-    let measured = volume_directory(pv).and_then(|d| usage.get(&d));
+    let measured = pv::directory_name(pv).and_then(|d| usage.get(&d));
     Volume {
         pv_name: pv.name_any(),
         claim_namespace: claim.namespace.unwrap_or_default(),
@@ -157,7 +129,7 @@ fn describe_volume(pv: &PersistentVolume, usage: &UsageCache) -> Volume {
 pub struct NodeService {
     ctx: Arc<Context>,
     usage: UsageCache,
-    reports: watch::Receiver<CapacityReport>,
+    reports: watch::Receiver<NodeFigures>,
 }
 
 type ReportStream = Pin<Box<dyn Stream<Item = Result<CapacityReport, Status>> + Send>>;
@@ -168,7 +140,7 @@ impl Node for NodeService {
         &self,
         _: Request<GetCapacityRequest>,
     ) -> Result<Response<CapacityReport>, Status> {
-        capacity_report(&self.ctx).map(Response::new)
+        Ok(Response::new(current_report(&self.ctx)))
     }
 
     async fn list_volumes(
@@ -219,13 +191,13 @@ impl Node for NodeService {
     ) -> Result<Response<ListOrphansResponse>, Status> {
         let mut orphans = Vec::new();
         let mut lost = Vec::new();
-        for (root, findings) in crate::orphans::scan(&self.ctx)
+        for (root, findings) in orphan_report::scan(&self.ctx)
             .map_err(|e| Status::unavailable(format!("cannot read a data root: {e}")))?
         {
             orphans.extend(findings.orphans.iter().map(|e| Orphan {
                 name: e.name.clone(),
                 path: pv::host_path(&root.host_path, &e.name),
-                archived: crate::orphans::is_archived(&e.name),
+                archived: orphans::is_archived(&e.name),
                 modified_at: Some(timestamp(e.modified)),
                 root: root.name.clone(),
             }));
@@ -272,8 +244,8 @@ impl Node for NodeService {
         let mut reports = self.reports.clone();
         let ctx = self.ctx.clone();
         let stream = async_stream(move |tx| async move {
-            let first =
-                capacity_report(&ctx).unwrap_or_else(|_| reports.borrow_and_update().clone());
+            reports.borrow_and_update();
+            let first = current_report(&ctx);
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
@@ -282,10 +254,10 @@ impl Node for NodeService {
             loop {
                 let next = tokio::select! {
                     changed = reports.changed() => match changed {
-                        Ok(()) => reports.borrow_and_update().clone(),
+                        Ok(()) => capacity_report(&reports.borrow_and_update()),
                         Err(_) => return, // agent shutting down
                     },
-                    _ = heartbeat.tick() => capacity_report(&ctx).unwrap_or_else(|_| reports.borrow().clone()),
+                    _ = heartbeat.tick() => current_report(&ctx),
                 };
                 heartbeat.reset();
                 if tx.send(Ok(next)).await.is_err() {
@@ -306,87 +278,6 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(producer(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
-}
-
-/// Keeps the latest material capacity report in `tx`, recomputing on volume changes and every second.
-pub async fn publish_capacity(
-    ctx: Arc<Context>,
-    tx: watch::Sender<CapacityReport>,
-    threshold: u64,
-    shutdown: CancellationToken,
-) {
-    let mut last: Option<Vec<Snapshot>> = None;
-    loop {
-        if let Ok(report) = capacity_report(&ctx) {
-            let now = snapshot(&report);
-            ctx.metrics
-                .allocatable_bytes
-                .set(report.allocatable_bytes as i64);
-            let changed = last.as_ref().is_none_or(|prev| {
-                prev.len() != now.len()
-                    || prev
-                        .iter()
-                        .zip(&now)
-                        .any(|(a, b)| capacity::materially_changed(a, b, threshold))
-            });
-            if changed {
-                debug!(
-                    allocatable = report.allocatable_bytes,
-                    volumes = report.volume_count,
-                    "capacity changed"
-                );
-                last = Some(now);
-                tx.send_replace(report);
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ctx.volumes_changed.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
-}
-
-/// Measures every volume's usage every `every`, and new volumes as soon as they appear, off the
-/// request path.
-pub async fn refresh_usage(
-    ctx: Arc<Context>,
-    cache: UsageCache,
-    every: Duration,
-    concurrency: usize,
-    shutdown: CancellationToken,
-) {
-    let mut next_full = tokio::time::Instant::now();
-    loop {
-        let volumes = ctx.volumes.state();
-        let keep: HashSet<String> = volumes
-            .iter()
-            .filter_map(|pv| volume_directory(pv))
-            .collect();
-        let full = tokio::time::Instant::now() >= next_full;
-        if full {
-            next_full = tokio::time::Instant::now() + every;
-        }
-        for root in ctx.roots().all() {
-            let todo: Vec<String> = volumes
-                .iter()
-                .filter(|pv| crate::provisioner::pv_root(pv) == root.name)
-                .filter_map(|pv| volume_directory(pv))
-                .filter(|d| full || cache.get(d).is_none())
-                .collect();
-            if !todo.is_empty() {
-                let (measured, took) =
-                    usage::refresh(root.store.root_handle(), todo, &cache, concurrency).await;
-                debug!(root = %root.name, measured, full, millis = took.as_millis() as u64, "usage refreshed");
-            }
-        }
-        cache.retain(&keep);
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(next_full) => {}
-            _ = ctx.volumes_changed.notified() => {}
-        }
-    }
 }
 
 pub struct Listeners {
@@ -432,18 +323,18 @@ pub async fn serve(
     listeners: Listeners,
     ctx: Arc<Context>,
     usage: UsageCache,
-    reports: watch::Receiver<CapacityReport>,
+    reports: watch::Receiver<NodeFigures>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<NodeServer<NodeService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::grpc::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(crate::service::grpc::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the embedded descriptors are valid");
     let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::grpc::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(crate::service::grpc::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("the embedded descriptors are valid");

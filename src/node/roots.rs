@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::capacity::{self, CapacityInputs};
-use crate::quantity;
-use crate::volume_store::VolumeStore;
+use crate::domain::capacity::{self, CapacityInputs};
+use crate::domain::quantity;
+use crate::node::volume_store::VolumeStore;
 
-pub const DEFAULT_ROOT: &str = "default";
+use crate::domain::params::DEFAULT_ROOT;
 /// Key of the ConfigMap holding the configuration.
 pub const CONFIG_KEY: &str = "config.yaml";
 /// Entry of `nodes:` that applies to every node without its own entry.

@@ -17,10 +17,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::grpc::v1::CapacityReport;
-use crate::naming;
-use crate::provisioner::Context;
-use crate::pv;
+use crate::controller::capacity::NodeFigures;
+use crate::controller::context::Context;
+use crate::controller::pv;
+use crate::domain::naming;
 
 pub const LABEL_STORAGE_CLASS: &str = "hostvol.io/storage-class";
 const FIELD_MANAGER: &str = "hostvol-agent";
@@ -112,13 +112,13 @@ async fn owner(client: &Client, namespace: &str, pod_name: Option<&str>) -> Opti
 /// Keeps the objects in step with the capacity reports until `shutdown`.
 pub async fn run(
     ctx: Arc<Context>,
-    mut reports: watch::Receiver<CapacityReport>,
+    mut reports: watch::Receiver<NodeFigures>,
     namespace: String,
     pod_name: Option<String>,
     shutdown: CancellationToken,
 ) {
     let client = ctx.client.clone();
-    if !crate::provisioner::store_ready(&ctx.classes).await {
+    if !crate::controller::watches::store_ready(&ctx.classes).await {
         return;
     }
     let Some(resource) = discover(&client).await else {
@@ -149,11 +149,11 @@ pub async fn run(
             .iter()
             .filter(|c| c.provisioner == ctx.settings.provisioner)
             .map(|c| {
-                let root = crate::params::ClassParameters::parse(
+                let root = crate::domain::params::ClassParameters::parse(
                     &c.parameters.clone().unwrap_or_default(),
                 )
                 .map(|p| p.data_root)
-                .unwrap_or_else(|_| crate::roots::DEFAULT_ROOT.to_string());
+                .unwrap_or_else(|_| crate::domain::params::DEFAULT_ROOT.to_string());
                 (c.name_any(), ctx.allocatable_bytes(&root))
             })
             .collect();
@@ -215,7 +215,7 @@ pub async fn run(
                     o.data
                         .get("capacity")
                         .and_then(|c| c.as_str())
-                        .and_then(|c| crate::quantity::parse_bytes(c).ok())
+                        .and_then(|c| crate::domain::quantity::parse_bytes(c).ok())
                         == intact_values.get(&o.name_any()).copied()
                 })
                 .map(|o| o.name_any())

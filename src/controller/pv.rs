@@ -7,9 +7,10 @@ use k8s_openapi::api::core::v1::{
     PersistentVolume, PersistentVolumeSpec, VolumeNodeAffinity,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::ResourceExt;
 use kube::api::ObjectMeta;
 
-use crate::naming;
+use crate::domain::{naming, params, quantity};
 
 pub const ANN_PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
 pub const ANN_NODE: &str = "hostvol.io/node";
@@ -101,6 +102,31 @@ pub fn build(volume: &VolumeDescription) -> PersistentVolume {
 /// The node directory path for a volume: `<host root>/<directory name>`.
 pub fn host_path(host_root: &str, directory: &str) -> String {
     format!("{}/{}", host_root.trim_end_matches('/'), directory)
+}
+
+/// The data root a PV's directory is in (PVs from before named roots are in `default`).
+pub fn data_root(pv: &PersistentVolume) -> &str {
+    pv.annotations()
+        .get(ANN_DATA_ROOT)
+        .map_or(params::DEFAULT_ROOT, String::as_str)
+}
+
+/// The PV's size in bytes (0 when missing or unreadable).
+pub fn capacity_bytes(pv: &PersistentVolume) -> u64 {
+    pv.spec
+        .as_ref()
+        .and_then(|s| s.capacity.as_ref())
+        .and_then(|c| c.get("storage"))
+        .and_then(|q| quantity::parse_bytes(&q.0).ok())
+        .unwrap_or(0)
+}
+
+/// The directory name (last path component) of one of our PVs, if it is a safe name.
+pub fn directory_name(pv: &PersistentVolume) -> Option<String> {
+    let path = pv.annotations().get(ANN_DIRECTORY)?;
+    let name = path.rsplit('/').next()?;
+    naming::validate_directory_name(name).ok()?;
+    Some(name.to_string())
 }
 
 #[cfg(test)]

@@ -1,0 +1,213 @@
+//! The state every reconcile and task of the agent shares: the client, the settings, the watch caches,
+//! the data roots in force, and the bookkeeping that keeps concurrent claims from overcommitting.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::DynamicObject;
+use kube::core::PartialObjectMeta;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, ResourceExt};
+
+use crate::controller::metrics::Metrics;
+use crate::controller::pv;
+use crate::domain::admission;
+use crate::domain::naming::NameError;
+use crate::domain::placement::Candidate;
+use crate::domain::quantity;
+use crate::node::roots::RootSet;
+use crate::node::{removal, volume_store};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Disk(#[from] volume_store::Error),
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error(transparent)]
+    Removal(#[from] removal::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "api",
+            Error::Disk(e) => e.category(),
+            Error::Name(_) => "unsafe_name",
+            Error::Removal(e) => e.category(),
+        }
+    }
+}
+
+/// Static settings of one agent.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node: String,
+    pub provisioner: String,
+}
+
+/// Shared state of the controller's reconciles.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    /// The data roots in force; replaced as a whole when the configuration changes.
+    pub(super) roots: std::sync::RwLock<Arc<RootSet>>,
+    pub classes: Store<StorageClass>,
+    pub nodes: Store<PartialObjectMeta<Node>>,
+    /// This node's hostvol PVs (label-selected watch).
+    pub volumes: Store<PersistentVolume>,
+    /// Claim metadata, all namespaces.
+    pub claims: Store<PartialObjectMeta<PersistentVolumeClaim>>,
+    /// Every agent's published CSIStorageCapacity objects, when the server serves them.
+    pub capacities: Option<Store<DynamicObject>>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Woken whenever this node's set of volumes may have changed.
+    pub volumes_changed: Arc<tokio::sync::Notify>,
+    /// Serialises "check capacity, make directory, create PV" so concurrent claims cannot overcommit.
+    pub(super) admission_lock: tokio::sync::Mutex<()>,
+    /// PVs created by us that the watch may not have delivered yet: name -> (root, bytes).
+    pub(super) recent_volumes: Mutex<HashMap<String, (String, u64)>>,
+    /// Consecutive failures per claim, for exponential backoff.
+    pub(super) failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn roots(&self) -> Arc<RootSet> {
+        self.roots.read().expect("lock poisoned").clone()
+    }
+
+    pub fn replace_roots(&self, roots: RootSet) {
+        *self.roots.write().expect("lock poisoned") = Arc::new(roots);
+        self.volumes_changed.notify_waiters();
+    }
+
+    /// Bytes promised to the volumes in data root `root`: every hostvol PV of this node there,
+    /// Released ones included, because their directories still hold data.
+    pub fn allocated_bytes(&self, root: &str) -> u64 {
+        let mut recent = self.recent_volumes.lock().expect("lock poisoned");
+        let mut total = 0u64;
+        for pv in self.volumes.state() {
+            recent.remove(&pv.name_any());
+            if pv::data_root(&pv) == root {
+                total = total.saturating_add(pv::capacity_bytes(&pv));
+            }
+        }
+        total.saturating_add(
+            recent
+                .values()
+                .filter(|(r, _)| r == root)
+                .map(|(_, b)| *b)
+                .sum::<u64>(),
+        )
+    }
+
+    /// What a new claim may still take in data root `root` on this node (see `capacity::allocatable`);
+    /// nothing if the node has no such root or it cannot serve, so the scheduler and other agents look
+    /// elsewhere.
+    pub fn allocatable_bytes(&self, root: &str) -> u64 {
+        match self.roots().get(root) {
+            Some(r) => r.allocatable(&self.settings.node, self.allocated_bytes(root)),
+            None => 0,
+        }
+    }
+
+    pub fn volumes_in(&self, root: &str) -> usize {
+        self.volumes
+            .state()
+            .iter()
+            .filter(|pv| pv::data_root(pv) == root)
+            .count()
+    }
+
+    /// Every node's room for `class`, from the published capacities (our own from live figures), minus
+    /// the bytes of claims already placed on each node and not yet provisioned.
+    pub fn candidates(&self, class: &str, except_claim_uid: &str) -> Vec<Candidate> {
+        let Some(capacities) = &self.capacities else {
+            return Vec::new();
+        };
+        let mut candidates: Vec<Candidate> = capacities
+            .state()
+            .iter()
+            .filter(|o| o.data.get("storageClassName").and_then(|v| v.as_str()) == Some(class))
+            .filter_map(|o| {
+                let node = o.annotations().get(pv::ANN_NODE)?.clone();
+                // Published figures for every node, ours included: all agents must decide from the same
+                // view, or each may think another node wins and nobody acts. Provisioning re-checks the
+                // live figure and hands the claim back if it no longer fits.
+                let allocatable = quantity::parse_bytes(o.data.get("capacity")?.as_str()?).ok()?;
+                Some(Candidate {
+                    node,
+                    allocatable,
+                    pending: 0,
+                })
+            })
+            .collect();
+        for claim in self.claims.state() {
+            let a = claim.annotations();
+            if a.contains_key(admission::ANN_BIND_COMPLETED)
+                || claim.uid().as_deref() == Some(except_claim_uid)
+            {
+                continue;
+            }
+            let (Some(node), Some(bytes)) = (
+                a.get(admission::ANN_SELECTED_NODE),
+                a.get(admission::ANN_REQUESTED_BYTES),
+            ) else {
+                continue;
+            };
+            if let (Some(c), Ok(bytes)) = (
+                candidates.iter_mut().find(|c| &c.node == node),
+                bytes.parse::<u64>(),
+            ) {
+                c.pending = c.pending.saturating_add(bytes);
+            }
+        }
+        candidates
+    }
+
+    pub fn node_hostname(&self) -> String {
+        self.nodes
+            .get(&ObjectRef::new(&self.settings.node))
+            .and_then(|n| n.labels().get(pv::HOSTNAME_LABEL).cloned())
+            .unwrap_or_else(|| self.settings.node.clone())
+    }
+
+    pub fn backoff(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock().expect("lock poisoned");
+        let n = failures.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        // 250 ms, 500 ms, ... capped at 30 s: a stuck claim is retried often, never left for 15 minutes.
+        Duration::from_millis(250u64.saturating_mul(1 << (*n - 1).min(7)))
+            .min(Duration::from_secs(30))
+    }
+
+    /// Whether this agent created the PV moments ago (its watch may not have delivered it yet).
+    pub fn recently_created(&self, pv_name: &str) -> bool {
+        self.recent_volumes
+            .lock()
+            .expect("lock poisoned")
+            .contains_key(pv_name)
+    }
+
+    /// Counts a PV just created until the watch delivers it, so the next admission sees its bytes.
+    pub fn remember_created(&self, pv_name: &str, root: &str, bytes: u64) {
+        self.recent_volumes
+            .lock()
+            .expect("lock poisoned")
+            .insert(pv_name.to_string(), (root.to_string(), bytes));
+        self.volumes_changed.notify_waiters();
+    }
+
+    pub fn reset_backoff(&self, key: &str) {
+        self.failures.lock().expect("lock poisoned").remove(key);
+    }
+}

@@ -1,0 +1,20 @@
+//! The agent's Kubernetes side: the shared [`context`], the [`watches`], and the controllers and tasks
+//! they drive (provisioning, placement, reclaim, CSIStorageCapacity publishing, node-loss cleanup, the
+//! ConfigMap, usage and orphan reports), plus the PV objects and metrics they share. Uses
+//! [`crate::node`] and [`crate::domain`], never the services above it.
+
+pub mod capacity;
+pub mod claim;
+pub mod config_map;
+pub mod context;
+pub mod events;
+pub mod metrics;
+pub mod node_loss;
+pub mod orphan_report;
+pub mod placement;
+pub mod provision;
+pub mod pv;
+pub mod reclaim;
+pub mod storage_capacity;
+pub mod usage_refresh;
+pub mod watches;

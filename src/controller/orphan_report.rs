@@ -1,0 +1,100 @@
+//! Reports orphaned directories and lost volumes of this node: metrics, and a Warning on each lost PV.
+//! Never deletes anything.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::PersistentVolume;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::controller::context::Context;
+use crate::controller::watches::store_ready;
+use crate::controller::{pv, reclaim};
+use crate::node::orphans::{Findings, classify, read_root};
+use crate::node::roots::Root;
+
+pub fn expected_directories(volumes: &[Arc<PersistentVolume>]) -> HashMap<String, String> {
+    volumes
+        .iter()
+        .filter_map(|pv| Some((pv.name_any(), reclaim::own_directory(pv)?)))
+        .collect()
+}
+
+/// Findings per data root. Volumes of roots this node no longer has are left out: they cannot be
+/// checked, and dropping a root from the configuration must not make its volumes look lost.
+pub fn scan(ctx: &Context) -> std::io::Result<Vec<(Arc<Root>, Findings)>> {
+    let volumes = ctx.volumes.state();
+    let mut out = Vec::new();
+    for root in ctx.roots().all() {
+        let entries = read_root(root)?;
+        let here: Vec<Arc<PersistentVolume>> = volumes
+            .iter()
+            .filter(|pv| pv::data_root(pv) == root.name)
+            .cloned()
+            .collect();
+        out.push((
+            root.clone(),
+            classify(&entries, &expected_directories(&here), SystemTime::now()),
+        ));
+    }
+    Ok(out)
+}
+
+/// At start-up and every `every`: update the metrics and warn once on each lost PV.
+pub async fn run(ctx: Arc<Context>, every: Duration, shutdown: CancellationToken) {
+    let mut warned: HashSet<String> = HashSet::new();
+    if !store_ready(&ctx.volumes).await {
+        return;
+    }
+    loop {
+        match scan(&ctx) {
+            Ok(per_root) => {
+                let findings = Findings {
+                    orphans: per_root
+                        .iter()
+                        .flat_map(|(_, f)| f.orphans.clone())
+                        .collect(),
+                    lost: per_root.iter().flat_map(|(_, f)| f.lost.clone()).collect(),
+                };
+                ctx.metrics
+                    .orphan_directories
+                    .set(findings.orphans.len() as i64);
+                ctx.metrics.lost_volumes.set(findings.lost.len() as i64);
+                debug!(
+                    orphans = findings.orphans.len(),
+                    lost = findings.lost.len(),
+                    "orphan scan"
+                );
+                for name in &findings.lost {
+                    if !warned.insert(name.clone()) {
+                        continue;
+                    }
+                    let Some(pv) = ctx.volumes.get(&ObjectRef::new(name)) else {
+                        continue;
+                    };
+                    let path = pv
+                        .annotations()
+                        .get(pv::ANN_DIRECTORY)
+                        .cloned()
+                        .unwrap_or_default();
+                    warn!(pv = %name, %path, "volume directory is missing");
+                    ctx.publish(&pv.object_ref(&()), EventType::Warning, "VolumeDirectoryMissing", "Check", format!(
+                        "directory {path} of this volume is missing on node {}; pods using it will fail to start \\
+                         (hostPath type Directory); restore it from a backup or delete the claim and the PV",
+                        ctx.settings.node));
+                }
+                warned.retain(|n| findings.lost.contains(n));
+            }
+            Err(error) => warn!(%error, "cannot scan the data root for orphans"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}

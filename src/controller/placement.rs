@@ -1,0 +1,207 @@
+//! Placing claims that no scheduler places: Immediate classes (every agent computes the same choice
+//! from the published capacities; only the chosen node's agent acts) and pods that name their node in
+//! `spec.nodeName`.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use tracing::{debug, info, warn};
+
+use crate::controller::claim::claim_spec;
+use crate::controller::context::{Context, Result};
+use crate::domain::admission::{self, Refusal};
+use crate::domain::params::ClassParameters;
+use crate::domain::{placement, quantity};
+
+/// Immediate classes: every agent computes the same choice; only the chosen node's agent places the
+/// claim on itself, guarded by the claim's resourceVersion so concurrent writers cannot both succeed.
+pub(super) async fn choose_node(
+    claim: &PartialObjectMeta<PersistentVolumeClaim>,
+    ctx: &Context,
+) -> Result<Action> {
+    let settings = &ctx.settings;
+    let namespace = claim.namespace().unwrap_or_default();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(pvc) = claims.get_opt(&claim.name_any()).await? else {
+        return Ok(Action::await_change());
+    };
+    let spec = pvc.spec.clone().unwrap_or_default();
+    if pvc.metadata.deletion_timestamp.is_some()
+        || spec.volume_name.as_ref().is_some_and(|v| !v.is_empty())
+    {
+        return Ok(Action::await_change());
+    }
+    if pvc.annotations().contains_key(admission::ANN_SELECTED_NODE) {
+        return Ok(Action::await_change()); // placed since our watch saw it
+    }
+    let class_name = spec.storage_class_name.clone().unwrap_or_default();
+    let Some(class) = ctx.classes.get(&ObjectRef::new(&class_name)) else {
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    };
+    if class.provisioner != settings.provisioner
+        || class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer")
+    {
+        // WaitForFirstConsumer claims are placed by the scheduler (or by a pod's spec.nodeName).
+        return Ok(Action::await_change());
+    }
+    let parsed = ClassParameters::parse(&class.parameters.clone().unwrap_or_default());
+    let candidates = ctx.candidates(&class_name, &pvc.uid().unwrap_or_default());
+    let speaks = placement::spokesperson(&candidates).is_some_and(|c| c.node == settings.node);
+    let claim_ref = pvc.object_ref(&());
+    let warn = |refusal: &Refusal| {
+        if speaks {
+            ctx.publish(
+                &claim_ref,
+                EventType::Warning,
+                "ProvisioningFailed",
+                "Provision",
+                refusal.message(),
+            );
+        }
+    };
+    if let Err(why) = parsed {
+        warn(&Refusal::InvalidParameters(format!(
+            "StorageClass {class_name}: {why}"
+        )));
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    }
+    let request = match admission::admit(&claim_spec(&pvc)) {
+        Ok(request) => request,
+        Err(refusal) => {
+            warn(&refusal);
+            return Ok(Action::requeue(Duration::from_secs(60)));
+        }
+    };
+    if candidates.is_empty() {
+        warn!("no published node capacities (CSIStorageCapacity); cannot place Immediate claims");
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    }
+    let Some(chosen) = placement::choose(request.capacity_bytes, &candidates) else {
+        if speaks {
+            let best = placement::spokesperson(&candidates).expect("spokesperson exists");
+            ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", format!(
+                "no node can hold {}: the most room is {} on node {}; free space, raise a node's cap, or request less \
+                 (retried when capacity changes)",
+                request.capacity, quantity::format_bytes(best.room()), best.node));
+        }
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    };
+    if chosen.node != settings.node {
+        // Another agent will place it; look again later in case that agent is gone.
+        return Ok(Action::requeue(Duration::from_secs(15)));
+    }
+    let patch = serde_json::json!({"metadata": {
+        "resourceVersion": pvc.resource_version(),
+        "annotations": {
+            admission::ANN_SELECTED_NODE: settings.node,
+            admission::ANN_REQUESTED_BYTES: request.capacity_bytes.to_string(),
+        },
+    }});
+    match claims
+        .patch(
+            &pvc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => {
+            ctx.metrics.placements.inc();
+            info!(room = chosen.room(), "placed Immediate claim on this node");
+            ctx.publish(
+                &claim_ref,
+                EventType::Normal,
+                "NodeSelected",
+                "Provision",
+                format!(
+                    "hostvol placed the claim on node {} (most room: {})",
+                    settings.node,
+                    quantity::format_bytes(chosen.room())
+                ),
+            );
+            Ok(Action::await_change())
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            ctx.metrics.placement_conflicts.inc();
+            debug!("another writer changed the claim first");
+            Ok(Action::await_change())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// A pod that names its node in `spec.nodeName` bypasses the scheduler, so its WaitForFirstConsumer
+/// claims would never get a selected node. Place them on that node, as the scheduler would have.
+pub(super) async fn place_claims_of_pod(pod: &Pod, ctx: &Context) -> Result<()> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Ok(());
+    }
+    let namespace = pod.namespace().unwrap_or_default();
+    let claim_names = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| {
+            v.persistent_volume_claim
+                .as_ref()
+                .map(|c| c.claim_name.clone())
+        });
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+    for name in claim_names {
+        let Some(meta) = ctx.claims.get(&ObjectRef::new(&name).within(&namespace)) else {
+            continue;
+        };
+        let annotations = meta.annotations();
+        if annotations.contains_key(admission::ANN_SELECTED_NODE)
+            || annotations.contains_key(admission::ANN_BIND_COMPLETED)
+        {
+            continue;
+        }
+        let Some(pvc) = claims.get_opt(&name).await? else {
+            continue;
+        };
+        let spec = pvc.spec.clone().unwrap_or_default();
+        if spec.volume_name.as_ref().is_some_and(|v| !v.is_empty()) {
+            continue;
+        }
+        let Some(class) = spec
+            .storage_class_name
+            .as_ref()
+            .and_then(|c| ctx.classes.get(&ObjectRef::new(c)))
+        else {
+            continue;
+        };
+        if class.provisioner != ctx.settings.provisioner
+            || class.volume_binding_mode.as_deref() != Some("WaitForFirstConsumer")
+        {
+            continue;
+        }
+        let patch = serde_json::json!({"metadata": {
+            "resourceVersion": pvc.resource_version(),
+            "annotations": {admission::ANN_SELECTED_NODE: ctx.settings.node},
+        }});
+        match claims
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                ctx.metrics.placements.inc();
+                info!(pvc = %format!("{namespace}/{name}"), pod = %pod.name_any(), "pod names this node; placed its claim here");
+                ctx.publish(&pvc.object_ref(&()), EventType::Normal, "NodeSelected", "Provision", format!(
+                    "pod {} sets spec.nodeName={} (bypassing the scheduler); hostvol places the claim on that node",
+                    pod.name_any(), ctx.settings.node));
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                ctx.metrics.placement_conflicts.inc();
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,374 @@
+//! The provisioning controller: turns claims selected onto this node into directories and hostPath
+//! PVs. One pass reads as the story: admit the claim, reserve room on a data root, make the directory,
+//! create the PV, tell the user.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, PersistentVolumeClaim};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::controller::claim::{claim_key, claim_spec};
+use crate::controller::context::{Context, Error, Result};
+use crate::controller::pv::VolumeDescription;
+use crate::controller::{placement, pv, reclaim};
+use crate::domain::admission::{self, Interest, Refusal, VolumeRequest};
+use crate::domain::naming;
+use crate::domain::params::ClassParameters;
+use crate::node::roots::Root;
+
+/// Outcome of one pass over a claim that is not an API or disk error.
+enum Step {
+    Provisioned { pv_name: String },
+    AlreadyDone,
+    NotOurs,
+    Refused(Refusal),
+}
+
+pub async fn reconcile(
+    claim: Arc<PartialObjectMeta<PersistentVolumeClaim>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
+    let settings = &ctx.settings;
+    match admission::interest(claim.annotations(), &settings.provisioner, &settings.node) {
+        Interest::Provision => {}
+        Interest::ChooseNode => {
+            let span = info_span!("place", node = %settings.node, pvc = %claim_key(&claim));
+            return placement::choose_node(&claim, &ctx).instrument(span).await;
+        }
+        Interest::Ignore | Interest::Bound => return Ok(Action::await_change()),
+    }
+    let key = claim_key(&claim);
+    let span =
+        info_span!("provision", node = %settings.node, pvc = %key, pv = tracing::field::Empty);
+    async {
+        let started = Instant::now();
+        match provision(&claim, &ctx).await {
+            Ok(Step::Provisioned { pv_name }) => {
+                let seconds = started.elapsed().as_secs_f64();
+                ctx.metrics.provision_succeeded(seconds);
+                ctx.reset_backoff(&key);
+                info!(pv = %pv_name, millis = seconds * 1e3, "provisioned");
+                Ok(Action::await_change())
+            }
+            Ok(Step::AlreadyDone | Step::NotOurs) => {
+                ctx.reset_backoff(&key);
+                Ok(Action::await_change())
+            }
+            Ok(Step::Refused(refusal)) => {
+                ctx.metrics.provision_refused(refusal.reason());
+                warn!(reason = refusal.reason(), message = %refusal.message(), "refused claim");
+                // Claim specs are mostly immutable; classes and capacity change, so look again later.
+                Ok(Action::requeue(Duration::from_secs(60)))
+            }
+            Err(error) => {
+                ctx.metrics.provision_failed(error.category());
+                warn!(%error, "provisioning failed; will retry");
+                Err(error)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// One pass over a claim placed on this node. Each step either moves on or ends the pass with its
+/// reason; a crash between any two steps is finished by the next pass (the PV name is the key).
+async fn provision(
+    claim: &PartialObjectMeta<PersistentVolumeClaim>,
+    ctx: &Context,
+) -> Result<Step> {
+    let Some(pvc) = unbound_claim(claim, ctx).await? else {
+        return Ok(Step::AlreadyDone);
+    };
+    let pv_name = naming::pv_name(&pvc.uid().unwrap_or_default())?;
+    tracing::Span::current().record("pv", pv_name.as_str());
+    if volume_exists(ctx, &pv_name).await? {
+        return Ok(Step::AlreadyDone);
+    }
+    let order = match admit(&pvc, pv_name, ctx)? {
+        Admitted::Order(order) => order,
+        Admitted::NotOurs => return Ok(Step::NotOurs),
+        Admitted::Refused(refusal) => return Ok(refuse(ctx, &pvc, refusal)),
+    };
+    ctx.publish(
+        &order.claim_ref,
+        EventType::Normal,
+        "Provisioning",
+        "Provision",
+        format!(
+            "hostvol agent on node {} is provisioning volume {} for claim {}/{}",
+            ctx.settings.node, order.pv_name, order.namespace, order.claim_name
+        ),
+    );
+
+    // "Check the room, make the directory, create the PV" as one unit, so concurrent claims cannot
+    // both take the last bytes.
+    let _admission = ctx.admission_lock.lock().await;
+    if ctx.recently_created(&order.pv_name) {
+        return Ok(Step::AlreadyDone); // another pass of the same claim finished while we waited
+    }
+    let root = match reserve(ctx, &order) {
+        Ok(root) => root,
+        Err(refusal) => return hand_back(ctx, &pvc, refusal).await,
+    };
+    make_directory(ctx, &order, &root)?;
+    if !create_pv(ctx, &order, &root).await? {
+        return Ok(Step::AlreadyDone);
+    }
+    ctx.remember_created(&order.pv_name, &root.name, order.request.capacity_bytes);
+    ctx.publish(
+        &order.claim_ref,
+        EventType::Normal,
+        "ProvisioningSucceeded",
+        "Provision",
+        format!(
+            "Successfully provisioned volume {} ({}) at {} on node {}",
+            order.pv_name,
+            order.request.capacity,
+            pv::host_path(&root.host_path, &order.directory),
+            ctx.settings.node
+        ),
+    );
+    Ok(Step::Provisioned {
+        pv_name: order.pv_name,
+    })
+}
+
+/// The claim as it is now, unless it is gone, being deleted, or already bound.
+async fn unbound_claim(
+    claim: &PartialObjectMeta<PersistentVolumeClaim>,
+    ctx: &Context,
+) -> Result<Option<PersistentVolumeClaim>> {
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &claim.namespace().unwrap_or_default());
+    let Some(pvc) = claims.get_opt(&claim.name_any()).await? else {
+        return Ok(None);
+    };
+    let bound = pvc
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_name.as_ref())
+        .is_some_and(|v| !v.is_empty());
+    Ok((pvc.metadata.deletion_timestamp.is_none() && !bound).then_some(pvc))
+}
+
+/// Whether the claim's PV exists: in our cache, or on the server (the cache may lag our own create).
+async fn volume_exists(ctx: &Context, pv_name: &str) -> Result<bool> {
+    if ctx.volumes.get(&ObjectRef::new(pv_name)).is_some() {
+        return Ok(true);
+    }
+    let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    Ok(volumes.get_opt(pv_name).await?.is_some())
+}
+
+/// What an admitted claim asks this agent to make.
+struct Order {
+    claim_ref: ObjectReference,
+    namespace: String,
+    claim_name: String,
+    claim_uid: String,
+    pv_name: String,
+    class_name: String,
+    params: ClassParameters,
+    request: VolumeRequest,
+    reclaim_policy: String,
+    directory: String,
+}
+
+enum Admitted {
+    Order(Box<Order>),
+    NotOurs,
+    Refused(Refusal),
+}
+
+/// Admission from the claim and its class alone (no disk, no capacity yet).
+fn admit(pvc: &PersistentVolumeClaim, pv_name: String, ctx: &Context) -> Result<Admitted> {
+    let class_name = pvc
+        .spec
+        .as_ref()
+        .and_then(|s| s.storage_class_name.clone())
+        .unwrap_or_default();
+    let Some(class) = ctx.classes.get(&ObjectRef::new(&class_name)) else {
+        return Ok(Admitted::Refused(Refusal::StorageClassMissing(class_name)));
+    };
+    if class.provisioner != ctx.settings.provisioner {
+        debug!(class = %class_name, provisioner = %class.provisioner, "class belongs to another provisioner");
+        return Ok(Admitted::NotOurs);
+    }
+    let params = match ClassParameters::parse(&class.parameters.clone().unwrap_or_default()) {
+        Ok(params) => params,
+        Err(why) => {
+            return Ok(Admitted::Refused(Refusal::InvalidParameters(format!(
+                "StorageClass {class_name}: {why}"
+            ))));
+        }
+    };
+    let request = match admission::admit(&claim_spec(pvc)) {
+        Ok(request) => request,
+        Err(refusal) => return Ok(Admitted::Refused(refusal)),
+    };
+    let namespace = pvc.namespace().unwrap_or_default();
+    let directory = naming::directory_name(&pv_name, &namespace, &pvc.name_any())?;
+    Ok(Admitted::Order(Box::new(Order {
+        claim_ref: pvc.object_ref(&()),
+        namespace,
+        claim_name: pvc.name_any(),
+        claim_uid: pvc.uid().unwrap_or_default(),
+        pv_name,
+        class_name,
+        params,
+        request,
+        reclaim_policy: class
+            .reclaim_policy
+            .clone()
+            .unwrap_or_else(|| "Delete".into()),
+        directory,
+    })))
+}
+
+fn refuse(ctx: &Context, pvc: &PersistentVolumeClaim, refusal: Refusal) -> Step {
+    ctx.publish(
+        &pvc.object_ref(&()),
+        EventType::Warning,
+        "ProvisioningFailed",
+        "Provision",
+        refusal.message(),
+    );
+    Step::Refused(refusal)
+}
+
+/// The data root the class names, if it can serve and still has room for the claim on this node.
+/// Callers hold the admission lock.
+fn reserve(ctx: &Context, order: &Order) -> std::result::Result<Arc<Root>, Refusal> {
+    let roots = ctx.roots();
+    let node = &ctx.settings.node;
+    let Some(root) = roots.get(&order.params.data_root) else {
+        return Err(Refusal::NodeCannotServe(format!(
+            "node {node} has no data root {:?} (StorageClass {} parameter dataRoot; this node has {}); \
+             handing the claim back to the scheduler",
+            order.params.data_root,
+            order.class_name,
+            roots.names().join(", ")
+        )));
+    };
+    if let Some(why) = root.problem(node) {
+        return Err(Refusal::NodeCannotServe(format!(
+            "{why}; handing the claim back to the scheduler"
+        )));
+    }
+    admission::fits(&order.request, ctx.allocatable_bytes(&root.name), node)?;
+    Ok(root)
+}
+
+/// Tells the user why this node cannot serve the claim and gives it back to the scheduler.
+async fn hand_back(ctx: &Context, pvc: &PersistentVolumeClaim, refusal: Refusal) -> Result<Step> {
+    let claim_ref = pvc.object_ref(&());
+    let step = refuse(ctx, pvc, refusal);
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
+    reschedule(&claims, &pvc.name_any()).await?;
+    ctx.publish(
+        &claim_ref,
+        EventType::Normal,
+        "ProvisioningReschedule",
+        "Provision",
+        format!(
+            "removed {} so the scheduler picks another node",
+            admission::ANN_SELECTED_NODE
+        ),
+    );
+    Ok(step)
+}
+
+/// Makes (or finds from an earlier pass) the volume directory, durably.
+fn make_directory(ctx: &Context, order: &Order, root: &Root) -> Result<()> {
+    let outcome = root
+        .store
+        .ensure_volume_dir(&order.directory, &order.params)
+        .inspect_err(|error| {
+            ctx.publish(
+                &order.claim_ref,
+                EventType::Warning,
+                "ProvisioningFailed",
+                "Provision",
+                format!(
+                    "node {}: cannot prepare the volume directory: {error}",
+                    ctx.settings.node
+                ),
+            );
+        })?;
+    debug!(directory = %order.directory, ?outcome, "volume directory ready");
+    Ok(())
+}
+
+/// Creates the PV, pre-bound to the claim. `false` if it already exists (an earlier pass made it).
+async fn create_pv(ctx: &Context, order: &Order, root: &Root) -> Result<bool> {
+    let host_path = pv::host_path(&root.host_path, &order.directory);
+    let volume = volume_object(ctx, order, root, &host_path);
+    let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    match volumes.create(&PostParams::default(), &volume).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+        Err(error) => {
+            ctx.publish(&order.claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", format!(
+                "node {}: directory {host_path} is ready but creating PV {} failed: {error}; retrying",
+                ctx.settings.node, order.pv_name));
+            Err(error.into())
+        }
+    }
+}
+
+/// The PV for an order: the hostPath volume, plus what reclaim needs to find and dispose of it.
+fn volume_object(ctx: &Context, order: &Order, root: &Root, host_path: &str) -> PersistentVolume {
+    let mut volume = pv::build(&VolumeDescription {
+        pv_name: order.pv_name.clone(),
+        provisioner: ctx.settings.provisioner.clone(),
+        node: ctx.settings.node.clone(),
+        node_hostname: ctx.node_hostname(),
+        host_path: host_path.to_string(),
+        claim_namespace: order.namespace.clone(),
+        claim_name: order.claim_name.clone(),
+        claim_uid: order.claim_uid.clone(),
+        storage_class: order.class_name.clone(),
+        capacity: order.request.capacity.clone(),
+        access_modes: order.request.access_modes.clone(),
+        reclaim_policy: order.reclaim_policy.clone(),
+    });
+    let annotations = volume.metadata.annotations.get_or_insert_default();
+    annotations.insert(pv::ANN_DATA_ROOT.to_string(), root.name.clone());
+    if order.reclaim_policy == "Delete" {
+        let on_delete = if order.params.archive_on_delete {
+            "archive"
+        } else {
+            "delete"
+        };
+        annotations.insert(reclaim::ANN_ON_DELETE.to_string(), on_delete.to_string());
+        volume.metadata.finalizers = Some(vec![reclaim::FINALIZER.to_string()]);
+    }
+    volume
+}
+
+/// Drops the claim's selected node so the scheduler chooses again (as sig-storage's ProvisioningReschedule).
+pub(super) async fn reschedule(claims: &Api<PersistentVolumeClaim>, name: &str) -> Result<()> {
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {admission::ANN_SELECTED_NODE: null}}});
+    claims
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+pub fn error_policy(
+    claim: Arc<PartialObjectMeta<PersistentVolumeClaim>>,
+    _error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    Action::requeue(ctx.backoff(&claim_key(&claim)))
+}

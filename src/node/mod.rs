@@ -1,0 +1,9 @@
+//! The node's disks: data roots, volume directories, safe removal and archiving, usage walks and
+//! orphan scans. Every operation goes through an open handle on a data root and one validated name,
+//! never a joined path, and never follows a symlink. Uses only [`crate::domain`].
+
+pub mod orphans;
+pub mod removal;
+pub mod roots;
+pub mod usage;
+pub mod volume_store;
