@@ -18,7 +18,7 @@ use crate::controller::{
     capacity, config_map, node_loss, orphan_report, storage_capacity, usage_refresh, watches,
 };
 use crate::domain::params::DEFAULT_ROOT;
-use crate::node::roots::{Root, RootSet};
+use crate::node::roots::{Root, RootSet, RootSpec};
 use crate::node::usage::UsageCache;
 use crate::node::volume_store::{self, VolumeStore};
 use crate::service::{http, node_service};
@@ -75,6 +75,16 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
         roots = ?roots.names(),
         "starting agent"
     );
+    for root in roots.all() {
+        info!(
+            root = %root.name,
+            path = %root.host_path,
+            quota_mode = %root.quotas.mode,
+            quota = root.quotas.enforcement.label(),
+            "{}",
+            root.quotas.enforcement.describe()
+        );
+    }
     let capacity_api = storage_capacity::discover(&client)
         .await
         .map(|r| (r, args.pod_namespace.clone()));
@@ -132,15 +142,15 @@ fn config_source(args: &AgentArgs) -> config_map::Source {
         path_prefix: args.host_path_prefix.clone().unwrap_or_default(),
         fallback: Arc::new(move || {
             let a = &fallback_args;
-            let store = VolumeStore::open(&a.data_root).map_err(|e| e.to_string())?;
-            Ok(RootSet::single(Root {
-                name: DEFAULT_ROOT.to_string(),
-                store,
-                host_path: a.host_data_root(),
+            let spec = RootSpec {
+                path: a.host_data_root(),
                 reserved: a.reserved,
                 cap: a.capacity_cap,
                 require_mount_point: a.require_mount_point,
-            }))
+                quota: a.quota_mode,
+            };
+            let root = Root::open(DEFAULT_ROOT, &a.data_root, &spec).map_err(|e| e.to_string())?;
+            Ok(RootSet::single(root))
         }),
     }
 }

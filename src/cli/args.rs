@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::domain::quantity;
+use crate::domain::quota::QuotaMode;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -132,6 +133,12 @@ pub struct AgentArgs {
     /// not fill the node's root filesystem (the node then reports no capacity and claims go elsewhere).
     #[arg(long, env = "HOSTVOL_REQUIRE_MOUNT_POINT")]
     pub require_mount_point: bool,
+
+    /// Size enforcement on the flags' data root: `auto` uses the filesystem's quotas when they are on
+    /// (btrfs quotas; XFS/ext4 project quotas), `required` serves no claims without them, `off` never
+    /// sets limits. ConfigMap roots set `quota:` each.
+    #[arg(long, env = "HOSTVOL_QUOTA_MODE", default_value = "auto")]
+    pub quota_mode: QuotaMode,
 
     /// Address of the HTTP server for /healthz, /readyz and /metrics.
     #[arg(long, env = "HOSTVOL_HTTP_ADDR", default_value = "0.0.0.0:9808")]

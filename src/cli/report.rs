@@ -13,7 +13,8 @@ use crate::cli::args::{OutputFormat, ReportArgs, VolumesArgs};
 use crate::domain::quantity::format_bytes;
 use crate::service::grpc::v1::node_client::NodeClient;
 use crate::service::grpc::v1::{
-    CapacityReport, GetCapacityRequest, ListOrphansRequest, ListVolumesRequest, Volume,
+    CapacityReport, GetCapacityRequest, ListOrphansRequest, ListOrphansResponse,
+    ListVolumesRequest, LostVolume, Orphan, Volume,
 };
 
 /// Label selector of the agent pods shipped in deploy/daemonset.yaml.
@@ -185,6 +186,8 @@ pub struct CapacityFigures {
     pub cap_bytes: Option<u64>,
     pub allocatable_bytes: u64,
     pub volumes: u32,
+    /// How sizes are enforced: a quota mechanism, `none` or `unavailable`.
+    pub quota: String,
 }
 
 impl From<&CapacityReport> for CapacityFigures {
@@ -202,6 +205,7 @@ impl From<&CapacityReport> for CapacityFigures {
             cap_bytes: r.cap_bytes,
             allocatable_bytes: r.allocatable_bytes,
             volumes: r.volume_count,
+            quota: r.quota.clone(),
         }
     }
 }
@@ -222,6 +226,7 @@ pub fn render_capacity(rows: &[CapacityRow], wide: bool) -> String {
             "RESERVED",
             "CAP",
             "INODES",
+            "QUOTA",
             "DATA ROOT",
             "ENDPOINT",
         ]);
@@ -253,6 +258,11 @@ pub fn render_capacity(rows: &[CapacityRow], wide: bool) -> String {
                         format_bytes(r.reserved_bytes),
                         r.cap_bytes.map_or("-".into(), format_bytes),
                         format!("{}/{}", r.used_inodes, r.total_inodes),
+                        if r.quota.is_empty() {
+                            "-".into()
+                        } else {
+                            r.quota.clone()
+                        },
                         r.data_root.clone(),
                         row.endpoint.clone(),
                     ]);
@@ -498,107 +508,139 @@ pub async fn volumes(args: &VolumesArgs) -> Result<bool, String> {
 pub async fn doctor(args: &ReportArgs) -> Result<bool, String> {
     let targets = targets(args).await?;
     let timeout = Duration::from_secs(args.timeout_seconds.max(1));
-    let mut table: Vec<Vec<String>> = vec![
-        ["NODE", "PROBLEM", "NAME", "DETAIL"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-    ];
-    let mut json_rows = Vec::new();
-    let (mut orphans, mut lost, mut unreachable) = (0, 0, 0);
+    let mut findings = Findings::new();
     let now = SystemTime::now();
     for target in &targets {
-        let answer = match &target.address {
-            Ok(address) => match connect(address, timeout).await {
-                Ok(mut client) => {
-                    let node = client
-                        .get_capacity(GetCapacityRequest {})
-                        .await
-                        .map(|r| r.into_inner().node)
-                        .unwrap_or_else(|_| target.node.clone());
-                    client
-                        .list_orphans(ListOrphansRequest {})
-                        .await
-                        .map(|r| (node, r.into_inner()))
-                        .map_err(|s| s.message().to_string())
-                }
-                Err(e) => Err(e),
-            },
-            Err(reason) => Err(reason.clone()),
-        };
-        match answer {
+        match ask_orphans(target, timeout).await {
             Ok((node, found)) => {
-                for o in &found.orphans {
-                    orphans += 1;
-                    let age = age(o.modified_at.as_ref().map(|t| t.seconds), now);
-                    let (problem, detail) = if o.archived {
-                        (
-                            "archived",
-                            format!(
-                                "kept by onDelete=archive, {age} old; remove by hand when no longer needed"
-                            ),
-                        )
-                    } else {
-                        ("orphan", format!("directory with no PV, {age} old"))
-                    };
-                    table.push(vec![
-                        node.clone(),
-                        problem.into(),
-                        o.path.clone(),
-                        detail.clone(),
-                    ]);
-                    json_rows.push(serde_json::json!({"node": node, "problem": problem, "path": o.path, "detail": detail}));
-                }
-                for l in &found.lost {
-                    lost += 1;
-                    let detail = format!(
-                        "claim {}/{} ({}): directory {} is missing",
-                        l.claim_namespace, l.claim_name, l.phase, l.directory
-                    );
-                    table.push(vec![
-                        node.clone(),
-                        "lost".into(),
-                        l.pv_name.clone(),
-                        detail.clone(),
-                    ]);
-                    json_rows.push(serde_json::json!({"node": node, "problem": "lost", "pv": l.pv_name, "detail": detail}));
-                }
+                findings.add_orphans(&node, &found.orphans, now);
+                findings.add_lost(&node, &found.lost);
             }
-            Err(error) => {
-                unreachable += 1;
-                table.push(vec![
-                    target.node.clone(),
-                    "unreachable".into(),
-                    String::new(),
-                    error.clone(),
-                ]);
-                json_rows.push(serde_json::json!({"node": target.node, "problem": "unreachable", "detail": error}));
-            }
+            Err(error) => findings.add_unreachable(&target.node, error),
         }
     }
-    match args.output {
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&json_rows).expect("rows serialise")
-        ),
-        _ => {
-            if table.len() > 1 {
-                print!("{}", align(&table));
-            }
-            println!(
-                "{orphans} orphaned or archived director{}, {lost} lost volume{} on {} node{}; nothing was deleted",
-                if orphans == 1 { "y" } else { "ies" },
-                if lost == 1 { "" } else { "s" },
-                targets.len() - unreachable,
-                if targets.len() - unreachable == 1 {
-                    ""
-                } else {
-                    "s"
-                },
+    findings.print(args.output, targets.len());
+    Ok(findings.unreachable == 0)
+}
+
+/// The agent's node name (as it reports it, else as discovered) and its orphans and lost volumes.
+async fn ask_orphans(
+    target: &Target,
+    timeout: Duration,
+) -> Result<(String, ListOrphansResponse), String> {
+    let address = target.address.as_ref().map_err(Clone::clone)?;
+    let mut client = connect(address, timeout).await?;
+    let node = client
+        .get_capacity(GetCapacityRequest {})
+        .await
+        .map(|r| r.into_inner().node)
+        .unwrap_or_else(|_| target.node.clone());
+    client
+        .list_orphans(ListOrphansRequest {})
+        .await
+        .map(|r| (node, r.into_inner()))
+        .map_err(|s| s.message().to_string())
+}
+
+/// What `hostvol doctor` found, as table rows and as JSON rows, with counts for the summary.
+struct Findings {
+    table: Vec<Vec<String>>,
+    json_rows: Vec<serde_json::Value>,
+    orphans: usize,
+    lost: usize,
+    unreachable: usize,
+}
+
+impl Findings {
+    fn new() -> Self {
+        Findings {
+            table: vec![
+                ["NODE", "PROBLEM", "NAME", "DETAIL"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            ],
+            json_rows: Vec::new(),
+            orphans: 0,
+            lost: 0,
+            unreachable: 0,
+        }
+    }
+
+    fn add_orphans(&mut self, node: &str, orphans: &[Orphan], now: SystemTime) {
+        for o in orphans {
+            self.orphans += 1;
+            let age = age(o.modified_at.as_ref().map(|t| t.seconds), now);
+            let (problem, detail) = if o.archived {
+                (
+                    "archived",
+                    format!(
+                        "kept by onDelete=archive, {age} old; remove by hand when no longer needed"
+                    ),
+                )
+            } else {
+                ("orphan", format!("directory with no PV, {age} old"))
+            };
+            self.table.push(vec![
+                node.to_string(),
+                problem.into(),
+                o.path.clone(),
+                detail.clone(),
+            ]);
+            self.json_rows.push(serde_json::json!({"node": node, "problem": problem, "path": o.path, "detail": detail}));
+        }
+    }
+
+    fn add_lost(&mut self, node: &str, lost: &[LostVolume]) {
+        for l in lost {
+            self.lost += 1;
+            let detail = format!(
+                "claim {}/{} ({}): directory {} is missing",
+                l.claim_namespace, l.claim_name, l.phase, l.directory
             );
+            self.table.push(vec![
+                node.to_string(),
+                "lost".into(),
+                l.pv_name.clone(),
+                detail.clone(),
+            ]);
+            self.json_rows.push(serde_json::json!({"node": node, "problem": "lost", "pv": l.pv_name, "detail": detail}));
         }
     }
-    Ok(unreachable == 0)
+
+    fn add_unreachable(&mut self, node: &str, error: String) {
+        self.unreachable += 1;
+        self.table.push(vec![
+            node.to_string(),
+            "unreachable".into(),
+            String::new(),
+            error.clone(),
+        ]);
+        self.json_rows
+            .push(serde_json::json!({"node": node, "problem": "unreachable", "detail": error}));
+    }
+
+    /// Prints the findings, or for a table a summary after them; `nodes` is how many agents were asked.
+    fn print(&self, output: OutputFormat, nodes: usize) {
+        let (orphans, lost, answered) = (self.orphans, self.lost, nodes - self.unreachable);
+        match output {
+            OutputFormat::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(&self.json_rows).expect("rows serialise")
+            ),
+            _ => {
+                if self.table.len() > 1 {
+                    print!("{}", align(&self.table));
+                }
+                println!(
+                    "{orphans} orphaned or archived director{}, {lost} lost volume{} on {answered} node{}; nothing was deleted",
+                    if orphans == 1 { "y" } else { "ies" },
+                    if lost == 1 { "" } else { "s" },
+                    if answered == 1 { "" } else { "s" },
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -619,6 +661,7 @@ mod tests {
             cap_bytes: None,
             allocatable_bytes: allocatable,
             volumes,
+            quota: "btrfs-qgroup".into(),
         }
     }
 
@@ -669,6 +712,7 @@ mod tests {
             "{text}"
         );
         assert!(render_capacity(&rows, true).contains("10.0.0.3:9809"));
+        assert!(render_capacity(&rows, true).contains("btrfs-qgroup"));
     }
 
     #[test]

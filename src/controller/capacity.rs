@@ -32,6 +32,10 @@ pub struct RootFigures {
     pub volume_count: u32,
     /// Why the root cannot serve claims, if it cannot (empty otherwise).
     pub problem: String,
+    /// The quota mechanism enforcing sizes, `none` or `unavailable` (see `Enforcement::label`).
+    pub quota: String,
+    pub quota_mode: String,
+    pub quota_detail: String,
 }
 
 /// The node's figures: every root, the primary one first-class.
@@ -75,6 +79,9 @@ fn root_figures(ctx: &Context, root: &Root) -> RootFigures {
         allocatable_bytes: root.allocatable(&ctx.settings.node, allocated),
         volume_count: ctx.volumes_in(&root.name) as u32,
         problem: root.problem(&ctx.settings.node).unwrap_or_default(),
+        quota: root.quotas.enforcement.label().to_string(),
+        quota_mode: root.quotas.mode.to_string(),
+        quota_detail: root.quotas.enforcement.describe(),
     }
 }
 

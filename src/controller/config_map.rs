@@ -87,6 +87,9 @@ pub async fn watch(ctx: Arc<Context>, client: Client, source: Source, shutdown: 
         match roots_from(cm.as_ref(), &ctx.settings.node, &source) {
             Ok(set) => {
                 info!(roots = ?set.names(), configmap = %cm.as_ref().map(|c| c.name_any()).unwrap_or_default(), "data roots configured");
+                for root in set.all() {
+                    info!(root = %root.name, quota_mode = %root.quotas.mode, quota = root.quotas.enforcement.label(), "{}", root.quotas.enforcement.describe());
+                }
                 ctx.replace_roots(set);
                 current = text;
             }

@@ -15,8 +15,40 @@ pub struct OutcomeLabels {
     pub reason: &'static str,
 }
 
+/// Labels of one volume, as people filter on them (same names as the kubelet's volume stats).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VolumeLabels {
+    pub namespace: String,
+    pub persistentvolumeclaim: String,
+    pub persistentvolume: String,
+}
+
+/// Labels of one data root's size enforcement.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuotaLabels {
+    pub root: String,
+    /// btrfs-qgroup | xfs-project | ext4-project | none | unavailable
+    pub mechanism: String,
+    /// auto | required | off
+    pub mode: String,
+}
+
+/// One volume's figures for the per-volume gauges.
+#[derive(Debug, Clone)]
+pub struct VolumeFigures {
+    pub labels: VolumeLabels,
+    pub capacity_bytes: u64,
+    pub used_bytes: Option<u64>,
+    pub used_inodes: Option<u64>,
+}
+
 pub struct Metrics {
     registry: Registry,
+    volume_capacity_bytes: Family<VolumeLabels, Gauge>,
+    volume_used_bytes: Family<VolumeLabels, Gauge>,
+    volume_available_bytes: Family<VolumeLabels, Gauge>,
+    volume_inodes_used: Family<VolumeLabels, Gauge>,
+    quota_enforced: Family<QuotaLabels, Gauge>,
     provisions: Family<OutcomeLabels, Counter>,
     provision_duration: Histogram,
     reconcile_errors: Counter,
@@ -81,8 +113,44 @@ impl Default for Metrics {
             "PVs of this node whose directory is missing",
             lost_volumes.clone(),
         );
+        let volume = |registry: &mut Registry, name: &str, help: &str| {
+            let family = Family::<VolumeLabels, Gauge>::default();
+            registry.register(name, help, family.clone());
+            family
+        };
+        let volume_capacity_bytes = volume(
+            &mut registry,
+            "volume_capacity_bytes",
+            "Size of each volume of this node (its claim's request; the hard limit where quotas enforce it)",
+        );
+        let volume_used_bytes = volume(
+            &mut registry,
+            "volume_used_bytes",
+            "Bytes used by each volume (from the quota accounting where there is one, else a directory walk)",
+        );
+        let volume_available_bytes = volume(
+            &mut registry,
+            "volume_available_bytes",
+            "Bytes each volume may still take before reaching its size",
+        );
+        let volume_inodes_used = volume(
+            &mut registry,
+            "volume_inodes_used",
+            "Files and directories in each volume, where known",
+        );
+        let quota_enforced = Family::<QuotaLabels, Gauge>::default();
+        registry.register(
+            "quota_enforced",
+            "1 when a data root enforces volume sizes with filesystem quotas, else 0",
+            quota_enforced.clone(),
+        );
         Self {
             registry,
+            volume_capacity_bytes,
+            volume_used_bytes,
+            volume_available_bytes,
+            volume_inodes_used,
+            quota_enforced,
             provisions,
             provision_duration,
             reconcile_errors,
@@ -125,6 +193,47 @@ impl Metrics {
         self.reconcile_errors.inc();
     }
 
+    /// Replaces the per-volume gauges with `volumes`: a volume that is gone leaves no label set behind.
+    pub fn set_volumes(&self, volumes: &[VolumeFigures]) {
+        for family in [
+            &self.volume_capacity_bytes,
+            &self.volume_used_bytes,
+            &self.volume_available_bytes,
+            &self.volume_inodes_used,
+        ] {
+            family.clear();
+        }
+        for v in volumes {
+            let gauge = |bytes: u64| bytes.min(i64::MAX as u64) as i64;
+            self.volume_capacity_bytes
+                .get_or_create(&v.labels)
+                .set(gauge(v.capacity_bytes));
+            if let Some(used) = v.used_bytes {
+                self.volume_used_bytes
+                    .get_or_create(&v.labels)
+                    .set(gauge(used));
+                self.volume_available_bytes
+                    .get_or_create(&v.labels)
+                    .set(gauge(v.capacity_bytes.saturating_sub(used)));
+            }
+            if let Some(inodes) = v.used_inodes {
+                self.volume_inodes_used
+                    .get_or_create(&v.labels)
+                    .set(gauge(inodes));
+            }
+        }
+    }
+
+    /// Replaces the per-root enforcement gauges.
+    pub fn set_quotas(&self, roots: &[(QuotaLabels, bool)]) {
+        self.quota_enforced.clear();
+        for (labels, enforced) in roots {
+            self.quota_enforced
+                .get_or_create(labels)
+                .set(i64::from(*enforced));
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
@@ -156,6 +265,39 @@ mod tests {
         assert!(
             text.contains("hostvol_provision_duration_seconds_count 1"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn volume_gauges_follow_the_volumes() {
+        let m = Metrics::default();
+        let labels = |pv: &str| VolumeLabels {
+            namespace: "ns".into(),
+            persistentvolumeclaim: format!("claim-{pv}"),
+            persistentvolume: pv.into(),
+        };
+        m.set_volumes(&[
+            VolumeFigures {
+                labels: labels("pvc-1"),
+                capacity_bytes: 100,
+                used_bytes: Some(91),
+                used_inodes: None,
+            },
+            VolumeFigures {
+                labels: labels("pvc-2"),
+                capacity_bytes: 100,
+                used_bytes: None,
+                used_inodes: None,
+            },
+        ]);
+        let text = m.render();
+        let line = "hostvol_volume_available_bytes{namespace=\"ns\",persistentvolumeclaim=\"claim-pvc-1\",persistentvolume=\"pvc-1\"} 9";
+        assert!(text.contains(line), "{text}");
+        assert!(text.contains("persistentvolume=\"pvc-2\"} 100"), "{text}");
+        m.set_volumes(&[]);
+        assert!(
+            !m.render().contains("pvc-1"),
+            "a removed volume's gauges must go"
         );
     }
 }

@@ -124,13 +124,7 @@ async fn sweep(
     ctx: &Context,
     missing_since: &mut HashMap<String, Instant>,
 ) -> Result<(), kube::Error> {
-    let nodes: HashSet<String> = Api::<Node>::all(ctx.client.clone())
-        .list_metadata(&ListParams::default())
-        .await?
-        .items
-        .iter()
-        .map(|n| n.name_any())
-        .collect();
+    let nodes = existing_nodes(ctx).await?;
     let volumes_api: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let all = volumes_api
         .list(&ListParams::default().labels(pv::LABEL_NODE))
@@ -138,40 +132,10 @@ async fn sweep(
         .items;
     let by_name: BTreeMap<String, &PersistentVolume> =
         all.iter().map(|p| (p.name_any(), p)).collect();
-    let facts: Vec<(String, String, String)> = all
-        .iter()
-        .map(|p| {
-            let node = p
-                .annotations()
-                .get(pv::ANN_NODE)
-                .cloned()
-                .unwrap_or_default();
-            let class = p
-                .spec
-                .as_ref()
-                .and_then(|s| s.storage_class_name.clone())
-                .unwrap_or_default();
-            (p.name_any(), node, class)
-        })
-        .collect();
-    let lost = stranded(&facts, &nodes);
-    let gone: HashSet<String> = lost.iter().map(|s| s.node.clone()).collect();
-    missing_since.retain(|node, _| gone.contains(node));
-    for node in &gone {
-        missing_since.entry(node.clone()).or_insert_with(|| {
-            info!(%node, "node is gone; its volumes are unreachable");
-            Instant::now()
-        });
-    }
+    let lost = stranded(&volume_facts(&all), &nodes);
+    track_missing_nodes(missing_since, &lost);
     for s in lost {
-        let policy = ctx
-            .classes
-            .get(&kube::runtime::reflector::ObjectRef::new(&s.class))
-            .map(|class| {
-                let params = ClassParameters::parse(&class.parameters.clone().unwrap_or_default())
-                    .unwrap_or_default();
-                (params.node_loss_cleanup, params.node_loss_grace)
-            });
+        let policy = cleanup_policy(ctx, &s.class);
         let missing_for = missing_since
             .get(&s.node)
             .map(Instant::elapsed)
@@ -188,60 +152,140 @@ async fn sweep(
             missing_for.as_secs(),
             s.class
         );
-        if let Some(claim) = pv.spec.as_ref().and_then(|spec| spec.claim_ref.clone())
-            && let (Some(ns), Some(name)) = (claim.namespace.clone(), claim.name.clone())
-        {
-            let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-            if let Some(pvc) = claims.get_opt(&name).await?
-                && pvc.uid() == claim.uid
-                && pvc.metadata.deletion_timestamp.is_none()
-            {
-                ctx.publish(&pvc.object_ref(&()), EventType::Warning, "NodeLost", "Delete", format!(
-                    "{why}; deleting this claim so its owner (e.g. a StatefulSet) re-creates it on another node"));
-                let params = DeleteParams {
-                    preconditions: Some(Preconditions {
-                        uid: pvc.uid(),
-                        resource_version: None,
-                    }),
-                    ..Default::default()
-                };
-                match claims.delete(&name, &params).await {
-                    Ok(_) => {
-                        info!(pvc = %format!("{ns}/{name}"), node = %s.node, "deleted claim of a lost node")
-                    }
-                    Err(kube::Error::Api(st)) if st.code == 404 || st.code == 409 => {}
-                    Err(e) => return Err(e),
-                }
-            }
+        delete_claim_of(ctx, pv, &s, &why).await?;
+        delete_pv(ctx, &volumes_api, pv, &s, &why).await?;
+    }
+    Ok(())
+}
+
+async fn existing_nodes(ctx: &Context) -> Result<HashSet<String>, kube::Error> {
+    Ok(Api::<Node>::all(ctx.client.clone())
+        .list_metadata(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .map(|n| n.name_any())
+        .collect())
+}
+
+/// (PV name, node, class) of each volume, the input of [`stranded`].
+fn volume_facts(volumes: &[PersistentVolume]) -> Vec<(String, String, String)> {
+    volumes
+        .iter()
+        .map(|p| {
+            let node = p
+                .annotations()
+                .get(pv::ANN_NODE)
+                .cloned()
+                .unwrap_or_default();
+            let class = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.storage_class_name.clone())
+                .unwrap_or_default();
+            (p.name_any(), node, class)
+        })
+        .collect()
+}
+
+/// Remembers when each node with stranded volumes was first seen missing; forgets the others.
+fn track_missing_nodes(missing_since: &mut HashMap<String, Instant>, lost: &[Stranded]) {
+    let gone: HashSet<String> = lost.iter().map(|s| s.node.clone()).collect();
+    missing_since.retain(|node, _| gone.contains(node));
+    for node in &gone {
+        missing_since.entry(node.clone()).or_insert_with(|| {
+            info!(%node, "node is gone; its volumes are unreachable");
+            Instant::now()
+        });
+    }
+}
+
+/// The class's (nodeLossCleanup, nodeLossGrace); `None` if the class is unknown.
+fn cleanup_policy(ctx: &Context, class: &str) -> Option<(bool, Duration)> {
+    ctx.classes
+        .get(&kube::runtime::reflector::ObjectRef::new(class))
+        .map(|class| {
+            let params = ClassParameters::parse(&class.parameters.clone().unwrap_or_default())
+                .unwrap_or_default();
+            (params.node_loss_cleanup, params.node_loss_grace)
+        })
+}
+
+/// Deletes the claim bound to the lost PV, so its owner (e.g. a StatefulSet) re-creates it and the
+/// scheduler places it on another node. Only that very claim (same uid), and not twice.
+async fn delete_claim_of(
+    ctx: &Context,
+    pv: &PersistentVolume,
+    s: &Stranded,
+    why: &str,
+) -> Result<(), kube::Error> {
+    let Some(claim) = pv.spec.as_ref().and_then(|spec| spec.claim_ref.clone()) else {
+        return Ok(());
+    };
+    let (Some(ns), Some(name)) = (claim.namespace.clone(), claim.name.clone()) else {
+        return Ok(());
+    };
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(pvc) = claims.get_opt(&name).await? else {
+        return Ok(());
+    };
+    if pvc.uid() != claim.uid || pvc.metadata.deletion_timestamp.is_some() {
+        return Ok(());
+    }
+    ctx.publish(&pvc.object_ref(&()), EventType::Warning, "NodeLost", "Delete", format!(
+        "{why}; deleting this claim so its owner (e.g. a StatefulSet) re-creates it on another node"));
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: pvc.uid(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match claims.delete(&name, &params).await {
+        Ok(_) => {
+            info!(pvc = %format!("{ns}/{name}"), node = %s.node, "deleted claim of a lost node")
         }
-        ctx.publish(
-            &pv.object_ref(&()),
-            EventType::Warning,
-            "NodeLost",
-            "Delete",
-            format!("{why}; deleting this PV"),
-        );
-        if pv
+        Err(kube::Error::Api(st)) if st.code == 404 || st.code == 409 => {}
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}
+
+/// Deletes the lost PV, first dropping our reclaim finalizer: nobody is left to clean the directory
+/// on a node that no longer exists.
+async fn delete_pv(
+    ctx: &Context,
+    volumes_api: &Api<PersistentVolume>,
+    pv: &PersistentVolume,
+    s: &Stranded,
+    why: &str,
+) -> Result<(), kube::Error> {
+    ctx.publish(
+        &pv.object_ref(&()),
+        EventType::Warning,
+        "NodeLost",
+        "Delete",
+        format!("{why}; deleting this PV"),
+    );
+    if pv
+        .finalizers()
+        .iter()
+        .any(|f| f == crate::controller::reclaim::FINALIZER)
+    {
+        let remaining: Vec<&String> = pv
             .finalizers()
             .iter()
-            .any(|f| f == crate::controller::reclaim::FINALIZER)
-        {
-            // Nobody is left to clean the directory on a node that no longer exists.
-            let remaining: Vec<&String> = pv
-                .finalizers()
-                .iter()
-                .filter(|f| *f != crate::controller::reclaim::FINALIZER)
-                .collect();
-            let patch = serde_json::json!({"metadata": {"finalizers": remaining}});
-            volumes_api
-                .patch(&s.pv, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
-        }
-        match volumes_api.delete(&s.pv, &DeleteParams::default()).await {
-            Ok(_) => info!(pv = %s.pv, node = %s.node, "deleted PV of a lost node"),
-            Err(kube::Error::Api(st)) if st.code == 404 => {}
-            Err(e) => return Err(e),
-        }
+            .filter(|f| *f != crate::controller::reclaim::FINALIZER)
+            .collect();
+        let patch = serde_json::json!({"metadata": {"finalizers": remaining}});
+        volumes_api
+            .patch(&s.pv, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    match volumes_api.delete(&s.pv, &DeleteParams::default()).await {
+        Ok(_) => info!(pv = %s.pv, node = %s.node, "deleted PV of a lost node"),
+        Err(kube::Error::Api(st)) if st.code == 404 => {}
+        Err(e) => return Err(e),
     }
     Ok(())
 }

@@ -2,9 +2,11 @@
 //! from the published capacities; only the chosen node's agent acts) and pods that name their node in
 //! `spec.nodeName`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
@@ -15,9 +17,10 @@ use tracing::{debug, info, warn};
 
 use crate::controller::claim::claim_spec;
 use crate::controller::context::{Context, Result};
-use crate::domain::admission::{self, Refusal};
+use crate::domain::admission::{self, Refusal, VolumeRequest};
 use crate::domain::params::ClassParameters;
-use crate::domain::{placement, quantity};
+use crate::domain::placement::{self, Candidate};
+use crate::domain::quantity;
 
 /// Immediate classes: every agent computes the same choice; only the chosen node's agent places the
 /// claim on itself, guarded by the claim's resourceVersion so concurrent writers cannot both succeed.
@@ -25,77 +28,138 @@ pub(super) async fn choose_node(
     claim: &PartialObjectMeta<PersistentVolumeClaim>,
     ctx: &Context,
 ) -> Result<Action> {
-    let settings = &ctx.settings;
     let namespace = claim.namespace().unwrap_or_default();
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
     let Some(pvc) = claims.get_opt(&claim.name_any()).await? else {
         return Ok(Action::await_change());
     };
+    match choose_for(&pvc, ctx) {
+        Ok((request, chosen)) => place_here(&claims, &pvc, &request, &chosen, ctx).await,
+        Err(action) => Ok(action),
+    }
+}
+
+/// A step's outcome: go on with `T`, or stop and return the `Action`.
+type Step<T> = std::result::Result<T, Action>;
+
+/// What the claim needs and the node chosen for it, when that node is this one.
+fn choose_for(pvc: &PersistentVolumeClaim, ctx: &Context) -> Step<(VolumeRequest, Candidate)> {
+    let (class_name, class) = immediate_class(pvc, ctx)?;
+    let candidates = ctx.candidates(&class_name, &pvc.uid().unwrap_or_default());
+    let voice = Voice {
+        ctx,
+        claim_ref: pvc.object_ref(&()),
+        speaks: placement::spokesperson(&candidates).is_some_and(|c| c.node == ctx.settings.node),
+    };
+    let request = admit_claim(pvc, &class_name, &class, &voice)?;
+    let chosen = choose_among(&request, &candidates, &voice)?.clone();
+    if chosen.node != ctx.settings.node {
+        // Another agent will place it; look again later in case that agent is gone.
+        return Err(Action::requeue(Duration::from_secs(15)));
+    }
+    Ok((request, chosen))
+}
+
+/// The claim's class name and class, if the claim still waits for a node and its class is one of our
+/// Immediate classes.
+fn immediate_class(
+    pvc: &PersistentVolumeClaim,
+    ctx: &Context,
+) -> Step<(String, Arc<StorageClass>)> {
     let spec = pvc.spec.clone().unwrap_or_default();
     if pvc.metadata.deletion_timestamp.is_some()
         || spec.volume_name.as_ref().is_some_and(|v| !v.is_empty())
     {
-        return Ok(Action::await_change());
+        return Err(Action::await_change());
     }
     if pvc.annotations().contains_key(admission::ANN_SELECTED_NODE) {
-        return Ok(Action::await_change()); // placed since our watch saw it
+        return Err(Action::await_change()); // placed since our watch saw it
     }
     let class_name = spec.storage_class_name.clone().unwrap_or_default();
     let Some(class) = ctx.classes.get(&ObjectRef::new(&class_name)) else {
-        return Ok(Action::requeue(Duration::from_secs(30)));
+        return Err(Action::requeue(Duration::from_secs(30)));
     };
-    if class.provisioner != settings.provisioner
+    if class.provisioner != ctx.settings.provisioner
         || class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer")
     {
         // WaitForFirstConsumer claims are placed by the scheduler (or by a pod's spec.nodeName).
-        return Ok(Action::await_change());
+        return Err(Action::await_change());
     }
-    let parsed = ClassParameters::parse(&class.parameters.clone().unwrap_or_default());
-    let candidates = ctx.candidates(&class_name, &pvc.uid().unwrap_or_default());
-    let speaks = placement::spokesperson(&candidates).is_some_and(|c| c.node == settings.node);
-    let claim_ref = pvc.object_ref(&());
-    let warn = |refusal: &Refusal| {
-        if speaks {
-            ctx.publish(
-                &claim_ref,
+    Ok((class_name, class))
+}
+
+/// Warnings about a claim, which every agent sees alike: only the spokesperson publishes them, so
+/// the claim gets one Event, not one per node.
+struct Voice<'a> {
+    ctx: &'a Context,
+    claim_ref: ObjectReference,
+    speaks: bool,
+}
+
+impl Voice<'_> {
+    fn warn(&self, message: String) {
+        if self.speaks {
+            self.ctx.publish(
+                &self.claim_ref,
                 EventType::Warning,
                 "ProvisioningFailed",
                 "Provision",
-                refusal.message(),
+                message,
             );
         }
-    };
-    if let Err(why) = parsed {
-        warn(&Refusal::InvalidParameters(format!(
-            "StorageClass {class_name}: {why}"
-        )));
-        return Ok(Action::requeue(Duration::from_secs(60)));
     }
-    let request = match admission::admit(&claim_spec(&pvc)) {
-        Ok(request) => request,
-        Err(refusal) => {
-            warn(&refusal);
-            return Ok(Action::requeue(Duration::from_secs(60)));
-        }
-    };
+}
+
+/// What the claim asks for, if its class's parameters are valid and the claim is one we can serve.
+fn admit_claim(
+    pvc: &PersistentVolumeClaim,
+    class_name: &str,
+    class: &StorageClass,
+    voice: &Voice<'_>,
+) -> Step<VolumeRequest> {
+    if let Err(why) = ClassParameters::parse(&class.parameters.clone().unwrap_or_default()) {
+        voice.warn(
+            Refusal::InvalidParameters(format!("StorageClass {class_name}: {why}")).message(),
+        );
+        return Err(Action::requeue(Duration::from_secs(60)));
+    }
+    admission::admit(&claim_spec(pvc)).map_err(|refusal| {
+        voice.warn(refusal.message());
+        Action::requeue(Duration::from_secs(60))
+    })
+}
+
+/// The node with the most room for the request, from the published capacities.
+fn choose_among<'c>(
+    request: &VolumeRequest,
+    candidates: &'c [Candidate],
+    voice: &Voice<'_>,
+) -> Step<&'c Candidate> {
     if candidates.is_empty() {
         warn!("no published node capacities (CSIStorageCapacity); cannot place Immediate claims");
-        return Ok(Action::requeue(Duration::from_secs(30)));
+        return Err(Action::requeue(Duration::from_secs(30)));
     }
-    let Some(chosen) = placement::choose(request.capacity_bytes, &candidates) else {
-        if speaks {
-            let best = placement::spokesperson(&candidates).expect("spokesperson exists");
-            ctx.publish(&claim_ref, EventType::Warning, "ProvisioningFailed", "Provision", format!(
+    placement::choose(request.capacity_bytes, candidates).ok_or_else(|| {
+        if voice.speaks {
+            let best = placement::spokesperson(candidates).expect("spokesperson exists");
+            voice.warn(format!(
                 "no node can hold {}: the most room is {} on node {}; free space, raise a node's cap, or request less \
                  (retried when capacity changes)",
                 request.capacity, quantity::format_bytes(best.room()), best.node));
         }
-        return Ok(Action::requeue(Duration::from_secs(10)));
-    };
-    if chosen.node != settings.node {
-        // Another agent will place it; look again later in case that agent is gone.
-        return Ok(Action::requeue(Duration::from_secs(15)));
-    }
+        Action::requeue(Duration::from_secs(10))
+    })
+}
+
+/// Selects this node on the claim, unless another writer changed the claim first.
+async fn place_here(
+    claims: &Api<PersistentVolumeClaim>,
+    pvc: &PersistentVolumeClaim,
+    request: &VolumeRequest,
+    chosen: &Candidate,
+    ctx: &Context,
+) -> Result<Action> {
+    let settings = &ctx.settings;
     let patch = serde_json::json!({"metadata": {
         "resourceVersion": pvc.resource_version(),
         "annotations": {
@@ -115,7 +179,7 @@ pub(super) async fn choose_node(
             ctx.metrics.placements.inc();
             info!(room = chosen.room(), "placed Immediate claim on this node");
             ctx.publish(
-                &claim_ref,
+                &pvc.object_ref(&()),
                 EventType::Normal,
                 "NodeSelected",
                 "Provision",

@@ -21,6 +21,7 @@ use crate::controller::{placement, pv, reclaim};
 use crate::domain::admission::{self, Interest, Refusal, VolumeRequest};
 use crate::domain::naming;
 use crate::domain::params::ClassParameters;
+use crate::node::quota::Limit;
 use crate::node::roots::Root;
 
 /// Outcome of one pass over a claim that is not an API or disk error.
@@ -118,8 +119,8 @@ async fn provision(
         Ok(root) => root,
         Err(refusal) => return hand_back(ctx, &pvc, refusal).await,
     };
-    make_directory(ctx, &order, &root)?;
-    if !create_pv(ctx, &order, &root).await? {
+    let limit = make_directory(ctx, &order, &root)?;
+    if !create_pv(ctx, &order, &root, limit).await? {
         return Ok(Step::AlreadyDone);
     }
     ctx.remember_created(&order.pv_name, &root.name, order.request.capacity_bytes);
@@ -129,11 +130,16 @@ async fn provision(
         "ProvisioningSucceeded",
         "Provision",
         format!(
-            "Successfully provisioned volume {} ({}) at {} on node {}",
+            "Successfully provisioned volume {} ({}) at {} on node {}{}",
             order.pv_name,
             order.request.capacity,
             pv::host_path(&root.host_path, &order.directory),
-            ctx.settings.node
+            ctx.settings.node,
+            limit.map_or(String::new(), |l| format!(
+                "; size enforced by {} ({})",
+                root.quotas.enforcement.label(),
+                l.record()
+            )),
         ),
     );
     Ok(Step::Provisioned {
@@ -287,11 +293,17 @@ async fn hand_back(ctx: &Context, pvc: &PersistentVolumeClaim, refusal: Refusal)
     Ok(step)
 }
 
-/// Makes (or finds from an earlier pass) the volume directory, durably.
-fn make_directory(ctx: &Context, order: &Order, root: &Root) -> Result<()> {
-    let outcome = root
+/// Makes (or finds from an earlier pass) the volume directory, durably, with its size limit where the
+/// root enforces sizes.
+fn make_directory(ctx: &Context, order: &Order, root: &Root) -> Result<Option<Limit>> {
+    let (outcome, limit) = root
         .store
-        .ensure_volume_dir(&order.directory, &order.params)
+        .ensure_volume(
+            &order.directory,
+            &order.params,
+            &root.quotas,
+            order.request.capacity_bytes,
+        )
         .inspect_err(|error| {
             ctx.publish(
                 &order.claim_ref,
@@ -304,14 +316,19 @@ fn make_directory(ctx: &Context, order: &Order, root: &Root) -> Result<()> {
                 ),
             );
         })?;
-    debug!(directory = %order.directory, ?outcome, "volume directory ready");
-    Ok(())
+    debug!(directory = %order.directory, ?outcome, ?limit, "volume directory ready");
+    Ok(limit)
 }
 
 /// Creates the PV, pre-bound to the claim. `false` if it already exists (an earlier pass made it).
-async fn create_pv(ctx: &Context, order: &Order, root: &Root) -> Result<bool> {
+async fn create_pv(
+    ctx: &Context,
+    order: &Order,
+    root: &Root,
+    limit: Option<Limit>,
+) -> Result<bool> {
     let host_path = pv::host_path(&root.host_path, &order.directory);
-    let volume = volume_object(ctx, order, root, &host_path);
+    let volume = volume_object(ctx, order, root, &host_path, limit);
     let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
     match volumes.create(&PostParams::default(), &volume).await {
         Ok(_) => Ok(true),
@@ -326,7 +343,13 @@ async fn create_pv(ctx: &Context, order: &Order, root: &Root) -> Result<bool> {
 }
 
 /// The PV for an order: the hostPath volume, plus what reclaim needs to find and dispose of it.
-fn volume_object(ctx: &Context, order: &Order, root: &Root, host_path: &str) -> PersistentVolume {
+fn volume_object(
+    ctx: &Context,
+    order: &Order,
+    root: &Root,
+    host_path: &str,
+    limit: Option<Limit>,
+) -> PersistentVolume {
     let mut volume = pv::build(&VolumeDescription {
         pv_name: order.pv_name.clone(),
         provisioner: ctx.settings.provisioner.clone(),
@@ -343,6 +366,9 @@ fn volume_object(ctx: &Context, order: &Order, root: &Root, host_path: &str) -> 
     });
     let annotations = volume.metadata.annotations.get_or_insert_default();
     annotations.insert(pv::ANN_DATA_ROOT.to_string(), root.name.clone());
+    if let Some(limit) = limit {
+        annotations.insert(pv::ANN_QUOTA.to_string(), limit.record());
+    }
     if order.reclaim_policy == "Delete" {
         let on_delete = if order.params.archive_on_delete {
             "archive"

@@ -17,6 +17,9 @@ pub const ANN_NODE: &str = "hostvol.io/node";
 pub const ANN_DIRECTORY: &str = "hostvol.io/directory";
 /// Name of the node's data root holding the directory (`default` when absent).
 pub const ANN_DATA_ROOT: &str = "hostvol.io/data-root";
+/// The size limit set on the volume's directory (`qgroup 0/<id>` or `project <id>`), where the root
+/// enforces sizes: a restart and people find it here.
+pub const ANN_QUOTA: &str = "hostvol.io/quota";
 /// Label on every PV we make, so each agent can watch only its own node's volumes.
 pub const LABEL_NODE: &str = "hostvol.io/node";
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";

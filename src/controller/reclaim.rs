@@ -97,6 +97,7 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
                 return Ok(Action::requeue(Duration::from_secs(300)));
             };
             let root = data_root.store.root_handle();
+            let quotas = data_root.quotas.clone();
             let archive = matches!(what, Disposal::Delete { archive: true });
             let dir = directory.clone();
             let outcome = tokio::task::spawn_blocking(move || {
@@ -108,8 +109,7 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
                         Err(e) => Err(e),
                     }
                 } else {
-                    removal::remove_volume_dir(root.as_fd(), &dir)
-                        .map(|s| format!("removed {} files, {} directories", s.files, s.directories))
+                    quotas.remove_volume(root.as_fd(), &dir)
                 }
             })
             .await

@@ -128,105 +128,153 @@ pub async fn run(
         return;
     };
     info!(api_version = %resource.api_version, "publishing CSIStorageCapacity");
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, &resource);
-    // Looked up until found: the agent may start before its pod object is visible.
-    let mut owner_ref: Option<OwnerReference> = None;
     let node = ctx.settings.node.clone();
-    let selector = format!("{}={}", pv::LABEL_NODE, naming::node_label_value(&node));
-    // What we last wrote, per object name, to skip writes that change nothing.
-    let mut written: HashMap<String, (String, u64, Option<String>)> = HashMap::new();
+    let mut publisher = Publisher {
+        api: Api::namespaced_with(client.clone(), &namespace, &resource),
+        selector: format!("{}={}", pv::LABEL_NODE, naming::node_label_value(&node)),
+        resource,
+        node,
+        owner: None,
+        written: HashMap::new(),
+    };
     loop {
-        if owner_ref.is_none() && pod_name.is_some() {
-            owner_ref = owner(&client, &namespace, pod_name.as_deref()).await;
+        if publisher.owner.is_none() && pod_name.is_some() {
+            publisher.owner = owner(&client, &namespace, pod_name.as_deref()).await;
         }
-        let owner_uid = owner_ref.as_ref().map(|o| o.uid.clone());
         reports.borrow_and_update();
         let hostname = ctx.node_hostname();
-        // Each class's capacity on this node is that of the data root it names (zero if the node has none).
-        let classes: Vec<(String, u64)> = ctx
-            .classes
-            .state()
-            .iter()
-            .filter(|c| c.provisioner == ctx.settings.provisioner)
-            .map(|c| {
-                let root = crate::domain::params::ClassParameters::parse(
-                    &c.parameters.clone().unwrap_or_default(),
-                )
-                .map(|p| p.data_root)
-                .unwrap_or_else(|_| crate::domain::params::DEFAULT_ROOT.to_string());
-                (c.name_any(), ctx.allocatable_bytes(&root))
-            })
-            .collect();
-        let mut wanted = Vec::new();
-        let mut intact_values: HashMap<String, u64> = HashMap::new();
-        for (class, allocatable) in &classes {
-            let allocatable = *allocatable;
-            let name = object_name(&node, class);
-            intact_values.insert(name.clone(), allocatable);
-            wanted.push(name.clone());
-            let state = (hostname.clone(), allocatable, owner_uid.clone());
-            if written.get(&name) == Some(&state) {
-                continue;
-            }
-            let object = desired(
-                &resource,
-                &name,
-                &node,
-                &hostname,
-                class,
-                allocatable,
-                owner_ref.as_ref(),
-            );
-            match api
-                .patch(
-                    &name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&object),
-                )
-                .await
-            {
-                Ok(_) => {
-                    debug!(%name, class = %class, allocatable, "CSIStorageCapacity updated");
-                    written.insert(name, state);
-                }
-                Err(error) => warn!(%name, %error, "cannot update CSIStorageCapacity; retrying"),
-            }
-        }
-        // Objects of classes that are gone or no longer ours.
-        if let Ok(list) = api.list(&ListParams::default().labels(&selector)).await {
-            for stale in list
-                .items
-                .iter()
-                .map(|o| o.name_any())
-                .filter(|n| !wanted.contains(n))
-            {
-                written.remove(&stale);
-                if let Err(error) = api.delete(&stale, &DeleteParams::default()).await {
-                    debug!(name = %stale, %error, "cannot delete stale CSIStorageCapacity");
-                }
-            }
-            // Something else (the garbage collector, a user) deleted or changed one of ours: write it
-            // again, so the scheduler never works from figures we did not publish.
-            // The server may rewrite the quantity in canonical form ("75G"), so compare bytes.
-            let intact: Vec<String> = list
-                .items
-                .iter()
-                .filter(|o| {
-                    o.data
-                        .get("capacity")
-                        .and_then(|c| c.as_str())
-                        .and_then(|c| crate::domain::quantity::parse_bytes(c).ok())
-                        == intact_values.get(&o.name_any()).copied()
-                })
-                .map(|o| o.name_any())
-                .collect();
-            written.retain(|name, _| intact.contains(name));
-        }
+        let wanted = publisher
+            .write_changed(&hostname, &class_capacities(&ctx))
+            .await;
+        publisher.prune(&wanted).await;
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = reports.changed() => if changed.is_err() { return },
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
+    }
+}
+
+/// Each hostvol class with its capacity on this node: that of the data root it names (zero if the
+/// node has none).
+fn class_capacities(ctx: &Context) -> Vec<(String, u64)> {
+    ctx.classes
+        .state()
+        .iter()
+        .filter(|c| c.provisioner == ctx.settings.provisioner)
+        .map(|c| {
+            let root = crate::domain::params::ClassParameters::parse(
+                &c.parameters.clone().unwrap_or_default(),
+            )
+            .map(|p| p.data_root)
+            .unwrap_or_else(|_| crate::domain::params::DEFAULT_ROOT.to_string());
+            (c.name_any(), ctx.allocatable_bytes(&root))
+        })
+        .collect()
+}
+
+/// What an object was last written with: (hostname, allocatable bytes, owner uid).
+type Written = (String, u64, Option<String>);
+
+/// This node's CSIStorageCapacity objects, and what we know we wrote to them.
+struct Publisher {
+    api: Api<DynamicObject>,
+    resource: ApiResource,
+    node: String,
+    /// Label selector of this node's objects.
+    selector: String,
+    /// Looked up until found: the agent may start before its pod object is visible.
+    owner: Option<OwnerReference>,
+    /// What we last wrote, per object name, to skip writes that change nothing.
+    written: HashMap<String, Written>,
+}
+
+impl Publisher {
+    /// Writes the object of each class whose figures changed since we last wrote it. Returns the
+    /// objects this node should have, by name, with the capacity each should show.
+    async fn write_changed(
+        &mut self,
+        hostname: &str,
+        classes: &[(String, u64)],
+    ) -> HashMap<String, u64> {
+        let owner_uid = self.owner.as_ref().map(|o| o.uid.clone());
+        let mut wanted = HashMap::new();
+        for (class, allocatable) in classes {
+            let name = object_name(&self.node, class);
+            wanted.insert(name.clone(), *allocatable);
+            let state = (hostname.to_string(), *allocatable, owner_uid.clone());
+            if self.written.get(&name) != Some(&state) {
+                self.write(name, class, state).await;
+            }
+        }
+        wanted
+    }
+
+    async fn write(&mut self, name: String, class: &str, state: Written) {
+        let (hostname, allocatable) = (&state.0, state.1);
+        let object = desired(
+            &self.resource,
+            &name,
+            &self.node,
+            hostname,
+            class,
+            allocatable,
+            self.owner.as_ref(),
+        );
+        match self
+            .api
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&object),
+            )
+            .await
+        {
+            Ok(_) => {
+                debug!(%name, class = %class, allocatable, "CSIStorageCapacity updated");
+                self.written.insert(name, state);
+            }
+            Err(error) => warn!(%name, %error, "cannot update CSIStorageCapacity; retrying"),
+        }
+    }
+
+    /// Deletes the objects of classes that are gone or no longer ours, and forgets what we wrote to
+    /// objects that something else deleted or changed.
+    async fn prune(&mut self, wanted: &HashMap<String, u64>) {
+        let Ok(list) = self
+            .api
+            .list(&ListParams::default().labels(&self.selector))
+            .await
+        else {
+            return;
+        };
+        for stale in list
+            .items
+            .iter()
+            .map(|o| o.name_any())
+            .filter(|n| !wanted.contains_key(n))
+        {
+            self.written.remove(&stale);
+            if let Err(error) = self.api.delete(&stale, &DeleteParams::default()).await {
+                debug!(name = %stale, %error, "cannot delete stale CSIStorageCapacity");
+            }
+        }
+        // Something else (the garbage collector, a user) deleted or changed one of ours: write it
+        // again, so the scheduler never works from figures we did not publish.
+        // The server may rewrite the quantity in canonical form ("75G"), so compare bytes.
+        let intact: Vec<String> = list
+            .items
+            .iter()
+            .filter(|o| {
+                o.data
+                    .get("capacity")
+                    .and_then(|c| c.as_str())
+                    .and_then(|c| crate::domain::quantity::parse_bytes(c).ok())
+                    == wanted.get(&o.name_any()).copied()
+            })
+            .map(|o| o.name_any())
+            .collect();
+        self.written.retain(|name, _| intact.contains(name));
     }
 }
 

@@ -1,16 +1,22 @@
 //! Keeps the usage cache of this node's volumes current: every volume every `every`, new volumes as
-//! soon as they appear, all off the request path.
+//! soon as they appear, all off the request path, and the per-volume gauges that come from it.
 
 use std::collections::HashSet;
+use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use k8s_openapi::api::core::v1::PersistentVolume;
+use kube::ResourceExt;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::controller::context::Context;
+use crate::controller::metrics::{QuotaLabels, VolumeFigures, VolumeLabels};
 use crate::controller::pv;
-use crate::node::usage::{self, UsageCache};
+use crate::node::quota::btrfs;
+use crate::node::roots::Root;
+use crate::node::usage::{self, Usage, UsageCache};
 
 /// Measures every volume's usage every `every`, and new volumes as soon as they appear, off the
 /// request path.
@@ -39,17 +45,104 @@ pub async fn run(
                 .filter_map(|pv| pv::directory_name(pv))
                 .filter(|d| full || cache.get(d).is_none())
                 .collect();
-            if !todo.is_empty() {
+            if todo.is_empty() {
+                continue;
+            }
+            if root.quotas.mechanism().is_some() {
+                // The quota accounting knows every volume's bytes: constant time, no walks.
+                let (measured, took) = from_quotas(root, todo, &cache).await;
+                debug!(root = %root.name, measured, millis = took.as_millis() as u64, "usage read from quotas");
+            } else {
                 let (measured, took) =
                     usage::refresh(root.store.root_handle(), todo, &cache, concurrency).await;
                 debug!(root = %root.name, measured, full, millis = took.as_millis() as u64, "usage refreshed");
             }
         }
         cache.retain(&keep);
+        publish_metrics(&ctx, &volumes, &cache);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep_until(next_full) => {}
             _ = ctx.volumes_changed.notified() => {}
         }
     }
+}
+
+/// Reads the volumes' usage from the root's quota accounting, on the blocking pool.
+async fn from_quotas(
+    root: &Arc<Root>,
+    names: Vec<String>,
+    cache: &UsageCache,
+) -> (usize, Duration) {
+    let started = std::time::Instant::now();
+    let handle = root.store.root_handle();
+    let quotas = root.quotas.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        if quotas.uses_subvolumes() {
+            // btrfs updates its figures at transaction commit; commit first so they are current.
+            let _ = btrfs::sync(handle.as_fd());
+        }
+        quotas.usage(handle.as_fd(), &names)
+    })
+    .await;
+    let measured_at = SystemTime::now();
+    let mut measured = 0;
+    match read {
+        Ok(Ok(Some(figures))) => {
+            for (name, figure) in figures {
+                cache.insert(
+                    &name,
+                    Usage {
+                        bytes: figure.used_bytes,
+                        inodes: figure.inodes,
+                        measured_at,
+                    },
+                );
+                measured += 1;
+            }
+        }
+        Ok(Ok(None)) => {}
+        Ok(Err(error)) => warn!(root = %root.name, %error, "cannot read usage from the quotas"),
+        Err(error) => warn!(root = %root.name, %error, "usage task failed"),
+    }
+    (measured, started.elapsed())
+}
+
+/// The per-volume and per-root gauges, from the PVs and the usage cache.
+fn publish_metrics(ctx: &Context, volumes: &[Arc<PersistentVolume>], cache: &UsageCache) {
+    let figures: Vec<VolumeFigures> = volumes
+        .iter()
+        .map(|volume| {
+            let claim = volume
+                .spec
+                .as_ref()
+                .and_then(|s| s.claim_ref.clone())
+                .unwrap_or_default();
+            let usage = pv::directory_name(volume).and_then(|d| cache.get(&d));
+            VolumeFigures {
+                labels: VolumeLabels {
+                    namespace: claim.namespace.unwrap_or_default(),
+                    persistentvolumeclaim: claim.name.unwrap_or_default(),
+                    persistentvolume: volume.name_any(),
+                },
+                capacity_bytes: pv::capacity_bytes(volume),
+                used_bytes: usage.map(|u| u.bytes),
+                used_inodes: usage.and_then(|u| u.inodes),
+            }
+        })
+        .collect();
+    ctx.metrics.set_volumes(&figures);
+    let roots: Vec<(QuotaLabels, bool)> = ctx
+        .roots()
+        .all()
+        .map(|root| {
+            let labels = QuotaLabels {
+                root: root.name.clone(),
+                mechanism: root.quotas.enforcement.label().to_string(),
+                mode: root.quotas.mode.to_string(),
+            };
+            (labels, root.quotas.mechanism().is_some())
+        })
+        .collect();
+    ctx.metrics.set_quotas(&roots);
 }

@@ -8,3 +8,4 @@ pub mod naming;
 pub mod params;
 pub mod placement;
 pub mod quantity;
+pub mod quota;

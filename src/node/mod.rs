@@ -3,6 +3,7 @@
 //! never a joined path, and never follows a symlink. Uses only [`crate::domain`].
 
 pub mod orphans;
+pub mod quota;
 pub mod removal;
 pub mod roots;
 pub mod usage;

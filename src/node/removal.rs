@@ -96,6 +96,18 @@ struct Frame {
     scans: u8,
 }
 
+impl Frame {
+    fn new(name: CString, st: &FileStat) -> Self {
+        Frame {
+            name,
+            id: id(st),
+            blocks: blocks(st),
+            pending: None,
+            scans: 0,
+        }
+    }
+}
+
 /// Removes the directory `name` directly under `root` and everything in it.
 ///
 /// Stops with an error naming the path where it stopped (e.g. at a mount point inside the volume,
@@ -105,13 +117,6 @@ pub fn remove_volume_dir(root: BorrowedFd<'_>, name: &str) -> Result<RemovalStat
     naming::validate_directory_name(name)?;
     let cname = CString::new(name)
         .map_err(|_| NameError(format!("{name:?} is not a safe directory name")))?;
-    let mut stats = RemovalStats::default();
-    let io = |op, source| Error::Io {
-        op,
-        path: PathBuf::from(name),
-        source,
-    };
-
     let dev = fstat(root)
         .map_err(|e| Error::Io {
             op: "stat",
@@ -119,127 +124,164 @@ pub fn remove_volume_dir(root: BorrowedFd<'_>, name: &str) -> Result<RemovalStat
             source: e,
         })?
         .st_dev;
-    let (mut cur, st) = match open_dir(root, &cname, dev) {
-        Ok(opened) => opened,
-        Err((_, Errno::ENOENT)) => return Ok(stats),
-        Err((_, Errno::ELOOP | Errno::ENOTDIR)) => {
-            return Err(Error::NotADirectory {
-                name: name.to_string(),
-            });
-        }
-        Err((_, Errno::EXDEV)) => {
-            return Err(Error::MountPoint {
-                path: PathBuf::from(name),
-            });
-        }
-        Err((op, source)) => return Err(io(op, source)),
+    let Some((cur, st)) = open_volume_dir(root, &cname, name, dev)? else {
+        return Ok(RemovalStats::default());
     };
-    let mut stack = vec![Frame {
-        name: cname,
-        id: id(&st),
-        blocks: blocks(&st),
-        pending: None,
-        scans: 0,
-    }];
+    let mut walk = Walk {
+        root,
+        dev,
+        cur,
+        stack: vec![Frame::new(cname, &st)],
+        stats: RemovalStats::default(),
+    };
+    walk.remove_all()?;
+    // Make the removal durable, so a crash after the PV is gone does not bring the directory back.
+    fsync(root).map_err(|source| Error::Io {
+        op: "sync data root after removing",
+        path: PathBuf::from(name),
+        source,
+    })?;
+    Ok(walk.stats)
+}
 
-    while let Some(frame) = stack.last() {
-        if frame.pending.is_none() {
-            let subdirs = empty_files(cur.as_fd(), dev, &stack, &mut stats)?;
-            let frame = stack.last_mut().expect("stack is not empty");
-            frame.pending = Some(subdirs);
-            frame.scans += 1;
-            continue;
-        }
-        if let Some(child) = stack
-            .last_mut()
-            .and_then(|f| f.pending.as_mut())
-            .and_then(Vec::pop)
-        {
-            match open_dir(cur.as_fd(), &child, dev) {
-                Ok((fd, st)) => {
-                    // Only this one fd stays open; the parent is found again through "..".
-                    cur = fd;
-                    stack.push(Frame {
-                        name: child,
-                        id: id(&st),
-                        blocks: blocks(&st),
-                        pending: None,
-                        scans: 0,
-                    });
-                }
-                Err((_, Errno::ENOENT)) => {} // removed by someone else meanwhile
-                Err((_, Errno::ELOOP | Errno::ENOTDIR)) => {
-                    return Err(Error::Changed {
-                        path: path_of(&stack, Some(&child)),
-                    });
-                }
-                Err((_, Errno::EXDEV)) => {
-                    return Err(Error::MountPoint {
-                        path: path_of(&stack, Some(&child)),
-                    });
-                }
-                Err((op, source)) => {
-                    return Err(Error::Io {
-                        op,
-                        path: path_of(&stack, Some(&child)),
-                        source,
-                    });
-                }
+/// Opens the volume directory itself; `None` if it does not exist (already removed).
+fn open_volume_dir(
+    root: BorrowedFd<'_>,
+    cname: &CStr,
+    name: &str,
+    dev: u64,
+) -> Result<Option<(OwnedFd, FileStat)>, Error> {
+    match open_dir(root, cname, dev) {
+        Ok(opened) => Ok(Some(opened)),
+        Err((_, Errno::ENOENT)) => Ok(None),
+        Err((_, Errno::ELOOP | Errno::ENOTDIR)) => Err(Error::NotADirectory {
+            name: name.to_string(),
+        }),
+        Err((_, Errno::EXDEV)) => Err(Error::MountPoint {
+            path: PathBuf::from(name),
+        }),
+        Err((op, source)) => Err(Error::Io {
+            op,
+            path: PathBuf::from(name),
+            source,
+        }),
+    }
+}
+
+/// The removal walk: depth first, with only the current directory open.
+struct Walk<'r> {
+    root: BorrowedFd<'r>,
+    dev: u64,
+    /// The directory at the top of `stack`; the only directory fd the walk holds.
+    cur: OwnedFd,
+    stack: Vec<Frame>,
+    stats: RemovalStats,
+}
+
+impl Walk<'_> {
+    /// Empties and removes the directory at the top of the stack, climbing back until it is empty.
+    fn remove_all(&mut self) -> Result<(), Error> {
+        while let Some(frame) = self.stack.last_mut() {
+            match frame.pending.as_mut().map(Vec::pop) {
+                None => self.read_current()?,
+                Some(Some(child)) => self.descend(child)?,
+                // Everything below is gone.
+                Some(None) => self.remove_current()?,
             }
-            continue;
         }
+        Ok(())
+    }
 
-        // Everything below is gone: remove the directory itself from its parent.
-        let parent = match stack.len() {
-            1 => None,
-            n => Some(
-                reopen_parent(cur.as_fd(), stack[n - 2].id).map_err(|e| match e {
-                    None => Error::Changed {
-                        path: path_of(&stack, None),
-                    },
-                    Some(source) => Error::Io {
-                        op: "open parent of",
-                        path: path_of(&stack, None),
-                        source,
-                    },
-                })?,
-            ),
-        };
-        let parent_fd = parent.as_ref().map_or(root, |p| p.as_fd());
-        let frame = stack.last_mut().expect("stack is not empty");
+    /// Unlinks the files of the current directory and notes its subdirectories as pending.
+    fn read_current(&mut self) -> Result<(), Error> {
+        let subdirs = empty_files(self.cur.as_fd(), self.dev, &self.stack, &mut self.stats)?;
+        let frame = self.stack.last_mut().expect("stack is not empty");
+        frame.pending = Some(subdirs);
+        frame.scans += 1;
+        Ok(())
+    }
+
+    /// Moves into the subdirectory `child` of the current directory.
+    fn descend(&mut self, child: CString) -> Result<(), Error> {
+        match open_dir(self.cur.as_fd(), &child, self.dev) {
+            Ok((fd, st)) => {
+                // Only this one fd stays open; the parent is found again through "..".
+                self.cur = fd;
+                self.stack.push(Frame::new(child, &st));
+                Ok(())
+            }
+            Err((_, Errno::ENOENT)) => Ok(()), // removed by someone else meanwhile
+            Err((_, Errno::ELOOP | Errno::ENOTDIR)) => Err(Error::Changed {
+                path: path_of(&self.stack, Some(&child)),
+            }),
+            Err((_, Errno::EXDEV)) => Err(Error::MountPoint {
+                path: path_of(&self.stack, Some(&child)),
+            }),
+            Err((op, source)) => Err(Error::Io {
+                op,
+                path: path_of(&self.stack, Some(&child)),
+                source,
+            }),
+        }
+    }
+
+    /// Removes the (emptied) current directory from its parent and climbs back to the parent; or, if
+    /// something was created in it meanwhile, marks it to be read again.
+    fn remove_current(&mut self) -> Result<(), Error> {
+        let parent = self.open_parent()?;
+        let parent_fd = parent.as_ref().map_or(self.root, |p| p.as_fd());
+        let frame = self.stack.last_mut().expect("stack is not empty");
         match unlinkat(parent_fd, frame.name.as_c_str(), UnlinkatFlags::RemoveDir) {
             Ok(()) => {
-                stats.directories += 1;
-                stats.bytes += frame.blocks;
+                self.stats.directories += 1;
+                self.stats.bytes += frame.blocks;
             }
             Err(Errno::ENOENT) => {}
             Err(Errno::ENOTEMPTY | Errno::EEXIST) if frame.scans < MAX_SCANS => {
                 // Something was created meanwhile: read the directory again (cur is still on it).
                 frame.pending = None;
-                continue;
+                return Ok(());
             }
             Err(Errno::EBUSY) => {
                 return Err(Error::MountPoint {
-                    path: path_of(&stack, None),
+                    path: path_of(&self.stack, None),
                 });
             }
             Err(source) => {
                 return Err(Error::Io {
                     op: "remove",
-                    path: path_of(&stack, None),
+                    path: path_of(&self.stack, None),
                     source,
                 });
             }
         }
-        stack.pop();
-        match parent {
-            Some(parent) => cur = parent,
-            None => break,
+        self.stack.pop();
+        if let Some(parent) = parent {
+            self.cur = parent;
         }
+        Ok(())
     }
-    // Make the removal durable, so a crash after the PV is gone does not bring the directory back.
-    fsync(root).map_err(|source| io("sync data root after removing", source))?;
-    Ok(stats)
+
+    /// The current directory's parent, checked to be the directory we came from; `None` for the volume
+    /// directory, whose parent is the data root.
+    fn open_parent(&self) -> Result<Option<OwnedFd>, Error> {
+        let n = self.stack.len();
+        if n == 1 {
+            return Ok(None);
+        }
+        reopen_parent(self.cur.as_fd(), self.stack[n - 2].id)
+            .map(Some)
+            .map_err(|e| match e {
+                None => Error::Changed {
+                    path: path_of(&self.stack, None),
+                },
+                Some(source) => Error::Io {
+                    op: "open parent of",
+                    path: path_of(&self.stack, None),
+                    source,
+                },
+            })
+    }
 }
 
 /// Renames `name` to `archived-<name>` (or `archived-<name>-<n>` if taken) under `root`, returns the new

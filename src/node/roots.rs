@@ -2,6 +2,7 @@
 //! `hostvol-config` ConfigMap, re-read when it changes. A StorageClass picks one with `dataRoot`.
 
 use std::collections::BTreeMap;
+use std::os::fd::AsFd;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
@@ -9,6 +10,8 @@ use serde::Deserialize;
 
 use crate::domain::capacity::{self, CapacityInputs};
 use crate::domain::quantity;
+use crate::domain::quota::{Enforcement, QuotaMode};
+use crate::node::quota::Quotas;
 use crate::node::volume_store::VolumeStore;
 
 use crate::domain::params::DEFAULT_ROOT;
@@ -24,6 +27,7 @@ pub struct RootSpec {
     pub reserved: u64,
     pub cap: Option<u64>,
     pub require_mount_point: bool,
+    pub quota: QuotaMode,
 }
 
 #[derive(Debug)]
@@ -35,9 +39,30 @@ pub struct Root {
     pub reserved: u64,
     pub cap: Option<u64>,
     pub require_mount_point: bool,
+    /// How volume sizes are enforced here, detected when the root is opened.
+    pub quotas: Quotas,
 }
 
 impl Root {
+    /// Opens a root and detects its quota backend.
+    pub fn open(
+        name: &str,
+        local_path: &Path,
+        spec: &RootSpec,
+    ) -> Result<Self, crate::node::volume_store::Error> {
+        let store = VolumeStore::open(local_path)?;
+        let quotas = Quotas::detect(store.root_handle().as_fd(), spec.quota);
+        Ok(Root {
+            name: name.to_string(),
+            store,
+            host_path: spec.path.clone(),
+            reserved: spec.reserved,
+            cap: spec.cap,
+            require_mount_point: spec.require_mount_point,
+            quotas,
+        })
+    }
+
     /// Why this root cannot take a volume now, if it cannot.
     pub fn problem(&self, node: &str) -> Option<String> {
         let path = &self.host_path;
@@ -47,6 +72,12 @@ impl Root {
         if self.store.is_read_only() {
             return Some(format!(
                 "node {node}: data root {:?} ({path}) is on a read-only filesystem",
+                self.name
+            ));
+        }
+        if let Enforcement::Refusing { reason } = &self.quotas.enforcement {
+            return Some(format!(
+                "node {node}: data root {:?} ({path}) has quota mode required but cannot enforce sizes: {reason}",
                 self.name
             ));
         }
@@ -118,19 +149,9 @@ impl RootSet {
             } else {
                 path_prefix.join(spec.path.trim_start_matches('/'))
             };
-            let store =
-                VolumeStore::open(&local).map_err(|e| format!("data root {name:?}: {e}"))?;
-            roots.insert(
-                name.clone(),
-                Arc::new(Root {
-                    name: name.clone(),
-                    store,
-                    host_path: spec.path.clone(),
-                    reserved: spec.reserved,
-                    cap: spec.cap,
-                    require_mount_point: spec.require_mount_point,
-                }),
-            );
+            let root =
+                Root::open(name, &local, spec).map_err(|e| format!("data root {name:?}: {e}"))?;
+            roots.insert(name.clone(), Arc::new(root));
         }
         Ok(Self { roots })
     }
@@ -159,6 +180,9 @@ struct RootConfig {
     capacity_cap: Option<String>,
     #[serde(default)]
     require_mount_point: bool,
+    /// `auto` (default), `required` or `off`.
+    #[serde(default)]
+    quota: Option<String>,
 }
 
 /// The roots the configuration gives `node` (its own entry, else `"*"`), or None if it gives none.
@@ -211,6 +235,13 @@ pub fn parse_config(text: &str, node: &str) -> Result<Option<BTreeMap<String, Ro
                     reserved: bytes("reserved", &root.reserved)?.unwrap_or(0),
                     cap: bytes("capacityCap", &root.capacity_cap)?,
                     require_mount_point: root.require_mount_point,
+                    quota: root
+                        .quota
+                        .as_deref()
+                        .map(str::parse)
+                        .transpose()
+                        .map_err(|e| format!("{at}.quota: {e}"))?
+                        .unwrap_or_default(),
                 },
             );
         }
@@ -234,7 +265,7 @@ nodes:
       default: {path: /mnt/data}
   node-a:
     roots:
-      fast: {path: /mnt/nvme/, capacityCap: 100Gi, reserved: 1Gi, requireMountPoint: true}
+      fast: {path: /mnt/nvme/, capacityCap: 100Gi, reserved: 1Gi, requireMountPoint: true, quota: required}
       default: {path: /mnt/data}
 "#;
 
@@ -248,7 +279,8 @@ nodes:
                 path: "/mnt/nvme".into(),
                 reserved: 1 << 30,
                 cap: Some(100 << 30),
-                require_mount_point: true
+                require_mount_point: true,
+                quota: QuotaMode::Required,
             }
         );
         let b = parse_config(CONFIG, "node-b").unwrap().unwrap();
@@ -288,6 +320,10 @@ nodes:
                 "unknown field",
             ),
             ("nodes:\n  n:\n    roots: {}\n", "empty"),
+            (
+                "nodes:\n  n:\n    roots:\n      fast: {path: /x, quota: strict}\n",
+                "quota",
+            ),
         ] {
             let e = parse_config(bad, "n").unwrap_err();
             assert!(e.contains(words), "{bad:?}: {e}");
@@ -305,6 +341,7 @@ nodes:
                 reserved: 0,
                 cap: Some(10 << 30),
                 require_mount_point: false,
+                quota: QuotaMode::Auto,
             },
         )]);
         let set = RootSet::open(&specs, dir.path()).unwrap();
@@ -319,6 +356,7 @@ nodes:
                 reserved: 0,
                 cap: None,
                 require_mount_point: false,
+                quota: QuotaMode::Auto,
             },
         )]);
         assert!(

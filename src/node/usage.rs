@@ -21,7 +21,8 @@ const MAX_DEPTH: usize = 512;
 pub struct Usage {
     /// Allocated bytes (st_blocks * 512), as `du` reports.
     pub bytes: u64,
-    pub inodes: u64,
+    /// Files and directories, where known (walks and project quotas count them; btrfs qgroups do not).
+    pub inodes: Option<u64>,
     pub measured_at: SystemTime,
 }
 
@@ -40,7 +41,7 @@ pub fn measure(root: BorrowedFd<'_>, name: &str) -> Result<Usage, Errno> {
     walk(top, device, 0, &mut totals, &mut seen_links)?;
     Ok(Usage {
         bytes: totals.0,
-        inodes: totals.1,
+        inodes: Some(totals.1),
         measured_at: SystemTime::now(),
     })
 }
@@ -191,7 +192,7 @@ mod tests {
             "{usage:?}"
         );
         // top, a, b, data (once despite the hard link), escape
-        assert_eq!(usage.inodes, 5, "{usage:?}");
+        assert_eq!(usage.inodes, Some(5), "{usage:?}");
     }
 
     #[test]
@@ -212,6 +213,6 @@ mod tests {
         let dirs: Vec<String> = (0..5).map(|i| format!("v{i}")).collect();
         let (n, _) = refresh(Arc::new(open(root.path())), dirs, &cache, 2).await;
         assert_eq!(n, 5);
-        assert_eq!(cache.get("v3").unwrap().inodes, 2);
+        assert_eq!(cache.get("v3").unwrap().inodes, Some(2));
     }
 }

@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, openat};
-use nix::sys::stat::{Mode, SFlag, fchmod, fstat, fstatat, mkdirat};
+use nix::sys::stat::{Mode, SFlag, fchmod, fstat, fstatat};
 use nix::unistd::{Gid, Uid, fchown, fsync};
 
 use crate::domain::naming::{self, NameError};
 use crate::domain::params::ClassParameters;
+use crate::node::quota::{Limit, Quotas};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -25,6 +26,12 @@ pub enum Error {
         "{name} in {root} exists but is not a plain directory (a file or a symlink?); hostvol will not use or follow it; move it away"
     )]
     NotADirectory { root: PathBuf, name: String },
+    #[error("cannot set the size limit of {name} in {root}: {source}")]
+    Quota {
+        root: PathBuf,
+        name: String,
+        source: std::io::Error,
+    },
     #[error("{op} {name} in {root}: {source}")]
     Io {
         op: &'static str,
@@ -45,6 +52,7 @@ impl Error {
             }
             Error::UnsafeName(_) => "unsafe_name",
             Error::NotADirectory { .. } => "not_a_directory",
+            Error::Quota { .. } => "quota",
             Error::Io { .. } => "io",
         }
     }
@@ -103,6 +111,20 @@ impl VolumeStore {
 
     /// Makes (or finds) the directory `name` directly under the root with the class's mode and owner.
     pub fn ensure_volume_dir(&self, name: &str, params: &ClassParameters) -> Result<Outcome> {
+        self.ensure_volume(name, params, &Quotas::none(), 0)
+            .map(|(outcome, _)| outcome)
+    }
+
+    /// Makes (or finds) the volume `name` directly under the root as the quota backend needs it, with
+    /// the class's mode and owner and, where the root enforces sizes, a hard limit of `bytes`. Every
+    /// step is idempotent, so a pass interrupted anywhere is finished by the next one.
+    pub fn ensure_volume(
+        &self,
+        name: &str,
+        params: &ClassParameters,
+        quotas: &Quotas,
+        bytes: u64,
+    ) -> Result<(Outcome, Option<Limit>)> {
         naming::validate_directory_name(name)?;
         let io = |op: &'static str| {
             let root = self.root_path.clone();
@@ -114,10 +136,10 @@ impl VolumeStore {
                 source,
             }
         };
-        let outcome = match mkdirat(self.root.as_fd(), name, Mode::from_bits_truncate(0o700)) {
-            Ok(()) => Outcome::Created,
-            Err(Errno::EEXIST) => Outcome::Reused,
-            Err(source) => return Err(io("create")(source)),
+        let outcome = match quotas.create_volume(self.root.as_fd(), name) {
+            Ok(true) => Outcome::Created,
+            Ok(false) => Outcome::Reused,
+            Err(source) => return Err(io("create")(errno_of(&source))),
         };
         // O_NOFOLLOW: if something swapped the name for a symlink, the open fails instead of leaving the root.
         let dir = openat(
@@ -143,11 +165,18 @@ impl VolumeStore {
         }
         // After chown (which clears setgid) and explicitly, because mkdir's mode is filtered by the umask.
         fchmod(dir.as_fd(), Mode::from_bits_truncate(params.mode)).map_err(io("chmod"))?;
+        let limit = quotas
+            .limit(self.root.as_fd(), name, bytes)
+            .map_err(|source| Error::Quota {
+                root: self.root_path.clone(),
+                name: name.to_string(),
+                source,
+            })?;
         if outcome == Outcome::Created {
             // Make the new entry durable before a PV points at it.
             fsync(self.root.as_fd()).map_err(io("sync"))?;
         }
-        Ok(outcome)
+        Ok((outcome, limit))
     }
 
     /// Whether `name` exists under the root as a real directory (symlinks do not count).
@@ -233,6 +262,10 @@ impl VolumeStore {
         }
         Ok(())
     }
+}
+
+fn errno_of(error: &std::io::Error) -> Errno {
+    error.raw_os_error().map_or(Errno::EIO, Errno::from_raw)
 }
 
 fn filesystem_type_name(magic: i64) -> String {

@@ -54,6 +54,9 @@ fn root_capacity(r: &RootFigures) -> RootCapacity {
         allocatable_bytes: r.allocatable_bytes,
         volume_count: r.volume_count,
         problem: r.problem.clone(),
+        quota: r.quota.clone(),
+        quota_mode: r.quota_mode.clone(),
+        quota_detail: r.quota_detail.clone(),
     }
 }
 
@@ -77,6 +80,8 @@ fn capacity_report(figures: &NodeFigures) -> CapacityReport {
         volume_count: primary.volume_count,
         observed_at: figures.observed_at.map(timestamp),
         roots: figures.roots.iter().map(root_capacity).collect(),
+        quota: primary.quota.clone(),
+        quota_mode: primary.quota_mode.clone(),
     }
 }
 
@@ -106,7 +111,7 @@ fn describe_volume(pv: &PersistentVolume, usage: &UsageCache) -> Volume {
             })
             .unwrap_or(0),
         used_bytes: measured.map(|u| u.bytes),
-        used_inodes: measured.map(|u| u.inodes),
+        used_inodes: measured.and_then(|u| u.inodes),
         phase: pv
             .status
             .as_ref()

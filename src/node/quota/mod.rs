@@ -1,0 +1,322 @@
+//! Enforced sizes: each data root's quota backend, chosen from its quota mode and what its filesystem
+//! offers (see [`crate::domain::quota`]). btrfs: a subvolume per volume with a qgroup limit
+//! ([`btrfs`]); XFS and ext4: a project id per volume directory with a block hard limit
+//! ([`project`]). All through syscalls on open handles, never through the filesystems' tools.
+
+pub mod btrfs;
+pub mod project;
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use nix::fcntl::{OFlag, openat};
+use nix::sys::stat::Mode;
+
+use crate::domain::naming;
+use crate::domain::quota::{Enforcement, Mechanism, Offer, QuotaMode, decide};
+use crate::node::removal;
+
+/// What one data root does about sizes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quotas {
+    pub mode: QuotaMode,
+    pub enforcement: Enforcement,
+}
+
+/// The limit set on one volume: where a restart (and the PV) finds it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// btrfs subvolume id; its qgroup is `0/<id>`.
+    Qgroup(u64),
+    /// XFS/ext4 project id.
+    Project(u32),
+}
+
+impl Limit {
+    /// The value recorded on the PV (`hostvol.io/quota`).
+    pub fn record(&self) -> String {
+        match self {
+            Limit::Qgroup(id) => format!("qgroup 0/{id}"),
+            Limit::Project(id) => format!("project {id}"),
+        }
+    }
+}
+
+impl Quotas {
+    /// No enforcement: plain directories, no limits.
+    pub fn none() -> Self {
+        Quotas {
+            mode: QuotaMode::Off,
+            enforcement: Enforcement::Unlimited {
+                reason: "quota mode off".into(),
+            },
+        }
+    }
+
+    /// Detects what the root's filesystem offers and decides with `mode`.
+    pub fn detect(root: BorrowedFd<'_>, mode: QuotaMode) -> Self {
+        let offer = if mode == QuotaMode::Off {
+            Offer::Unavailable("quota mode off".into())
+        } else {
+            offer(root)
+        };
+        Quotas {
+            mode,
+            enforcement: decide(mode, &offer),
+        }
+    }
+
+    pub fn mechanism(&self) -> Option<Mechanism> {
+        self.enforcement.mechanism()
+    }
+
+    /// Volumes are btrfs subvolumes (not plain directories) on this root.
+    pub fn uses_subvolumes(&self) -> bool {
+        self.mechanism() == Some(Mechanism::BtrfsQgroup)
+    }
+
+    /// Makes the volume `name` under `root` as this backend needs it: a subvolume on btrfs, a plain
+    /// directory otherwise. `Ok(false)` if it already exists (an earlier, interrupted pass).
+    pub fn create_volume(&self, root: BorrowedFd<'_>, name: &str) -> io::Result<bool> {
+        naming::validate_directory_name(name).map_err(invalid)?;
+        let made = if self.uses_subvolumes() {
+            btrfs::create_subvolume(root, name)
+        } else {
+            nix::sys::stat::mkdirat(root, name, Mode::from_bits_truncate(0o700))
+                .map_err(io::Error::from)
+        };
+        match made {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sets (or raises) the volume's hard limit to `bytes`; idempotent, so an interrupted pass is
+    /// finished by the next. `None` when this root does not enforce sizes.
+    pub fn limit(&self, root: BorrowedFd<'_>, name: &str, bytes: u64) -> io::Result<Option<Limit>> {
+        let Some(mechanism) = self.mechanism() else {
+            return Ok(None);
+        };
+        naming::validate_directory_name(name).map_err(invalid)?;
+        if mechanism == Mechanism::BtrfsQgroup {
+            let volume = btrfs::open_subvolume(root, name)?;
+            btrfs::set_limit(volume.as_fd(), Some(bytes))?;
+            return Ok(Some(Limit::Qgroup(btrfs::subvolume_id(volume.as_fd())?)));
+        }
+        let volume = open_volume(root, name)?;
+        let id = match project::project_of(volume.as_fd())? {
+            // Set by an earlier pass (ids differ from the root's own, which new directories inherit).
+            (id, true) if id != 0 && id != project::project_of(root)?.0 => id,
+            _ => project::assign_new_project(root, volume.as_fd(), project::random_start())?,
+        };
+        project::set_limit(root, id, Some(bytes))?;
+        Ok(Some(Limit::Project(id)))
+    }
+
+    /// Removes the volume `name` if it is a subvolume (destroy, then its qgroup), returning `true`;
+    /// `false` for a plain directory, which the caller removes with the safe walk. The destroy ioctl
+    /// deletes only that subvolume's own tree: it never follows symlinks or leaves the volume.
+    pub fn remove_subvolume(&self, root: BorrowedFd<'_>, name: &str) -> io::Result<bool> {
+        naming::validate_directory_name(name).map_err(invalid)?;
+        if !btrfs::is_btrfs(root)? {
+            return Ok(false);
+        }
+        let volume = match btrfs::open_subvolume(root, name) {
+            Ok(volume) => volume,
+            // A plain directory, or nothing: the safe walk handles both.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::InvalidInput | io::ErrorKind::NotFound
+                ) =>
+            {
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        let id = btrfs::subvolume_id(volume.as_fd())?;
+        drop(volume);
+        btrfs::destroy_subvolume(root, name)?;
+        // The kernel drops the qgroup itself once the subvolume's data is cleaned up; until then
+        // removing it is refused (busy), which is fine.
+        match btrfs::remove_qgroup(root, id) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::ResourceBusy => {}
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {} // quotas turned off since
+            Err(e) => return Err(e),
+        }
+        Ok(true)
+    }
+
+    /// Removes the volume `name` and its limit, never following a symlink or leaving the root: a
+    /// subvolume with the destroy ioctl (then its qgroup); a directory with the safe walk, then its
+    /// project limit reset so the id is free again. Says what it did.
+    pub fn remove_volume(
+        &self,
+        root: BorrowedFd<'_>,
+        name: &str,
+    ) -> Result<String, removal::Error> {
+        let failed = |op: &'static str| {
+            let path = std::path::PathBuf::from(name);
+            move |e: io::Error| removal::Error::Io {
+                op,
+                path,
+                source: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+            }
+        };
+        if self
+            .remove_subvolume(root, name)
+            .map_err(failed("destroy subvolume"))?
+        {
+            return Ok("removed the subvolume and its qgroup".into());
+        }
+        let project = self.project_of(root, name).ok().flatten();
+        let stats = removal::remove_volume_dir(root, name)?;
+        if let Some(id) = project {
+            self.release_project(root, id)
+                .map_err(failed("reset project limit"))?;
+        }
+        Ok(format!(
+            "removed {} files, {} directories",
+            stats.files, stats.directories
+        ))
+    }
+
+    /// The project id of a volume directory about to be removed, so its limit can be reset after.
+    pub fn project_of(&self, root: BorrowedFd<'_>, name: &str) -> io::Result<Option<u32>> {
+        if !matches!(
+            self.mechanism(),
+            Some(Mechanism::XfsProject | Mechanism::Ext4Project)
+        ) {
+            return Ok(None);
+        }
+        let volume = open_volume(root, name)?;
+        let (id, _) = project::project_of(volume.as_fd())?;
+        Ok((id != 0 && id != project::project_of(root)?.0).then_some(id))
+    }
+
+    /// Resets a removed volume's project limit, so the id is free again.
+    pub fn release_project(&self, root: BorrowedFd<'_>, id: u32) -> io::Result<()> {
+        project::set_limit(root, id, None)
+    }
+
+    /// Bytes used per volume name, from the quota accounting (no walks); `None` when this root has
+    /// no quota backend. Names whose figures cannot be read are left out.
+    pub fn usage(
+        &self,
+        root: BorrowedFd<'_>,
+        names: &[String],
+    ) -> io::Result<Option<HashMap<String, QuotaUsage>>> {
+        let Some(mechanism) = self.mechanism() else {
+            return Ok(None);
+        };
+        let mut out = HashMap::with_capacity(names.len());
+        if mechanism == Mechanism::BtrfsQgroup {
+            let groups = btrfs::qgroups(root)?;
+            for name in names {
+                let Ok(volume) = btrfs::open_subvolume(root, name) else {
+                    continue;
+                };
+                let Ok(id) = btrfs::subvolume_id(volume.as_fd()) else {
+                    continue;
+                };
+                if let Some(group) = groups.get(&id) {
+                    out.insert(
+                        name.clone(),
+                        QuotaUsage {
+                            used_bytes: group.referenced,
+                            inodes: None,
+                            limit_bytes: group.max_referenced,
+                        },
+                    );
+                }
+            }
+        } else {
+            let root_project = project::project_of(root)?.0;
+            for name in names {
+                let Ok(volume) = open_volume(root, name) else {
+                    continue;
+                };
+                let Ok((id, _)) = project::project_of(volume.as_fd()) else {
+                    continue;
+                };
+                if id == 0 || id == root_project {
+                    continue;
+                }
+                if let Ok(u) = project::usage(root, id) {
+                    out.insert(
+                        name.clone(),
+                        QuotaUsage {
+                            used_bytes: u.used_bytes,
+                            inodes: Some(u.inodes),
+                            limit_bytes: u.limit_bytes,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+/// One volume's figures from the quota accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaUsage {
+    pub used_bytes: u64,
+    /// Inodes, where the backend counts them (project quotas).
+    pub inodes: Option<u64>,
+    pub limit_bytes: Option<u64>,
+}
+
+/// What the filesystem under `root` offers, with what to enable when it offers nothing.
+fn offer(root: BorrowedFd<'_>) -> Offer {
+    match btrfs::is_btrfs(root) {
+        Ok(true) => {
+            return match btrfs::quota_state(root) {
+                Ok(state) if state.is_enabled() => Offer::Available(Mechanism::BtrfsQgroup),
+                Ok(state) => Offer::Unavailable(
+                    state
+                        .advice()
+                        .unwrap_or("btrfs quotas are off: run `btrfs quota enable <data root>`")
+                        .to_string(),
+                ),
+                Err(e) => Offer::Unavailable(format!("cannot read the btrfs quota state: {e}")),
+            };
+        }
+        Ok(false) => {}
+        Err(e) => return Offer::Unavailable(format!("cannot tell the filesystem type: {e}")),
+    }
+    let filesystem = match project::detect(root) {
+        Ok(Some(fs)) => fs,
+        Ok(None) => {
+            return Offer::Unavailable(
+                "the filesystem has no quota support hostvol uses (btrfs, XFS or ext4)".into(),
+            );
+        }
+        Err(e) => return Offer::Unavailable(format!("cannot tell the filesystem type: {e}")),
+    };
+    match project::enforcement(root) {
+        Ok(state) if state.is_enforced() => Offer::Available(match filesystem {
+            project::Filesystem::Xfs => Mechanism::XfsProject,
+            project::Filesystem::Ext4 => Mechanism::Ext4Project,
+        }),
+        Ok(state) => Offer::Unavailable(state.to_string()),
+        Err(e) => Offer::Unavailable(format!("cannot read the {filesystem} quota state: {e}")),
+    }
+}
+
+fn open_volume(root: BorrowedFd<'_>, name: &str) -> io::Result<OwnedFd> {
+    naming::validate_directory_name(name).map_err(invalid)?;
+    Ok(openat(
+        root,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+fn invalid(e: naming::NameError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+}
