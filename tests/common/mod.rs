@@ -23,6 +23,8 @@
 //! * `inspect.rs`: reading state for assertions: Events, hostvol's PVs, CSIStorageCapacity objects,
 //!   metrics, directories in a data root.
 //! * `kubelet.rs` (the played kubelet), `process.rs` (child processes), `http.rs` (plain GET).
+//!
+//! Benches add `benches/support/mod.rs` (figures and bench setup) on top of this.
 #![allow(dead_code, unused_imports)]
 
 mod agent;
