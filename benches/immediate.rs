@@ -5,46 +5,38 @@
 #[path = "../tests/common/mod.rs"]
 #[allow(dead_code)]
 mod common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, metric_value};
+use common::{Cluster, claim_yaml, class_yaml, metric_value};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
+use support::{env_usize, requested, runtime};
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("immediate benchmark: run with `cargo bench --bench immediate`; skipped");
+    if !requested("immediate") {
         return;
     }
-    let n: usize = std::env::var("HOSTVOL_BENCH_IMMEDIATE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
+    let n = env_usize("HOSTVOL_BENCH_IMMEDIATE", 100);
+    runtime().block_on(async move {
         let cluster = Cluster::start().await;
         cluster.apply_repo_manifest("deploy/csidriver.yaml");
-        let mut agents = Vec::new();
-        for (node, cap) in [("node-a", "100Gi"), ("node-b", "200Gi"), ("node-c", "300Gi")] {
-            cluster.add_node(node).await;
-            agents.push(cluster.start_agent(node, &["--capacity-cap", cap]).await);
-        }
-        cluster.kubectl_apply_yaml(
-            "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: now\nprovisioner: hostpath.hostvol.io\n\
-             volumeBindingMode: Immediate\nreclaimPolicy: Retain\n",
-        );
+        let agents = cluster
+            .add_nodes_with_agents(&[
+                ("node-a", &["--capacity-cap", "100Gi"]),
+                ("node-b", &["--capacity-cap", "200Gi"]),
+                ("node-c", &["--capacity-cap", "300Gi"]),
+            ])
+            .await;
+        cluster.kubectl_apply_yaml(&class_yaml("now", "Immediate", "Retain", &[]));
         cluster.create_namespace("bench").await;
         // All three nodes' capacities must be published before the claims arrive.
         tokio::time::sleep(Duration::from_secs(8)).await;
         let manifests: Vec<String> = (0..n)
-            .map(|i| format!("apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: c{i}\n  namespace: bench\nspec:\n  storageClassName: now\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 1Gi\n"))
+            .map(|i| claim_yaml("bench", &format!("c{i}"), "now", "1Gi", None))
             .collect();
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client(), "bench");
         let started = Instant::now();

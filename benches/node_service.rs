@@ -1,6 +1,6 @@
 //! Benchmark of the gRPC node service (`hostvol.v1.Node`) of a real `hostvol agent` on a real
 //! Kubernetes 1.20 control plane (the e2e harness of tests/common), and of the usage walk
-//! (`hostvol::node::usage::refresh`). It prints figures; it asserts nothing about timing.
+//! (`usage::refresh`, re-exported by the harness). It prints figures; it asserts nothing about timing.
 //!
 //! Run: `cargo bench --bench node_service` (needs `scripts/setup-control-plane.sh` first). `cargo
 //! bench` builds the agent with the bench profile (release); the path of the binary run is printed.
@@ -27,24 +27,26 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Agent, Cluster};
+use common::grpc::node_client::NodeClient;
+use common::grpc::{GetCapacityRequest, ListVolumesRequest};
+use common::usage::{self, UsageCache};
+use common::{Address, Agent, Cluster, capacity_report, connect};
 use futures::{StreamExt, TryStreamExt};
-use hostvol::cli::report::{Address, connect};
-use hostvol::node::usage::{self, UsageCache};
-use hostvol::service::grpc::v1::node_client::NodeClient;
-use hostvol::service::grpc::v1::{GetCapacityRequest, ListVolumesRequest};
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{Api, ListParams, PostParams};
-use serde_json::json;
+use support::{
+    Summary, agent_exe, build_kind, claim, cores, env_usize, loadavg, requested, rss_mib, runtime,
+    summarize_us, us,
+};
 use tonic::transport::Channel;
 
-const ANN_SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
 const NODE: &str = "node-a";
 const NS: &str = "bench";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -52,19 +54,6 @@ const WARMUP: usize = 200;
 const LIST_CALLS: usize = 1000;
 /// The agent's default `--usage-concurrency`.
 const USAGE_CONCURRENCY: usize = 2;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
 
 fn uptime() -> String {
     std::process::Command::new("uptime")
@@ -179,63 +168,6 @@ impl std::fmt::Display for CpuUse {
 // Figures
 // ---------------------------------------------------------------------------------------------
 
-/// Nearest-rank percentile of sorted values.
-fn pct(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-/// Latency summary in microseconds.
-struct Summary {
-    n: usize,
-    median: f64,
-    p90: f64,
-    p99: f64,
-    max: f64,
-}
-
-fn summarize(mut v: Vec<f64>) -> Summary {
-    v.sort_by(|a, b| a.total_cmp(b));
-    Summary {
-        n: v.len(),
-        median: pct(&v, 0.5),
-        p90: pct(&v, 0.9),
-        p99: pct(&v, 0.99),
-        max: v.last().copied().unwrap_or(f64::NAN),
-    }
-}
-
-impl std::fmt::Display for Summary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "median {:.0} us, p90 {:.0} us, p99 {:.0} us, max {:.0} us ({} calls)",
-            self.median, self.p90, self.p99, self.max, self.n
-        )
-    }
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
-
-/// (VmRSS, VmHWM) of this process in MiB.
-fn own_rss_mib() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-            .map(|kib| kib / 1024.0)
-            .unwrap_or(f64::NAN)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 /// Resets this process's peak RSS (VmHWM) to the current RSS (Linux >= 4.0); false if not possible.
 fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
@@ -244,18 +176,6 @@ fn reset_peak_rss() -> bool {
 // ---------------------------------------------------------------------------------------------
 // Part 1 + 2: the node service of a real agent
 // ---------------------------------------------------------------------------------------------
-
-fn claim(name: &str) -> PersistentVolumeClaim {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "namespace": NS, "annotations": { ANN_SELECTED_NODE: NODE }},
-        "spec": {
-            "storageClassName": "hostvol",
-            "accessModes": ["ReadWriteOnce"],
-            "resources": {"requests": {"storage": "1Gi"}}
-        }
-    }))
-    .unwrap()
-}
 
 /// Creates `n` claims selected onto the agent's node (8 requests in flight) and waits until all are
 /// Bound and the agent counts them.
@@ -268,9 +188,12 @@ async fn provision(cluster: &Cluster, agent: &Agent, n: usize) {
         .map(|i| {
             let api = api.clone();
             async move {
-                api.create(&PostParams::default(), &claim(&format!("c{i}")))
-                    .await
-                    .map(|_| ())
+                api.create(
+                    &PostParams::default(),
+                    &claim(NS, &format!("c{i}"), "hostvol", "1Gi", Some(NODE)),
+                )
+                .await
+                .map(|_| ())
             }
         })
         .buffer_unordered(8)
@@ -294,7 +217,7 @@ async fn provision(cluster: &Cluster, agent: &Agent, n: usize) {
             &format!("{n} claims Bound"),
         )
         .await;
-    let mut client = connect(&tcp(agent), CONNECT_TIMEOUT)
+    let mut client = connect(&agent.grpc_tcp(), CONNECT_TIMEOUT)
         .await
         .expect("connect to the agent");
     cluster
@@ -313,11 +236,7 @@ async fn provision(cluster: &Cluster, agent: &Agent, n: usize) {
             &format!("agent reports {n} volumes"),
         )
         .await;
-    let report = client
-        .get_capacity(GetCapacityRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let report = capacity_report(&mut client).await;
     eprintln!(
         "[bench] {n} claims Bound in {:.1} s; agent reports {} volumes, {} bytes allocated, filesystem {}",
         t0.elapsed().as_secs_f64(),
@@ -327,32 +246,34 @@ async fn provision(cluster: &Cluster, agent: &Agent, n: usize) {
     );
 }
 
-fn tcp(agent: &Agent) -> Address {
-    Address::Tcp(agent.grpc_addr.to_string())
-}
-
-fn unix(agent: &Agent) -> Address {
-    Address::Unix(agent.grpc_socket.clone())
+/// The agent's node service over loopback TCP and over its Unix socket, with their names.
+fn transports(agent: &Agent) -> [(&'static str, Address); 2] {
+    [
+        ("TCP", agent.grpc_tcp()),
+        ("Unix socket", agent.grpc_unix()),
+    ]
 }
 
 /// `calls` sequential GetCapacity calls on one channel, after a warm-up.
 async fn sequential_get_capacity(client: &mut NodeClient<Channel>, calls: usize) -> Summary {
     for _ in 0..WARMUP {
-        client
-            .get_capacity(GetCapacityRequest {})
-            .await
-            .expect("GetCapacity");
+        capacity_report(client).await;
     }
+    time_calls(calls, async || {
+        capacity_report(client).await;
+    })
+    .await
+}
+
+/// Latencies of `calls` sequential calls of `call`.
+async fn time_calls(calls: usize, mut call: impl AsyncFnMut()) -> Summary {
     let mut lat = Vec::with_capacity(calls);
     for _ in 0..calls {
         let t = Instant::now();
-        client
-            .get_capacity(GetCapacityRequest {})
-            .await
-            .expect("GetCapacity");
+        call().await;
         lat.push(us(t.elapsed()));
     }
-    summarize(lat)
+    summarize_us(lat)
 }
 
 struct Throughput {
@@ -422,7 +343,7 @@ async fn throughput(address: &Address, clients: usize, seconds: u64, agent_pid: 
         calls,
         errors,
         per_sec: calls as f64 / wall,
-        latency: summarize(lat),
+        latency: summarize_us(lat),
         cpu,
     }
 }
@@ -441,16 +362,14 @@ async fn list_volumes_latency(
         assert_eq!(r.volumes.len(), volumes, "ListVolumes returns every volume");
         size = prost::Message::encoded_len(&r);
     }
-    let mut lat = Vec::with_capacity(LIST_CALLS);
-    for _ in 0..LIST_CALLS {
-        let t = Instant::now();
+    let latency = time_calls(LIST_CALLS, async || {
         client
             .list_volumes(ListVolumesRequest {})
             .await
             .expect("ListVolumes");
-        lat.push(us(t.elapsed()));
-    }
-    (summarize(lat), size)
+    })
+    .await;
+    (latency, size)
 }
 
 #[derive(Default)]
@@ -473,11 +392,9 @@ async fn grpc_part(volumes: usize, calls: usize, clients: usize, seconds: u64) -
     let cluster = Cluster::start().await;
     cluster.add_node(NODE).await;
     let agent = cluster.start_agent(NODE, &[]).await;
-    let exe = std::fs::read_link(format!("/proc/{}/exe", agent.pid()))
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|e| format!("? ({e})"));
     eprintln!(
-        "[bench] agent {NODE} runs {exe} (pid {}); gRPC {} and {}",
+        "[bench] agent {NODE} runs {} (pid {}); gRPC {} and {}",
+        agent_exe(&agent),
         agent.pid(),
         agent.grpc_addr,
         agent.grpc_socket.display()
@@ -486,7 +403,7 @@ async fn grpc_part(volumes: usize, calls: usize, clients: usize, seconds: u64) -
     // Let the agent's first usage walk of the new volumes and the PV controller's last updates settle.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    for (name, address) in [("TCP", tcp(&agent)), ("Unix socket", unix(&agent))] {
+    for (name, address) in transports(&agent) {
         let mut client = connect(&address, CONNECT_TIMEOUT)
             .await
             .unwrap_or_else(|e| panic!("connect {address}: {e}"));
@@ -510,7 +427,7 @@ async fn grpc_part(volumes: usize, calls: usize, clients: usize, seconds: u64) -
         }
     }
 
-    for (name, address) in [("TCP", tcp(&agent)), ("Unix socket", unix(&agent))] {
+    for (name, address) in transports(&agent) {
         eprintln!(
             "[bench] part 2: {clients} clients on separate channels, GetCapacity for {seconds} s over {name}; load {}",
             loadavg()
@@ -526,7 +443,7 @@ async fn grpc_part(volumes: usize, calls: usize, clients: usize, seconds: u64) -
         }
     }
 
-    for (name, address) in [("TCP", tcp(&agent)), ("Unix socket", unix(&agent))] {
+    for (name, address) in transports(&agent) {
         let mut client = connect(&address, CONNECT_TIMEOUT).await.expect("connect");
         eprintln!(
             "[bench] part 2: {LIST_CALLS} sequential ListVolumes calls ({volumes} volumes) over {name}; load {}",
@@ -607,18 +524,18 @@ struct UsageRun {
 
 async fn usage_run(root: &Arc<OwnedFd>, names: &[String]) -> UsageRun {
     let cache = UsageCache::default();
-    let (rss_before, _) = own_rss_mib();
+    let (rss_before, _) = rss_mib("self");
     let peak = reset_peak_rss();
     let cpu = CpuWindow::start(None);
     let (measured, wall) =
         usage::refresh(root.clone(), names.to_vec(), &cache, USAGE_CONCURRENCY).await;
     let cpu = cpu.stop();
-    let (_, hwm) = own_rss_mib();
+    let (_, hwm) = rss_mib("self");
     let (mut bytes, mut inodes) = (0, 0);
     for n in names {
         if let Some(u) = cache.get(n) {
             bytes += u.bytes;
-            inodes += u.inodes;
+            inodes += u.inodes.unwrap_or(0);
         }
     }
     UsageRun {
@@ -713,9 +630,8 @@ async fn usage_part(dirs: usize, files_per_dir: usize) -> UsageReport {
 // ---------------------------------------------------------------------------------------------
 
 fn main() {
-    // `cargo test --benches` / `--all-targets` run this binary without `--bench`: skip the run.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("node_service benchmark: run with `cargo bench --bench node_service`; skipped");
+    // Without `--bench` (`cargo test --benches`), skip the run.
+    if !requested("node_service") {
         return;
     }
     let volumes = env_usize("HOSTVOL_BENCH_VOLUMES", 50);
@@ -730,24 +646,16 @@ fn main() {
         "usage" => (false, true),
         _ => (true, true),
     };
-    let exe = env!("CARGO_BIN_EXE_hostvol");
-    let release = !Path::new(exe)
-        .components()
-        .any(|c| c.as_os_str() == "debug");
     let agent_bin = common::hostvol_bin();
     eprintln!(
         "[bench] agent binary {} ({} build)",
         agent_bin.display(),
-        if release { "release" } else { "debug" }
+        build_kind()
     );
     let uptime_start = uptime();
     let started = Instant::now();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let (grpc, usage) = rt.block_on(async {
         let grpc = if do_grpc {
             Some(grpc_part(volumes, calls, clients, seconds).await)
@@ -763,15 +671,13 @@ fn main() {
     });
     rt.shutdown_timeout(Duration::from_secs(2));
 
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
     let na = || "n/a".to_string();
     println!();
     println!(
-        "hostvol node service benchmark ({cores} cores, Kubernetes {}, {} build; {:.0} s)",
+        "hostvol node service benchmark ({} cores, Kubernetes {}, {} build; {:.0} s)",
+        cores(),
         common::K8S_VERSION,
-        if release { "release" } else { "debug" },
+        build_kind(),
         started.elapsed().as_secs_f64()
     );
     println!("agent binary: {}", agent_bin.display());

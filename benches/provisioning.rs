@@ -19,6 +19,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -32,27 +33,17 @@ use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
+use support::{
+    AGENT_BIN, Summary, agent_exe, build_kind, claim, cores, env_usize, loadavg, ms, requested,
+    rss_mib, runtime, summarize_ms,
+};
 use tokio::sync::Notify;
 
-const ANN_SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
 const ANN_PROVISIONER_BETA: &str = "volume.beta.kubernetes.io/storage-provisioner";
 const ANN_PROVISIONER: &str = "volume.kubernetes.io/storage-provisioner";
 const PARALLEL: usize = 8;
 /// Claim size: small, so hundreds of volumes fit the agent's capacity (it is the filesystem's size).
 const SIZE: &str = "1Mi";
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
 
 // ---------------------------------------------------------------------------------------------
 // Watch-arrival stamps
@@ -130,78 +121,60 @@ impl Recorder {
 /// Starts a claim watch and a PV watch (all namespaces) stamping arrivals; returns after both listed,
 /// with the tasks to abort when the cluster goes.
 async fn start_watches(client: Client, rec: Arc<Recorder>) -> Vec<tokio::task::JoinHandle<()>> {
-    let (tx1, rx1) = tokio::sync::oneshot::channel();
-    let (tx2, rx2) = tokio::sync::oneshot::channel();
     let r = rec.clone();
-    let c = client.clone();
-    let claims = tokio::spawn(async move {
-        let mut ready = Some(tx1);
-        let mut s = watcher(
-            Api::<PersistentVolumeClaim>::all(c),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .boxed();
-        while let Some(ev) = s.next().await {
-            let now = Instant::now();
-            match ev {
-                Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => r.claim(&p, now),
-                Ok(watcher::Event::InitDone) => {
-                    if let Some(tx) = ready.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => eprintln!("[bench] claim watch: {e}"),
-            }
-        }
-    });
-    let volumes = tokio::spawn(async move {
-        let mut ready = Some(tx2);
-        let mut s = watcher(
-            Api::<PersistentVolume>::all(client),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .boxed();
-        while let Some(ev) = s.next().await {
-            let now = Instant::now();
-            match ev {
-                Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => rec.volume(&p, now),
-                Ok(watcher::Event::InitDone) => {
-                    if let Some(tx) = ready.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => eprintln!("[bench] PV watch: {e}"),
-            }
-        }
-    });
-    let _ = rx1.await;
-    let _ = rx2.await;
+    let (claims, claims_listed) = spawn_watch(
+        Api::<PersistentVolumeClaim>::all(client.clone()),
+        "claim",
+        move |p, now| r.claim(p, now),
+    );
+    let (volumes, volumes_listed) =
+        spawn_watch(Api::<PersistentVolume>::all(client), "PV", move |p, now| {
+            rec.volume(p, now)
+        });
+    let _ = claims_listed.await;
+    let _ = volumes_listed.await;
     vec![claims, volumes]
+}
+
+/// Watches `api`, calling `seen(object, arrival)` for every object event; the receiver fires once
+/// the initial list is done.
+fn spawn_watch<K>(
+    api: Api<K>,
+    what: &'static str,
+    seen: impl Fn(&K, Instant) + Send + 'static,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::oneshot::Receiver<()>,
+)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut ready = Some(tx);
+        let mut s = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        while let Some(ev) = s.next().await {
+            let now = Instant::now();
+            match ev {
+                Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => seen(&p, now),
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(tx) = ready.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => eprintln!("[bench] {what} watch: {e}"),
+            }
+        }
+    });
+    (task, rx)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Objects
 // ---------------------------------------------------------------------------------------------
-
-fn claim(ns: &str, name: &str, class: &str, node: Option<&str>) -> PersistentVolumeClaim {
-    let mut meta = json!({"name": name, "namespace": ns});
-    if let Some(node) = node {
-        meta["annotations"] = json!({ ANN_SELECTED_NODE: node });
-    }
-    serde_json::from_value(json!({
-        "metadata": meta,
-        "spec": {
-            "storageClassName": class,
-            "accessModes": ["ReadWriteOnce"],
-            "resources": {"requests": {"storage": SIZE}}
-        }
-    }))
-    .unwrap()
-}
 
 /// A hostPath PV pre-bound to ns/claim (claimRef without uid), pinned to `node`, as an admin writes it.
 fn prebound_pv(name: &str, ns: &str, claim: &str, node: &str) -> PersistentVolume {
@@ -268,48 +241,6 @@ async fn namespace(client: &Client, name: &str) {
 // ---------------------------------------------------------------------------------------------
 // Figures
 // ---------------------------------------------------------------------------------------------
-
-/// Nearest-rank percentile of sorted values.
-fn pct(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-struct Summary {
-    n: usize,
-    median: f64,
-    p90: f64,
-    p99: f64,
-    max: f64,
-}
-
-fn summarize(mut v: Vec<f64>) -> Summary {
-    v.sort_by(|a, b| a.total_cmp(b));
-    Summary {
-        n: v.len(),
-        median: pct(&v, 0.5),
-        p90: pct(&v, 0.9),
-        p99: pct(&v, 0.99),
-        max: v.last().copied().unwrap_or(f64::NAN),
-    }
-}
-
-impl std::fmt::Display for Summary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "median {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} claims",
-            self.median, self.p90, self.p99, self.max, self.n
-        )
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
 
 /// Signed milliseconds from `a` to `b`.
 fn ms_between(a: Instant, b: Instant) -> f64 {
@@ -472,26 +403,6 @@ fn mkdir_fsync_floor(root: &Path, n: usize) -> Vec<f64> {
     out
 }
 
-/// (VmRSS, VmHWM) of a process in MiB.
-fn rss_mib(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-            .map(|kib| kib / 1024.0)
-            .unwrap_or(f64::NAN)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn agent_exe(agent: &Agent) -> String {
-    std::fs::read_link(format!("/proc/{}/exe", agent.pid()))
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|e| format!("? ({e})"))
-}
-
 fn storage_classes(cluster: &Cluster) {
     cluster.apply_repo_manifest("deploy/storageclass.yaml");
     cluster.kubectl_apply_yaml(
@@ -539,7 +450,7 @@ async fn sequential(
         let t = Instant::now();
         api.create(
             &PostParams::default(),
-            &claim(ns, &name, "hostvol", Some("node-a")),
+            &claim(ns, &name, "hostvol", SIZE, Some("node-a")),
         )
         .await
         .unwrap_or_else(|e| panic!("create {name}: {e}"));
@@ -580,8 +491,8 @@ async fn sequential(
             .collect();
         (d, c)
     };
-    let outside = summarize(deltas);
-    let log = summarize(logged_millis(agent, ns));
+    let outside = summarize_ms(deltas);
+    let log = summarize_ms(logged_millis(agent, ns));
     let metrics = agent.metrics().await;
     let buckets = histogram(&metrics, "hostvol_provision_duration_seconds");
     let count = buckets.last().map(|b| b.1).unwrap_or(0.0);
@@ -601,7 +512,7 @@ async fn sequential(
     );
     eprintln!(
         "[bench]   create acknowledged -> annotation (PV controller): {}",
-        summarize(controller)
+        summarize_ms(controller)
     );
     eprintln!("[bench]   outside view (annotation -> PV):  {outside}");
     eprintln!("[bench]   agent log millis=:                {log}");
@@ -632,10 +543,10 @@ async fn sequential(
     );
     let (before, post) = logged_split(agent, ns);
     let (before, post, post_rtt, get_rtt) = (
-        summarize(before),
-        summarize(post),
-        summarize(post_rtt),
-        summarize(get_rtt),
+        summarize_ms(before),
+        summarize_ms(post),
+        summarize_ms(post_rtt),
+        summarize_ms(get_rtt),
     );
     eprintln!(
         "[bench]   agent log split: start -> directory ready (GET claim, GET PV, lock, statvfs, mkdir+fsync): {before}"
@@ -645,7 +556,7 @@ async fn sequential(
     );
     eprintln!("[bench]   this client's API round trips for comparison: POST claim {post_rtt}");
     eprintln!("[bench]                                                  GET claim  {get_rtt}");
-    let fsync = summarize(mkdir_fsync_floor(
+    let fsync = summarize_ms(mkdir_fsync_floor(
         agent.root.parent().unwrap_or(&agent.root),
         n,
     ));
@@ -698,16 +609,16 @@ fn burst_stages(rec: &Recorder, ns: &str, t0: Instant) {
     if !annot.is_empty() {
         eprintln!(
             "[bench]   start -> provisioner annotation (PV controller): {}",
-            summarize(annot)
+            summarize_ms(annot)
         );
         eprintln!(
             "[bench]   annotation -> PV (agent):                      {}",
-            summarize(agent)
+            summarize_ms(agent)
         );
     }
     eprintln!(
         "[bench]   PV -> claim Bound (PV controller):             {}",
-        summarize(bind)
+        summarize_ms(bind)
     );
     let bound: Vec<f64> = s
         .bound
@@ -717,7 +628,7 @@ fn burst_stages(rec: &Recorder, ns: &str, t0: Instant) {
         .collect();
     eprintln!(
         "[bench]   start -> claim Bound:                          {}",
-        summarize(bound)
+        summarize_ms(bound)
     );
 }
 
@@ -730,7 +641,6 @@ async fn burst(
     report: &mut Report,
 ) {
     let client = cluster.client();
-    let timeout = Duration::from_secs(150);
 
     // (i) baseline: claims without class + pre-bound PVs, interleaved, 8 requests in flight.
     let ns = "baseline";
@@ -738,7 +648,7 @@ async fn burst(
     let mut objs = Vec::new();
     for i in 0..n {
         let name = format!("base-{i}");
-        objs.push(Obj::Claim(claim(ns, &name, "", None)));
+        objs.push(Obj::Claim(claim(ns, &name, "", SIZE, None)));
         objs.push(Obj::Volume(prebound_pv(
             &format!("bench-base-{i}"),
             ns,
@@ -750,24 +660,7 @@ async fn burst(
         "[bench] phase 2 (i): baseline, {n} claims + {n} pre-bound PVs with {PARALLEL} requests in flight (load {})",
         loadavg()
     );
-    let t0 = Instant::now();
-    create_all(&client, objs).await;
-    let created = t0.elapsed();
-    let ok = rec
-        .wait(timeout, |s| {
-            s.bound.keys().filter(|k| k.0 == ns).count() >= n
-        })
-        .await;
-    let base = last_bound(rec, ns, t0);
-    eprintln!(
-        "[bench]   created in {:.1} s; {} / {n} Bound, last after {:.1} s{} (load {})",
-        created.as_secs_f64(),
-        rec.count(ns, |s| &s.bound),
-        base,
-        if ok { "" } else { " (TIMED OUT)" },
-        loadavg()
-    );
-    burst_stages(rec, ns, t0);
+    let (base, _) = create_and_bind(&client, rec, ns, objs, n).await;
 
     // (ii) hostvol: claims with selected-node spread over the agents' nodes.
     let ns = "burst";
@@ -778,6 +671,7 @@ async fn burst(
                 ns,
                 &format!("burst-{i}"),
                 "hostvol",
+                SIZE,
                 Some(&agents[i % agents.len()].node),
             ))
         })
@@ -787,24 +681,7 @@ async fn burst(
         agents.len(),
         loadavg()
     );
-    let t0 = Instant::now();
-    create_all(&client, objs).await;
-    let created = t0.elapsed();
-    let ok = rec
-        .wait(timeout, |s| {
-            s.bound.keys().filter(|k| k.0 == ns).count() >= n
-        })
-        .await;
-    let hv = last_bound(rec, ns, t0);
-    eprintln!(
-        "[bench]   created in {:.1} s; {} / {n} Bound, last after {:.1} s{} (load {})",
-        created.as_secs_f64(),
-        rec.count(ns, |s| &s.bound),
-        hv,
-        if ok { "" } else { " (TIMED OUT)" },
-        loadavg()
-    );
-    burst_stages(rec, ns, t0);
+    let (hv, ok) = create_and_bind(&client, rec, ns, objs, n).await;
     for a in agents {
         let m = a.metrics().await;
         let done =
@@ -820,13 +697,43 @@ async fn burst(
             "[bench]   agent {}: {done} provisions succeeded in total, refused/failed: [{}]; burst log millis=: {}; RSS {:.1} MiB",
             a.node,
             failed.join("; "),
-            summarize(logged_millis(a, ns)),
+            summarize_ms(logged_millis(a, ns)),
             rss_mib(a.pid()).0
         );
     }
     if ok {
         report.burst = Some((hv, base));
     }
+}
+
+/// Creates `objs` and waits (150 s at most) until the `n` claims of namespace `ns` are Bound; prints
+/// the figures. Returns the seconds from the start to the last Bound and whether all were Bound.
+async fn create_and_bind(
+    client: &Client,
+    rec: &Recorder,
+    ns: &str,
+    objs: Vec<Obj>,
+    n: usize,
+) -> (f64, bool) {
+    let t0 = Instant::now();
+    create_all(client, objs).await;
+    let created = t0.elapsed();
+    let ok = rec
+        .wait(Duration::from_secs(150), |s| {
+            s.bound.keys().filter(|k| k.0 == ns).count() >= n
+        })
+        .await;
+    let last = last_bound(rec, ns, t0);
+    eprintln!(
+        "[bench]   created in {:.1} s; {} / {n} Bound, last after {:.1} s{} (load {})",
+        created.as_secs_f64(),
+        rec.count(ns, |s| &s.bound),
+        last,
+        if ok { "" } else { " (TIMED OUT)" },
+        loadavg()
+    );
+    burst_stages(rec, ns, t0);
+    (last, ok)
 }
 
 /// Seconds from t0 to the last Bound arrival in `ns`.
@@ -860,7 +767,7 @@ async fn memory(n: usize, report: &mut Report) {
     let client = cluster.client();
     namespace(&client, "foreign").await;
     let objs = (0..n)
-        .map(|i| Obj::Claim(claim("foreign", &format!("other-{i}"), "other", None)))
+        .map(|i| Obj::Claim(claim("foreign", &format!("other-{i}"), "other", SIZE, None)))
         .collect();
     let t0 = Instant::now();
     create_all(&client, objs).await;
@@ -884,30 +791,18 @@ async fn memory(n: usize, report: &mut Report) {
 }
 
 fn main() {
-    // `cargo test --benches` / `--all-targets` run this binary without `--bench`: skip the minutes-long run.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("provisioning benchmark: run with `cargo bench --bench provisioning`; skipped");
+    // Without `--bench` (`cargo test --benches`), skip the minutes-long run.
+    if !requested("provisioning") {
         return;
     }
     let seq_n = env_usize("HOSTVOL_BENCH_SEQ", 200);
     let burst_n = env_usize("HOSTVOL_BENCH_BURST", 200);
     let foreign_n = env_usize("HOSTVOL_BENCH_FOREIGN", 1000);
-    let exe = env!("CARGO_BIN_EXE_hostvol");
-    let release = !Path::new(exe)
-        .components()
-        .any(|c| c.as_os_str() == "debug");
-    eprintln!(
-        "[bench] agent binary {exe} ({} build)",
-        if release { "release" } else { "debug" }
-    );
+    eprintln!("[bench] agent binary {AGENT_BIN} ({} build)", build_kind());
     let load_start = loadavg();
     let started = Instant::now();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let mut report = Report {
         seq: None,
         seq_log: None,
@@ -948,19 +843,17 @@ fn main() {
     });
     rt.shutdown_timeout(Duration::from_secs(2));
 
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
     let na = || "n/a".to_string();
     println!();
     println!(
-        "hostvol benchmark ({cores} cores, Kubernetes {}, {} build; load avg {load_start} at start, {} at end; {:.0} s)",
+        "hostvol benchmark ({} cores, Kubernetes {}, {} build; load avg {load_start} at start, {} at end; {:.0} s)",
+        cores(),
         common::K8S_VERSION,
-        if release { "release" } else { "debug" },
+        build_kind(),
         loadavg(),
         started.elapsed().as_secs_f64()
     );
-    println!("agent binary: {exe}");
+    println!("agent binary: {AGENT_BIN}");
     println!(
         "agent step (outside view, annotation -> PV watch event): {}   [target: median <= 20 ms, p99 <= 100 ms]",
         report

@@ -4,45 +4,16 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Agent, Cluster, fmt_events};
+use common::grpc::{GetVolumeRequest, ListVolumesRequest, WatchCapacityRequest};
+use common::{Cluster, capacity_report, claim_yaml, connect, fmt_events, pod_yaml};
 use futures::StreamExt;
-use hostvol::cli::report::{Address, connect};
-use hostvol::service::grpc::v1::{
-    GetCapacityRequest, GetVolumeRequest, ListVolumesRequest, WatchCapacityRequest,
-};
 use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
+use kube::api::{Api, DeleteParams, ListParams};
 use kube::runtime::watcher;
 
 const T: Duration = Duration::from_secs(90);
 const GI: u64 = 1 << 30;
-
-fn claim_yaml(ns: &str, name: &str, node: Option<&str>, size: &str) -> String {
-    let annotations = node.map_or(String::new(), |n| {
-        format!("  annotations:\n    volume.kubernetes.io/selected-node: {n}\n")
-    });
-    format!(
-        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {name}\n  namespace: {ns}\n{annotations}spec:\n  \
-         storageClassName: hostvol\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: {size}\n"
-    )
-}
-
-fn pod_yaml(ns: &str, name: &str, claim: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  containers:\n  - name: app\n    \
-         image: busybox\n    volumeMounts:\n    - name: data\n      mountPath: /data\n  volumes:\n  - name: data\n    \
-         persistentVolumeClaim:\n      claimName: {claim}\n"
-    )
-}
-
-fn tcp(agent: &Agent) -> Address {
-    Address::Tcp(agent.grpc_addr.to_string())
-}
-
-fn unix(agent: &Agent) -> Address {
-    Address::Unix(agent.grpc_socket.clone())
-}
 
 /// Scenario 1: capped nodes; 5Gi claims all land on the larger node; when it is full the next pod
 /// waits with the scheduler's "did not have enough free storage" until room is freed.
@@ -68,37 +39,17 @@ async fn scheduler_places_pods_only_where_they_fit() {
     cluster.create_namespace("cap").await;
 
     // Both agents publish one CSIStorageCapacity each for class hostvol, in the served API version.
-    let version = cluster
-        .csi_storage_capacity_api_version()
-        .await
-        .expect("CSIStorageCapacity served");
-    let (group, ver) = version.split_once('/').unwrap();
-    let resource = kube::discovery::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
-        group,
-        ver,
-        "CSIStorageCapacity",
-    ));
-    let capacities: Api<DynamicObject> =
-        Api::namespaced_with(cluster.client(), "hostvol-system", &resource);
     cluster
-        .wait_for(
-            || async {
-                capacities
-                    .list(&ListParams::default())
-                    .await
-                    .map(|l| l.items.len() == 2)
-                    .unwrap_or(false)
-            },
-            T,
-            "two CSIStorageCapacity objects",
-        )
+        .wait_csi_storage_capacities(T, "two CSIStorageCapacity objects", |items| {
+            items.len() == 2
+        })
         .await;
 
     for i in 0..4 {
         cluster.kubectl_apply_yaml(&format!(
             "{}---\n{}",
-            claim_yaml("cap", &format!("c{i}"), None, "5Gi"),
-            pod_yaml("cap", &format!("p{i}"), &format!("c{i}"))
+            claim_yaml("cap", &format!("c{i}"), "hostvol", "5Gi", None),
+            pod_yaml("cap", &format!("p{i}"), &format!("c{i}"), "")
         ));
         let pod = cluster.wait_pod_running("cap", &format!("p{i}"), T).await;
         assert_eq!(
@@ -110,8 +61,8 @@ async fn scheduler_places_pods_only_where_they_fit() {
     // 4 x 5Gi = 20Gi: the large node is full, the small one too small.
     cluster.kubectl_apply_yaml(&format!(
         "{}---\n{}",
-        claim_yaml("cap", "c4", None, "5Gi"),
-        pod_yaml("cap", "p4", "c4")
+        claim_yaml("cap", "c4", "hostvol", "5Gi", None),
+        pod_yaml("cap", "p4", "c4", "")
     ));
     let pods: Api<Pod> = Api::namespaced(cluster.client(), "cap");
     cluster
@@ -208,8 +159,8 @@ async fn node_service_agrees_with_the_disk() {
     cluster.create_namespace("svc").await;
     cluster.kubectl_apply_yaml(&format!(
         "{}---\n{}",
-        claim_yaml("svc", "one", Some("node-a"), "1Gi"),
-        claim_yaml("svc", "two", Some("node-a"), "2Gi")
+        claim_yaml("svc", "one", "hostvol", "1Gi", Some("node-a")),
+        claim_yaml("svc", "two", "hostvol", "2Gi", Some("node-a"))
     ));
     cluster.wait_pvc_bound("svc", "one", T).await;
     cluster.wait_pvc_bound("svc", "two", T).await;
@@ -223,13 +174,9 @@ async fn node_service_agrees_with_the_disk() {
         .unwrap();
     std::fs::write(dir_one.join("payload"), vec![1u8; 3 << 20]).unwrap();
 
-    for address in [tcp(&agent), unix(&agent)] {
+    for address in [agent.grpc_tcp(), agent.grpc_unix()] {
         let mut client = connect(&address, Duration::from_secs(5)).await.unwrap();
-        let report = client
-            .get_capacity(GetCapacityRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let report = capacity_report(&mut client).await;
         assert_eq!(report.node, "node-a");
         assert_eq!(report.data_root, agent.root.display().to_string());
         assert_eq!(report.volume_count, 2, "{report:?}");
@@ -243,7 +190,9 @@ async fn node_service_agrees_with_the_disk() {
         assert!(report.total_bytes >= report.available_bytes && !report.filesystem_type.is_empty());
     }
     // Usage comes from the background refresh; within a few refreshes the 3 MiB file shows.
-    let mut client = connect(&tcp(&agent), Duration::from_secs(5)).await.unwrap();
+    let mut client = connect(&agent.grpc_tcp(), Duration::from_secs(5))
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let volumes = client
@@ -332,7 +281,13 @@ async fn node_service_agrees_with_the_disk() {
             }
         }
     });
-    cluster.kubectl_apply_yaml(&claim_yaml("svc", "three", Some("node-a"), "1Gi"));
+    cluster.kubectl_apply_yaml(&claim_yaml(
+        "svc",
+        "three",
+        "hostvol",
+        "1Gi",
+        Some("node-a"),
+    ));
     let report = loop {
         let report = tokio::time::timeout(Duration::from_secs(30), stream.next())
             .await
@@ -449,7 +404,7 @@ async fn capacity_report_for_people() {
     cluster.register_agent_pod(&b).await;
     cluster.apply_repo_manifest("deploy/storageclass.yaml");
     cluster.create_namespace("cli").await;
-    cluster.kubectl_apply_yaml(&claim_yaml("cli", "data", Some("node-a"), "2Gi"));
+    cluster.kubectl_apply_yaml(&claim_yaml("cli", "data", "hostvol", "2Gi", Some("node-a")));
     cluster.wait_pvc_bound("cli", "data", T).await;
 
     let hostvol = env!("CARGO_BIN_EXE_hostvol");
@@ -514,34 +469,16 @@ async fn capacity_report_for_people() {
     assert!(out.contains("node-a") && !out.contains("node-b"), "{out}");
 
     // The CSIStorageCapacity objects belong to the agent pods (garbage-collected with them).
-    let version = cluster
-        .csi_storage_capacity_api_version()
-        .await
-        .expect("CSIStorageCapacity served");
-    let (group, ver) = version.split_once('/').unwrap();
-    let resource = kube::discovery::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
-        group,
-        ver,
-        "CSIStorageCapacity",
-    ));
-    let capacities: Api<DynamicObject> =
-        Api::namespaced_with(cluster.client(), "hostvol-system", &resource);
     cluster
-        .wait_for(
-            || async {
-                capacities
-                    .list(&ListParams::default())
-                    .await
-                    .map(|l| {
-                        l.items.len() == 2
-                            && l.items
-                                .iter()
-                                .all(|o| o.owner_references().iter().any(|r| r.kind == "Pod"))
-                    })
-                    .unwrap_or(false)
-            },
+        .wait_csi_storage_capacities(
             T,
             "CSIStorageCapacity objects owned by the agent pods",
+            |items| {
+                items.len() == 2
+                    && items
+                        .iter()
+                        .all(|o| o.owner_references().iter().any(|r| r.kind == "Pod"))
+            },
         )
         .await;
 
@@ -564,16 +501,10 @@ async fn capacity_report_for_people() {
         .force_delete_pod("hostvol-system", "hostvol-node-b")
         .await;
     cluster
-        .wait_for(
-            || async {
-                capacities
-                    .list(&ListParams::default())
-                    .await
-                    .map(|l| l.items.len() == 1)
-                    .unwrap_or(false)
-            },
+        .wait_csi_storage_capacities(
             T,
             "node-b's CSIStorageCapacity garbage-collected",
+            |items| items.len() == 1,
         )
         .await;
     let events = cluster.pvc_events("cli", "data").await;

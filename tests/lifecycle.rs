@@ -6,53 +6,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Agent, Cluster, dirs_in, fmt_events, hostvol_pvs, metric_value};
+use common::grpc::GetCapacityRequest;
+use common::{
+    Agent, Cluster, capacity_report, claim_yaml, class_yaml, connect, dirs_in, fmt_events,
+    hostvol_pvs, metric_value, pod_yaml, pv_claim, pv_dir_name, pv_host_path,
+};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 
 const T: Duration = Duration::from_secs(120);
-const PROVISIONER: &str = "hostpath.hostvol.io";
-
-fn class_yaml(name: &str, binding: &str, reclaim: &str, parameters: &[(&str, &str)]) -> String {
-    let params: String = parameters
-        .iter()
-        .map(|(k, v)| format!("\n  {k}: \"{v}\""))
-        .collect();
-    let params = if params.is_empty() {
-        String::new()
-    } else {
-        format!("parameters:{params}\n")
-    };
-    format!(
-        "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: {name}\nprovisioner: {PROVISIONER}\n\
-         volumeBindingMode: {binding}\nreclaimPolicy: {reclaim}\n{params}"
-    )
-}
-
-fn claim_yaml(
-    ns: &str,
-    name: &str,
-    class: &str,
-    size: &str,
-    selected_node: Option<&str>,
-) -> String {
-    let annotations = selected_node.map_or(String::new(), |n| {
-        format!("  annotations:\n    volume.kubernetes.io/selected-node: {n}\n")
-    });
-    format!(
-        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {name}\n  namespace: {ns}\n{annotations}spec:\n  \
-         storageClassName: {class}\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: {size}\n"
-    )
-}
-
-fn pod_yaml(ns: &str, name: &str, claim: &str, extra_spec: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{extra_spec}  containers:\n  - name: app\n    \
-         image: busybox\n    volumeMounts:\n    - name: data\n      mountPath: /data\n  volumes:\n  - name: data\n    \
-         persistentVolumeClaim:\n      claimName: {claim}\n"
-    )
-}
 
 fn pv_node(pv: &PersistentVolume) -> String {
     pv.annotations()
@@ -61,26 +24,10 @@ fn pv_node(pv: &PersistentVolume) -> String {
         .unwrap_or_default()
 }
 
-fn pv_claim(pv: &PersistentVolume) -> String {
-    pv.spec
-        .as_ref()
-        .unwrap()
-        .claim_ref
-        .as_ref()
-        .unwrap()
-        .name
-        .clone()
-        .unwrap()
-}
-
 async fn cluster_with_agents(nodes: &[(&str, &[&str])]) -> (Cluster, Vec<Agent>) {
     let cluster = Cluster::start().await;
     cluster.apply_repo_manifest("deploy/csidriver.yaml");
-    let mut agents = Vec::new();
-    for (node, args) in nodes {
-        cluster.add_node(node).await;
-        agents.push(cluster.start_agent(node, args).await);
-    }
+    let agents = cluster.add_nodes_with_agents(nodes).await;
     (cluster, agents)
 }
 
@@ -97,11 +44,15 @@ async fn immediate_claims_are_placed_once_and_spread_by_capacity() {
     cluster.create_namespace("now").await;
     // Every node's capacity for the class must be published first.
     cluster
-        .wait_for(
-            || async { capacity_objects(&cluster, "hostvol-now").await >= 3 },
-            T,
-            "published capacities of all three nodes",
-        )
+        .wait_csi_storage_capacities(T, "published capacities of all three nodes", |items| {
+            items
+                .iter()
+                .filter(|o| {
+                    o.data.get("storageClassName").and_then(|c| c.as_str()) == Some("hostvol-now")
+                })
+                .count()
+                >= 3
+        })
         .await;
     let n = 30;
     let manifests: Vec<String> = (0..n)
@@ -140,31 +91,6 @@ async fn immediate_claims_are_placed_once_and_spread_by_capacity() {
     eprintln!("[e2e] placement conflicts: {conflicts}");
 }
 
-/// CSIStorageCapacity objects published for `class` (what the agents read to place Immediate claims).
-async fn capacity_objects(cluster: &Cluster, class: &str) -> usize {
-    let version = cluster
-        .csi_storage_capacity_api_version()
-        .await
-        .expect("CSIStorageCapacity served");
-    let (group, ver) = version.split_once('/').unwrap();
-    let resource = kube::discovery::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
-        group,
-        ver,
-        "CSIStorageCapacity",
-    ));
-    let api: Api<kube::api::DynamicObject> =
-        Api::namespaced_with(cluster.client(), "hostvol-system", &resource);
-    api.list(&ListParams::default())
-        .await
-        .map(|l| {
-            l.items
-                .iter()
-                .filter(|o| o.data.get("storageClassName").and_then(|c| c.as_str()) == Some(class))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 /// Scenario 2: a pod that sets spec.nodeName gets its WaitForFirstConsumer volume on that node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_with_node_name_get_their_volume_on_that_node() {
@@ -176,13 +102,7 @@ async fn pods_with_node_name_get_their_volume_on_that_node() {
         claim_yaml("pinned", "data", "hostvol", "1Gi", None),
         pod_yaml("pinned", "pinned", "data", "  nodeName: node-b\n")
     ));
-    let pvc = cluster.wait_pvc_bound("pinned", "data", T).await;
-    let pv_name = pvc.spec.unwrap().volume_name.unwrap();
-    let pv = hostvol_pvs(&cluster)
-        .await
-        .into_iter()
-        .find(|pv| pv.name_any() == pv_name)
-        .unwrap();
+    let pv = cluster.hostvol_pv_of_claim("pinned", "data", T).await;
     assert_eq!(pv_node(&pv), "node-b");
     assert_eq!(dirs_in(&agents[1].root).len(), 1);
     assert!(dirs_in(&agents[0].root).is_empty());
@@ -214,13 +134,7 @@ async fn a_node_that_cannot_serve_hands_the_claim_back() {
         claim_yaml("resched", "big", "hostvol", "5Gi", Some("small")),
         pod_yaml("resched", "app", "big", "")
     ));
-    let pvc = cluster.wait_pvc_bound("resched", "big", T).await;
-    let pv_name = pvc.spec.unwrap().volume_name.unwrap();
-    let pv = hostvol_pvs(&cluster)
-        .await
-        .into_iter()
-        .find(|pv| pv.name_any() == pv_name)
-        .unwrap();
+    let pv = cluster.hostvol_pv_of_claim("resched", "big", T).await;
     assert_eq!(pv_node(&pv), "large");
     let events = cluster.pvc_events("resched", "big").await;
     assert!(
@@ -257,12 +171,7 @@ async fn a_node_that_cannot_serve_hands_the_claim_back() {
         claim_yaml("resched", "elsewhere", "hostvol", "1Gi", Some("unmounted")),
         pod_yaml("resched", "app2", "elsewhere", "")
     ));
-    let pvc = cluster.wait_pvc_bound("resched", "elsewhere", T).await;
-    let pv = hostvol_pvs(&cluster)
-        .await
-        .into_iter()
-        .find(|pv| Some(pv.name_any()) == pvc.spec.as_ref().unwrap().volume_name)
-        .unwrap();
+    let pv = cluster.hostvol_pv_of_claim("resched", "elsewhere", T).await;
     assert_ne!(pv_node(&pv), "unmounted");
     let events = cluster.pvc_events("resched", "elsewhere").await;
     assert!(
@@ -303,26 +212,8 @@ fn hostvol_cli(cluster: &Cluster, args: &[&str], stdin: &str) -> (i32, String, S
     )
 }
 
-async fn pv_of_claim(cluster: &Cluster, ns: &str, claim: &str) -> PersistentVolume {
-    let pvc = cluster.wait_pvc_bound(ns, claim, T).await;
-    let name = pvc.spec.unwrap().volume_name.unwrap();
-    Api::<PersistentVolume>::all(cluster.client())
-        .get(&name)
-        .await
-        .unwrap()
-}
-
 fn volume_dir(agent: &Agent, pv: &PersistentVolume) -> std::path::PathBuf {
-    let path = pv
-        .spec
-        .as_ref()
-        .unwrap()
-        .host_path
-        .as_ref()
-        .unwrap()
-        .path
-        .clone();
-    agent.root.join(path.rsplit('/').next().unwrap())
+    agent.root.join(pv_dir_name(pv))
 }
 
 /// Scenario 4: Delete removes the directory (read-only files, nested directories, a symlink out of the
@@ -346,7 +237,7 @@ async fn delete_policy_cleans_up_without_following_symlinks() {
         "1Gi",
         Some("node-a"),
     ));
-    let pv = pv_of_claim(&cluster, "del", "scratch").await;
+    let pv = cluster.hostvol_pv_of_claim("del", "scratch", T).await;
     assert!(
         pv.finalizers().iter().any(|f| f == "hostvol.io/cleanup"),
         "Delete volumes carry the cleanup finalizer"
@@ -399,7 +290,7 @@ async fn delete_policy_cleans_up_without_following_symlinks() {
         "1Gi",
         Some("node-a"),
     ));
-    let pv2 = pv_of_claim(&cluster, "del", "second").await;
+    let pv2 = cluster.hostvol_pv_of_claim("del", "second", T).await;
     let dir2 = volume_dir(agent, &pv2);
     std::fs::write(dir2.join("data"), "x").unwrap();
     cluster.kubectl_ok(&["delete", "pv", &pv2.name_any(), "--wait=false"]);
@@ -444,8 +335,8 @@ async fn purge_removes_exactly_one_released_volume() {
         claim_yaml("keep", "old", "hostvol", "1Gi", Some("node-a")),
         claim_yaml("keep", "other", "hostvol", "1Gi", Some("node-a"))
     ));
-    let old = pv_of_claim(&cluster, "keep", "old").await;
-    let other = pv_of_claim(&cluster, "keep", "other").await;
+    let old = cluster.hostvol_pv_of_claim("keep", "old", T).await;
+    let other = cluster.hostvol_pv_of_claim("keep", "other", T).await;
     std::fs::write(volume_dir(agent, &old).join("data"), "x").unwrap();
     cluster.kubectl_ok(&[
         "delete",
@@ -458,21 +349,7 @@ async fn purge_removes_exactly_one_released_volume() {
     ]);
     let pvs: Api<PersistentVolume> = Api::all(cluster.client());
     for pv in [&old, &other] {
-        cluster
-            .wait_for(
-                || async {
-                    pvs.get(&pv.name_any())
-                        .await
-                        .ok()
-                        .and_then(|p| p.status)
-                        .and_then(|s| s.phase)
-                        .as_deref()
-                        == Some("Released")
-                },
-                T,
-                "Released",
-            )
-            .await;
+        cluster.wait_pv_phase(&pv.name_any(), "Released", T).await;
     }
     let (code, out, err) = hostvol_cli(&cluster, &["volumes", "--released"], "");
     assert_eq!(code, 0, "{out}{err}");
@@ -525,7 +402,7 @@ async fn doctor_reports_orphans_and_lost_volumes() {
     cluster.apply_repo_manifest("deploy/storageclass.yaml");
     cluster.create_namespace("doc").await;
     cluster.kubectl_apply_yaml(&claim_yaml("doc", "gone", "hostvol", "1Gi", Some("node-b")));
-    let lost_pv = pv_of_claim(&cluster, "doc", "gone").await;
+    let lost_pv = cluster.hostvol_pv_of_claim("doc", "gone", T).await;
     std::fs::remove_dir(volume_dir(&agents[1], &lost_pv)).unwrap();
     let orphan = agents[0]
         .root
@@ -738,29 +615,10 @@ async fn data_roots_from_the_config_map() {
         claim_yaml("roots", "quick", "hostvol-fast", "1Gi", Some("node-a")),
         claim_yaml("roots", "big", "hostvol", "1Gi", Some("node-a"))
     ));
-    let quick = pv_of_claim(&cluster, "roots", "quick").await;
-    let big = pv_of_claim(&cluster, "roots", "big").await;
-    assert!(
-        quick
-            .spec
-            .as_ref()
-            .unwrap()
-            .host_path
-            .as_ref()
-            .unwrap()
-            .path
-            .starts_with(&fast.display().to_string())
-    );
-    assert!(
-        big.spec
-            .as_ref()
-            .unwrap()
-            .host_path
-            .as_ref()
-            .unwrap()
-            .path
-            .starts_with(&bulk.display().to_string())
-    );
+    let quick = cluster.hostvol_pv_of_claim("roots", "quick", T).await;
+    let big = cluster.hostvol_pv_of_claim("roots", "big", T).await;
+    assert!(pv_host_path(&quick).starts_with(&fast.display().to_string()));
+    assert!(pv_host_path(&big).starts_with(&bulk.display().to_string()));
     assert_eq!(dirs_in(&fast).len(), 1);
     assert_eq!(dirs_in(&bulk).len(), 1);
     assert!(
@@ -769,17 +627,10 @@ async fn data_roots_from_the_config_map() {
     );
 
     // Capacity is reported per root.
-    let mut client = hostvol::cli::report::connect(
-        &hostvol::cli::report::Address::Tcp(agent.grpc_addr.to_string()),
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
-    let report = client
-        .get_capacity(hostvol::service::grpc::v1::GetCapacityRequest {})
+    let mut client = connect(&agent.grpc_tcp(), Duration::from_secs(5))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
+    let report = capacity_report(&mut client).await;
     let names: Vec<&str> = report.roots.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, vec!["default", "fast"]);
     assert!(
@@ -803,11 +654,7 @@ async fn data_roots_from_the_config_map() {
             "rejection logged",
         )
         .await;
-    let report = client
-        .get_capacity(hostvol::service::grpc::v1::GetCapacityRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let report = capacity_report(&mut client).await;
     assert_eq!(report.roots.len(), 2);
 
     // Dropping the fast root: new claims for it are refused and handed back; the existing volume stays.
@@ -817,7 +664,7 @@ async fn data_roots_from_the_config_map() {
             || async {
                 client
                     .clone()
-                    .get_capacity(hostvol::service::grpc::v1::GetCapacityRequest {})
+                    .get_capacity(GetCapacityRequest {})
                     .await
                     .map(|r| r.into_inner().roots.len() == 1)
                     .unwrap_or(false)

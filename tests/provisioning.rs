@@ -7,13 +7,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Agent, Cluster, dirs_in, fmt_events, hostvol_pvs, metric_value};
+use common::{
+    Agent, Cluster, claim_yaml, claim_yaml_with, class_yaml, dirs_in, fmt_events, hostvol_pvs,
+    metric_value, pv_claim, pv_dir_name,
+};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
 
 const T: Duration = Duration::from_secs(90);
-const PROVISIONER: &str = "hostpath.hostvol.io";
 
 /// The shipped StorageClass, optionally made the cluster default.
 fn apply_shipped_class(cluster: &Cluster, default: bool) {
@@ -27,38 +29,6 @@ fn apply_shipped_class(cluster: &Cluster, default: bool) {
             "storageclass.kubernetes.io/is-default-class=true",
         ]);
     }
-}
-
-fn class_yaml(name: &str, binding: &str, parameters: &[(&str, &str)]) -> String {
-    let params: String = parameters
-        .iter()
-        .map(|(k, v)| format!("\n  {k}: \"{v}\""))
-        .collect();
-    let params = if params.is_empty() {
-        String::new()
-    } else {
-        format!("parameters:{params}")
-    };
-    format!(
-        "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: {name}\nprovisioner: {PROVISIONER}\n\
-         volumeBindingMode: {binding}\nreclaimPolicy: Retain\n{params}\n"
-    )
-}
-
-/// A claim already placed on `node`, as the scheduler leaves it for a WaitForFirstConsumer class.
-fn claim_yaml(
-    ns: &str,
-    name: &str,
-    class: &str,
-    node: &str,
-    size: &str,
-    extra_spec: &str,
-) -> String {
-    format!(
-        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations:\n    \
-         volume.kubernetes.io/selected-node: {node}\nspec:\n  storageClassName: {class}\n  accessModes: [ReadWriteOnce]\n  \
-         resources:\n    requests:\n      storage: {size}\n{extra_spec}"
-    )
 }
 
 fn pv_node(pv: &PersistentVolume) -> String {
@@ -79,11 +49,6 @@ fn pv_node(pv: &PersistentVolume) -> String {
         .as_ref()
         .unwrap()[0]
         .clone()
-}
-
-fn pv_dir_name(pv: &PersistentVolume) -> String {
-    let path = &pv.spec.as_ref().unwrap().host_path.as_ref().unwrap().path;
-    path.rsplit('/').next().unwrap().to_string()
 }
 
 async fn two_node_cluster() -> (Cluster, Agent, Agent) {
@@ -138,16 +103,7 @@ async fn statefulset_walkthrough() {
     let pvs = hostvol_pvs(&cluster).await;
     assert_eq!(pvs.len(), 3, "one PV per claim");
     for pv in &pvs {
-        let claim = pv
-            .spec
-            .as_ref()
-            .unwrap()
-            .claim_ref
-            .as_ref()
-            .unwrap()
-            .name
-            .clone()
-            .unwrap();
+        let claim = pv_claim(pv);
         let node = &placement[&claim];
         assert_eq!(
             &pv_node(pv),
@@ -181,20 +137,7 @@ async fn statefulset_walkthrough() {
 
     // Pod 0 writes a file, dies, and comes back to the same node, claim, volume and data.
     let claim0 = &claims[0];
-    let pv0 = pvs
-        .iter()
-        .find(|pv| {
-            pv.spec
-                .as_ref()
-                .unwrap()
-                .claim_ref
-                .as_ref()
-                .unwrap()
-                .name
-                .as_deref()
-                == Some(claim0)
-        })
-        .unwrap();
+    let pv0 = pvs.iter().find(|pv| pv_claim(pv) == *claim0).unwrap();
     let node0 = placement[claim0].clone();
     let root0 = if node0 == "node-a" { &a.root } else { &b.root };
     let file = root0.join(pv_dir_name(pv0)).join("index.html");
@@ -272,22 +215,7 @@ async fn statefulset_walkthrough() {
     ]);
     let pv_api: Api<PersistentVolume> = Api::all(cluster.client());
     for pv in &pvs {
-        cluster
-            .wait_for(
-                || async {
-                    pv_api
-                        .get(&pv.name_any())
-                        .await
-                        .ok()
-                        .and_then(|p| p.status)
-                        .and_then(|s| s.phase)
-                        .as_deref()
-                        == Some("Released")
-                },
-                T,
-                &format!("PV {} Released", pv.name_any()),
-            )
-            .await;
+        cluster.wait_pv_phase(&pv.name_any(), "Released", T).await;
         pv_api
             .delete(&pv.name_any(), &DeleteParams::default())
             .await
@@ -424,43 +352,40 @@ async fn bad_input_is_refused_and_explained() {
     cluster.add_node("node-a").await;
     let agent = cluster.start_agent("node-a", &[]).await;
     apply_shipped_class(&cluster, false);
-    cluster.kubectl_apply_yaml(&class_yaml(
-        "hostvol-typo",
-        "WaitForFirstConsumer",
-        &[("nodePath", "/x")],
-    ));
-    cluster.kubectl_apply_yaml(&class_yaml(
-        "hostvol-badmode",
-        "WaitForFirstConsumer",
-        &[("mode", "rwx")],
-    ));
-    cluster.kubectl_apply_yaml(&class_yaml(
-        "hostvol-baduid",
-        "WaitForFirstConsumer",
-        &[("uid", "root")],
-    ));
+    for (class, parameter) in [
+        ("hostvol-typo", ("nodePath", "/x")),
+        ("hostvol-badmode", ("mode", "rwx")),
+        ("hostvol-baduid", ("uid", "root")),
+    ] {
+        cluster.kubectl_apply_yaml(&class_yaml(
+            class,
+            "WaitForFirstConsumer",
+            "Retain",
+            &[parameter],
+        ));
+    }
     cluster.create_namespace("bad").await;
-    let n = "node-a";
+    // A claim in namespace bad, placed on node-a.
+    let claim = |name: &str, class: &str, size: &str, extra_spec: &str| {
+        claim_yaml_with("bad", name, class, size, Some("node-a"), extra_spec)
+    };
     // (claim, manifest, words the Warning must contain)
     let cases: Vec<(&str, String, &str)> = vec![
         (
             "block",
-            claim_yaml("bad", "block", "hostvol", n, "1Gi", "  volumeMode: Block\n"),
+            claim("block", "hostvol", "1Gi", "  volumeMode: Block\n"),
             "volumeMode Block",
         ),
         (
             "rwx",
-            claim_yaml("bad", "rwx", "hostvol", n, "1Gi", "")
-                .replace("[ReadWriteOnce]", "[ReadWriteMany]"),
+            claim("rwx", "hostvol", "1Gi", "").replace("[ReadWriteOnce]", "[ReadWriteMany]"),
             "ReadWriteMany",
         ),
         (
             "clone",
-            claim_yaml(
-                "bad",
+            claim(
                 "clone",
                 "hostvol",
-                n,
                 "1Gi",
                 "  dataSource:\n    kind: PersistentVolumeClaim\n    name: valid\n",
             ),
@@ -468,39 +393,33 @@ async fn bad_input_is_refused_and_explained() {
         ),
         (
             "selector",
-            claim_yaml(
-                "bad",
+            claim(
                 "selector",
                 "hostvol",
-                n,
                 "1Gi",
                 "  selector:\n    matchLabels:\n      a: b\n",
             ),
             "selector",
         ),
-        (
-            "huge",
-            claim_yaml("bad", "huge", "hostvol", n, "1Ei", ""),
-            "cannot hold",
-        ),
+        ("huge", claim("huge", "hostvol", "1Ei", ""), "cannot hold"),
         (
             "typo",
-            claim_yaml("bad", "typo", "hostvol-typo", n, "1Gi", ""),
+            claim("typo", "hostvol-typo", "1Gi", ""),
             "valid parameters are mode, uid, gid",
         ),
         (
             "badmode",
-            claim_yaml("bad", "badmode", "hostvol-badmode", n, "1Gi", ""),
+            claim("badmode", "hostvol-badmode", "1Gi", ""),
             "mode=\"rwx\"",
         ),
         (
             "baduid",
-            claim_yaml("bad", "baduid", "hostvol-baduid", n, "1Gi", ""),
+            claim("baduid", "hostvol-baduid", "1Gi", ""),
             "uid=\"root\"",
         ),
     ];
     let mut all = cases.iter().map(|(_, y, _)| y.clone()).collect::<Vec<_>>();
-    all.push(claim_yaml("bad", "valid", "hostvol", n, "1Gi", ""));
+    all.push(claim("valid", "hostvol", "1Gi", ""));
     cluster.kubectl_apply_yaml(&all.join("---\n"));
 
     let valid = cluster.wait_pvc_bound("bad", "valid", T).await;
@@ -576,7 +495,7 @@ async fn crash_and_restart_leaves_exactly_one_of_each() {
     cluster.create_namespace("crash").await;
     let n = 40;
     let manifests: Vec<String> = (0..n)
-        .map(|i| claim_yaml("crash", &format!("c{i}"), "hostvol", "node-a", "10Mi", ""))
+        .map(|i| claim_yaml("crash", &format!("c{i}"), "hostvol", "10Mi", Some("node-a")))
         .collect();
     cluster.kubectl_apply_yaml(&manifests.join("---\n"));
     // Kill as soon as the agent is part-way through.
@@ -599,20 +518,7 @@ async fn crash_and_restart_leaves_exactly_one_of_each() {
     }
     let pvs = hostvol_pvs(&cluster).await;
     assert_eq!(pvs.len(), n, "exactly one PV per claim");
-    let claims: BTreeSet<String> = pvs
-        .iter()
-        .map(|pv| {
-            pv.spec
-                .as_ref()
-                .unwrap()
-                .claim_ref
-                .as_ref()
-                .unwrap()
-                .name
-                .clone()
-                .unwrap()
-        })
-        .collect();
+    let claims: BTreeSet<String> = pvs.iter().map(pv_claim).collect();
     assert_eq!(claims.len(), n);
     let dirs = dirs_in(&agent.root);
     assert_eq!(dirs.len(), n, "exactly one directory per claim: {dirs:?}");

@@ -9,7 +9,7 @@
 //!   after stopping its containers (switch off with `Cluster::set_fake_kubelet_finalizes_deletions`).
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Container, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -242,20 +242,25 @@ async fn handle(
     };
     let now = serde_json::to_value(Time(k8s_openapi::jiff::Timestamp::now())).unwrap();
     let spec = pod.spec.clone().unwrap_or_default();
+    // A ready container status in `state`.
+    let container_status = |c: &Container, state: serde_json::Value| {
+        json!({
+            "name": c.name,
+            "image": c.image.clone().unwrap_or_default(),
+            "imageID": format!("fake://{}", c.image.clone().unwrap_or_default()),
+            "containerID": format!("fake://{uid}/{}", c.name),
+            "ready": true,
+            "restartCount": 0,
+            "state": state,
+        })
+    };
     let containers: Vec<_> = spec
         .containers
         .iter()
         .map(|c| {
-            json!({
-                "name": c.name,
-                "image": c.image.clone().unwrap_or_default(),
-                "imageID": format!("fake://{}", c.image.clone().unwrap_or_default()),
-                "containerID": format!("fake://{uid}/{}", c.name),
-                "ready": true,
-                "started": true,
-                "restartCount": 0,
-                "state": {"running": {"startedAt": now}},
-            })
+            let mut status = container_status(c, json!({"running": {"startedAt": now}}));
+            status["started"] = json!(true);
+            status
         })
         .collect();
     let init_containers: Vec<_> = spec
@@ -263,15 +268,10 @@ async fn handle(
         .unwrap_or_default()
         .iter()
         .map(|c| {
-            json!({
-                "name": c.name,
-                "image": c.image.clone().unwrap_or_default(),
-                "imageID": format!("fake://{}", c.image.clone().unwrap_or_default()),
-                "containerID": format!("fake://{uid}/{}", c.name),
-                "ready": true,
-                "restartCount": 0,
-                "state": {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": now, "finishedAt": now}},
-            })
+            container_status(
+                c,
+                json!({"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": now, "finishedAt": now}}),
+            )
         })
         .collect();
     let cond = |t: &str| json!({"type": t, "status": "True", "lastProbeTime": null, "lastTransitionTime": now});
