@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 source scripts/ensure-tools.sh  # cargo, kubectl, a C linker
 scripts/setup-control-plane.sh >/dev/null  # etcd + Kubernetes 1.20.2 control-plane binaries
+scripts/setup-quotas.sh >/dev/null         # btrfs-progs (loop-mounted btrfs tests) and the XFS/ext4 quota VM
 
 cargo build --all-targets
 # Each e2e test runs its own control plane: two at a time fits 2 cores.
