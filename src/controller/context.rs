@@ -76,6 +76,8 @@ pub struct Context {
     pub(super) admission_lock: tokio::sync::Mutex<()>,
     /// PVs created by us that the watch may not have delivered yet: name -> (root, bytes).
     pub(super) recent_volumes: Mutex<HashMap<String, (String, u64)>>,
+    /// PVs this agent just grew whose new size the watch may not have delivered: name -> (root, bytes).
+    pub(super) recent_growth: Mutex<HashMap<String, (String, u64)>>,
     /// Consecutive failures per claim, for exponential backoff.
     pub(super) failures: Mutex<HashMap<String, u32>>,
 }
@@ -94,13 +96,30 @@ impl Context {
     /// Released ones included, because their directories still hold data.
     pub fn allocated_bytes(&self, root: &str) -> u64 {
         let mut recent = self.recent_volumes.lock().expect("lock poisoned");
+        let mut growth = self.recent_growth.lock().expect("lock poisoned");
         let mut total = 0u64;
         for pv in self.volumes.state() {
-            recent.remove(&pv.name_any());
+            let name = pv.name_any();
+            recent.remove(&name);
+            let mut bytes = pv::capacity_bytes(&pv);
+            if let Some((_, grown)) = growth.get(&name) {
+                if *grown <= bytes {
+                    growth.remove(&name); // the watch caught up
+                } else {
+                    bytes = *grown;
+                }
+            }
             if pv::data_root(&pv) == root {
-                total = total.saturating_add(pv::capacity_bytes(&pv));
+                total = total.saturating_add(bytes);
             }
         }
+        let known: std::collections::HashSet<String> = self
+            .volumes
+            .state()
+            .iter()
+            .map(|pv| pv.name_any())
+            .collect();
+        growth.retain(|name, _| known.contains(name));
         total.saturating_add(
             recent
                 .values()
@@ -201,6 +220,15 @@ impl Context {
     /// Counts a PV just created until the watch delivers it, so the next admission sees its bytes.
     pub fn remember_created(&self, pv_name: &str, root: &str, bytes: u64) {
         self.recent_volumes
+            .lock()
+            .expect("lock poisoned")
+            .insert(pv_name.to_string(), (root.to_string(), bytes));
+        self.volumes_changed.notify_waiters();
+    }
+
+    /// Counts a PV's new size until the watch delivers it, so admission sees the bytes at once.
+    pub fn remember_growth(&self, pv_name: &str, root: &str, bytes: u64) {
+        self.recent_growth
             .lock()
             .expect("lock poisoned")
             .insert(pv_name.to_string(), (root.to_string(), bytes));

@@ -23,6 +23,12 @@ pub struct VolumeLabels {
     pub persistentvolume: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExpansionLabels {
+    /// succeeded | refused | failed
+    pub outcome: &'static str,
+}
+
 /// Labels of one data root's size enforcement.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QuotaLabels {
@@ -49,6 +55,7 @@ pub struct Metrics {
     volume_available_bytes: Family<VolumeLabels, Gauge>,
     volume_inodes_used: Family<VolumeLabels, Gauge>,
     quota_enforced: Family<QuotaLabels, Gauge>,
+    expansions: Family<ExpansionLabels, Counter>,
     provisions: Family<OutcomeLabels, Counter>,
     provision_duration: Histogram,
     reconcile_errors: Counter,
@@ -144,8 +151,15 @@ impl Default for Metrics {
             "1 when a data root enforces volume sizes with filesystem quotas, else 0",
             quota_enforced.clone(),
         );
+        let expansions = Family::<ExpansionLabels, Counter>::default();
+        registry.register(
+            "expansions",
+            "Volume expansions handled by this agent, by outcome",
+            expansions.clone(),
+        );
         Self {
             registry,
+            expansions,
             volume_capacity_bytes,
             volume_used_bytes,
             volume_available_bytes,
@@ -222,6 +236,12 @@ impl Metrics {
                     .set(gauge(inodes));
             }
         }
+    }
+
+    pub fn expansion(&self, outcome: &'static str) {
+        self.expansions
+            .get_or_create(&ExpansionLabels { outcome })
+            .inc();
     }
 
     /// Replaces the per-root enforcement gauges.

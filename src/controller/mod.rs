@@ -8,6 +8,7 @@ pub mod claim;
 pub mod config_map;
 pub mod context;
 pub mod events;
+pub mod expansion;
 pub mod metrics;
 pub mod node_loss;
 pub mod orphan_report;

@@ -17,7 +17,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::controller::claim::{claim_key, claim_spec};
 use crate::controller::context::{Context, Error, Result};
 use crate::controller::pv::VolumeDescription;
-use crate::controller::{placement, pv, reclaim};
+use crate::controller::{expansion, placement, pv, reclaim};
 use crate::domain::admission::{self, Interest, Refusal, VolumeRequest};
 use crate::domain::naming;
 use crate::domain::params::ClassParameters;
@@ -43,7 +43,11 @@ pub async fn reconcile(
             let span = info_span!("place", node = %settings.node, pvc = %claim_key(&claim));
             return placement::choose_node(&claim, &ctx).instrument(span).await;
         }
-        Interest::Ignore | Interest::Bound => return Ok(Action::await_change()),
+        Interest::Bound => {
+            let span = info_span!("resize", node = %settings.node, pvc = %claim_key(&claim));
+            return expansion::reconcile(&claim, &ctx).instrument(span).await;
+        }
+        Interest::Ignore => return Ok(Action::await_change()),
     }
     let key = claim_key(&claim);
     let span =

@@ -12,7 +12,7 @@ use kube::core::PartialObjectMeta;
 use kube::discovery::ApiResource;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::Recorder;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
@@ -79,7 +79,7 @@ pub fn start(
     let volumes_changed = Arc::new(tokio::sync::Notify::new());
     let (volumes, volume_events) =
         watch_own_volumes(&client, &settings.node, volumes_changed.clone());
-    let (claims, claim_events) = watch_claims(&client, &settings);
+    let (claims, claim_events) = watch_claims(&client, &settings, volumes.clone());
     let capacities = capacity_api
         .map(|(resource, namespace)| watch_published_capacities(&client, resource, &namespace));
     let ctx = Arc::new(Context {
@@ -96,6 +96,7 @@ pub fn start(
         volumes_changed,
         admission_lock: tokio::sync::Mutex::new(()),
         recent_volumes: Mutex::new(HashMap::new()),
+        recent_growth: Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),
     });
     tokio::spawn(place_claims_of_pods(ctx.clone()));
@@ -204,10 +205,11 @@ fn watch_own_volumes(
 }
 
 /// Claims: no server-side filter can select by annotation, so watch metadata only and pass on the
-/// claims this agent may have to act on.
+/// claims this agent may have to act on (to provision, to place, or bound to its volumes, to grow).
 fn watch_claims(
     client: &Client,
     settings: &Settings,
+    own_volumes: Store<PersistentVolume>,
 ) -> (
     Store<PartialObjectMeta<PersistentVolumeClaim>>,
     impl futures::Stream<Item = Result<PartialObjectMeta<PersistentVolumeClaim>, watcher::Error>>
@@ -229,11 +231,16 @@ fn watch_claims(
     .reflect(writer)
     .applied_objects()
     .try_filter(move |c| {
-        let interest = admission::interest(c.annotations(), &provisioner, &node);
-        futures::future::ready(matches!(
-            interest,
-            Interest::Provision | Interest::ChooseNode
-        ))
+        let act = match admission::interest(c.annotations(), &provisioner, &node) {
+            Interest::Provision | Interest::ChooseNode => true,
+            // Bound to one of our volumes: it may ask to grow.
+            Interest::Bound => c
+                .uid()
+                .and_then(|uid| naming::pv_name(&uid).ok())
+                .is_some_and(|pv| own_volumes.get(&ObjectRef::new(&pv)).is_some()),
+            Interest::Ignore => false,
+        };
+        futures::future::ready(act)
     });
     (claims, events)
 }

@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod capacity;
+pub mod expansion;
 pub mod naming;
 pub mod params;
 pub mod placement;

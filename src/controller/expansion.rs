@@ -1,0 +1,224 @@
+//! Online expansion of bound volumes, as an external resizer: when a claim's request grows past its
+//! PV's size, check the extra bytes fit (same arithmetic as admission), raise the limit where the root
+//! enforces sizes, then the PV's capacity, then the claim's `status.capacity`. A directory needs no
+//! node-side resize. Each step is idempotent: a pass interrupted anywhere is finished by the next.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use tracing::{info, warn};
+
+use crate::controller::context::{Context, Error, Result};
+use crate::controller::pv;
+use crate::domain::expansion::{self, Expansion};
+use crate::domain::{naming, quantity};
+
+/// Our PV for a bound claim, if this agent owns it.
+pub fn own_volume(
+    claim: &PartialObjectMeta<PersistentVolumeClaim>,
+    ctx: &Context,
+) -> Option<Arc<PersistentVolume>> {
+    let name = naming::pv_name(&claim.uid()?).ok()?;
+    ctx.volumes.get(&ObjectRef::new(&name))
+}
+
+pub async fn reconcile(
+    claim: &PartialObjectMeta<PersistentVolumeClaim>,
+    ctx: &Context,
+) -> Result<Action> {
+    let Some(volume) = own_volume(claim, ctx) else {
+        return Ok(Action::await_change());
+    };
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &claim.namespace().unwrap_or_default());
+    let Some(pvc) = claims.get_opt(&claim.name_any()).await? else {
+        return Ok(Action::await_change());
+    };
+    let Some((request, requested)) = storage_request(&pvc) else {
+        return Ok(Action::await_change());
+    };
+    let current = pv::capacity_bytes(&volume);
+    if requested > current {
+        let grown = grow(ctx, &pvc, &volume, &request, requested, current).await?;
+        if !grown {
+            // No room now; capacity may change (volumes deleted, cap raised): look again later.
+            return Ok(Action::requeue(Duration::from_secs(60)));
+        }
+    }
+    if status_capacity(&pvc) < requested {
+        finish(ctx, &claims, &pvc, &volume, &request).await?;
+    }
+    Ok(Action::await_change())
+}
+
+/// The claim's storage request, as written and in bytes.
+fn storage_request(pvc: &PersistentVolumeClaim) -> Option<(String, u64)> {
+    let request = pvc
+        .spec
+        .as_ref()?
+        .resources
+        .as_ref()?
+        .requests
+        .as_ref()?
+        .get("storage")?
+        .0
+        .clone();
+    let bytes = quantity::parse_bytes(&request).ok()?;
+    Some((request, bytes))
+}
+
+fn status_capacity(pvc: &PersistentVolumeClaim) -> u64 {
+    pvc.status
+        .as_ref()
+        .and_then(|s| s.capacity.as_ref())
+        .and_then(|c| c.get("storage"))
+        .and_then(|q| quantity::parse_bytes(&q.0).ok())
+        .unwrap_or(0)
+}
+
+/// Checks the room, raises the limit and the PV's capacity. `false` when the node has no room.
+async fn grow(
+    ctx: &Context,
+    pvc: &PersistentVolumeClaim,
+    volume: &PersistentVolume,
+    request: &str,
+    requested: u64,
+    current: u64,
+) -> Result<bool> {
+    let claim_ref = pvc.object_ref(&());
+    let node = &ctx.settings.node;
+    let root_name = pv::data_root(volume).to_string();
+    let _admission = ctx.admission_lock.lock().await;
+    let Some(root) = ctx.roots().get(&root_name) else {
+        fail(
+            ctx,
+            pvc,
+            format!(
+                "node {node} no longer has data root {root_name:?} (hostvol-config); restore it to grow the volume"
+            ),
+        );
+        return Ok(false);
+    };
+    let allocatable = ctx.allocatable_bytes(&root.name);
+    let to = match expansion::decide(current, requested, allocatable, node) {
+        Expansion::NotNeeded => return Ok(true),
+        Expansion::NoRoom(why) => {
+            fail(ctx, pvc, why);
+            ctx.metrics.expansion("refused");
+            return Ok(false);
+        }
+        Expansion::Grow { to, .. } => to,
+    };
+    ctx.publish(
+        &claim_ref,
+        EventType::Normal,
+        "Resizing",
+        "Resize",
+        format!(
+            "hostvol agent on node {node} is resizing volume {} to {request}",
+            volume.name_any()
+        ),
+    );
+    mark_resizing(ctx, pvc, request).await?;
+    if let Some(directory) = pv::directory_name(volume) {
+        let handle = root.store.root_handle();
+        let limit = {
+            use std::os::fd::AsFd;
+            root.quotas.limit(handle.as_fd(), &directory, to)
+        };
+        if let Err(error) = limit {
+            fail(
+                ctx,
+                pvc,
+                format!("node {node}: cannot raise the size limit of {directory}: {error}"),
+            );
+            ctx.metrics.expansion("failed");
+            return Err(Error::Disk(crate::node::volume_store::Error::Quota {
+                root: root.store.root_path().to_path_buf(),
+                name: directory,
+                source: error,
+            }));
+        }
+    }
+    let patch = serde_json::json!({"spec": {"capacity": {"storage": request}}});
+    let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    volumes
+        .patch(
+            &volume.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    ctx.remember_growth(&volume.name_any(), &root.name, to);
+    Ok(true)
+}
+
+/// The claim shows the new size, as resizers mark it (and as newer Kubernetes reads
+/// `allocatedResources`); the Resizing condition goes.
+async fn mark_resizing(ctx: &Context, pvc: &PersistentVolumeClaim, request: &str) -> Result<()> {
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch = serde_json::json!({"status": {
+        "allocatedResources": {"storage": request},
+        "conditions": [{"type": "Resizing", "status": "True", "lastTransitionTime": now}],
+    }});
+    claims
+        .patch_status(
+            &pvc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Called once the PV is at least the requested size.
+async fn finish(
+    ctx: &Context,
+    claims: &Api<PersistentVolumeClaim>,
+    pvc: &PersistentVolumeClaim,
+    volume: &PersistentVolume,
+    request: &str,
+) -> Result<()> {
+    let patch = serde_json::json!({"status": {
+        "capacity": {"storage": request},
+        "allocatedResources": {"storage": request},
+        "conditions": null,
+    }});
+    claims
+        .patch_status(
+            &pvc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    ctx.metrics.expansion("succeeded");
+    info!(pv = %volume.name_any(), size = %request, "volume resized");
+    ctx.publish(
+        &pvc.object_ref(&()),
+        EventType::Normal,
+        "VolumeResizeSuccessful",
+        "Resize",
+        format!("resize volume {} to {request} succeeded", volume.name_any()),
+    );
+    Ok(())
+}
+
+fn fail(ctx: &Context, pvc: &PersistentVolumeClaim, why: String) {
+    warn!(pvc = %pvc.name_any(), %why, "cannot resize");
+    ctx.publish(
+        &pvc.object_ref(&()),
+        EventType::Warning,
+        "VolumeResizeFailed",
+        "Resize",
+        why,
+    );
+}
