@@ -15,7 +15,8 @@ use crate::controller::capacity::NodeFigures;
 use crate::controller::context::{Context, Settings};
 use crate::controller::metrics::Metrics;
 use crate::controller::{
-    capacity, config_map, node_loss, orphan_report, storage_capacity, usage_refresh, watches,
+    capacity, config_map, limits, node_loss, orphan_report, storage_capacity, usage_refresh,
+    watches,
 };
 use crate::domain::params::DEFAULT_ROOT;
 use crate::node::roots::{Root, RootSet, RootSpec};
@@ -220,6 +221,11 @@ fn spawn_background_tasks(
     tokio::spawn(node_loss::run(
         ctx.clone(),
         args.pod_namespace.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(limits::keep(
+        ctx.clone(),
+        Duration::from_secs(args.orphan_scan_seconds.max(1)),
         shutdown.clone(),
     ));
     tokio::spawn(orphan_report::run(

@@ -25,14 +25,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Agent, Cluster, dirs_in, fmt_events, hostvol_pvs};
+use common::{
+    Agent, Cluster, claim_yaml, class_yaml, dirs_in, fmt_events, hostvol_pvs, pv_host_path,
+};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::ResourceExt;
-use kube::api::{Api, DynamicObject, ListParams};
+use kube::api::{Api, ListParams};
 
 /// Upper bound for each wait; every scenario finishes well within a minute.
 const T: Duration = Duration::from_secs(45);
-const PROVISIONER: &str = "hostpath.hostvol.io";
 const ANN_QUOTA: &str = "hostvol.io/quota";
 const MIB: u64 = 1 << 20;
 const NOBODY: u32 = 65534;
@@ -43,8 +44,8 @@ const CLAIM_BYTES: u64 = 10 * MIB;
 const IMAGE_BYTES: u64 = 256 * MIB;
 /// Prefix of each filesystem's temporary directory (image, owner pid); stale ones are reaped.
 const FS_DIR_PREFIX: &str = "hostvol-quotas-e2e-";
-const SETUP_HINT: &str =
-    "run `scripts/test.sh` (it installs btrfs-progs), or `apt-get install -y btrfs-progs`";
+const SETUP_HINT: &str = "run `scripts/test.sh`, which installs btrfs-progs (through \
+     `scripts/setup-quotas.sh`), or `apt-get install -y btrfs-progs`";
 
 // ================================================================================================
 // Scenarios
@@ -55,21 +56,28 @@ const SETUP_HINT: &str =
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn btrfs_limits_are_enforced() {
     let started = Instant::now();
+    preflight();
     let cluster = Cluster::start().await;
     cluster.add_node("node-a").await;
     let fs = LoopBtrfs::create(&agent_root(&cluster, "node-a"), Quotas::On);
     let agent = start_agent_on(&cluster, "node-a", &fs, &["--quota-mode", "auto"]).await;
     check_enforcement_logged(&agent, "btrfs-qgroup");
-    cluster.kubectl_apply_yaml(&class_yaml("hostvol-quota", "Retain"));
+    cluster.kubectl_apply_yaml(&class_yaml(
+        "hostvol-quota",
+        "WaitForFirstConsumer",
+        "Retain",
+        &[],
+    ));
     cluster.create_namespace("quota").await;
     cluster.kubectl_apply_yaml(&claim_yaml(
         "quota",
         "data",
         "hostvol-quota",
+        CLAIM_SIZE,
         Some("node-a"),
     ));
 
-    let pv = pv_of_claim(&cluster, "quota", "data").await;
+    let pv = cluster.hostvol_pv_of_claim("quota", "data", T).await;
     let id = qgroup_annotation(&pv);
     let dir = volume_dir(&fs, &pv);
     let meta = std::fs::metadata(&dir).unwrap_or_else(|e| {
@@ -135,20 +143,27 @@ async fn btrfs_limits_are_enforced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn btrfs_delete_removes_subvolume_and_qgroup() {
     let started = Instant::now();
+    preflight();
     let cluster = Cluster::start().await;
     cluster.add_node("node-a").await;
     let fs = LoopBtrfs::create(&agent_root(&cluster, "node-a"), Quotas::On);
     let _agent = start_agent_on(&cluster, "node-a", &fs, &[]).await;
-    cluster.kubectl_apply_yaml(&class_yaml("hostvol-scratch", "Delete"));
+    cluster.kubectl_apply_yaml(&class_yaml(
+        "hostvol-scratch",
+        "WaitForFirstConsumer",
+        "Delete",
+        &[],
+    ));
     cluster.create_namespace("scratch").await;
     cluster.kubectl_apply_yaml(&claim_yaml(
         "scratch",
         "tmp",
         "hostvol-scratch",
+        CLAIM_SIZE,
         Some("node-a"),
     ));
 
-    let pv = pv_of_claim(&cluster, "scratch", "tmp").await;
+    let pv = cluster.hostvol_pv_of_claim("scratch", "tmp", T).await;
     let id = qgroup_annotation(&pv);
     let dir = volume_dir(&fs, &pv);
     let name = dir.file_name().unwrap().to_string_lossy().into_owned();
@@ -216,16 +231,23 @@ async fn btrfs_delete_removes_subvolume_and_qgroup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interrupted_provisioning_gets_its_limit() {
     let started = Instant::now();
+    preflight();
     let cluster = Cluster::start().await;
     cluster.add_node("node-a").await;
     let fs = LoopBtrfs::create(&agent_root(&cluster, "node-a"), Quotas::On);
-    cluster.kubectl_apply_yaml(&class_yaml("hostvol-quota", "Retain"));
+    cluster.kubectl_apply_yaml(&class_yaml(
+        "hostvol-quota",
+        "WaitForFirstConsumer",
+        "Retain",
+        &[],
+    ));
     cluster.create_namespace("crash").await;
     // The claim first, with no agent running, to learn its uid (and so the volume's name).
     cluster.kubectl_apply_yaml(&claim_yaml(
         "crash",
         "half",
         "hostvol-quota",
+        CLAIM_SIZE,
         Some("node-a"),
     ));
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client(), "crash");
@@ -247,7 +269,7 @@ async fn interrupted_provisioning_gets_its_limit() {
     );
 
     let _agent = start_agent_on(&cluster, "node-a", &fs, &[]).await;
-    let pv = pv_of_claim(&cluster, "crash", "half").await;
+    let pv = cluster.hostvol_pv_of_claim("crash", "half", T).await;
     let dir = volume_dir(&fs, &pv);
     assert_eq!(
         dir, half,
@@ -294,9 +316,15 @@ async fn interrupted_provisioning_gets_its_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn required_mode_without_quotas_refuses() {
     let started = Instant::now();
+    preflight();
     let cluster = Cluster::start().await;
     cluster.apply_repo_manifest("deploy/csidriver.yaml");
-    cluster.kubectl_apply_yaml(&class_yaml("hostvol-quota", "Retain"));
+    cluster.kubectl_apply_yaml(&class_yaml(
+        "hostvol-quota",
+        "WaitForFirstConsumer",
+        "Retain",
+        &[],
+    ));
     cluster.add_node("node-a").await;
     cluster.add_node("node-b").await;
     let fs = LoopBtrfs::create(&agent_root(&cluster, "node-a"), Quotas::Off);
@@ -323,8 +351,20 @@ async fn required_mode_without_quotas_refuses() {
     cluster.create_namespace("strict").await;
     cluster.kubectl_apply_yaml(&format!(
         "{}---\n{}",
-        claim_yaml("strict", "on-btrfs", "hostvol-quota", Some("node-a")),
-        claim_yaml("strict", "on-plain", "hostvol-quota", Some("node-b"))
+        claim_yaml(
+            "strict",
+            "on-btrfs",
+            "hostvol-quota",
+            CLAIM_SIZE,
+            Some("node-a")
+        ),
+        claim_yaml(
+            "strict",
+            "on-plain",
+            "hostvol-quota",
+            CLAIM_SIZE,
+            Some("node-b")
+        )
     ));
     for (claim, node, hint) in [
         ("on-btrfs", "node-a", "btrfs quota enable"),
@@ -400,25 +440,6 @@ async fn required_mode_without_quotas_refuses() {
 // Kubernetes objects and helpers
 // ================================================================================================
 
-fn class_yaml(name: &str, reclaim: &str) -> String {
-    format!(
-        "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: {name}\nprovisioner: {PROVISIONER}\n\
-         volumeBindingMode: WaitForFirstConsumer\nreclaimPolicy: {reclaim}\n"
-    )
-}
-
-/// A claim of [`CLAIM_SIZE`], placed on `node` as the scheduler does for WaitForFirstConsumer
-/// (the `selected-node` annotation), so the agent provisions it without a pod.
-fn claim_yaml(ns: &str, name: &str, class: &str, node: Option<&str>) -> String {
-    let annotations = node.map_or(String::new(), |n| {
-        format!("  annotations:\n    volume.kubernetes.io/selected-node: {n}\n")
-    });
-    format!(
-        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {name}\n  namespace: {ns}\n{annotations}spec:\n  \
-         storageClassName: {class}\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: {CLAIM_SIZE}\n"
-    )
-}
-
 /// Where the harness puts `node`'s data root (`Cluster::start_agent`); the tests mount their btrfs
 /// there before starting the agent. `start_agent_on` checks the harness still agrees.
 fn agent_root(cluster: &Cluster, node: &str) -> PathBuf {
@@ -436,47 +457,32 @@ async fn start_agent_on(cluster: &Cluster, node: &str, fs: &LoopBtrfs, args: &[&
     agent
 }
 
-/// If the agent logs how its data roots enforce sizes, the log must name `mechanism`.
+/// The agent logs, at start, how each data root enforces sizes ("sizes enforced with <mechanism>",
+/// "sizes not enforced: <why>", ...); that line must name `mechanism`.
 fn check_enforcement_logged(agent: &Agent, mechanism: &str) {
     let log = agent.log();
     let lines: Vec<&str> = log
         .lines()
         .filter(|l| l.to_lowercase().contains("enforce"))
         .collect();
-    if lines.is_empty() {
-        eprintln!(
-            "[quotas] note: agent {} does not log its data roots' size enforcement at start; \
-             not checking for {mechanism:?}",
-            agent.node
-        );
-        return;
-    }
     assert!(
-        lines.iter().any(|l| l.contains(mechanism)),
-        "agent {} logs its size enforcement without naming {mechanism}:\n{}",
+        lines
+            .iter()
+            .any(|l| l.contains("sizes enforced") && l.contains(mechanism)),
+        "agent {} must log at start that its data root's sizes are enforced with {mechanism}; \
+         its log lines about enforcement:\n{}",
         agent.node,
-        lines.join("\n")
+        if lines.is_empty() {
+            "<none>".to_string()
+        } else {
+            lines.join("\n")
+        }
     );
-}
-
-async fn pv_of_claim(cluster: &Cluster, ns: &str, claim: &str) -> PersistentVolume {
-    let pvc = cluster.wait_pvc_bound(ns, claim, T).await;
-    let name = pvc.spec.unwrap().volume_name.unwrap();
-    Api::<PersistentVolume>::all(cluster.client())
-        .get(&name)
-        .await
-        .unwrap()
 }
 
 /// The volume's directory, from the PV's hostPath, in the test's mount.
 fn volume_dir(fs: &LoopBtrfs, pv: &PersistentVolume) -> PathBuf {
-    let path = &pv
-        .spec
-        .as_ref()
-        .and_then(|s| s.host_path.as_ref())
-        .unwrap_or_else(|| panic!("PV {} has no hostPath", pv.name_any()))
-        .path;
-    let dir = Path::new(path);
+    let dir = Path::new(pv_host_path(pv));
     assert_eq!(
         dir.parent(),
         Some(fs.mnt()),
@@ -508,18 +514,7 @@ fn qgroup_annotation(pv: &PersistentVolume) -> u64 {
 
 /// The `capacity` of the CSIStorageCapacity that `node`'s agent publishes for `class`, once it exists.
 async fn published_capacity(cluster: &Cluster, node: &str, class: &str) -> String {
-    let version = cluster
-        .csi_storage_capacity_api_version()
-        .await
-        .expect("the control plane serves CSIStorageCapacity");
-    let (group, ver) = version.split_once('/').unwrap();
-    let resource = kube::discovery::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
-        group,
-        ver,
-        "CSIStorageCapacity",
-    ));
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(cluster.client(), common::AGENT_NAMESPACE, &resource);
+    let api = cluster.csi_storage_capacities().await;
     let find = || async {
         api.list(&ListParams::default())
             .await
@@ -602,8 +597,8 @@ struct Qgroup {
 
 /// A btrfs on a sparse file in its own temporary directory, through a loop device, mounted with
 /// `commit=1` (the cleaner then drops deleted subvolumes, and their qgroups, within about a second).
-/// Unmounted (lazily if busy), detached and removed on drop, panics included. Filesystems left behind
-/// by test processes that died without dropping (SIGKILL) are reaped by the next `create`.
+/// Unmounted (lazily if busy), detached and removed on drop, panics included. Those left behind by a
+/// test process that died without dropping them (SIGKILL) are reaped by the next test's `preflight`.
 struct LoopBtrfs {
     dir: Option<tempfile::TempDir>,
     device: Option<String>,
@@ -615,7 +610,6 @@ impl LoopBtrfs {
     /// Makes the filesystem and mounts it on `mnt` (created if missing), with quotas on or off.
     fn create(mnt: &Path, quotas: Quotas) -> Self {
         preflight();
-        reap_stale_filesystems();
         let dir = tempfile::Builder::new()
             .prefix(FS_DIR_PREFIX)
             .tempdir()
@@ -750,7 +744,10 @@ impl Drop for LoopBtrfs {
     }
 }
 
-/// Root, and the tools (btrfs-progs, util-linux), or a failure saying how to get them.
+/// Root, and the tools (btrfs-progs, util-linux), or a failure saying how to get them; then reaps
+/// filesystems left behind by test processes that were killed (before the harness reaps their
+/// cluster directories, which hold the mount points). Called first in every test, so a missing tool
+/// fails it before a control plane is started.
 fn preflight() {
     // SAFETY: geteuid cannot fail.
     let euid = unsafe { libc::geteuid() };
@@ -761,6 +758,7 @@ fn preflight() {
     for name in ["mkfs.btrfs", "btrfs", "losetup", "mount", "umount"] {
         tool(name);
     }
+    reap_stale_filesystems();
 }
 
 /// The tool's path (PATH, then the sbin directories a non-login root shell may lack).

@@ -4,7 +4,7 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::ResourceExt;
 use kube::core::PartialObjectMeta;
 
-use crate::domain::admission::ClaimSpec;
+use crate::domain::admission::{ClaimSpec, DataSource};
 
 /// `namespace/name`, for logs and per-claim backoff.
 pub fn claim_key(claim: &PartialObjectMeta<PersistentVolumeClaim>) -> String {
@@ -21,11 +21,28 @@ pub fn claim_spec(pvc: &PersistentVolumeClaim) -> ClaimSpec {
     ClaimSpec {
         volume_mode: spec.volume_mode,
         access_modes: spec.access_modes.unwrap_or_default(),
-        has_data_source: spec.data_source.is_some() || spec.data_source_ref.is_some(),
+        data_source: data_source(pvc),
         has_selector: spec.selector.is_some(),
         storage_request: spec
             .resources
             .and_then(|r| r.requests)
             .and_then(|r| r.get("storage").map(|q| q.0.clone())),
     }
+}
+
+/// `dataSourceRef` (newer clusters mirror `dataSource` into it), else `dataSource`.
+pub fn data_source(pvc: &PersistentVolumeClaim) -> Option<DataSource> {
+    let spec = pvc.spec.as_ref()?;
+    if let Some(r) = &spec.data_source_ref {
+        return Some(DataSource {
+            api_group: r.api_group.clone(),
+            kind: r.kind.clone(),
+            name: r.name.clone(),
+        });
+    }
+    spec.data_source.as_ref().map(|r| DataSource {
+        api_group: r.api_group.clone(),
+        kind: r.kind.clone(),
+        name: r.name.clone(),
+    })
 }

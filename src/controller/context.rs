@@ -226,6 +226,16 @@ impl Context {
         self.volumes_changed.notify_waiters();
     }
 
+    /// A PV's size, including a growth the watch has not delivered yet.
+    pub fn volume_bytes(&self, pv: &PersistentVolume) -> u64 {
+        let recorded = pv::capacity_bytes(pv);
+        self.recent_growth
+            .lock()
+            .expect("lock poisoned")
+            .get(&pv.name_any())
+            .map_or(recorded, |(_, grown)| recorded.max(*grown))
+    }
+
     /// Counts a PV's new size until the watch delivers it, so admission sees the bytes at once.
     pub fn remember_growth(&self, pv_name: &str, root: &str, bytes: u64) {
         self.recent_growth

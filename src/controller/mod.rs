@@ -5,10 +5,12 @@
 
 pub mod capacity;
 pub mod claim;
+pub mod clone_source;
 pub mod config_map;
 pub mod context;
 pub mod events;
 pub mod expansion;
+pub mod limits;
 pub mod metrics;
 pub mod node_loss;
 pub mod orphan_report;

@@ -1,6 +1,6 @@
 //! Placing claims that no scheduler places: Immediate classes (every agent computes the same choice
-//! from the published capacities; only the chosen node's agent acts) and pods that name their node in
-//! `spec.nodeName`.
+//! from the published capacities; only the chosen node's agent acts), pods that name their node in
+//! `spec.nodeName`, and clones (on their source's node).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,8 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use crate::controller::claim::claim_spec;
+use crate::controller::claim::{claim_spec, data_source};
+use crate::controller::clone_source::{self, Source};
 use crate::controller::context::{Context, Result};
 use crate::domain::admission::{self, Refusal, VolumeRequest};
 use crate::domain::params::ClassParameters;
@@ -33,9 +34,50 @@ pub(super) async fn choose_node(
     let Some(pvc) = claims.get_opt(&claim.name_any()).await? else {
         return Ok(Action::await_change());
     };
+    if let Some(action) = place_clone(&pvc, ctx).await? {
+        return Ok(action);
+    }
     match choose_for(&pvc, ctx) {
         Ok((request, chosen)) => place_here(&claims, &pvc, &request, &chosen, ctx).await,
         Err(action) => Ok(action),
+    }
+}
+
+/// A clone can only be made where its source's data is: the source's agent places it there at once,
+/// whatever the binding mode (its pods then follow the volume's node affinity). `None` when the claim
+/// is not a clone, or its source is unusable on an Immediate class (placed as usual, then refused
+/// with the reason by the agent it lands on).
+async fn place_clone(pvc: &PersistentVolumeClaim, ctx: &Context) -> Result<Option<Action>> {
+    let Some(source) = data_source(pvc).filter(|s| s.is_claim()) else {
+        return Ok(None);
+    };
+    if pvc.annotations().contains_key(admission::ANN_SELECTED_NODE)
+        || pvc.metadata.deletion_timestamp.is_some()
+    {
+        return Ok(Some(Action::await_change()));
+    }
+    let class_name = pvc
+        .spec
+        .as_ref()
+        .and_then(|s| s.storage_class_name.clone())
+        .unwrap_or_default();
+    let waits_for_consumer = ctx
+        .classes
+        .get(&ObjectRef::new(&class_name))
+        .is_some_and(|c| c.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer"));
+    let namespace = pvc.namespace().unwrap_or_default();
+    match clone_source::resolve(ctx, &namespace, &source.name, &class_name).await? {
+        Source::Here { .. } => {
+            clone_source::place_on(ctx, pvc, &ctx.settings.node, &source.name).await?;
+            Ok(Some(Action::await_change()))
+        }
+        // Its source's agent places it; look again later in case that agent is gone.
+        Source::OnNode(_) => Ok(Some(Action::requeue(Duration::from_secs(30)))),
+        // e.g. the source is not bound yet: nothing changes on this claim when it is, so look again.
+        Source::Unusable(_) if waits_for_consumer => {
+            Ok(Some(Action::requeue(Duration::from_secs(30))))
+        }
+        Source::Unusable(_) => Ok(None),
     }
 }
 

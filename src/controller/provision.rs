@@ -15,6 +15,7 @@ use kube::{Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::controller::claim::{claim_key, claim_spec};
+use crate::controller::clone_source::{self, Source};
 use crate::controller::context::{Context, Error, Result};
 use crate::controller::pv::VolumeDescription;
 use crate::controller::{expansion, placement, pv, reclaim};
@@ -102,6 +103,10 @@ async fn provision(
         Admitted::NotOurs => return Ok(Step::NotOurs),
         Admitted::Refused(refusal) => return Ok(refuse(ctx, &pvc, refusal)),
     };
+    let order = match with_clone_source(ctx, &pvc, order).await? {
+        Ok(order) => order,
+        Err(step) => return Ok(step),
+    };
     ctx.publish(
         &order.claim_ref,
         EventType::Normal,
@@ -123,7 +128,7 @@ async fn provision(
         Ok(root) => root,
         Err(refusal) => return hand_back(ctx, &pvc, refusal).await,
     };
-    let limit = make_directory(ctx, &order, &root)?;
+    let limit = make_volume(ctx, &order, &root).await?;
     if !create_pv(ctx, &order, &root, limit).await? {
         return Ok(Step::AlreadyDone);
     }
@@ -190,6 +195,8 @@ struct Order {
     request: VolumeRequest,
     reclaim_policy: String,
     directory: String,
+    /// For a clone: the source volume's directory, in the same data root.
+    clone_from: Option<String>,
 }
 
 enum Admitted {
@@ -240,7 +247,46 @@ fn admit(pvc: &PersistentVolumeClaim, pv_name: String, ctx: &Context) -> Result<
             .clone()
             .unwrap_or_else(|| "Delete".into()),
         directory,
+        clone_from: None,
     })))
+}
+
+/// For a clone, finds its source: here, it records the source's directory; on another node, it moves
+/// the claim there; unusable, it refuses. `Err(step)` ends the pass.
+async fn with_clone_source(
+    ctx: &Context,
+    pvc: &PersistentVolumeClaim,
+    mut order: Box<Order>,
+) -> Result<std::result::Result<Box<Order>, Step>> {
+    let Some(source) = order.request.clone_of.clone() else {
+        return Ok(Ok(order));
+    };
+    match clone_source::resolve(ctx, &order.namespace, &source, &order.class_name).await? {
+        Source::Unusable(refusal) => Ok(Err(refuse(ctx, pvc, refusal))),
+        Source::OnNode(node) => {
+            clone_source::place_on(ctx, pvc, &node, &source).await?;
+            Ok(Err(Step::AlreadyDone))
+        }
+        Source::Here {
+            directory,
+            bytes,
+            root,
+            ..
+        } => {
+            if root != order.params.data_root {
+                let refusal = Refusal::CloneSource(format!(
+                    "source claim {source} is in data root {root:?}, the class now names {:?}",
+                    order.params.data_root
+                ));
+                return Ok(Err(refuse(ctx, pvc, refusal)));
+            }
+            if let Err(refusal) = admission::clone_fits(&order.request, bytes, &source) {
+                return Ok(Err(refuse(ctx, pvc, refusal)));
+            }
+            order.clone_from = Some(directory);
+            Ok(Ok(order))
+        }
+    }
 }
 
 fn refuse(ctx: &Context, pvc: &PersistentVolumeClaim, refusal: Refusal) -> Step {
@@ -297,29 +343,50 @@ async fn hand_back(ctx: &Context, pvc: &PersistentVolumeClaim, refusal: Refusal)
     Ok(step)
 }
 
-/// Makes (or finds from an earlier pass) the volume directory, durably, with its size limit where the
-/// root enforces sizes.
-fn make_directory(ctx: &Context, order: &Order, root: &Root) -> Result<Option<Limit>> {
-    let (outcome, limit) = root
-        .store
-        .ensure_volume(
-            &order.directory,
-            &order.params,
-            &root.quotas,
-            order.request.capacity_bytes,
-        )
-        .inspect_err(|error| {
-            ctx.publish(
-                &order.claim_ref,
-                EventType::Warning,
-                "ProvisioningFailed",
-                "Provision",
-                format!(
-                    "node {}: cannot prepare the volume directory: {error}",
-                    ctx.settings.node
-                ),
+/// Makes (or finds from an earlier pass) the volume, durably, with its size limit where the root
+/// enforces sizes; a clone starts with a copy of its source (on the blocking pool: copies take time).
+async fn make_volume(ctx: &Context, order: &Order, root: &Arc<Root>) -> Result<Option<Limit>> {
+    let made = match &order.clone_from {
+        None => make_directory(order, root),
+        Some(source) => {
+            let (root, source) = (root.clone(), source.clone());
+            let (target, params, bytes) = (
+                order.directory.clone(),
+                order.params.clone(),
+                order.request.capacity_bytes,
             );
-        })?;
+            tokio::task::spawn_blocking(move || {
+                let (outcome, limit) =
+                    root.store
+                        .ensure_clone(&source, &target, &params, &root.quotas, bytes)?;
+                debug!(directory = %target, %source, ?outcome, ?limit, "clone ready");
+                Ok(limit)
+            })
+            .await
+            .expect("clone task does not panic")
+        }
+    };
+    made.inspect_err(|error| {
+        ctx.publish(
+            &order.claim_ref,
+            EventType::Warning,
+            "ProvisioningFailed",
+            "Provision",
+            format!(
+                "node {}: cannot prepare the volume directory: {error}",
+                ctx.settings.node
+            ),
+        );
+    })
+}
+
+fn make_directory(order: &Order, root: &Root) -> Result<Option<Limit>> {
+    let (outcome, limit) = root.store.ensure_volume(
+        &order.directory,
+        &order.params,
+        &root.quotas,
+        order.request.capacity_bytes,
+    )?;
     debug!(directory = %order.directory, ?outcome, ?limit, "volume directory ready");
     Ok(limit)
 }

@@ -9,10 +9,11 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::controller::context::{Context, Error, Result};
 use crate::controller::pv;
+use crate::node::quota::{Limit, Removed};
 use crate::node::removal;
 
 /// On PVs of Delete classes: `kubectl delete pv` then waits for the directory to be cleaned up.
@@ -98,24 +99,32 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
             };
             let root = data_root.store.root_handle();
             let quotas = data_root.quotas.clone();
+            let recorded = pv.annotations().get(pv::ANN_QUOTA).and_then(|r| Limit::parse(r));
             let archive = matches!(what, Disposal::Delete { archive: true });
             let dir = directory.clone();
             let outcome = tokio::task::spawn_blocking(move || {
                 use std::os::fd::AsFd;
                 if archive {
                     match removal::archive_volume_dir(root.as_fd(), &dir) {
-                        Ok(new_name) => Ok(format!("archived as {new_name}")),
-                        Err(removal::Error::NotFound { .. }) => Ok("directory already gone".to_string()),
+                        Ok(new_name) => Ok(Removed::Done(format!("archived as {new_name}"))),
+                        Err(removal::Error::NotFound { .. }) => {
+                            Ok(Removed::Done("directory already gone".to_string()))
+                        }
                         Err(e) => Err(e),
                     }
                 } else {
-                    quotas.remove_volume(root.as_fd(), &dir)
+                    quotas.remove_volume(root.as_fd(), &dir, recorded)
                 }
             })
             .await
             .expect("removal task does not panic");
             match outcome {
-                Ok(done) => {
+                Ok(Removed::QgroupBusy(id)) => {
+                    // The PV (and its record of the qgroup) stays until the qgroup is gone too.
+                    debug!(%directory, qgroup = id, "volume removed; its qgroup is still busy");
+                    return Ok(Action::requeue(Duration::from_secs(3)));
+                }
+                Ok(Removed::Done(done)) => {
                     info!(%directory, %done, "volume directory cleaned up");
                     ctx.publish(&reference, EventType::Normal, "VolumeDeleted", "Delete", format!(
                         "{directory} on node {}: {done}", ctx.settings.node));

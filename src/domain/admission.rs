@@ -45,9 +45,25 @@ pub fn interest(annotations: &BTreeMap<String, String>, provisioner: &str, node:
 pub struct ClaimSpec {
     pub volume_mode: Option<String>,
     pub access_modes: Vec<String>,
-    pub has_data_source: bool,
+    /// `dataSourceRef` or `dataSource`, if set.
+    pub data_source: Option<DataSource>,
     pub has_selector: bool,
     pub storage_request: Option<String>,
+}
+
+/// What a claim asks its volume to be filled from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataSource {
+    pub api_group: Option<String>,
+    pub kind: String,
+    pub name: String,
+}
+
+impl DataSource {
+    /// A claim of the same namespace (the only source hostvol serves: a clone).
+    pub fn is_claim(&self) -> bool {
+        self.kind == "PersistentVolumeClaim" && self.api_group.as_deref().unwrap_or("").is_empty()
+    }
 }
 
 /// A claim we can serve, reduced to what the volume needs.
@@ -57,6 +73,8 @@ pub struct VolumeRequest {
     /// The request as the user wrote it, used verbatim as the PV capacity so the binder's comparison is exact.
     pub capacity: String,
     pub access_modes: Vec<String>,
+    /// The claim (same namespace) whose data the new volume starts with, for a clone.
+    pub clone_of: Option<String>,
 }
 
 /// Why a claim is refused. Each variant's `reason()` is the metrics label; `message()` goes into the
@@ -65,7 +83,9 @@ pub struct VolumeRequest {
 pub enum Refusal {
     BlockVolumeMode,
     UnsupportedAccessModes(Vec<String>),
-    DataSource,
+    DataSource(String),
+    /// A clone whose source cannot be used (missing, unbound, other class, larger than the clone).
+    CloneSource(String),
     Selector,
     MissingRequest,
     ZeroRequest,
@@ -86,7 +106,8 @@ impl Refusal {
         match self {
             Refusal::BlockVolumeMode => "block_volume_mode",
             Refusal::UnsupportedAccessModes(_) => "unsupported_access_mode",
-            Refusal::DataSource => "data_source",
+            Refusal::DataSource(_) => "data_source",
+            Refusal::CloneSource(_) => "clone_source",
             Refusal::Selector => "selector",
             Refusal::MissingRequest => "missing_request",
             Refusal::ZeroRequest => "zero_request",
@@ -110,11 +131,12 @@ impl Refusal {
                  ReadWriteOnce and ReadWriteOncePod can be honoured; use one of those",
                 modes.join(", ")
             ),
-            Refusal::DataSource => {
-                "dataSource/dataSourceRef (cloning, snapshots, populators) is not supported; \
-                remove it and copy data in from a pod"
-                    .into()
-            }
+            Refusal::DataSource(what) => format!(
+                "dataSource/dataSourceRef {what} is not supported: hostvol clones claims (a \
+                 PersistentVolumeClaim of the same namespace and class), but has no snapshots or \
+                 populators; name a claim, or remove it and copy data in from a pod"
+            ),
+            Refusal::CloneSource(why) => format!("cannot clone: {why}"),
             Refusal::Selector => {
                 "spec.selector is not supported for dynamic provisioning; remove the selector, \
                 or create a PersistentVolume by hand and leave storageClassName empty"
@@ -164,9 +186,21 @@ pub fn admit(spec: &ClaimSpec) -> Result<VolumeRequest, Refusal> {
     if !unsupported.is_empty() {
         return Err(Refusal::UnsupportedAccessModes(unsupported));
     }
-    if spec.has_data_source {
-        return Err(Refusal::DataSource);
-    }
+    let clone_of = match &spec.data_source {
+        None => None,
+        Some(source) if source.is_claim() => Some(source.name.clone()),
+        Some(source) => {
+            return Err(Refusal::DataSource(format!(
+                "{}{} {:?}",
+                source
+                    .api_group
+                    .as_deref()
+                    .map_or(String::new(), |g| format!("{g}/")),
+                source.kind,
+                source.name
+            )));
+        }
+    };
     if spec.has_selector {
         return Err(Refusal::Selector);
     }
@@ -188,7 +222,20 @@ pub fn admit(spec: &ClaimSpec) -> Result<VolumeRequest, Refusal> {
         capacity_bytes,
         capacity: request.trim().to_string(),
         access_modes,
+        clone_of,
     })
+}
+
+/// A clone must be at least its source's size: its limit must hold the source's data.
+pub fn clone_fits(request: &VolumeRequest, source_bytes: u64, source: &str) -> Result<(), Refusal> {
+    if request.capacity_bytes < source_bytes {
+        return Err(Refusal::CloneSource(format!(
+            "the clone requests {} but its source {source} is {}; request at least the source's size",
+            request.capacity,
+            quantity::format_bytes(source_bytes)
+        )));
+    }
+    Ok(())
 }
 
 /// Whether a node with `allocatable` bytes left can take the request.
@@ -272,7 +319,8 @@ mod tests {
             VolumeRequest {
                 capacity_bytes: 1 << 30,
                 capacity: "1Gi".into(),
-                access_modes: vec!["ReadWriteOnce".into()]
+                access_modes: vec!["ReadWriteOnce".into()],
+                clone_of: None,
             }
         );
         let pod_only = ClaimSpec {
@@ -281,6 +329,24 @@ mod tests {
             ..valid()
         };
         assert!(admit(&pod_only).is_ok());
+    }
+
+    #[test]
+    fn a_claim_as_data_source_is_a_clone_that_must_hold_its_source() {
+        let clone = ClaimSpec {
+            data_source: Some(DataSource {
+                api_group: None,
+                kind: "PersistentVolumeClaim".into(),
+                name: "source".into(),
+            }),
+            ..valid()
+        };
+        let request = admit(&clone).unwrap();
+        assert_eq!(request.clone_of.as_deref(), Some("source"));
+        assert!(clone_fits(&request, 1 << 30, "source").is_ok());
+        let small = clone_fits(&request, 2 << 30, "source").unwrap_err();
+        assert_eq!(small.reason(), "clone_source");
+        assert!(small.message().contains("at least"), "{}", small.message());
     }
 
     #[test]
@@ -309,7 +375,11 @@ mod tests {
             ),
             (
                 ClaimSpec {
-                    has_data_source: true,
+                    data_source: Some(DataSource {
+                        api_group: Some("snapshot.storage.k8s.io".into()),
+                        kind: "VolumeSnapshot".into(),
+                        name: "snap".into(),
+                    }),
                     ..valid()
                 },
                 "data_source",

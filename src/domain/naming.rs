@@ -32,6 +32,14 @@ pub fn directory_name(
 
 /// Accepts only a single, plain path component made of the characters our names use.
 /// This is the last gate before any filesystem call: no `/`, no `.` or `..`, no NUL, no hidden files.
+/// Where a clone is copied before it is renamed to `target`: a visible name (an interrupted copy of
+/// a claim that was then deleted shows up as an orphan, never silently kept).
+pub fn clone_staging_name(target: &str) -> String {
+    let mut name = format!("cloning-{target}");
+    name.truncate(MAX_DIRECTORY_NAME); // ASCII only; the claim uid near the start keeps it unique
+    name
+}
+
 pub fn validate_directory_name(name: &str) -> Result<(), NameError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_DIRECTORY_NAME

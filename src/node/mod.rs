@@ -2,6 +2,7 @@
 //! orphan scans. Every operation goes through an open handle on a data root and one validated name,
 //! never a joined path, and never follows a symlink. Uses only [`crate::domain`].
 
+pub mod clone;
 pub mod orphans;
 pub mod quota;
 pub mod removal;

@@ -172,14 +172,14 @@ fn open_volume_dir(
 struct Walk<'r> {
     root: BorrowedFd<'r>,
     dev: u64,
-    /// The directory at the top of `stack`; the only directory fd the walk holds.
+    /// The directory at the top of `stack`: the only fd kept open from one step to the next.
     cur: OwnedFd,
     stack: Vec<Frame>,
     stats: RemovalStats,
 }
 
 impl Walk<'_> {
-    /// Empties and removes the directory at the top of the stack, climbing back until it is empty.
+    /// Empties and removes the volume directory, going down into each subdirectory and back up.
     fn remove_all(&mut self) -> Result<(), Error> {
         while let Some(frame) = self.stack.last_mut() {
             match frame.pending.as_mut().map(Vec::pop) {

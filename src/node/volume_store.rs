@@ -12,7 +12,8 @@ use nix::unistd::{Gid, Uid, fchown, fsync};
 
 use crate::domain::naming::{self, NameError};
 use crate::domain::params::ClassParameters;
-use crate::node::quota::{Limit, Quotas};
+use crate::node::clone;
+use crate::node::quota::{self, Limit, Quotas};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -31,6 +32,13 @@ pub enum Error {
         root: PathBuf,
         name: String,
         source: std::io::Error,
+    },
+    #[error("cannot copy {source_name} into {name} in {root}: {error}")]
+    Clone {
+        root: PathBuf,
+        source_name: String,
+        name: String,
+        error: clone::Error,
     },
     #[error("{op} {name} in {root}: {source}")]
     Io {
@@ -53,6 +61,7 @@ impl Error {
             Error::UnsafeName(_) => "unsafe_name",
             Error::NotADirectory { .. } => "not_a_directory",
             Error::Quota { .. } => "quota",
+            Error::Clone { error, .. } => error.category(),
             Error::Io { .. } => "io",
         }
     }
@@ -177,6 +186,73 @@ impl VolumeStore {
             fsync(self.root.as_fd()).map_err(io("sync"))?;
         }
         Ok((outcome, limit))
+    }
+
+    /// Makes (or finishes from an earlier pass) the clone `target` of the volume `source`, then gives
+    /// it the class's mode and owner and its own limit, as `ensure_volume`. btrfs subvolumes are
+    /// snapshotted (instant, atomic); elsewhere the data is copied into a staging volume (which
+    /// already has the clone's limit) renamed into place once complete, so an interrupted copy is
+    /// never mistaken for a finished one: the next pass removes the staging volume and starts again.
+    pub fn ensure_clone(
+        &self,
+        source: &str,
+        target: &str,
+        params: &ClassParameters,
+        quotas: &Quotas,
+        bytes: u64,
+    ) -> Result<(Outcome, Option<Limit>)> {
+        naming::validate_directory_name(source)?;
+        naming::validate_directory_name(target)?;
+        let failed = |name: &str| {
+            let (root, source_name, name) =
+                (self.root_path.clone(), source.to_string(), name.to_string());
+            move |error| Error::Clone {
+                root,
+                source_name,
+                name,
+                error,
+            }
+        };
+        if !self.volume_dir_exists(target)? {
+            let snapshot = quotas.uses_subvolumes()
+                && quota::btrfs::open_subvolume(self.root.as_fd(), source).is_ok();
+            if snapshot {
+                clone::snapshot(self.root.as_fd(), source, target).map_err(failed(target))?;
+            } else {
+                let staging = naming::clone_staging_name(target);
+                if self.volume_dir_exists(&staging)? {
+                    quotas
+                        .remove_volume(self.root.as_fd(), &staging, None)
+                        .map_err(|e| Error::Io {
+                            op: "remove the interrupted copy",
+                            root: self.root_path.clone(),
+                            name: format!("{staging}: {e}"),
+                            source: Errno::EIO,
+                        })?;
+                }
+                self.ensure_volume(&staging, params, quotas, bytes)?;
+                clone::copy_into(self.root.as_fd(), source, &staging).map_err(failed(&staging))?;
+                nix::fcntl::renameat(
+                    self.root.as_fd(),
+                    staging.as_str(),
+                    self.root.as_fd(),
+                    target,
+                )
+                .map_err(|e| Error::Io {
+                    op: "rename",
+                    root: self.root_path.clone(),
+                    name: staging.clone(),
+                    source: e,
+                })?;
+                fsync(self.root.as_fd()).map_err(|e| Error::Io {
+                    op: "sync",
+                    root: self.root_path.clone(),
+                    name: target.to_string(),
+                    source: e,
+                })?;
+            }
+        }
+        self.ensure_volume(target, params, quotas, bytes)
     }
 
     /// Whether `name` exists under the root as a real directory (symlinks do not count).

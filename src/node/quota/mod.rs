@@ -33,7 +33,27 @@ pub enum Limit {
     Project(u32),
 }
 
+/// What a removal did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removed {
+    Done(String),
+    /// The volume is gone but its qgroup `0/<id>` is still busy: call again later.
+    QgroupBusy(u64),
+}
+
 impl Limit {
+    /// Reads a record written by [`Limit::record`].
+    pub fn parse(record: &str) -> Option<Limit> {
+        if let Some(id) = record.strip_prefix("qgroup 0/") {
+            return id.parse().ok().map(Limit::Qgroup);
+        }
+        record
+            .strip_prefix("project ")?
+            .parse()
+            .ok()
+            .map(Limit::Project)
+    }
+
     /// The value recorded on the PV (`hostvol.io/quota`).
     pub fn record(&self) -> String {
         match self {
@@ -115,13 +135,13 @@ impl Quotas {
         Ok(Some(Limit::Project(id)))
     }
 
-    /// Removes the volume `name` if it is a subvolume (destroy, then its qgroup), returning `true`;
-    /// `false` for a plain directory, which the caller removes with the safe walk. The destroy ioctl
-    /// deletes only that subvolume's own tree: it never follows symlinks or leaves the volume.
-    pub fn remove_subvolume(&self, root: BorrowedFd<'_>, name: &str) -> io::Result<bool> {
+    /// Destroys the volume `name` if it is a btrfs subvolume, returning its id; `None` for a plain
+    /// directory or nothing, which the caller removes with the safe walk. The destroy ioctl deletes
+    /// only that subvolume's own tree: it never follows symlinks or leaves the volume.
+    pub fn destroy_subvolume(&self, root: BorrowedFd<'_>, name: &str) -> io::Result<Option<u64>> {
         naming::validate_directory_name(name).map_err(invalid)?;
         if !btrfs::is_btrfs(root)? {
-            return Ok(false);
+            return Ok(None);
         }
         let volume = match btrfs::open_subvolume(root, name) {
             Ok(volume) => volume,
@@ -132,32 +152,26 @@ impl Quotas {
                     io::ErrorKind::InvalidInput | io::ErrorKind::NotFound
                 ) =>
             {
-                return Ok(false);
+                return Ok(None);
             }
             Err(e) => return Err(e),
         };
         let id = btrfs::subvolume_id(volume.as_fd())?;
         drop(volume);
         btrfs::destroy_subvolume(root, name)?;
-        // The kernel drops the qgroup itself once the subvolume's data is cleaned up; until then
-        // removing it is refused (busy), which is fine.
-        match btrfs::remove_qgroup(root, id) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::ResourceBusy => {}
-            Err(e) if e.kind() == io::ErrorKind::Unsupported => {} // quotas turned off since
-            Err(e) => return Err(e),
-        }
-        Ok(true)
+        Ok(Some(id))
     }
 
-    /// Removes the volume `name` and its limit, never following a symlink or leaving the root: a
-    /// subvolume with the destroy ioctl (then its qgroup); a directory with the safe walk, then its
-    /// project limit reset so the id is free again. Says what it did.
+    /// Removes the volume `name` and then its limit, never following a symlink or leaving the root:
+    /// a subvolume with the destroy ioctl, a directory with the safe walk; then its qgroup, or its
+    /// project limit reset so the id is free again. `recorded` is the limit the PV records, so a pass
+    /// after a crash (the volume already gone) still releases it.
     pub fn remove_volume(
         &self,
         root: BorrowedFd<'_>,
         name: &str,
-    ) -> Result<String, removal::Error> {
+        recorded: Option<Limit>,
+    ) -> Result<Removed, removal::Error> {
         let failed = |op: &'static str| {
             let path = std::path::PathBuf::from(name);
             move |e: io::Error| removal::Error::Io {
@@ -166,22 +180,56 @@ impl Quotas {
                 source: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
             }
         };
-        if self
-            .remove_subvolume(root, name)
+        let (what, limit) = match self
+            .destroy_subvolume(root, name)
             .map_err(failed("destroy subvolume"))?
         {
-            return Ok("removed the subvolume and its qgroup".into());
+            Some(id) => ("removed the subvolume".to_string(), Some(Limit::Qgroup(id))),
+            None => {
+                let project = self
+                    .project_of(root, name)
+                    .ok()
+                    .flatten()
+                    .map(Limit::Project);
+                let stats = removal::remove_volume_dir(root, name)?;
+                let what = format!(
+                    "removed {} files, {} directories",
+                    stats.files, stats.directories
+                );
+                (what, project.or(recorded))
+            }
+        };
+        match limit.or(recorded) {
+            None => Ok(Removed::Done(what)),
+            Some(Limit::Project(id)) => {
+                project::set_limit(root, id, None).map_err(failed("reset project limit"))?;
+                Ok(Removed::Done(format!(
+                    "{what} and reset the limit of project {id}"
+                )))
+            }
+            Some(Limit::Qgroup(id)) => match btrfs::remove_qgroup(root, id) {
+                Ok(()) => Ok(Removed::Done(format!("{what} and its qgroup 0/{id}"))),
+                // The kernel keeps a destroyed subvolume's qgroup until its data is cleaned up
+                // (and newer kernels then drop it themselves): try again shortly.
+                Err(e) if e.kind() == io::ErrorKind::ResourceBusy => Ok(Removed::QgroupBusy(id)),
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(Removed::Done(what)),
+                Err(e) => Err(failed("remove qgroup")(e)),
+            },
         }
-        let project = self.project_of(root, name).ok().flatten();
-        let stats = removal::remove_volume_dir(root, name)?;
-        if let Some(id) = project {
-            self.release_project(root, id)
-                .map_err(failed("reset project limit"))?;
+    }
+
+    /// Sets the limit recorded for an existing volume again (after a crash the filesystem may not have
+    /// committed it); nothing for roots without enforcement or volumes that are gone.
+    pub fn reapply(
+        &self,
+        root: BorrowedFd<'_>,
+        name: &str,
+        bytes: u64,
+    ) -> io::Result<Option<Limit>> {
+        match self.limit(root, name, bytes) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            other => other,
         }
-        Ok(format!(
-            "removed {} files, {} directories",
-            stats.files, stats.directories
-        ))
     }
 
     /// The project id of a volume directory about to be removed, so its limit can be reset after.
@@ -195,11 +243,6 @@ impl Quotas {
         let volume = open_volume(root, name)?;
         let (id, _) = project::project_of(volume.as_fd())?;
         Ok((id != 0 && id != project::project_of(root)?.0).then_some(id))
-    }
-
-    /// Resets a removed volume's project limit, so the id is free again.
-    pub fn release_project(&self, root: BorrowedFd<'_>, id: u32) -> io::Result<()> {
-        project::set_limit(root, id, None)
     }
 
     /// Bytes used per volume name, from the quota accounting (no walks); `None` when this root has
@@ -319,4 +362,19 @@ fn open_volume(root: BorrowedFd<'_>, name: &str) -> io::Result<OwnedFd> {
 
 fn invalid(e: naming::NameError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_records_read_back() {
+        for limit in [Limit::Qgroup(257), Limit::Project(1_000_042)] {
+            assert_eq!(Limit::parse(&limit.record()), Some(limit));
+        }
+        for bad in ["", "qgroup 1/257", "project", "project -1", "qgroup 0/x"] {
+            assert_eq!(Limit::parse(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -1,0 +1,119 @@
+//! Finding a clone's source: the bound hostvol claim its `dataSource` names, and the node its data
+//! lives on (a clone can only be made there).
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::Resource;
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::EventType;
+use tracing::info;
+
+use crate::controller::context::{Context, Result};
+use crate::controller::{pv, reclaim};
+use crate::domain::admission::{self, Refusal};
+
+/// Where a clone's source is.
+pub enum Source {
+    /// On this node: the source volume's directory, size and data root.
+    Here {
+        directory: String,
+        bytes: u64,
+        root: String,
+        pv_name: String,
+    },
+    /// On another node: the clone must go there.
+    OnNode(String),
+    Unusable(Refusal),
+}
+
+fn unusable(why: String) -> Result<Source> {
+    Ok(Source::Unusable(Refusal::CloneSource(why)))
+}
+
+/// Resolves the source claim `name` of a clone in `namespace` of class `class`.
+pub async fn resolve(ctx: &Context, namespace: &str, name: &str, class: &str) -> Result<Source> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(source) = claims.get_opt(name).await? else {
+        return unusable(format!(
+            "source claim {namespace}/{name} does not exist; create it first or fix dataSource"
+        ));
+    };
+    let spec = source.spec.clone().unwrap_or_default();
+    let source_class = spec.storage_class_name.unwrap_or_default();
+    if source_class != class {
+        return unusable(format!(
+            "source claim {name} is of class {source_class:?}, the clone of {class:?}; \
+             a clone stays in its source's class"
+        ));
+    }
+    let Some(volume_name) = spec.volume_name.filter(|v| !v.is_empty()) else {
+        return unusable(format!(
+            "source claim {name} is not bound yet; the clone is made once it is (retried)"
+        ));
+    };
+    let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let Some(volume) = volumes.get_opt(&volume_name).await? else {
+        return unusable(format!(
+            "the volume {volume_name} of source claim {name} is gone"
+        ));
+    };
+    let ours = volume.annotations().get(pv::ANN_PROVISIONED_BY) == Some(&ctx.settings.provisioner);
+    let (Some(node), Some(directory), true) = (
+        volume.annotations().get(pv::ANN_NODE).cloned(),
+        reclaim::own_directory(&volume),
+        ours,
+    ) else {
+        return unusable(format!(
+            "the volume {volume_name} of source claim {name} was not made by hostvol"
+        ));
+    };
+    if node != ctx.settings.node {
+        return Ok(Source::OnNode(node));
+    }
+    Ok(Source::Here {
+        directory,
+        bytes: pv::capacity_bytes(&volume),
+        root: pv::data_root(&volume).to_string(),
+        pv_name: volume_name,
+    })
+}
+
+/// Places the clone `pvc` on `node`, where its source's data is, and says so.
+pub async fn place_on(
+    ctx: &Context,
+    pvc: &PersistentVolumeClaim,
+    node: &str,
+    source: &str,
+) -> Result<()> {
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
+    let patch = serde_json::json!({"metadata": {
+        "resourceVersion": pvc.resource_version(),
+        "annotations": {admission::ANN_SELECTED_NODE: node},
+    }});
+    match claims
+        .patch(
+            &pvc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 409 => return Ok(()), // changed: next pass
+        Err(error) => return Err(error.into()),
+    }
+    info!(pvc = %pvc.name_any(), %node, %source, "clone placed on its source's node");
+    ctx.metrics.placements.inc();
+    ctx.publish(
+        &pvc.object_ref(&()),
+        EventType::Normal,
+        "NodeSelected",
+        "Provision",
+        format!(
+            "clone of {source}: placed on node {node}, where {source}'s data is (a clone can only \
+             be made there; its pods will run there)"
+        ),
+    );
+    Ok(())
+}
