@@ -3,7 +3,6 @@
 //! Run: `cargo bench --bench immediate` (after `scripts/setup-control-plane.sh`).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 mod support;
 

@@ -543,7 +543,7 @@ async fn usage_run(root: &Arc<OwnedFd>, names: &[String]) -> UsageRun {
         wall,
         bytes,
         inodes,
-        peak_rss_delta: peak.then(|| hwm - rss_before),
+        peak_rss_delta: peak.then_some(hwm - rss_before),
         cpu,
     }
 }

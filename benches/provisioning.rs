@@ -195,6 +195,7 @@ fn prebound_pv(name: &str, ns: &str, claim: &str, node: &str) -> PersistentVolum
     .unwrap()
 }
 
+#[allow(clippy::large_enum_variant)] // a bench's list of objects to create
 enum Obj {
     Claim(PersistentVolumeClaim),
     Volume(PersistentVolume),

@@ -26,11 +26,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    Agent, Cluster, claim_yaml, class_yaml, dirs_in, fmt_events, hostvol_pvs, pv_host_path,
+    Agent, Cluster, claim_yaml, claim_yaml_with, class_yaml, dirs_in, fmt_events, hostvol_pvs,
+    pv_host_path,
 };
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 
 /// Upper bound for each wait; every scenario finishes well within a minute.
 const T: Duration = Duration::from_secs(45);
@@ -436,6 +437,360 @@ async fn required_mode_without_quotas_refuses() {
     );
 }
 
+/// Scenario 5: online expansion on a quota root: growing a bound claim raises its volume's qgroup
+/// limit along with the PV's capacity and the claim's status, and the writer gets the extra room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn btrfs_expansion_raises_the_limit() {
+    expansion_scenario(Crash::No).await;
+}
+
+/// Scenario 5, with the agent killed (SIGKILL) right after the claim grew, before or while it
+/// resizes: restarted, it finishes the resize and ends consistent (PV, limit, claim status).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn btrfs_expansion_survives_an_agent_crash() {
+    expansion_scenario(Crash::RightAfterTheClaimGrows).await;
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Crash {
+    No,
+    RightAfterTheClaimGrows,
+}
+
+async fn expansion_scenario(crash: Crash) {
+    const GROWN: &str = "30Mi";
+    const GROWN_BYTES: u64 = 30 * MIB;
+    let started = Instant::now();
+    preflight();
+    let cluster = Cluster::start().await;
+    cluster.add_node("node-a").await;
+    let fs = LoopBtrfs::create(&agent_root(&cluster, "node-a"), Quotas::On);
+    let mut agent = start_agent_on(&cluster, "node-a", &fs, &[]).await;
+    cluster.kubectl_apply_yaml(&format!(
+        "{}allowVolumeExpansion: true\n",
+        class_yaml("hostvol-grow", "WaitForFirstConsumer", "Delete", &[])
+    ));
+    cluster.create_namespace("grow").await;
+    cluster.kubectl_apply_yaml(&claim_yaml(
+        "grow",
+        "data",
+        "hostvol-grow",
+        CLAIM_SIZE,
+        Some("node-a"),
+    ));
+    let pv = cluster.hostvol_pv_of_claim("grow", "data", T).await;
+    let pv_name = pv.name_any();
+    let id = qgroup_annotation(&pv);
+    let dir = volume_dir(&fs, &pv);
+    assert_eq!(
+        fs.qgroup(id).and_then(|q| q.max_referenced),
+        Some(CLAIM_BYTES),
+        "qgroup 0/{id} starts with the claim's {CLAIM_SIZE}\n{}",
+        fs.qgroup_table()
+    );
+
+    // Full at the original size.
+    let first = write_until_full(&dir, "first", 20);
+    assert!(
+        (5 * MIB..=11 * MIB).contains(&first),
+        "the writer got {} into a {CLAIM_SIZE} volume (expected between 5 and 11 MiB)",
+        mib(first)
+    );
+
+    // Grow the claim; in the crash variant the agent dies at once, mid-way or before it looked.
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client(), "grow");
+    claims
+        .patch(
+            "data",
+            &PatchParams::default(),
+            &Patch::Merge(
+                &serde_json::json!({"spec": {"resources": {"requests": {"storage": GROWN}}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    if crash == Crash::RightAfterTheClaimGrows {
+        agent.kill();
+        eprintln!(
+            "[quotas] agent killed right after the claim grew; state then: PV {:?}, limit {:?}, \
+             status {:?}, events {:?}",
+            pv_capacity(&cluster, &pv_name).await,
+            fs.qgroup(id).and_then(|q| q.max_referenced),
+            claim_status_capacity(&claims, "data").await,
+            cluster
+                .pvc_events("grow", "data")
+                .await
+                .into_iter()
+                .map(|e| e.1)
+                .collect::<Vec<_>>()
+        );
+        agent.restart().await;
+    }
+    let (kind, _, message) = cluster
+        .wait_event("grow", "data", "VolumeResizeSuccessful", T)
+        .await;
+    assert_eq!(kind, "Normal", "VolumeResizeSuccessful: {message}");
+    let events = cluster.pvc_events("grow", "data").await;
+    assert!(
+        events.iter().any(|e| e.1 == "Resizing"),
+        "a Resizing Event precedes the success\n{}",
+        fmt_events(&events)
+    );
+    assert!(
+        !events.iter().any(|e| e.1 == "VolumeResizeFailed"),
+        "no VolumeResizeFailed on the way ({crash:?})\n{}",
+        fmt_events(&events)
+    );
+    assert_grown_consistently(&cluster, &fs, &claims, &pv_name, id, GROWN, GROWN_BYTES).await;
+    if crash == Crash::RightAfterTheClaimGrows {
+        // The restarted agent's periodic limit pass and any late retry must not undo it.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_grown_consistently(&cluster, &fs, &claims, &pv_name, id, GROWN, GROWN_BYTES).await;
+        assert!(agent.is_running(), "the restarted agent is still running");
+    }
+
+    // The writer gets the extra room, and is stopped again at the new size.
+    let second = write_until_full(&dir, "second", 40);
+    let total = first + second;
+    eprintln!(
+        "[quotas] after growing to {GROWN}: {} more ({} in all); qgroup: {:?}",
+        mib(second),
+        mib(total),
+        fs.qgroup(id)
+    );
+    assert!(
+        (15 * MIB..=21 * MIB).contains(&second),
+        "after growing {CLAIM_SIZE} -> {GROWN} the writer got {} more (expected about 20 MiB)",
+        mib(second)
+    );
+    assert!(
+        (25 * MIB..=31 * MIB).contains(&total),
+        "the writer holds {} in a {GROWN} volume (expected between 25 and 31 MiB)",
+        mib(total)
+    );
+    eprintln!(
+        "[quotas] btrfs expansion ({crash:?}) took {:.1?}",
+        started.elapsed()
+    );
+}
+
+/// PV capacity, claim status.capacity and qgroup limit all say `size`.
+async fn assert_grown_consistently(
+    cluster: &Cluster,
+    fs: &LoopBtrfs,
+    claims: &Api<PersistentVolumeClaim>,
+    pv_name: &str,
+    id: u64,
+    size: &str,
+    bytes: u64,
+) {
+    assert_eq!(
+        pv_capacity(cluster, pv_name).await,
+        size,
+        "PV {pv_name}'s capacity after growing"
+    );
+    assert_eq!(
+        claim_status_capacity(claims, "data").await.as_deref(),
+        Some(size),
+        "the claim's status.capacity after growing"
+    );
+    assert_eq!(
+        fs.qgroup(id).and_then(|q| q.max_referenced),
+        Some(bytes),
+        "qgroup 0/{id} raised to {size}\n{}",
+        fs.qgroup_table()
+    );
+    assert_eq!(
+        sysfs_max_referenced(fs, id),
+        Some(bytes),
+        "the kernel's own figure (sysfs) for qgroup 0/{id}"
+    );
+}
+
+/// Scenario 6: a clone on a quota root is a btrfs snapshot of its source, a subvolume of its own
+/// with its own qgroup and the clone's limit; the source is untouched. A clone smaller than its
+/// source is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn btrfs_clone_is_a_snapshot_with_its_own_limit() {
+    const CLONE_SIZE: &str = "20Mi";
+    const CLONE_BYTES: u64 = 20 * MIB;
+    let started = Instant::now();
+    preflight();
+    let cluster = Cluster::start().await;
+    cluster.add_node("node-a").await;
+    let fs = LoopBtrfs::create(&agent_root(&cluster, "node-a"), Quotas::On);
+    let _agent = start_agent_on(&cluster, "node-a", &fs, &[]).await;
+    cluster.kubectl_apply_yaml(&class_yaml(
+        "hostvol-clone",
+        "WaitForFirstConsumer",
+        "Delete",
+        &[],
+    ));
+    cluster.create_namespace("cl").await;
+    cluster.kubectl_apply_yaml(&claim_yaml(
+        "cl",
+        "source",
+        "hostvol-clone",
+        CLAIM_SIZE,
+        Some("node-a"),
+    ));
+    let source_pv = cluster.hostvol_pv_of_claim("cl", "source", T).await;
+    let source_id = qgroup_annotation(&source_pv);
+    let source_dir = volume_dir(&fs, &source_pv);
+    // The source's data, written by root from the host.
+    let big: Vec<u8> = (0..3 * MIB).map(|i| (i % 251) as u8).collect();
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("index.html", b"hello from the source\n".to_vec()),
+        ("sub/big.bin", big),
+        ("sub/deeper/note.txt", b"nested\n".to_vec()),
+    ];
+    for (name, contents) in &files {
+        let path = source_dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, contents).unwrap();
+    }
+    let source_before = fs.qgroup(source_id).expect("the source's qgroup");
+    let source_names_before = dirs_in(&source_dir);
+
+    let clone_yaml = |name: &str, size: &str| {
+        claim_yaml_with(
+            "cl",
+            name,
+            "hostvol-clone",
+            size,
+            Some("node-a"),
+            "  dataSource:\n    kind: PersistentVolumeClaim\n    name: source\n",
+        )
+    };
+    cluster.kubectl_apply_yaml(&clone_yaml("copy", CLONE_SIZE));
+    let pv = cluster.hostvol_pv_of_claim("cl", "copy", T).await;
+    let dir = volume_dir(&fs, &pv);
+    assert_ne!(dir, source_dir, "the clone has a directory of its own");
+    let meta = std::fs::metadata(&dir).unwrap();
+    assert_eq!(
+        meta.ino(),
+        256,
+        "clone {} is a btrfs subvolume (root inode 256)",
+        dir.display()
+    );
+    let id = fs.subvolume_id(&dir);
+    assert_ne!(
+        id, source_id,
+        "the clone is a subvolume of its own, not its source's"
+    );
+    let (source_uuid, _) = fs.subvolume_uuids(&source_dir);
+    let (_, parent_uuid) = fs.subvolume_uuids(&dir);
+    assert_eq!(
+        parent_uuid.as_deref(),
+        Some(source_uuid.as_str()),
+        "the clone is a snapshot of its source (its Parent UUID is the source's UUID)"
+    );
+    assert_eq!(
+        qgroup_annotation(&pv),
+        id,
+        "the clone's PV records its own qgroup in {ANN_QUOTA}"
+    );
+    let qgroup = fs.qgroup(id);
+    assert_eq!(
+        qgroup.and_then(|q| q.max_referenced),
+        Some(CLONE_BYTES),
+        "the clone's qgroup 0/{id} is limited to the clone's {CLONE_SIZE}, not the source's {CLAIM_SIZE}\n{}",
+        fs.qgroup_table()
+    );
+    assert_eq!(
+        sysfs_max_referenced(&fs, id),
+        Some(CLONE_BYTES),
+        "the kernel's own figure (sysfs) for qgroup 0/{id}"
+    );
+    for (name, contents) in &files {
+        assert!(
+            std::fs::read(dir.join(name)).ok().as_ref() == Some(contents),
+            "{name} in the clone is byte-identical to the source's"
+        );
+    }
+    assert_eq!(
+        dirs_in(&dir),
+        source_names_before,
+        "the clone holds the source's names"
+    );
+    assert_eq!(
+        meta.mode() & 0o7777,
+        0o777,
+        "the clone has the class's mode"
+    );
+
+    // A non-root writer in the clone is stopped near the clone's size, counting what it inherited.
+    let written = write_until_full(&dir, "fill", 40);
+    let after = fs.qgroup(id).unwrap();
+    eprintln!(
+        "[quotas] wrote {} into the {CLONE_SIZE} clone; its qgroup: {after:?}; source before: {source_before:?}",
+        mib(written)
+    );
+    assert!(
+        (15 * MIB..=CLONE_BYTES + MIB).contains(&after.referenced),
+        "the clone's qgroup references {} once full (expected near its {CLONE_SIZE})",
+        mib(after.referenced)
+    );
+    assert!(
+        (12 * MIB..=17 * MIB + MIB / 2).contains(&written),
+        "the writer got {} into a {CLONE_SIZE} clone already holding ~3 MiB (expected about 16 MiB)",
+        mib(written)
+    );
+
+    // The source is unchanged: data, names, limit, referenced bytes.
+    for (name, contents) in &files {
+        assert!(
+            std::fs::read(source_dir.join(name)).ok().as_ref() == Some(contents),
+            "{name} in the source is unchanged"
+        );
+    }
+    assert_eq!(
+        dirs_in(&source_dir),
+        source_names_before,
+        "nothing new in the source"
+    );
+    let source_after = fs.qgroup(source_id).unwrap();
+    assert_eq!(
+        source_after.max_referenced,
+        Some(CLAIM_BYTES),
+        "the source keeps its {CLAIM_SIZE} limit"
+    );
+    assert!(
+        source_after.referenced.abs_diff(source_before.referenced) <= MIB / 4,
+        "the source's referenced bytes did not move with the clone's writes: {source_before:?} -> {source_after:?}"
+    );
+
+    // Smaller than the source: refused, nothing made.
+    cluster.kubectl_apply_yaml(&clone_yaml("small", "5Mi"));
+    let (kind, _, message) = cluster
+        .wait_event("cl", "small", "ProvisioningFailed", T)
+        .await;
+    eprintln!("[quotas] 5Mi clone of a {CLAIM_SIZE} source: {kind}: {message}");
+    assert_eq!(
+        kind, "Warning",
+        "ProvisioningFailed is a Warning: {message}"
+    );
+    assert!(
+        message.contains("at least"),
+        "the Warning says the clone must be at least the source's size: {message}"
+    );
+    assert_eq!(
+        hostvol_pvs(&cluster).await.len(),
+        2,
+        "no PV for the refused clone"
+    );
+    assert_eq!(
+        dirs_in(fs.mnt()).len(),
+        2,
+        "nothing made on disk for the refused clone: {:?}",
+        dirs_in(fs.mnt())
+    );
+    eprintln!(
+        "[quotas] btrfs_clone_is_a_snapshot_with_its_own_limit took {:.1?}",
+        started.elapsed()
+    );
+}
+
 // ================================================================================================
 // Kubernetes objects and helpers
 // ================================================================================================
@@ -578,6 +933,68 @@ fn write_as_nobody(dir: &Path, file: &str, mib: u64) -> (bool, String) {
     )
 }
 
+/// The PV's `spec.capacity.storage`, as written.
+async fn pv_capacity(cluster: &Cluster, name: &str) -> String {
+    let pv = Api::<PersistentVolume>::all(cluster.client())
+        .get(name)
+        .await
+        .unwrap();
+    pv.spec
+        .and_then(|s| s.capacity)
+        .and_then(|c| c.get("storage").map(|q| q.0.clone()))
+        .unwrap_or_default()
+}
+
+/// The claim's `status.capacity.storage`, as written.
+async fn claim_status_capacity(claims: &Api<PersistentVolumeClaim>, name: &str) -> Option<String> {
+    let pvc = claims.get(name).await.unwrap();
+    Some(pvc.status?.capacity?.get("storage")?.0.clone())
+}
+
+/// Writes up to `mib` MiB as nobody into `file` in `dir`, which must fill up first: the writer must
+/// be stopped with EDQUOT. Returns how many bytes it got in.
+fn write_until_full(dir: &Path, file: &str, mib_count: u64) -> u64 {
+    let (ok, stderr) = write_as_nobody(dir, file, mib_count);
+    let written = std::fs::metadata(dir.join(file))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    eprintln!(
+        "[quotas] {mib_count} MiB into {}: wrote {}; dd: {}",
+        dir.join(file).display(),
+        mib(written),
+        stderr.trim()
+    );
+    assert!(
+        !ok,
+        "writing {mib_count} MiB into {} succeeded ({written} bytes): the limit is not enforced",
+        dir.display()
+    );
+    assert!(
+        stderr.contains("Disk quota exceeded"),
+        "the writer must fail with EDQUOT (Disk quota exceeded); dd said: {stderr}"
+    );
+    written
+}
+
+/// Bytes as MiB with two decimals, for messages.
+fn mib(bytes: u64) -> String {
+    format!("{:.2} MiB", bytes as f64 / MIB as f64)
+}
+
+/// The limit of qgroup 0/`id` as the kernel shows it in sysfs
+/// (`/sys/fs/btrfs/<fsid>/qgroups/0_<id>/max_referenced`); `None` if unlimited or not shown.
+fn sysfs_max_referenced(fs: &LoopBtrfs, id: u64) -> Option<u64> {
+    let path = Path::new("/sys/fs/btrfs")
+        .join(fs.fsid())
+        .join(format!("qgroups/0_{id}/max_referenced"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    match text.trim().parse::<u64>() {
+        Ok(0) => None,
+        Ok(n) => Some(n),
+        Err(_) => panic!("{}: {text:?}", path.display()),
+    }
+}
+
 // ================================================================================================
 // A btrfs on a loop device
 // ================================================================================================
@@ -702,6 +1119,40 @@ impl LoopBtrfs {
         out.trim()
             .parse()
             .unwrap_or_else(|_| panic!("btrfs inspect-internal rootid {}: {out:?}", path.display()))
+    }
+
+    /// The filesystem's UUID (`btrfs filesystem show`), which names it under /sys/fs/btrfs.
+    fn fsid(&self) -> String {
+        // Label: none  uuid: 0a1b...
+        let out = run(Command::new(tool("btrfs"))
+            .args(["filesystem", "show"])
+            .arg(&self.mnt));
+        out.split_whitespace()
+            .skip_while(|w| *w != "uuid:")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no uuid in `btrfs filesystem show`: {out}"))
+            .to_string()
+    }
+
+    /// The UUID and, for a snapshot, the Parent UUID of the subvolume whose root is `path`
+    /// (`btrfs subvolume show`).
+    fn subvolume_uuids(&self, path: &Path) -> (String, Option<String>) {
+        let out = run(Command::new(tool("btrfs"))
+            .args(["subvolume", "show"])
+            .arg(path));
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.trim().strip_prefix(name))
+                .map(|v| v.trim().to_string())
+        };
+        let uuid = field("UUID:").unwrap_or_else(|| {
+            panic!(
+                "no UUID in `btrfs subvolume show {}`: {out}",
+                path.display()
+            )
+        });
+        let parent = field("Parent UUID:").filter(|p| p != "-");
+        (uuid, parent)
     }
 
     /// Paths (relative to the mount) of the live subvolumes.

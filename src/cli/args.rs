@@ -20,6 +20,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once at start-up: the size of the agent's flags does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the per-node agent (what the DaemonSet runs).
     Agent(AgentArgs),

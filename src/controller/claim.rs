@@ -1,10 +1,13 @@
 //! Reading a claim: its key for logs and backoff, and the parts of its spec admission decides on.
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
 
-use crate::domain::admission::{ClaimSpec, DataSource};
+use crate::controller::context::{Context, Result};
+use crate::domain::admission::{self, ClaimSpec, DataSource};
 
 /// `namespace/name`, for logs and per-claim backoff.
 pub fn claim_key(claim: &PartialObjectMeta<PersistentVolumeClaim>) -> String {
@@ -45,4 +48,52 @@ pub fn data_source(pvc: &PersistentVolumeClaim) -> Option<DataSource> {
         kind: r.kind.clone(),
         name: r.name.clone(),
     })
+}
+
+/// Sets the claim's selected node (with `extra` annotations), guarded by the claim's resourceVersion
+/// so that of concurrent writers only one succeeds, and tells the user why with a `NodeSelected`
+/// Event. `false` when another writer changed the claim first (its next event brings it back).
+pub async fn select_node(
+    ctx: &Context,
+    pvc: &PersistentVolumeClaim,
+    node: &str,
+    extra: &[(&str, String)],
+    why: String,
+) -> Result<bool> {
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
+    let mut annotations = serde_json::Map::new();
+    annotations.insert(admission::ANN_SELECTED_NODE.into(), node.into());
+    for (key, value) in extra {
+        annotations.insert((*key).into(), value.clone().into());
+    }
+    let patch = serde_json::json!({"metadata": {
+        "resourceVersion": pvc.resource_version(),
+        "annotations": annotations,
+    }});
+    match claims
+        .patch(
+            &pvc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => {
+            ctx.metrics.placements.inc();
+            ctx.publish(
+                &pvc.object_ref(&()),
+                EventType::Normal,
+                "NodeSelected",
+                "Provision",
+                why,
+            );
+            Ok(true)
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            ctx.metrics.placement_conflicts.inc();
+            Ok(false)
+        }
+        Err(error) => Err(error.into()),
+    }
 }

@@ -2,15 +2,13 @@
 //! lives on (a clone can only be made there).
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use kube::Resource;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::EventType;
+use kube::api::Api;
 use tracing::info;
 
 use crate::controller::context::{Context, Result};
-use crate::controller::{pv, reclaim};
-use crate::domain::admission::{self, Refusal};
+use crate::controller::{claim, pv, reclaim};
+use crate::domain::admission::Refusal;
 
 /// Where a clone's source is.
 pub enum Source {
@@ -85,35 +83,12 @@ pub async fn place_on(
     node: &str,
     source: &str,
 ) -> Result<()> {
-    let claims: Api<PersistentVolumeClaim> =
-        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
-    let patch = serde_json::json!({"metadata": {
-        "resourceVersion": pvc.resource_version(),
-        "annotations": {admission::ANN_SELECTED_NODE: node},
-    }});
-    match claims
-        .patch(
-            &pvc.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.code == 409 => return Ok(()), // changed: next pass
-        Err(error) => return Err(error.into()),
-    }
-    info!(pvc = %pvc.name_any(), %node, %source, "clone placed on its source's node");
-    ctx.metrics.placements.inc();
-    ctx.publish(
-        &pvc.object_ref(&()),
-        EventType::Normal,
-        "NodeSelected",
-        "Provision",
-        format!(
-            "clone of {source}: placed on node {node}, where {source}'s data is (a clone can only \
-             be made there; its pods will run there)"
-        ),
+    let why = format!(
+        "clone of {source}: placed on node {node}, where {source}'s data is (a clone can only be \
+         made there; its pods will run there)"
     );
+    if claim::select_node(ctx, pvc, node, &[], why).await? {
+        info!(pvc = %pvc.name_any(), %node, %source, "clone placed on its source's node");
+    }
     Ok(())
 }

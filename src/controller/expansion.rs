@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::controller::context::{Context, Error, Result};
 use crate::controller::pv;
+use crate::controller::watches::store_ready;
 use crate::domain::expansion::{self, Expansion};
 use crate::domain::{naming, quantity};
 
@@ -33,6 +34,10 @@ pub async fn reconcile(
     claim: &PartialObjectMeta<PersistentVolumeClaim>,
     ctx: &Context,
 ) -> Result<Action> {
+    // At start-up the claims may be listed before our volumes: wait for those before deciding.
+    if !store_ready(&ctx.volumes).await {
+        return Ok(Action::await_change());
+    }
     let Some(volume) = own_volume(claim, ctx) else {
         return Ok(Action::await_change());
     };
@@ -53,7 +58,7 @@ pub async fn reconcile(
         }
     }
     if status_capacity(&pvc) < requested {
-        finish(ctx, &claims, &pvc, &volume, &request).await?;
+        finish(ctx, &pvc, &volume, &request).await?;
     }
     Ok(Action::await_change())
 }
@@ -163,13 +168,26 @@ async fn grow(
 /// The claim shows the new size, as resizers mark it (and as newer Kubernetes reads
 /// `allocatedResources`); the Resizing condition goes.
 async fn mark_resizing(ctx: &Context, pvc: &PersistentVolumeClaim, request: &str) -> Result<()> {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    patch_status(
+        ctx,
+        pvc,
+        serde_json::json!({
+            "allocatedResources": {"storage": request},
+            "conditions": [{"type": "Resizing", "status": "True", "lastTransitionTime": now}],
+        }),
+    )
+    .await
+}
+
+async fn patch_status(
+    ctx: &Context,
+    pvc: &PersistentVolumeClaim,
+    status: serde_json::Value,
+) -> Result<()> {
     let claims: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    let patch = serde_json::json!({"status": {
-        "allocatedResources": {"storage": request},
-        "conditions": [{"type": "Resizing", "status": "True", "lastTransitionTime": now}],
-    }});
+    let patch = serde_json::json!({ "status": status });
     claims
         .patch_status(
             &pvc.name_any(),
@@ -183,23 +201,20 @@ async fn mark_resizing(ctx: &Context, pvc: &PersistentVolumeClaim, request: &str
 /// Called once the PV is at least the requested size.
 async fn finish(
     ctx: &Context,
-    claims: &Api<PersistentVolumeClaim>,
     pvc: &PersistentVolumeClaim,
     volume: &PersistentVolume,
     request: &str,
 ) -> Result<()> {
-    let patch = serde_json::json!({"status": {
-        "capacity": {"storage": request},
-        "allocatedResources": {"storage": request},
-        "conditions": null,
-    }});
-    claims
-        .patch_status(
-            &pvc.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
+    patch_status(
+        ctx,
+        pvc,
+        serde_json::json!({
+            "capacity": {"storage": request},
+            "allocatedResources": {"storage": request},
+            "conditions": null,
+        }),
+    )
+    .await?;
     ctx.metrics.expansion("succeeded");
     info!(pv = %volume.name_any(), size = %request, "volume resized");
     ctx.publish(

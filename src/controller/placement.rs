@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -15,7 +15,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use crate::controller::claim::{claim_spec, data_source};
+use crate::controller::claim::{claim_spec, data_source, select_node};
 use crate::controller::clone_source::{self, Source};
 use crate::controller::context::{Context, Result};
 use crate::domain::admission::{self, Refusal, VolumeRequest};
@@ -195,51 +195,27 @@ fn choose_among<'c>(
 
 /// Selects this node on the claim, unless another writer changed the claim first.
 async fn place_here(
-    claims: &Api<PersistentVolumeClaim>,
+    _claims: &Api<PersistentVolumeClaim>,
     pvc: &PersistentVolumeClaim,
     request: &VolumeRequest,
     chosen: &Candidate,
     ctx: &Context,
 ) -> Result<Action> {
-    let settings = &ctx.settings;
-    let patch = serde_json::json!({"metadata": {
-        "resourceVersion": pvc.resource_version(),
-        "annotations": {
-            admission::ANN_SELECTED_NODE: settings.node,
-            admission::ANN_REQUESTED_BYTES: request.capacity_bytes.to_string(),
-        },
-    }});
-    match claims
-        .patch(
-            &pvc.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Ok(_) => {
-            ctx.metrics.placements.inc();
-            info!(room = chosen.room(), "placed Immediate claim on this node");
-            ctx.publish(
-                &pvc.object_ref(&()),
-                EventType::Normal,
-                "NodeSelected",
-                "Provision",
-                format!(
-                    "hostvol placed the claim on node {} (most room: {})",
-                    settings.node,
-                    quantity::format_bytes(chosen.room())
-                ),
-            );
-            Ok(Action::await_change())
-        }
-        Err(kube::Error::Api(status)) if status.code == 409 => {
-            ctx.metrics.placement_conflicts.inc();
-            debug!("another writer changed the claim first");
-            Ok(Action::await_change())
-        }
-        Err(error) => Err(error.into()),
+    let node = &ctx.settings.node;
+    let why = format!(
+        "hostvol placed the claim on node {node} (most room: {})",
+        quantity::format_bytes(chosen.room())
+    );
+    let requested = [(
+        admission::ANN_REQUESTED_BYTES,
+        request.capacity_bytes.to_string(),
+    )];
+    if select_node(ctx, pvc, node, &requested, why).await? {
+        info!(room = chosen.room(), "placed Immediate claim on this node");
+    } else {
+        debug!("another writer changed the claim first");
     }
+    Ok(Action::await_change())
 }
 
 /// A pod that names its node in `spec.nodeName` bypasses the scheduler, so its WaitForFirstConsumer
@@ -288,25 +264,13 @@ pub(super) async fn place_claims_of_pod(pod: &Pod, ctx: &Context) -> Result<()> 
         {
             continue;
         }
-        let patch = serde_json::json!({"metadata": {
-            "resourceVersion": pvc.resource_version(),
-            "annotations": {admission::ANN_SELECTED_NODE: ctx.settings.node},
-        }});
-        match claims
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {
-                ctx.metrics.placements.inc();
-                info!(pvc = %format!("{namespace}/{name}"), pod = %pod.name_any(), "pod names this node; placed its claim here");
-                ctx.publish(&pvc.object_ref(&()), EventType::Normal, "NodeSelected", "Provision", format!(
-                    "pod {} sets spec.nodeName={} (bypassing the scheduler); hostvol places the claim on that node",
-                    pod.name_any(), ctx.settings.node));
-            }
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                ctx.metrics.placement_conflicts.inc();
-            }
-            Err(error) => return Err(error.into()),
+        let why = format!(
+            "pod {} sets spec.nodeName={} (bypassing the scheduler); hostvol places the claim on that node",
+            pod.name_any(),
+            ctx.settings.node
+        );
+        if select_node(ctx, &pvc, &ctx.settings.node, &[], why).await? {
+            info!(pvc = %format!("{namespace}/{name}"), pod = %pod.name_any(), "pod names this node; placed its claim here");
         }
     }
     Ok(())

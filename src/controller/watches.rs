@@ -1,6 +1,7 @@
 //! The watches an agent keeps, each as narrow as its use allows, and the controllers driven by them.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -218,6 +219,15 @@ fn watch_claims(
 ) {
     let (claims, writer) = reflector::store();
     let (provisioner, node) = (settings.provisioner.clone(), settings.node.clone());
+    let volumes_listed = Arc::new(AtomicBool::new(false));
+    {
+        let (listed, volumes) = (volumes_listed.clone(), own_volumes.clone());
+        tokio::spawn(async move {
+            if store_ready(&volumes).await {
+                listed.store(true, Ordering::Release);
+            }
+        });
+    }
     let events = watcher(
         Api::<PartialObjectMeta<PersistentVolumeClaim>>::all(client.clone()),
         watcher::Config::default(),
@@ -233,11 +243,14 @@ fn watch_claims(
     .try_filter(move |c| {
         let act = match admission::interest(c.annotations(), &provisioner, &node) {
             Interest::Provision | Interest::ChooseNode => true,
-            // Bound to one of our volumes: it may ask to grow.
-            Interest::Bound => c
-                .uid()
-                .and_then(|uid| naming::pv_name(&uid).ok())
-                .is_some_and(|pv| own_volumes.get(&ObjectRef::new(&pv)).is_some()),
+            // Bound to one of our volumes: it may ask to grow. Until our volumes are listed, any
+            // bound claim may be ours (a growth asked for while the agent was down).
+            Interest::Bound => {
+                !volumes_listed.load(Ordering::Acquire)
+                    || c.uid()
+                        .and_then(|uid| naming::pv_name(&uid).ok())
+                        .is_some_and(|pv| own_volumes.get(&ObjectRef::new(&pv)).is_some())
+            }
             Interest::Ignore => false,
         };
         futures::future::ready(act)

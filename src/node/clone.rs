@@ -46,7 +46,6 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::dir::Dir;
 use nix::errno::Errno;
@@ -61,6 +60,7 @@ use nix::unistd::{
 
 use crate::domain::naming::{self, NameError};
 use crate::node::quota::btrfs;
+use crate::node::walk::{id, open_beneath, reopen_parent};
 
 /// `FICLONE` (`_IOW(0x94, 9, int)`): makes the destination share all the source's extents.
 const FICLONE: u32 = 0x4004_9409;
@@ -789,49 +789,8 @@ fn list(dir: BorrowedFd<'_>) -> Result<Vec<CString>, Errno> {
     Ok(names)
 }
 
-static OPENAT2_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
-
-/// `openat` that also refuses to cross any mount, bind mounts of the same filesystem included (which
-/// st_dev cannot tell apart), and any symlink, where the kernel has openat2 (5.6+); elsewhere the
-/// st_dev checks and O_NOFOLLOW remain.
-fn open_beneath(parent: BorrowedFd<'_>, name: &CStr, flags: OFlag) -> Result<OwnedFd, Errno> {
-    use nix::fcntl::{OpenHow, ResolveFlag, openat2};
-    if !OPENAT2_UNAVAILABLE.load(Ordering::Relaxed) {
-        let how = OpenHow::new()
-            .flags(flags)
-            .resolve(ResolveFlag::RESOLVE_NO_XDEV | ResolveFlag::RESOLVE_NO_SYMLINKS);
-        match openat2(parent, name, how) {
-            // Old kernels say ENOSYS; some seccomp profiles say EPERM, which a plain open never does here.
-            Err(Errno::ENOSYS | Errno::EPERM) => OPENAT2_UNAVAILABLE.store(true, Ordering::Relaxed),
-            result => return result,
-        }
-    }
-    openat(parent, name, flags, Mode::empty())
-}
-
-/// Opens `..` of `dir` and checks it is the directory we descended from; `Err(None)` if it is not
-/// (the subtree was moved meanwhile, and climbing on could take us outside the volume).
-fn reopen_parent(dir: BorrowedFd<'_>, expected: (u64, u64)) -> Result<OwnedFd, Option<Errno>> {
-    let parent = openat(
-        dir,
-        c"..",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(Some)?;
-    let st = fstat(&parent).map_err(Some)?;
-    if id(&st) != expected {
-        return Err(None);
-    }
-    Ok(parent)
-}
-
 fn kind(st: &FileStat) -> SFlag {
     SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT
-}
-
-fn id(st: &FileStat) -> (u64, u64) {
-    (st.st_dev, st.st_ino)
 }
 
 fn errno_of(error: &io::Error) -> Errno {
@@ -1397,94 +1356,7 @@ mod tests {
         assert_eq!(std::fs::read(outside.join("data")).unwrap(), b"precious");
     }
 
-    /// A btrfs on a sparse file through a loop device, mounted in a temporary directory; unmounted,
-    /// detached and removed on drop, panics included (as in `quota::btrfs`'s tests).
-    struct LoopBtrfs {
-        dir: PathBuf,
-        device: Option<String>,
-        mounted: bool,
-        root: Option<OwnedFd>,
-    }
-
-    impl LoopBtrfs {
-        fn new(size: u64) -> Self {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos();
-            let dir = std::env::temp_dir().join(format!(
-                "hostvol-clone-btrfs-{}-{nanos}",
-                std::process::id()
-            ));
-            std::fs::create_dir(&dir).expect("temporary directory");
-            let mut fs = LoopBtrfs {
-                dir,
-                device: None,
-                mounted: false,
-                root: None,
-            };
-            let image = fs.dir.join("image");
-            std::fs::File::create(&image)
-                .and_then(|f| f.set_len(size))
-                .expect("sparse image");
-            let out = run(Command::new("losetup")
-                .arg("--find")
-                .arg("--show")
-                .arg(&image));
-            fs.device = Some(out.trim().to_owned());
-            run(Command::new("mkfs.btrfs")
-                .args(["-f", "-q"])
-                .arg(fs.device.as_deref().unwrap()));
-            std::fs::create_dir(fs.mnt()).expect("mount point");
-            run(Command::new("mount")
-                .args(["-t", "btrfs"])
-                .arg(fs.device.as_deref().unwrap())
-                .arg(fs.mnt()));
-            fs.mounted = true;
-            fs.root = Some(open(&fs.mnt()));
-            fs
-        }
-
-        fn mnt(&self) -> PathBuf {
-            self.dir.join("mnt")
-        }
-
-        fn root(&self) -> BorrowedFd<'_> {
-            self.root.as_ref().unwrap().as_fd()
-        }
-    }
-
-    impl Drop for LoopBtrfs {
-        fn drop(&mut self) {
-            self.root = None;
-            if self.mounted {
-                let ok = Command::new("umount")
-                    .arg(self.mnt())
-                    .status()
-                    .is_ok_and(|s| s.success());
-                if !ok {
-                    let _ = Command::new("umount").arg("-l").arg(self.mnt()).status();
-                }
-            }
-            if let Some(device) = &self.device {
-                let _ = Command::new("losetup").arg("-d").arg(device).status();
-            }
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-
-    fn run(cmd: &mut Command) -> String {
-        let out = cmd.output().unwrap_or_else(|e| {
-            panic!("cannot run {cmd:?}: {e} (btrfs-progs: `apt-get install -y btrfs-progs`)")
-        });
-        assert!(
-            out.status.success(),
-            "{cmd:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
+    use crate::node::quota::btrfs::tests::LoopBtrfs;
 
     #[test]
     fn snapshots_and_reflinks_on_btrfs() {

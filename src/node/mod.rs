@@ -9,3 +9,4 @@ pub mod removal;
 pub mod roots;
 pub mod usage;
 pub mod volume_store;
+pub mod walk;

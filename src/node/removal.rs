@@ -11,7 +11,6 @@ use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::dir::Dir;
 use nix::errno::Errno;
@@ -20,6 +19,7 @@ use nix::sys::stat::{FchmodatFlags, FileStat, Mode, SFlag, fchmod, fchmodat, fst
 use nix::unistd::{UnlinkatFlags, fsync, unlinkat};
 
 use crate::domain::naming::{self, NameError};
+use crate::node::walk::{id, open_beneath, reopen_parent};
 
 /// Prefix of archived directories.
 pub const ARCHIVE_PREFIX: &str = "archived-";
@@ -462,43 +462,6 @@ fn open_dir(
     Ok((fd, st))
 }
 
-static OPENAT2_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
-
-/// `openat` that also refuses to cross any mount, bind mounts of the same filesystem included (which
-/// st_dev cannot tell apart), where the kernel has openat2 (5.6+); elsewhere the st_dev checks remain.
-fn open_beneath(parent: BorrowedFd<'_>, name: &CStr, flags: OFlag) -> Result<OwnedFd, Errno> {
-    use nix::fcntl::{OpenHow, ResolveFlag, openat2};
-    if !OPENAT2_UNAVAILABLE.load(Ordering::Relaxed) {
-        let how = OpenHow::new()
-            .flags(flags)
-            .resolve(ResolveFlag::RESOLVE_NO_XDEV | ResolveFlag::RESOLVE_NO_SYMLINKS);
-        match openat2(parent, name, how) {
-            // Old kernels say ENOSYS; some seccomp profiles say EPERM, which a plain open never does here.
-            Err(Errno::ENOSYS | Errno::EPERM) => OPENAT2_UNAVAILABLE.store(true, Ordering::Relaxed),
-            result => return result,
-        }
-    }
-    openat(parent, name, flags, Mode::empty())
-}
-
-/// Opens `..` of `dir` and checks it is the directory we descended from; `Err(None)` if it is not
-/// (the subtree was moved meanwhile, and climbing on could take us outside the volume).
-fn reopen_parent(dir: BorrowedFd<'_>, expected: (u64, u64)) -> Result<OwnedFd, Option<Errno>> {
-    let parent = openat(
-        dir,
-        c"..",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(Some)?;
-    let st = fstat(&parent).map_err(Some)?;
-    if id(&st) != expected {
-        return Err(None);
-    }
-    Ok(parent)
-}
-
-/// Renames without ever replacing an existing `to`.
 fn rename_noreplace(root: BorrowedFd<'_>, from: &str, to: &str) -> Result<(), Errno> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     match nix::fcntl::renameat2(
@@ -533,10 +496,6 @@ fn path_of(stack: &[Frame], child: Option<&CStr>) -> PathBuf {
 
 fn is_dir(st: &FileStat) -> bool {
     SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
-}
-
-fn id(st: &FileStat) -> (u64, u64) {
-    (st.st_dev, st.st_ino)
 }
 
 fn blocks(st: &FileStat) -> u64 {

@@ -605,7 +605,7 @@ fn invalid_data(what: &str) -> io::Error {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::process::CommandExt;
     use std::path::{Path, PathBuf};
@@ -622,7 +622,7 @@ mod tests {
 
     /// A btrfs on a sparse file through a loop device, mounted in a temporary directory; unmounted,
     /// detached and removed on drop, panics included.
-    struct LoopBtrfs {
+    pub(crate) struct LoopBtrfs {
         dir: PathBuf,
         device: Option<String>,
         mounted: bool,
@@ -630,7 +630,7 @@ mod tests {
     }
 
     impl LoopBtrfs {
-        fn new(size: u64) -> Self {
+        pub(crate) fn new(size: u64) -> Self {
             require_root();
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -705,11 +705,11 @@ mod tests {
             self.device.as_deref().unwrap()
         }
 
-        fn mnt(&self) -> PathBuf {
+        pub(crate) fn mnt(&self) -> PathBuf {
             self.dir.join("mnt")
         }
 
-        fn root(&self) -> BorrowedFd<'_> {
+        pub(crate) fn root(&self) -> BorrowedFd<'_> {
             self.root.as_ref().unwrap().as_fd()
         }
 
@@ -779,7 +779,7 @@ mod tests {
         );
     }
 
-    fn run(cmd: &mut Command) -> String {
+    pub(crate) fn run(cmd: &mut Command) -> String {
         let out = cmd.output().unwrap_or_else(|e| {
             panic!("cannot run {cmd:?}: {e} (btrfs-progs: `apt-get install -y btrfs-progs`)")
         });

@@ -1,0 +1,52 @@
+//! What every walk over a volume's tree shares (removal, copies): opening a child without crossing a
+//! mount or following a symlink, and climbing back to a parent that is still the one we came from.
+
+use std::ffi::CStr;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, openat};
+use nix::sys::stat::{FileStat, Mode, fstat};
+
+static OPENAT2_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
+
+/// `openat` that also refuses to cross any mount, bind mounts of the same filesystem included (which
+/// st_dev cannot tell apart), and any symlink, where the kernel has openat2 (5.6+); elsewhere the
+/// callers' st_dev checks and O_NOFOLLOW remain.
+pub fn open_beneath(parent: BorrowedFd<'_>, name: &CStr, flags: OFlag) -> Result<OwnedFd, Errno> {
+    use nix::fcntl::{OpenHow, ResolveFlag, openat2};
+    if !OPENAT2_UNAVAILABLE.load(Ordering::Relaxed) {
+        let how = OpenHow::new()
+            .flags(flags)
+            .resolve(ResolveFlag::RESOLVE_NO_XDEV | ResolveFlag::RESOLVE_NO_SYMLINKS);
+        match openat2(parent, name, how) {
+            // Old kernels say ENOSYS; some seccomp profiles say EPERM, which a plain open never does here.
+            Err(Errno::ENOSYS | Errno::EPERM) => OPENAT2_UNAVAILABLE.store(true, Ordering::Relaxed),
+            result => return result,
+        }
+    }
+    openat(parent, name, flags, Mode::empty())
+}
+
+/// Opens `..` of `dir` and checks it is the directory we descended from; `Err(None)` if it is not
+/// (the subtree was moved meanwhile, and climbing on could take us outside the volume).
+pub fn reopen_parent(dir: BorrowedFd<'_>, expected: (u64, u64)) -> Result<OwnedFd, Option<Errno>> {
+    let parent = openat(
+        dir,
+        c"..",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(Some)?;
+    let st = fstat(&parent).map_err(Some)?;
+    if id(&st) != expected {
+        return Err(None);
+    }
+    Ok(parent)
+}
+
+/// A file's identity: (st_dev, st_ino).
+pub fn id(st: &FileStat) -> (u64, u64) {
+    (st.st_dev, st.st_ino)
+}
