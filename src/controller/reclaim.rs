@@ -1,6 +1,7 @@
 //! What happens to a volume after its claim is gone: Delete removes (or archives) the directory and then
 //! the PV; Retain keeps both until someone asks `hostvol purge`. Driven by this node's PV watch.
 
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,82 +83,117 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
     }
     let span = info_span!("reclaim", node = %ctx.settings.node, pv = %pv.name_any(), ?what);
     async move {
-        let reference = pv.object_ref(&());
         if matches!(what, Disposal::Delete { .. } | Disposal::Purge) {
-            let Some(directory) = own_directory(&pv) else {
-                ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(
-                    "annotation {} does not name this volume's directory ({}_...); hostvol will not remove anything; fix the annotation",
-                    pv::ANN_DIRECTORY, pv.name_any()));
-                return Ok(Action::requeue(Duration::from_secs(300)));
-            };
-            let root_name = pv::data_root(&pv).to_string();
-            let Some(data_root) = ctx.roots().get(&root_name) else {
-                ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(
-                    "node {} no longer has data root {root_name:?} (hostvol-config); the directory is kept; \
-                     restore the root in the configuration to let hostvol remove it", ctx.settings.node));
-                return Ok(Action::requeue(Duration::from_secs(300)));
-            };
-            let root = data_root.store.root_handle();
-            let quotas = data_root.quotas.clone();
-            let recorded = pv.annotations().get(pv::ANN_QUOTA).and_then(|r| Limit::parse(r));
             let archive = matches!(what, Disposal::Delete { archive: true });
-            let dir = directory.clone();
-            let outcome = tokio::task::spawn_blocking(move || {
-                use std::os::fd::AsFd;
-                if archive {
-                    match removal::archive_volume_dir(root.as_fd(), &dir) {
-                        Ok(new_name) => Ok(Removed::Done(format!("archived as {new_name}"))),
-                        Err(removal::Error::NotFound { .. }) => {
-                            Ok(Removed::Done("directory already gone".to_string()))
-                        }
-                        Err(e) => Err(e),
-                    }
-                } else {
-                    quotas.remove_volume(root.as_fd(), &dir, recorded)
-                }
-            })
-            .await
-            .expect("removal task does not panic");
-            match outcome {
-                Ok(Removed::QgroupBusy(id)) => {
-                    // The PV (and its record of the qgroup) stays until the qgroup is gone too.
-                    debug!(%directory, qgroup = id, "volume removed; its qgroup is still busy");
-                    return Ok(Action::requeue(Duration::from_secs(3)));
-                }
-                Ok(Removed::Done(done)) => {
-                    info!(%directory, %done, "volume directory cleaned up");
-                    ctx.publish(&reference, EventType::Normal, "VolumeDeleted", "Delete", format!(
-                        "{directory} on node {}: {done}", ctx.settings.node));
-                }
-                Err(error) => {
-                    ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(
-                        "node {}: cannot remove {directory}: {error}; the PV is kept and removal is retried", ctx.settings.node));
-                    return Err(Error::Removal(error));
-                }
+            if let Some(later) = dispose_of_directory(&pv, archive, &ctx).await? {
+                return Ok(later);
             }
         }
-        let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
-        if pv.finalizers().iter().any(|f| f == FINALIZER) {
-            let remaining: Vec<&String> = pv.finalizers().iter().filter(|f| *f != FINALIZER).collect();
-            let patch = serde_json::json!({"metadata": {"resourceVersion": pv.resource_version(), "finalizers": remaining}});
-            match volumes.patch(&pv.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(error) => return Err(error.into()),
-            }
-        }
-        if pv.metadata.deletion_timestamp.is_none() {
-            match volumes.delete(&pv.name_any(), &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(error) => return Err(error.into()),
-            }
-        }
+        release_pv(&pv, &ctx).await?;
         ctx.volumes_changed.notify_waiters();
         Ok(Action::await_change())
     }
     .instrument(span)
     .await
+}
+
+/// Removes (or archives) the volume's directory and its limit. `Some(action)` when the PV must stay
+/// for now (a problem the user must fix, or a qgroup still busy).
+async fn dispose_of_directory(
+    pv: &PersistentVolume,
+    archive: bool,
+    ctx: &Context,
+) -> Result<Option<Action>> {
+    let reference = pv.object_ref(&());
+    let Some(directory) = own_directory(pv) else {
+        ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(
+            "annotation {} does not name this volume's directory ({}_...); hostvol will not remove anything; fix the annotation",
+            pv::ANN_DIRECTORY, pv.name_any()));
+        return Ok(Some(Action::requeue(Duration::from_secs(300))));
+    };
+    let root_name = pv::data_root(pv).to_string();
+    let Some(data_root) = ctx.roots().get(&root_name) else {
+        ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(
+            "node {} no longer has data root {root_name:?} (hostvol-config); the directory is kept; \
+             restore the root in the configuration to let hostvol remove it", ctx.settings.node));
+        return Ok(Some(Action::requeue(Duration::from_secs(300))));
+    };
+    let recorded = pv
+        .annotations()
+        .get(pv::ANN_QUOTA)
+        .and_then(|r| Limit::parse(r));
+    let dir = directory.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let root = data_root.store.root_handle();
+        if archive {
+            match removal::archive_volume_dir(root.as_fd(), &dir) {
+                Ok(new_name) => Ok(Removed::Done(format!("archived as {new_name}"))),
+                Err(removal::Error::NotFound { .. }) => {
+                    Ok(Removed::Done("directory already gone".to_string()))
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            data_root.quotas.remove_volume(root.as_fd(), &dir, recorded)
+        }
+    })
+    .await
+    .expect("removal task does not panic");
+    match outcome {
+        Ok(Removed::QgroupBusy(id)) => {
+            // The PV (and its record of the qgroup) stays until the qgroup is gone too.
+            debug!(%directory, qgroup = id, "volume removed; its qgroup is still busy");
+            Ok(Some(Action::requeue(Duration::from_secs(3))))
+        }
+        Ok(Removed::Done(done)) => {
+            info!(%directory, %done, "volume directory cleaned up");
+            ctx.publish(
+                &reference,
+                EventType::Normal,
+                "VolumeDeleted",
+                "Delete",
+                format!("{directory} on node {}: {done}", ctx.settings.node),
+            );
+            Ok(None)
+        }
+        Err(error) => {
+            ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(
+                "node {}: cannot remove {directory}: {error}; the PV is kept and removal is retried", ctx.settings.node));
+            Err(Error::Removal(error))
+        }
+    }
+}
+
+/// Drops our finalizer and deletes the PV (both already done is fine).
+async fn release_pv(pv: &PersistentVolume, ctx: &Context) -> Result<()> {
+    let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    if pv.finalizers().iter().any(|f| f == FINALIZER) {
+        let remaining: Vec<&String> = pv.finalizers().iter().filter(|f| *f != FINALIZER).collect();
+        let patch = serde_json::json!({"metadata": {"resourceVersion": pv.resource_version(), "finalizers": remaining}});
+        match volumes
+            .patch(
+                &pv.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    if pv.metadata.deletion_timestamp.is_none() {
+        match volumes
+            .delete(&pv.name_any(), &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(())
 }
 
 pub fn error_policy(pv: Arc<PersistentVolume>, error: &Error, ctx: Arc<Context>) -> Action {
