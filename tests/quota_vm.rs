@@ -23,10 +23,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use hostvol::domain::params::ClassParameters;
+use hostvol::domain::quota::{Enforcement, Mechanism, QuotaMode};
+use hostvol::node::clone::{Method, copy_into};
 use hostvol::node::quota::project::{
     Filesystem, PROJECT_ID_MAX, ProjectQuotaState, allocation_stats, assign_new_project, detect,
     enforcement, project_of, random_start, set_limit, set_project, usage,
 };
+use hostvol::node::quota::{Limit, Quotas, Removed};
+use hostvol::node::volume_store::{Outcome, VolumeStore};
 
 /// Set inside the VM: `<mode>:<mount point>`.
 const ENV_MODE: &str = "HOSTVOL_IN_QUOTA_VM";
@@ -517,6 +522,11 @@ fn inner_quota_checks() {
     assert_eq!(detect(slash.as_fd()).unwrap(), None);
     let state = enforcement(slash.as_fd()).unwrap();
     assert!(matches!(state, ProjectQuotaState::Off { .. }), "{state:?}");
+    let q = Quotas::detect(slash.as_fd(), QuotaMode::Auto);
+    assert!(
+        matches!(&q.enforcement, Enforcement::Unlimited { .. }),
+        "{q:?}"
+    );
 
     match mode {
         "xfs" | "ext4" => {
@@ -531,6 +541,7 @@ fn inner_quota_checks() {
             check_limits(fs, mount, fs_fd);
             check_concurrent_processes(mount, fs_fd);
             check_concurrent_threads(mount, fs_fd);
+            check_facade(fs, mount, fs_fd);
             let stats = allocation_stats();
             println!(
                 "summary: all checks passed; this process assigned {} ids, skipped {} in use, \
@@ -556,6 +567,7 @@ fn inner_quota_checks() {
             println!("set_limit with quotas off: {e}");
             assert_eq!(project_of(dir.as_fd()).unwrap().0, 0);
             fs::remove_dir(mount.join("noquota")).unwrap();
+            check_facade_unlimited(mount, fs_fd, &["-o prjquota", "XFS"]);
             println!("summary: off state and hint ok");
         }
         "ext4-noprjquota" => {
@@ -574,6 +586,7 @@ fn inner_quota_checks() {
             drop(dir); // an open directory stays counted
             fs::remove_dir(mount.join("accounting")).unwrap();
             assert_eq!(usage(fs_fd, id).unwrap().inodes, 0);
+            check_facade_unlimited(mount, fs_fd, &["-o prjquota", "not enforced"]);
             println!("summary: accounting-only state, hint and allocation ok");
         }
         "ext4-plain" => {
@@ -590,6 +603,7 @@ fn inner_quota_checks() {
             ] {
                 assert!(hint.contains(needle), "hint lacks {needle:?}: {hint}");
             }
+            check_facade_unlimited(mount, fs_fd, &["mkfs.ext4 -O quota,project", "-o prjquota"]);
             println!("summary: off state and hint ok");
         }
         other => panic!("unknown mode {other}"),
@@ -1091,5 +1105,446 @@ fn check_concurrent_threads(mount: &Path, fs_fd: BorrowedFd<'_>) {
         elapsed.as_secs_f64(),
         after.skipped_in_use - before.skipped_in_use,
         after.collisions - before.collisions
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// The facade the agent goes through: `Quotas` and `VolumeStore` (and `clone::copy_into`).
+// ------------------------------------------------------------------------------------------------
+
+const FACADE_THREADS: usize = 4;
+const FACADE_PER_THREAD: usize = 5;
+
+fn project_limit(limit: Option<Limit>) -> u32 {
+    match limit {
+        Some(Limit::Project(id)) => id,
+        other => panic!("expected a project limit, got {other:?}"),
+    }
+}
+
+/// Both files hold the same `len` bytes (read in 1 MiB chunks: big buffers are slow under TCG).
+fn assert_same_content(a: &Path, b: &Path, len: u64) {
+    let (mut fa, mut fb) = (File::open(a).unwrap(), File::open(b).unwrap());
+    assert_eq!(fa.metadata().unwrap().len(), len, "{}", a.display());
+    assert_eq!(fb.metadata().unwrap().len(), len, "{}", b.display());
+    let (mut ba, mut bb) = (vec![0u8; MIB as usize], vec![0u8; MIB as usize]);
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(MIB) as usize;
+        fa.read_exact(&mut ba[..n]).unwrap();
+        fb.read_exact(&mut bb[..n]).unwrap();
+        assert!(
+            ba[..n] == bb[..n],
+            "{} and {} differ in [{pos}, {pos}+{n})",
+            a.display(),
+            b.display()
+        );
+        pos += n as u64;
+    }
+}
+
+fn gone(path: &Path) -> bool {
+    matches!(fs::symlink_metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound)
+}
+
+fn assert_removed(what: Removed, name: &str) -> String {
+    match what {
+        Removed::Done(what) => what,
+        other => panic!("removing {name}: {other:?}"),
+    }
+}
+
+/// Detection, provisioning, crash-safe re-provisioning, expansion, usage, concurrent provisioning,
+/// cloning and removal, as the agent does them, on a root with project quotas enforced.
+fn check_facade(fs: Filesystem, mount: &Path, fs_fd: BorrowedFd<'_>) {
+    let t = Instant::now();
+    let (mechanism, limit_errno) = match fs {
+        Filesystem::Xfs => (Mechanism::XfsProject, libc::ENOSPC),
+        Filesystem::Ext4 => (Mechanism::Ext4Project, libc::EDQUOT),
+    };
+    let quotas = Quotas::detect(fs_fd, QuotaMode::Auto);
+    assert_eq!(quotas.enforcement, Enforcement::Enforced(mechanism));
+    assert_eq!(
+        Quotas::detect(fs_fd, QuotaMode::Required).enforcement,
+        Enforcement::Enforced(mechanism)
+    );
+    let off = Quotas::detect(fs_fd, QuotaMode::Off);
+    assert_eq!(off.mechanism(), None, "{off:?}");
+
+    let store = VolumeStore::open(mount).unwrap();
+    let params = ClassParameters::default();
+    let name = "pvc-1_ns_a";
+    let vol = mount.join(name);
+    let data = vol.join("data");
+
+    // Provision 10 MiB; a second pass (after a crash) finds the same directory and id.
+    let (outcome, limit) = store
+        .ensure_volume(name, &params, &quotas, 10 * MIB)
+        .unwrap();
+    assert_eq!(outcome, Outcome::Created);
+    let id = project_limit(limit);
+    assert_eq!(project_at(&vol), (id, true));
+    assert_eq!(quotas.project_of(fs_fd, name).unwrap(), Some(id));
+    let u = usage(fs_fd, id).unwrap();
+    assert_eq!((u.inodes, u.limit_bytes), (1, Some(10 * MIB)), "{u:?}");
+    assert_eq!(
+        fs::metadata(&vol).unwrap().permissions().mode() & 0o7777,
+        params.mode
+    );
+    assert_eq!(statfs_size(&vol).0, 10 * MIB);
+    assert_eq!(
+        store
+            .ensure_volume(name, &params, &quotas, 10 * MIB)
+            .unwrap(),
+        (Outcome::Reused, Some(Limit::Project(id))),
+        "a second pass must reuse the directory and its id"
+    );
+    assert_eq!(usage(fs_fd, id).unwrap().limit_bytes, Some(10 * MIB));
+
+    let w1 = write_as(Some(NOBODY), &data, 40 * MIB);
+    assert_eq!(w1.errno, limit_errno, "{w1:?}");
+    assert!((9 * MIB..=10 * MIB).contains(&w1.written), "{w1:?}");
+
+    // Expansion to 30 MiB.
+    assert_eq!(
+        quotas.limit(fs_fd, name, 30 * MIB).unwrap(),
+        Some(Limit::Project(id))
+    );
+    assert_eq!(usage(fs_fd, id).unwrap().limit_bytes, Some(30 * MIB));
+    let w2 = write_as(Some(NOBODY), &data, 40 * MIB);
+    let total = w1.written + w2.written;
+    assert_eq!(w2.errno, limit_errno, "{w2:?}");
+    assert!(w2.written >= 19 * MIB && total <= 30 * MIB, "{w2:?}");
+    assert_eq!(
+        quotas.reapply(fs_fd, name, 30 * MIB).unwrap(),
+        Some(Limit::Project(id))
+    );
+    assert_eq!(quotas.reapply(fs_fd, "pvc-404_ns_a", MIB).unwrap(), None);
+
+    let names = [name.to_string(), "pvc-404_ns_a".to_string()];
+    let report = quotas.usage(fs_fd, &names).unwrap().expect("enforced");
+    assert_eq!(report.len(), 1, "{report:?}");
+    let u = report[name];
+    assert!(
+        (total..=total + 256 * 1024).contains(&u.used_bytes),
+        "usage {u:?} vs {total} bytes written"
+    );
+    assert_eq!(
+        (u.inodes, u.limit_bytes),
+        (Some(2), Some(30 * MIB)),
+        "{u:?}"
+    );
+    println!(
+        "facade: {name} made with project {id} (10 MiB; reused on a second pass), uid {NOBODY} \
+         stopped at {} bytes, {total} after expansion to 30 MiB; usage {} bytes",
+        w1.written, u.used_bytes
+    );
+
+    // The clone below copies 12 MiB of it (less to copy and compare under TCG).
+    let cloned = 12 * MIB;
+    File::options()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_len(cloned)
+        .unwrap();
+    nix::unistd::syncfs(fs_fd).unwrap();
+    let u = usage(fs_fd, id).unwrap();
+    assert!(
+        (cloned..=cloned + 256 * 1024).contains(&u.used_bytes),
+        "usage after truncating to {cloned}: {u:?}"
+    );
+
+    let provisioned = t.elapsed();
+    check_facade_concurrent(&store, &quotas, mount, fs_fd);
+    let method = check_copy_method(fs, &store, &quotas, mount, fs_fd);
+    let probed = t.elapsed();
+
+    // Clone into 40 MiB: a copy with a project and limit of its own.
+    let clone_name = "pvc-2_ns_b";
+    let cvol = mount.join(clone_name);
+    let tc = Instant::now();
+    let (outcome, limit) = store
+        .ensure_clone(name, clone_name, &params, &quotas, 40 * MIB)
+        .unwrap();
+    let clone_time = tc.elapsed();
+    let id2 = project_limit(limit);
+    assert_ne!(id2, id, "the clone needs a project of its own");
+    assert!(gone(&mount.join("cloning-pvc-2_ns_b")), "staging left");
+    assert_eq!(project_at(&cvol), (id2, true));
+    assert_eq!(statfs_size(&cvol).0, 40 * MIB);
+    assert_eq!(project_at(&cvol.join("data")).0, id2);
+    assert_eq!(project_at(&data).0, id);
+    let tr = Instant::now();
+    assert_same_content(&data, &cvol.join("data"), cloned);
+    let compare_time = tr.elapsed();
+    let both = [name.to_string(), clone_name.to_string()];
+    let report = quotas.usage(fs_fd, &both).unwrap().expect("enforced");
+    let (us, uc) = (report[name], report[clone_name]);
+    assert_eq!(
+        (us.used_bytes, us.inodes, us.limit_bytes),
+        (u.used_bytes, Some(2), Some(30 * MIB)),
+        "the source's usage changed"
+    );
+    assert!(
+        (cloned..=cloned + 256 * 1024).contains(&uc.used_bytes),
+        "clone usage {uc:?} vs {cloned} bytes"
+    );
+    assert_eq!(
+        (uc.inodes, uc.limit_bytes),
+        (Some(2), Some(40 * MIB)),
+        "{uc:?}"
+    );
+    let tw = Instant::now();
+    let w3 = write_as(Some(NOBODY), &cvol.join("data"), 40 * MIB);
+    let write_time = tw.elapsed();
+    assert_eq!(w3.errno, limit_errno, "{w3:?}");
+    assert!(
+        (39 * MIB..=40 * MIB).contains(&(cloned + w3.written)),
+        "{w3:?}"
+    );
+    assert_eq!(
+        store
+            .ensure_clone(name, clone_name, &params, &quotas, 40 * MIB)
+            .unwrap(),
+        (Outcome::Reused, Some(Limit::Project(id2)))
+    );
+    println!(
+        "facade: clone {clone_name} in {:.2}s (first call said {outcome:?}), project {id2}, \
+         40 MiB; data equal, usage {} bytes; uid {NOBODY} stopped at {} bytes in all (copy method \
+         on a scratch pair: {method:?})",
+        clone_time.as_secs_f64(),
+        uc.used_bytes,
+        cloned + w3.written
+    );
+
+    // Removal with the recorded limit; a retry (the volume already gone) is done too.
+    let trm = Instant::now();
+    let what = assert_removed(
+        quotas
+            .remove_volume(fs_fd, name, Some(Limit::Project(id)))
+            .unwrap(),
+        name,
+    );
+    assert!(gone(&vol));
+    assert_eq!(usage(fs_fd, id).unwrap().limit_bytes, None);
+    assert_unused(fs_fd, id);
+    let again = assert_removed(
+        quotas
+            .remove_volume(fs_fd, name, Some(Limit::Project(id)))
+            .unwrap(),
+        name,
+    );
+    assert_unused(fs_fd, id);
+    // The clone without a record: its id is read from the directory.
+    assert_removed(
+        quotas.remove_volume(fs_fd, clone_name, None).unwrap(),
+        clone_name,
+    );
+    assert!(gone(&cvol));
+    assert_unused(fs_fd, id2);
+    println!(
+        "facade: removal: {what}; retry: {again}; ids {id} and {id2} free (compare {:.2}s, \
+         clone write {:.2}s, removals {:.2}s)",
+        compare_time.as_secs_f64(),
+        write_time.as_secs_f64(),
+        trm.elapsed().as_secs_f64()
+    );
+    println!(
+        "facade: all checks in {:.2}s (provisioning and writes {:.2}s, concurrent and copy probe \
+         {:.2}s, clone and removal {:.2}s)",
+        t.elapsed().as_secs_f64(),
+        provisioned.as_secs_f64(),
+        (probed - provisioned).as_secs_f64(),
+        (t.elapsed() - probed).as_secs_f64()
+    );
+}
+
+/// Volumes made at the same time from several threads, as the agent's blocking pool does: each gets
+/// its own id. Then removed, with and without the recorded limit, and after a crash that left the
+/// limit behind.
+fn check_facade_concurrent(
+    store: &VolumeStore,
+    quotas: &Quotas,
+    mount: &Path,
+    fs_fd: BorrowedFd<'_>,
+) {
+    let params = ClassParameters::default();
+    let barrier = std::sync::Barrier::new(FACADE_THREADS);
+    let t = Instant::now();
+    let got: Vec<(String, u32)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..FACADE_THREADS)
+            .map(|k| {
+                let (barrier, params) = (&barrier, &params);
+                s.spawn(move || {
+                    barrier.wait();
+                    (0..FACADE_PER_THREAD)
+                        .map(|i| {
+                            let name = format!("pvc-c{k}-{i}_ns_c");
+                            let (outcome, limit) =
+                                store.ensure_volume(&name, params, quotas, 2 * MIB).unwrap();
+                            assert_eq!(outcome, Outcome::Created, "{name}");
+                            (name, project_limit(limit))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let elapsed = t.elapsed();
+    let n = FACADE_THREADS * FACADE_PER_THREAD;
+    let mut ids: Vec<u32> = got.iter().map(|(_, id)| *id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "duplicate project ids: {got:?}");
+    let names: Vec<String> = got.iter().map(|(name, _)| name.clone()).collect();
+    let report = quotas.usage(fs_fd, &names).unwrap().expect("enforced");
+    assert_eq!(report.len(), n);
+    for (name, id) in &got {
+        assert_eq!(project_at(&mount.join(name)), (*id, true), "{name}");
+        assert_eq!(quotas.project_of(fs_fd, name).unwrap(), Some(*id));
+        let u = report[name];
+        assert_eq!(
+            (u.inodes, u.limit_bytes),
+            (Some(1), Some(2 * MIB)),
+            "{name}: {u:?}"
+        );
+    }
+    for (i, (name, id)) in got.iter().enumerate() {
+        let recorded = Some(Limit::Project(*id));
+        let removed = match i % 3 {
+            0 => quotas.remove_volume(fs_fd, name, recorded),
+            1 => quotas.remove_volume(fs_fd, name, None),
+            _ => {
+                // A crash after the directory went, before the limit was reset.
+                fs::remove_dir(mount.join(name)).unwrap();
+                assert_eq!(usage(fs_fd, *id).unwrap().limit_bytes, Some(2 * MIB));
+                quotas.remove_volume(fs_fd, name, recorded)
+            }
+        };
+        assert_removed(removed.unwrap(), name);
+        assert!(gone(&mount.join(name)), "{name}");
+    }
+    for id in ids {
+        assert_unused(fs_fd, id);
+    }
+    println!(
+        "facade: {FACADE_THREADS} threads x {FACADE_PER_THREAD} volumes in {:.2}s, all distinct \
+         ids; removed (recorded, found, after a crash): all ids free",
+        elapsed.as_secs_f64()
+    );
+}
+
+/// How `clone::copy_into` fills one volume from another (each with its project, as in a clone):
+/// reflinked on XFS (mkfs.xfs makes reflink=1 filesystems), copied on ext4. Free space says whether
+/// the extents were really shared.
+fn check_copy_method(
+    fs: Filesystem,
+    store: &VolumeStore,
+    quotas: &Quotas,
+    mount: &Path,
+    fs_fd: BorrowedFd<'_>,
+) -> Method {
+    let params = ClassParameters::default();
+    let (src, dst) = ("pvc-s1_ns_x", "pvc-s2_ns_x");
+    let sid = project_limit(
+        store
+            .ensure_volume(src, &params, quotas, 8 * MIB)
+            .unwrap()
+            .1,
+    );
+    let did = project_limit(
+        store
+            .ensure_volume(dst, &params, quotas, 8 * MIB)
+            .unwrap()
+            .1,
+    );
+    let size = 4 * MIB;
+    fs::write(mount.join(src).join("f"), vec![0x5au8; size as usize]).unwrap();
+    nix::unistd::syncfs(fs_fd).unwrap();
+    let free = || {
+        nix::sys::statvfs::fstatvfs(fs_fd)
+            .map(|s| s.blocks_free() * s.fragment_size())
+            .unwrap()
+    };
+    let before = free();
+    let stats = copy_into(fs_fd, src, dst).unwrap();
+    nix::unistd::syncfs(fs_fd).unwrap();
+    let consumed = before.saturating_sub(free());
+    let u = usage(fs_fd, did).unwrap();
+    println!(
+        "copy_into between projects {sid} and {did}: {stats:?}; free space went down by {consumed} \
+         bytes for {size}; the target's project counts {} bytes",
+        u.used_bytes
+    );
+    assert_eq!((stats.files, stats.bytes), (1, size), "{stats:?}");
+    // ext4 also counts the directory's block.
+    assert!(
+        (size..=size + 64 * 1024).contains(&u.used_bytes),
+        "the target's project counts its copy: {u:?}"
+    );
+    match (fs, stats.method) {
+        (Filesystem::Xfs, Method::Reflink) => assert!(consumed < MIB, "reflink used {consumed}"),
+        (Filesystem::Ext4, Method::Copy) => assert!(consumed >= size, "copy used {consumed}"),
+        other => panic!("unexpected copy method {other:?}"),
+    }
+    for (name, id) in [(src, sid), (dst, did)] {
+        assert_removed(quotas.remove_volume(fs_fd, name, None).unwrap(), name);
+        assert_unused(fs_fd, id);
+    }
+    stats.method
+}
+
+/// The facade on a root without enforcement: `auto` provisions without limits (and says what to
+/// enable), `required` refuses, `off` is off.
+fn check_facade_unlimited(mount: &Path, fs_fd: BorrowedFd<'_>, needles: &[&str]) {
+    let quotas = Quotas::detect(fs_fd, QuotaMode::Auto);
+    let Enforcement::Unlimited { reason } = &quotas.enforcement else {
+        panic!("auto: expected unlimited, got {quotas:?}")
+    };
+    for needle in needles {
+        assert!(reason.contains(needle), "reason lacks {needle:?}: {reason}");
+    }
+    let required = Quotas::detect(fs_fd, QuotaMode::Required);
+    let Enforcement::Refusing { reason: refusing } = &required.enforcement else {
+        panic!("required: expected refusing, got {required:?}")
+    };
+    assert_eq!(refusing, reason);
+    assert_eq!(
+        Quotas::detect(fs_fd, QuotaMode::Off).enforcement,
+        Enforcement::Unlimited {
+            reason: "quota mode off".into()
+        }
+    );
+
+    let store = VolumeStore::open(mount).unwrap();
+    let params = ClassParameters::default();
+    let name = "pvc-9_ns_u";
+    assert_eq!(
+        store
+            .ensure_volume(name, &params, &quotas, 10 * MIB)
+            .unwrap(),
+        (Outcome::Created, None)
+    );
+    assert_eq!(
+        store
+            .ensure_volume(name, &params, &quotas, 10 * MIB)
+            .unwrap(),
+        (Outcome::Reused, None)
+    );
+    assert_eq!(project_at(&mount.join(name)).0, 0);
+    assert_eq!(quotas.limit(fs_fd, name, 30 * MIB).unwrap(), None);
+    assert_eq!(quotas.usage(fs_fd, &[name.to_string()]).unwrap(), None);
+    assert_eq!(quotas.project_of(fs_fd, name).unwrap(), None);
+    assert_removed(quotas.remove_volume(fs_fd, name, None).unwrap(), name);
+    assert!(gone(&mount.join(name)));
+    println!(
+        "facade: auto -> {}; required -> {}; volumes made and removed without limits",
+        quotas.enforcement.describe(),
+        required.enforcement.label()
     );
 }

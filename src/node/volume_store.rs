@@ -213,7 +213,8 @@ impl VolumeStore {
                 error,
             }
         };
-        if !self.volume_dir_exists(target)? {
+        let made = !self.volume_dir_exists(target)?;
+        if made {
             let snapshot = quotas.uses_subvolumes()
                 && quota::btrfs::open_subvolume(self.root.as_fd(), source).is_ok();
             if snapshot {
@@ -252,7 +253,8 @@ impl VolumeStore {
                 })?;
             }
         }
-        self.ensure_volume(target, params, quotas, bytes)
+        let (outcome, limit) = self.ensure_volume(target, params, quotas, bytes)?;
+        Ok((if made { Outcome::Created } else { outcome }, limit))
     }
 
     /// Whether `name` exists under the root as a real directory (symlinks do not count).

@@ -196,10 +196,17 @@ impl Quotas {
                     "removed {} files, {} directories",
                     stats.files, stats.directories
                 );
+                // Only the record is left (an earlier pass removed the directory): the id is ours
+                // to reset only while nothing else is charged to it, since a freed id may have
+                // gone to another volume meanwhile.
+                let recorded = recorded.filter(|r| match r {
+                    Limit::Project(id) => project::usage(root, *id).is_ok_and(|u| u.inodes == 0),
+                    Limit::Qgroup(_) => true,
+                });
                 (what, project.or(recorded))
             }
         };
-        match limit.or(recorded) {
+        match limit {
             None => Ok(Removed::Done(what)),
             Some(Limit::Project(id)) => {
                 project::set_limit(root, id, None).map_err(failed("reset project limit"))?;
