@@ -159,3 +159,74 @@ async fn clones_are_copies_made_on_the_source_node() {
         "source, copy, moved: nothing for the refused claims"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immediate_clones_and_pinned_pods() {
+    let cluster = Cluster::start().await;
+    cluster.add_node("n1").await;
+    cluster.add_node("n2").await;
+    let n1 = cluster
+        .start_agent("n1", &["--pod-name", "hostvol-n1"])
+        .await;
+    let _n2 = cluster
+        .start_agent("n2", &["--pod-name", "hostvol-n2"])
+        .await;
+    cluster.create_namespace("cl").await;
+    cluster.kubectl_apply_yaml(&format!(
+        "{}---\n{}---\n{}",
+        class_yaml("cloneable", "WaitForFirstConsumer", "Delete", &[]),
+        class_yaml("cloneable-now", "Immediate", "Delete", &[]),
+        claim_yaml("cl", "source", "cloneable", "10Mi", Some("n1"))
+    ));
+    let (_, source_dir) = volume_dir(&cluster, &n1, "cl", "source").await;
+    std::fs::write(source_dir.join("index.html"), "hello\n").unwrap();
+
+    // A pod pinned to n2 by spec.nodeName cannot have a clone of n1's data: said on claim and pod,
+    // nothing is made, the claim is not moved back and forth.
+    cluster.kubectl_apply_yaml(&format!(
+        "{}---\n{}",
+        clone_yaml("cl", "pinned", "10Mi", "source", None),
+        pod_yaml("cl", "pinned-pod", "pinned", "  nodeName: n2\n")
+    ));
+    let (kind, _, message) = cluster
+        .wait_event("cl", "pinned", "ProvisioningFailed", T)
+        .await;
+    assert_eq!(kind, "Warning");
+    assert!(
+        message.contains("pinned to node n2") && message.contains("on node n1"),
+        "{message}"
+    );
+    assert!(
+        cluster
+            .object_events("cl", "Pod", "pinned-pod")
+            .await
+            .iter()
+            .any(|(_, reason, m)| reason == "ProvisioningFailed" && m.contains("pinned")),
+        "the pod's events say it too"
+    );
+
+    // Immediate: the clone of a claim is placed on the source's node at once, with no pod.
+    let source_now = claim_yaml("cl", "source-now", "cloneable-now", "10Mi", Some("n1"));
+    cluster.kubectl_apply_yaml(&source_now);
+    let (_, dir) = volume_dir(&cluster, &n1, "cl", "source-now").await;
+    std::fs::write(dir.join("data"), "now\n").unwrap();
+    cluster.kubectl_apply_yaml(&claim_yaml_with(
+        "cl",
+        "copy-now",
+        "cloneable-now",
+        "10Mi",
+        None,
+        "  dataSource:\n    kind: PersistentVolumeClaim\n    name: source-now\n",
+    ));
+    let (pv, copy_dir) = volume_dir(&cluster, &n1, "cl", "copy-now").await;
+    assert_eq!(pv_node(&pv), "n1");
+    assert_eq!(
+        std::fs::read_to_string(copy_dir.join("data")).unwrap(),
+        "now\n"
+    );
+    let hostvol_pv_names: Vec<String> = hostvol_pvs(&cluster).await.iter().map(pv_claim).collect();
+    assert!(
+        !hostvol_pv_names.iter().any(|c| c.ends_with("/pinned")),
+        "no volume for the pinned clone: {hostvol_pv_names:?}"
+    );
+}

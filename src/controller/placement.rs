@@ -81,6 +81,32 @@ async fn place_clone(pvc: &PersistentVolumeClaim, ctx: &Context) -> Result<Optio
     }
 }
 
+/// For a clone whose source's data is on another node than the one its pod is pinned to: why the
+/// clone cannot be placed there (it could only be made where its source is).
+async fn clone_pinned_elsewhere(
+    ctx: &Context,
+    pod: &Pod,
+    pvc: &PersistentVolumeClaim,
+    class: &str,
+) -> Result<Option<String>> {
+    let Some(source) = data_source(pvc).filter(|s| s.is_claim()) else {
+        return Ok(None);
+    };
+    let namespace = pvc.namespace().unwrap_or_default();
+    let Source::OnNode(node) = clone_source::resolve(ctx, &namespace, &source.name, class).await?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(format!(
+        "pod {} is pinned to node {} by spec.nodeName, but claim {} clones {} whose data is on node \
+         {node}, the only place the clone can be made; pin the pod to {node} or remove spec.nodeName",
+        pod.name_any(),
+        ctx.settings.node,
+        pvc.name_any(),
+        source.name
+    )))
+}
+
 /// A step's outcome: go on with `T`, or stop and return the `Action`.
 type Step<T> = std::result::Result<T, Action>;
 
@@ -262,6 +288,18 @@ pub(super) async fn place_claims_of_pod(pod: &Pod, ctx: &Context) -> Result<()> 
         if class.provisioner != ctx.settings.provisioner
             || class.volume_binding_mode.as_deref() != Some("WaitForFirstConsumer")
         {
+            continue;
+        }
+        if let Some(elsewhere) = clone_pinned_elsewhere(ctx, pod, &pvc, &class.name_any()).await? {
+            for regarding in [pvc.object_ref(&()), pod.object_ref(&())] {
+                ctx.publish(
+                    &regarding,
+                    EventType::Warning,
+                    "ProvisioningFailed",
+                    "Provision",
+                    elsewhere.clone(),
+                );
+            }
             continue;
         }
         let why = format!(
