@@ -226,7 +226,7 @@ async fn immediate_clones_and_pinned_pods() {
     );
     let hostvol_pv_names: Vec<String> = hostvol_pvs(&cluster).await.iter().map(pv_claim).collect();
     assert!(
-        !hostvol_pv_names.iter().any(|c| c.ends_with("/pinned")),
+        !hostvol_pv_names.iter().any(|c| c == "pinned"),
         "no volume for the pinned clone: {hostvol_pv_names:?}"
     );
 }
