@@ -46,18 +46,24 @@ fn pv_node(pv: &PersistentVolume) -> String {
     pv.metadata.annotations.as_ref().unwrap()["hostvol.io/node"].clone()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clones_are_copies_made_on_the_source_node() {
+/// A cluster with nodes n1 and n2, their agents, and namespace `cl`.
+async fn two_nodes() -> (Cluster, Agent, Agent) {
     let cluster = Cluster::start().await;
     cluster.add_node("n1").await;
     cluster.add_node("n2").await;
     let n1 = cluster
         .start_agent("n1", &["--pod-name", "hostvol-n1"])
         .await;
-    let _n2 = cluster
+    let n2 = cluster
         .start_agent("n2", &["--pod-name", "hostvol-n2"])
         .await;
     cluster.create_namespace("cl").await;
+    (cluster, n1, n2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clones_are_copies_made_on_the_source_node() {
+    let (cluster, n1, _n2) = two_nodes().await;
     cluster.kubectl_apply_yaml(&format!(
         "{}---\n{}",
         class_yaml("cloneable", "WaitForFirstConsumer", "Delete", &[]),
@@ -162,16 +168,7 @@ async fn clones_are_copies_made_on_the_source_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn immediate_clones_and_pinned_pods() {
-    let cluster = Cluster::start().await;
-    cluster.add_node("n1").await;
-    cluster.add_node("n2").await;
-    let n1 = cluster
-        .start_agent("n1", &["--pod-name", "hostvol-n1"])
-        .await;
-    let _n2 = cluster
-        .start_agent("n2", &["--pod-name", "hostvol-n2"])
-        .await;
-    cluster.create_namespace("cl").await;
+    let (cluster, n1, _n2) = two_nodes().await;
     cluster.kubectl_apply_yaml(&format!(
         "{}---\n{}---\n{}",
         class_yaml("cloneable", "WaitForFirstConsumer", "Delete", &[]),

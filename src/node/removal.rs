@@ -728,30 +728,12 @@ mod tests {
 
     #[test]
     fn deep_trees_use_a_constant_number_of_fds() {
-        const CHILD: &str = "HOSTVOL_REMOVAL_DEEP_CHILD";
         const DEPTH: usize = 2000;
-        if std::env::var_os(CHILD).is_none() {
-            // Run this test alone in a process with 64 fds: an fd per level would run out long before 2,000.
-            let out = Command::new("sh")
-                .args(["-c", r#"ulimit -n 64 && exec "$0" "$@""#])
-                .arg(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    // This test's own path, so moving the module cannot make the child run nothing.
-                    concat!(module_path!(), "::deep_trees_use_a_constant_number_of_fds")
-                        .trim_start_matches("hostvol::"),
-                    "--nocapture",
-                ])
-                .env(CHILD, "1")
-                .output()
-                .unwrap();
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert!(out.status.success(), "{text}");
-            assert!(text.contains("1 passed"), "the child ran no test: {text}");
+        // An fd per level would run out long before 2,000 levels.
+        if !crate::node::walk::tests::in_child_with_few_fds(concat!(
+            module_path!(),
+            "::deep_trees_use_a_constant_number_of_fds"
+        )) {
             return;
         }
 

@@ -50,3 +50,39 @@ pub fn reopen_parent(dir: BorrowedFd<'_>, expected: (u64, u64)) -> Result<OwnedF
 pub fn id(st: &FileStat) -> (u64, u64) {
     (st.st_dev, st.st_ino)
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::process::Command;
+
+    const CHILD: &str = "HOSTVOL_FEW_FDS_CHILD";
+
+    /// For tests that prove a walk needs a bounded number of fds: in the test process, runs the test
+    /// `path` (its `module_path!()::name`) alone in a child limited to 64 fds, asserts it passed, and
+    /// returns `false`; in that child, returns `true`: go on with the test.
+    pub(crate) fn in_child_with_few_fds(path: &str) -> bool {
+        if std::env::var_os(CHILD).is_some() {
+            return true;
+        }
+        let out = Command::new("sh")
+            .args(["-c", r#"ulimit -n 64 && exec "$0" "$@""#])
+            .arg(std::env::current_exe().unwrap())
+            // The test's own path, so moving its module cannot make the child run nothing.
+            .args([
+                "--exact",
+                path.trim_start_matches("hostvol::"),
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "the child ran no test: {text}");
+        false
+    }
+}
