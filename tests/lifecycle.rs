@@ -506,6 +506,12 @@ async fn node_loss_cleanup_is_opt_in() {
     ));
     cluster.apply_repo_manifest("deploy/storageclass.yaml");
     cluster.create_namespace("loss").await;
+    // The scheduler only places a pod where its class's capacity is published (CSIDriver
+    // storageCapacity): wait for both classes on both nodes, or the pods could land on whichever node
+    // published first rather than on the preferred one.
+    cluster
+        .wait_csi_storage_capacities(T, "2 classes x 2 nodes published", |items| items.len() >= 4)
+        .await;
     cluster.kubectl_apply_yaml(&format!(
         "{}---\n{}",
         statefulset_yaml("loss", "healing", "hostvol-heal", "doomed"),

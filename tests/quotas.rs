@@ -16,7 +16,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -31,12 +31,13 @@ use common::{
 };
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 
 /// Upper bound for each wait; every scenario finishes well within a minute.
 const T: Duration = Duration::from_secs(45);
 const ANN_QUOTA: &str = "hostvol.io/quota";
 const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
 const NOBODY: u32 = 65534;
 /// The claims' request, and so the limit their volumes must get.
 const CLAIM_SIZE: &str = "10Mi";
@@ -791,6 +792,573 @@ async fn btrfs_clone_is_a_snapshot_with_its_own_limit() {
     );
 }
 
+/// Where `btrfs_delete_survives_an_agent_crash` kills the agent, counted from the claim's deletion.
+#[derive(Clone, Copy, Debug)]
+enum KillAt {
+    /// This long after the API server accepted the claim's deletion.
+    After(Duration),
+    /// As soon as the claim is gone from the API (its PV about to be released).
+    ClaimGone,
+    /// As soon as the volume's directory is gone: the subvolume is destroyed, but its qgroup and the
+    /// PV are not released yet.
+    DirectoryGone,
+}
+
+/// Scenario 2 with the agent killed (SIGKILL) at several points of a Delete, one volume each: right
+/// after the claim's deletion (0, 50 and 200 ms), once the claim is gone, and once the subvolume is
+/// destroyed. Restarted each time, the agent finishes the job: the PV, the subvolume and its qgroup
+/// are gone, and nothing else is touched (the other volumes, a plain directory in the root, and a
+/// directory outside the root that each volume holds a symlink to).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn btrfs_delete_survives_an_agent_crash() {
+    const SIZE: &str = "32Mi";
+    const FILES: usize = 10_000;
+    let started = Instant::now();
+    preflight();
+    let cluster = Cluster::start().await;
+    cluster.add_node("node-a").await;
+    let fs = LoopBtrfs::create_sized(&agent_root(&cluster, "node-a"), Quotas::On, GIB);
+    let mut agent = start_agent_on(&cluster, "node-a", &fs, &[]).await;
+    cluster.kubectl_apply_yaml(&class_yaml(
+        "hostvol-scratch",
+        "WaitForFirstConsumer",
+        "Delete",
+        &[],
+    ));
+    cluster.create_namespace("crash").await;
+    let kill_points = [
+        ("at-0ms", KillAt::After(Duration::ZERO)),
+        ("at-50ms", KillAt::After(Duration::from_millis(50))),
+        ("at-200ms", KillAt::After(Duration::from_millis(200))),
+        ("claim-gone", KillAt::ClaimGone),
+        ("dir-gone", KillAt::DirectoryGone),
+    ];
+    cluster.kubectl_apply_yaml(
+        &kill_points
+            .iter()
+            .map(|(claim, _)| claim_yaml("crash", claim, "hostvol-scratch", SIZE, Some("node-a")))
+            .collect::<Vec<_>>()
+            .join("---\n"),
+    );
+
+    // Bystanders: a directory outside the root (every volume links to it), a plain directory in
+    // the root that is no volume.
+    let outside = cluster.dir().join("outside-the-root");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("keep.txt"), "outside the data root\n").unwrap();
+    let sibling = fs.mnt().join("not-a-volume");
+    std::fs::create_dir_all(sibling.join("sub")).unwrap();
+    std::fs::write(sibling.join("sub/keep.txt"), "a sibling in the root\n").unwrap();
+    let outside_before = tree_digest(&outside);
+    let sibling_before = tree_digest(&sibling);
+
+    // Each volume: FILES small files, 3 MiB in one file, and symlinks out of the root.
+    struct Volume {
+        claim: &'static str,
+        pv: String,
+        id: u64,
+        dir: PathBuf,
+        digest: BTreeMap<PathBuf, String>,
+    }
+    let mut volumes = Vec::new();
+    let fill_started = Instant::now();
+    for (claim, _) in &kill_points {
+        let pv = cluster.hostvol_pv_of_claim("crash", claim, T).await;
+        let id = qgroup_annotation(&pv);
+        let dir = volume_dir(&fs, &pv);
+        fill_volume(&dir, FILES, 3 * MIB as usize);
+        std::os::unix::fs::symlink(&outside, dir.join("outside-dir")).unwrap();
+        std::os::unix::fs::symlink(outside.join("keep.txt"), dir.join("outside-file")).unwrap();
+        volumes.push(Volume {
+            claim,
+            pv: pv.name_any(),
+            id,
+            dir: dir.clone(),
+            digest: tree_digest(&dir),
+        });
+        assert!(
+            fs.qgroup(id).is_some(),
+            "qgroup 0/{id} of {claim} exists while its volume does\n{}",
+            fs.qgroup_table()
+        );
+    }
+    eprintln!(
+        "[quotas] {} volumes of {FILES} files + 3 MiB written in {:.1?}; qgroups: {:?}",
+        volumes.len(),
+        fill_started.elapsed(),
+        volumes.iter().map(|v| fs.qgroup(v.id)).collect::<Vec<_>>()
+    );
+
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client(), "crash");
+    let pvs: Api<PersistentVolume> = Api::all(cluster.client());
+    let mut remaining: BTreeSet<String> = dirs_in(fs.mnt());
+    let mut window_hit = Vec::new();
+    for (i, (claim, kill_at)) in kill_points.iter().enumerate() {
+        let volume = &volumes[i];
+        let name = volume
+            .dir
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            agent.is_running(),
+            "the agent runs before {claim} is deleted"
+        );
+        let deleted = Instant::now();
+        claims
+            .delete(claim, &DeleteParams::default())
+            .await
+            .unwrap();
+        match kill_at {
+            KillAt::After(delay) => tokio::time::sleep(*delay).await,
+            KillAt::ClaimGone => {
+                spin_until(
+                    || async { claims.get_opt(claim).await.unwrap().is_none() },
+                    &format!("claim {claim} gone after its deletion"),
+                )
+                .await
+            }
+            KillAt::DirectoryGone => {
+                spin_until(
+                    || async { !volume.dir.exists() },
+                    &format!(
+                        "{} removed after its claim's deletion",
+                        volume.dir.display()
+                    ),
+                )
+                .await
+            }
+        }
+        agent.kill();
+        let killed_at = deleted.elapsed();
+        let pv_then = pvs.get_opt(&volume.pv).await.unwrap();
+        let state = format!(
+            "claim {}, PV {}, directory {}, qgroup {}",
+            if claims.get_opt(claim).await.unwrap().is_some() {
+                "present"
+            } else {
+                "gone"
+            },
+            pv_then
+                .as_ref()
+                .map(|pv| pv
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase.clone())
+                    .unwrap_or_default())
+                .unwrap_or_else(|| "gone".into()),
+            if volume.dir.exists() {
+                "present"
+            } else {
+                "gone"
+            },
+            if fs.qgroup(volume.id).is_some() {
+                "present"
+            } else {
+                "gone"
+            },
+        );
+        eprintln!(
+            "[quotas] {claim}: agent killed {killed_at:.1?} after the deletion; then: {state}"
+        );
+        if pv_then.is_some() && !volume.dir.exists() {
+            window_hit.push(*claim);
+        }
+        agent.restart().await;
+
+        cluster
+            .wait_for(
+                || async { pvs.get_opt(&volume.pv).await.unwrap().is_none() },
+                T,
+                &format!(
+                    "PV {} of {claim} removed after the agent's restart (killed with: {state})",
+                    volume.pv
+                ),
+            )
+            .await;
+        let pv_gone = Instant::now();
+        assert!(
+            !volume.dir.exists(),
+            "{claim}: the volume directory {} is gone once its PV is",
+            volume.dir.display()
+        );
+        assert!(
+            !fs.subvolumes().contains(&name),
+            "{claim}: subvolume {name} still listed by `btrfs subvolume list`"
+        );
+        let gone = common::poll_until(
+            || async { fs.qgroup(volume.id).is_none() },
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(
+            gone.is_ok(),
+            "{claim}: qgroup 0/{} still listed 10 s after its PV was removed:\n{}",
+            volume.id,
+            fs.qgroup_table()
+        );
+        eprintln!(
+            "[quotas] {claim}: PV gone {:.1?} after the deletion, qgroup 0/{} {:.1?} after that",
+            pv_gone - deleted,
+            volume.id,
+            pv_gone.elapsed()
+        );
+
+        let events = pv_events(&cluster, &volume.pv).await;
+        assert!(
+            !events.iter().any(|e| e.1 == "VolumeFailedDelete"),
+            "{claim}: no failed removal on the way\n{}",
+            fmt_events(&events)
+        );
+        eprintln!(
+            "[quotas] {claim}: events of PV {}:\n{}",
+            volume.pv,
+            fmt_events(&events)
+        );
+
+        // Nothing else touched.
+        remaining.remove(&name);
+        assert_eq!(
+            dirs_in(fs.mnt()),
+            remaining,
+            "{claim}: only its own volume left the root"
+        );
+        for other in &volumes[i + 1..] {
+            let now = tree_digest(&other.dir);
+            assert!(
+                now == other.digest,
+                "{claim}'s deletion changed {}'s volume {}: {}",
+                other.claim,
+                other.dir.display(),
+                digest_diff(&other.digest, &now)
+            );
+            assert_eq!(
+                fs.qgroup(other.id).and_then(|q| q.max_referenced),
+                Some(32 * MIB),
+                "{claim}'s deletion left {}'s qgroup 0/{} and its limit alone",
+                other.claim,
+                other.id
+            );
+        }
+        let now = tree_digest(&sibling);
+        assert!(
+            now == sibling_before,
+            "{claim}'s deletion changed the plain directory {} in the root: {}",
+            sibling.display(),
+            digest_diff(&sibling_before, &now)
+        );
+        let now = tree_digest(&outside);
+        assert!(
+            now == outside_before,
+            "{claim}'s deletion changed {} outside the root (the volume linked to it): {}",
+            outside.display(),
+            digest_diff(&outside_before, &now)
+        );
+    }
+    assert!(agent.is_running(), "the agent is still running");
+    eprintln!(
+        "[quotas] killed between \"subvolume destroyed\" and \"PV released\" for {window_hit:?}; \
+         btrfs_delete_survives_an_agent_crash took {:.1?}",
+        started.elapsed()
+    );
+}
+
+/// A clone on a root that copies (btrfs without quotas, mode auto: no enforcement, so volumes are
+/// plain directories and a clone is a copy made in a `cloning-<name>` staging directory, then
+/// renamed): the agent is killed (SIGKILL) part-way through the copy. Restarted, it drops the
+/// partial copy and copies again: the clone holds exactly its source's data, no staging directory
+/// is left, and the source is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_copy_survives_an_agent_crash() {
+    const SIZE: &str = "64Mi";
+    const FILES: usize = 20_000;
+    let started = Instant::now();
+    preflight();
+    let cluster = Cluster::start().await;
+    cluster.add_node("node-a").await;
+    let fs = LoopBtrfs::create_sized(&agent_root(&cluster, "node-a"), Quotas::Off, GIB);
+    let mut agent = start_agent_on(&cluster, "node-a", &fs, &["--quota-mode", "auto"]).await;
+    cluster.kubectl_apply_yaml(&class_yaml(
+        "hostvol-copy",
+        "WaitForFirstConsumer",
+        "Delete",
+        &[],
+    ));
+    cluster.create_namespace("cp").await;
+    cluster.kubectl_apply_yaml(&claim_yaml(
+        "cp",
+        "source",
+        "hostvol-copy",
+        SIZE,
+        Some("node-a"),
+    ));
+    let source_pv = cluster.hostvol_pv_of_claim("cp", "source", T).await;
+    let source_dir = volume_dir(&fs, &source_pv);
+    assert_ne!(
+        std::fs::metadata(&source_dir).unwrap().ino(),
+        256,
+        "without quotas a volume is a plain directory, not a subvolume (so its clones are copies)"
+    );
+    assert!(
+        !source_pv.annotations().contains_key(ANN_QUOTA),
+        "no limit recorded on a root without enforcement: {:?}",
+        source_pv.annotations()
+    );
+    let outside = cluster.dir().join("outside-the-root");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("keep.txt"), "outside the data root\n").unwrap();
+    let outside_before = tree_digest(&outside);
+    let fill_started = Instant::now();
+    fill_volume(&source_dir, FILES, 8 * MIB as usize);
+    for i in 0..2 {
+        let big: Vec<u8> = (0..8 * MIB as usize)
+            .map(|b| ((b * 7 + i * 13) % 253) as u8)
+            .collect();
+        std::fs::write(source_dir.join(format!("more-{i}.bin")), big).unwrap();
+    }
+    std::os::unix::fs::symlink(&outside, source_dir.join("outside-dir")).unwrap();
+    std::fs::create_dir(source_dir.join("empty")).unwrap();
+    let source_before = tree_digest(&source_dir);
+    let top_level = dirs_in(&source_dir).len();
+    eprintln!(
+        "[quotas] source: {} entries (24 MiB in 3 files) written in {:.1?}",
+        source_before.len(),
+        fill_started.elapsed()
+    );
+
+    // The clone, placed on node-a; the agent dies while it copies into the staging directory.
+    cluster.kubectl_apply_yaml(&claim_yaml_with(
+        "cp",
+        "copy",
+        "hostvol-copy",
+        SIZE,
+        Some("node-a"),
+        "  dataSource:\n    kind: PersistentVolumeClaim\n    name: source\n",
+    ));
+    let requested = Instant::now();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client(), "cp");
+    let uid = claims.get("copy").await.unwrap().uid().expect("claim uid");
+    let target = fs.mnt().join(format!("pvc-{uid}_cp_copy"));
+    let staging = fs.mnt().join(format!("cloning-pvc-{uid}_cp_copy"));
+    spin_until(
+        || async {
+            assert!(
+                !target.exists(),
+                "the copy finished ({} appeared) before it could be interrupted; give the source \
+                 more files",
+                target.display()
+            );
+            // Half-way: the walk has reached half of the source's top-level directories.
+            dirs_in(&staging).len() >= top_level / 2
+        },
+        &format!("the copy under way in {}", staging.display()),
+    )
+    .await;
+    agent.kill();
+    let killed_at = requested.elapsed();
+    assert!(
+        staging.is_dir() && !target.exists(),
+        "killed before the rename: {:?}",
+        dirs_in(fs.mnt())
+    );
+    let partial = tree_digest(&staging).len();
+    eprintln!(
+        "[quotas] agent killed {killed_at:.1?} after the clone was requested, with {partial} of {} \
+         entries copied",
+        source_before.len()
+    );
+    assert!(
+        partial < source_before.len(),
+        "the copy was interrupted part-way ({partial} of {} entries)",
+        source_before.len()
+    );
+
+    let restarted = Instant::now();
+    agent.restart().await;
+    let pv = cluster.hostvol_pv_of_claim("cp", "copy", T).await;
+    eprintln!(
+        "[quotas] clone bound {:.1?} after the restart",
+        restarted.elapsed()
+    );
+    let dir = volume_dir(&fs, &pv);
+    assert_eq!(dir, target, "the clone's PV points at its own directory");
+    let copied = tree_digest(&dir);
+    assert!(
+        copied == source_before,
+        "the clone {} holds exactly its source's data: {}",
+        dir.display(),
+        digest_diff(&source_before, &copied)
+    );
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().mode() & 0o7777,
+        0o777,
+        "the clone has the class's mode"
+    );
+    let source_name = source_dir
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let target_name = target.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(
+        dirs_in(fs.mnt()),
+        BTreeSet::from([source_name, target_name]),
+        "the root holds the source and the clone only: no staging copy (cloning-*) left"
+    );
+    let now = tree_digest(&source_dir);
+    assert!(
+        now == source_before,
+        "the source {} is untouched: {}",
+        source_dir.display(),
+        digest_diff(&source_before, &now)
+    );
+    let now = tree_digest(&outside);
+    assert!(
+        now == outside_before,
+        "{} outside the root (the source links to it) is untouched: {}",
+        outside.display(),
+        digest_diff(&outside_before, &now)
+    );
+    let events = cluster.pvc_events("cp", "copy").await;
+    assert!(
+        !events.iter().any(|e| e.0 == "Warning"),
+        "no Warning on the way\n{}",
+        fmt_events(&events)
+    );
+    assert!(agent.is_running(), "the restarted agent is still running");
+    eprintln!(
+        "[quotas] clone_copy_survives_an_agent_crash took {:.1?}",
+        started.elapsed()
+    );
+}
+
+/// Events about the (cluster-scoped) PV `name`, as (type, reason, message), oldest first.
+async fn pv_events(cluster: &Cluster, name: &str) -> Vec<(String, String, String)> {
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::all(cluster.client());
+    let mut list: Vec<_> = events
+        .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|e| {
+            let time = e.event_time.as_ref().map(|t| t.0.to_string()).or_else(|| {
+                e.metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0.to_string())
+            });
+            (
+                time.unwrap_or_default(),
+                (
+                    e.type_.unwrap_or_default(),
+                    e.reason.unwrap_or_default(),
+                    e.message.unwrap_or_default(),
+                ),
+            )
+        })
+        .collect();
+    list.sort_by(|a, b| a.0.cmp(&b.0));
+    list.into_iter().map(|(_, e)| e).collect()
+}
+
+/// Polls `f` every 2 ms (to catch short windows) until it returns true; panics after [`T`].
+async fn spin_until<F, Fut>(mut f: F, what: &str)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + T;
+    while !f().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {T:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Writes `files` small files (a line each, naming the file) in directories of 100, and `big_bytes`
+/// of a pattern in `big.bin`, into `dir`, as root from the host.
+fn fill_volume(dir: &Path, files: usize, big_bytes: usize) {
+    for i in 0..files {
+        let sub = dir.join(format!("d{:03}", i / 100));
+        if i % 100 == 0 {
+            std::fs::create_dir(&sub).unwrap_or_else(|e| panic!("{}: {e}", sub.display()));
+        }
+        let path = sub.join(format!("f{i:05}"));
+        std::fs::write(&path, format!("file {i} of {}\n", dir.display()))
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+    let big: Vec<u8> = (0..big_bytes).map(|b| (b % 251) as u8).collect();
+    std::fs::write(dir.join("big.bin"), big).unwrap();
+}
+
+/// Everything under `dir` (not `dir` itself), by relative path: kind, mode, owner, and a file's size
+/// and content hash or a symlink's target. Symlinks are never followed.
+fn tree_digest(dir: &Path) -> BTreeMap<PathBuf, String> {
+    use std::hash::Hasher;
+    let mut out = BTreeMap::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(rel) = pending.pop() {
+        let here = dir.join(&rel);
+        for entry in std::fs::read_dir(&here).unwrap_or_else(|e| panic!("{}: {e}", here.display()))
+        {
+            let rel = rel.join(entry.unwrap().file_name());
+            let path = dir.join(&rel);
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let kind = meta.file_type();
+            let owner = format!("{:o} {}:{}", meta.mode() & 0o7777, meta.uid(), meta.gid());
+            let what = if kind.is_symlink() {
+                format!(
+                    "symlink -> {}",
+                    std::fs::read_link(&path).unwrap().display()
+                )
+            } else if kind.is_dir() {
+                pending.push(rel.clone());
+                format!("dir {owner}")
+            } else if kind.is_file() {
+                let mut hash = std::hash::DefaultHasher::new();
+                hash.write(&std::fs::read(&path).unwrap());
+                format!("file {owner} {} bytes {:016x}", meta.len(), hash.finish())
+            } else {
+                format!("other {:o}", meta.mode())
+            };
+            out.insert(rel, what);
+        }
+    }
+    out
+}
+
+/// The first differences between two [`tree_digest`]s, for messages.
+fn digest_diff(before: &BTreeMap<PathBuf, String>, after: &BTreeMap<PathBuf, String>) -> String {
+    let mut diffs: Vec<String> = before
+        .iter()
+        .filter(|(path, what)| after.get(*path) != Some(what))
+        .map(|(path, what)| {
+            format!(
+                "{}: {what} -> {}",
+                path.display(),
+                after.get(path).map_or("missing", String::as_str)
+            )
+        })
+        .chain(
+            after
+                .iter()
+                .filter(|(path, _)| !before.contains_key(*path))
+                .map(|(path, what)| format!("{}: new {what}", path.display())),
+        )
+        .collect();
+    let total = diffs.len();
+    diffs.truncate(10);
+    format!(
+        "{total} differences ({} entries before, {} after), first: {diffs:#?}",
+        before.len(),
+        after.len()
+    )
+}
+
 // ================================================================================================
 // Kubernetes objects and helpers
 // ================================================================================================
@@ -1026,6 +1594,11 @@ struct LoopBtrfs {
 impl LoopBtrfs {
     /// Makes the filesystem and mounts it on `mnt` (created if missing), with quotas on or off.
     fn create(mnt: &Path, quotas: Quotas) -> Self {
+        Self::create_sized(mnt, quotas, IMAGE_BYTES)
+    }
+
+    /// `create` with an image of `bytes` (sparse) instead of [`IMAGE_BYTES`].
+    fn create_sized(mnt: &Path, quotas: Quotas, bytes: u64) -> Self {
         preflight();
         let dir = tempfile::Builder::new()
             .prefix(FS_DIR_PREFIX)
@@ -1034,7 +1607,7 @@ impl LoopBtrfs {
         std::fs::write(dir.path().join("owner.pid"), std::process::id().to_string()).unwrap();
         let image = dir.path().join("btrfs.img");
         std::fs::File::create(&image)
-            .and_then(|f| f.set_len(IMAGE_BYTES))
+            .and_then(|f| f.set_len(bytes))
             .unwrap_or_else(|e| panic!("sparse image {}: {e}", image.display()));
         let mut fs = LoopBtrfs {
             dir: Some(dir),

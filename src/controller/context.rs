@@ -72,6 +72,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Woken whenever this node's set of volumes may have changed.
     pub volumes_changed: Arc<tokio::sync::Notify>,
+    /// A permit on every StorageClass event, for the one task that publishes per-class figures.
+    pub classes_changed: Arc<tokio::sync::Notify>,
     /// Serialises "check capacity, make directory, create PV" so concurrent claims cannot overcommit.
     pub(super) admission_lock: tokio::sync::Mutex<()>,
     /// PVs created by us that the watch may not have delivered yet: name -> (root, bytes).

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::controller::context::Context;
+use crate::controller::reclaim::Disposal;
 use crate::controller::watches::store_ready;
 use crate::controller::{pv, reclaim};
 use crate::node::orphans::{Findings, classify, read_root};
@@ -37,10 +38,14 @@ pub fn scan(ctx: &Context) -> std::io::Result<Vec<(Arc<Root>, Findings)>> {
             .filter(|pv| pv::data_root(pv) == root.name)
             .cloned()
             .collect();
-        out.push((
-            root.clone(),
-            classify(&entries, &expected_directories(&here), SystemTime::now()),
-        ));
+        let mut findings = classify(&entries, &expected_directories(&here), SystemTime::now());
+        // A volume being removed has no directory on purpose: it is not lost.
+        findings.lost.retain(|name| {
+            here.iter()
+                .find(|pv| pv.name_any() == *name)
+                .is_none_or(|pv| reclaim::disposal(pv) == Disposal::Keep)
+        });
+        out.push((root.clone(), findings));
     }
     Ok(out)
 }
@@ -84,7 +89,7 @@ pub async fn run(ctx: Arc<Context>, every: Duration, shutdown: CancellationToken
                         .unwrap_or_default();
                     warn!(pv = %name, %path, "volume directory is missing");
                     ctx.publish(&pv.object_ref(&()), EventType::Warning, "VolumeDirectoryMissing", "Check", format!(
-                        "directory {path} of this volume is missing on node {}; pods using it will fail to start \\
+                        "directory {path} of this volume is missing on node {}; pods using it will fail to start \
                          (hostPath type Directory); restore it from a backup or delete the claim and the PV",
                         ctx.settings.node));
                 }

@@ -83,7 +83,10 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
     }
     let span = info_span!("reclaim", node = %ctx.settings.node, pv = %pv.name_any(), ?what);
     async move {
-        if matches!(what, Disposal::Delete { .. } | Disposal::Purge) {
+        // Once our finalizer is gone the directory was dealt with: only the PV's deletion is left.
+        let released = !pv.finalizers().iter().any(|f| f == FINALIZER)
+            && pv.metadata.deletion_timestamp.is_some();
+        if matches!(what, Disposal::Delete { .. } | Disposal::Purge) && !released {
             let archive = matches!(what, Disposal::Delete { archive: true });
             if let Some(later) = dispose_of_directory(&pv, archive, &ctx).await? {
                 return Ok(later);

@@ -150,6 +150,8 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = reports.changed() => if changed.is_err() { return },
+            // A new class gets its objects at once, so the scheduler can place its pods.
+            _ = ctx.classes_changed.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }

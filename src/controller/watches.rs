@@ -75,7 +75,8 @@ pub fn start(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> (Watches, Arc<Context>, impl std::future::Future<Output = ()>) {
-    let classes = watch_classes(&client);
+    let classes_changed = Arc::new(tokio::sync::Notify::new());
+    let classes = watch_classes(&client, classes_changed.clone());
     let nodes = watch_own_node(&client, &settings.node);
     let volumes_changed = Arc::new(tokio::sync::Notify::new());
     let (volumes, volume_events) =
@@ -95,6 +96,7 @@ pub fn start(
         recorder,
         metrics,
         volumes_changed,
+        classes_changed,
         admission_lock: tokio::sync::Mutex::new(()),
         recent_volumes: Mutex::new(HashMap::new()),
         recent_growth: Mutex::new(HashMap::new()),
@@ -151,8 +153,8 @@ where
     }));
 }
 
-/// StorageClasses: few and small; kept whole.
-fn watch_classes(client: &Client) -> Store<StorageClass> {
+/// StorageClasses: few and small; kept whole. `changed` gets a permit on every event.
+fn watch_classes(client: &Client, changed: Arc<tokio::sync::Notify>) -> Store<StorageClass> {
     let (classes, writer) = reflector::store();
     drive(
         "storageclasses",
@@ -161,7 +163,8 @@ fn watch_classes(client: &Client) -> Store<StorageClass> {
             watcher::Config::default(),
         )
         .default_backoff()
-        .reflect(writer),
+        .reflect(writer)
+        .inspect(move |_| changed.notify_one()),
     );
     classes
 }

@@ -159,6 +159,8 @@ impl Quotas {
         let id = btrfs::subvolume_id(volume.as_fd())?;
         drop(volume);
         btrfs::destroy_subvolume(root, name)?;
+        // Commit now, so a power loss cannot bring back a volume whose PV is about to go.
+        btrfs::sync(root)?;
         Ok(Some(id))
     }
 
@@ -192,10 +194,14 @@ impl Quotas {
                     .flatten()
                     .map(Limit::Project);
                 let stats = removal::remove_volume_dir(root, name)?;
-                let what = format!(
-                    "removed {} files, {} directories",
-                    stats.files, stats.directories
-                );
+                let what = if stats.directories == 0 {
+                    "the directory was already gone".to_string()
+                } else {
+                    format!(
+                        "removed {} files, {} directories",
+                        stats.files, stats.directories
+                    )
+                };
                 // Only the record is left (an earlier pass removed the directory): the id is ours
                 // to reset only while nothing else is charged to it, since a freed id may have
                 // gone to another volume meanwhile.
