@@ -34,8 +34,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use support::{
-    AGENT_BIN, Summary, agent_exe, build_kind, claim, cores, env_usize, loadavg, ms, requested,
-    rss_mib, runtime, summarize_ms,
+    AGENT_BIN, Summary, agent_exe, build_kind, claim, cores, env_usize, loadavg, logged_millis,
+    logged_split, ms, requested, rss_mib, runtime, summarize_ms,
 };
 use tokio::sync::Notify;
 
@@ -301,89 +301,6 @@ fn bucket_bound(buckets: &[(f64, f64)], q: f64) -> f64 {
         .find(|b| b.1 >= q * total)
         .map(|b| b.0)
         .unwrap_or(f64::NAN)
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// The `millis=` of the agent's "provisioned" log lines for claims in namespace `ns`.
-fn logged_millis(agent: &Agent, ns: &str) -> Vec<f64> {
-    let needle = format!("pvc={ns}/");
-    agent
-        .log()
-        .lines()
-        .map(strip_ansi)
-        .filter(|l| l.contains(" provisioned") && l.contains(&needle))
-        .filter_map(|l| {
-            l.split("millis=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
-/// Splits the agent's logged step per claim of namespace `ns` with the timestamps of its debug line
-/// "volume directory ready": (start -> directory ready [GET claim, GET PV, lock, statvfs, mkdir+fsync],
-/// directory ready -> "provisioned" [POST PV]) in ms.
-fn logged_split(agent: &Agent, ns: &str) -> (Vec<f64>, Vec<f64>) {
-    let needle = format!("pvc={ns}/");
-    let ts = |l: &str| {
-        l.split_whitespace()
-            .next()?
-            .parse::<k8s_openapi::jiff::Timestamp>()
-            .ok()
-            .map(|t| t.as_microsecond())
-    };
-    let pvc = |l: &str| {
-        l.split(&needle)
-            .nth(1)?
-            .split(|c: char| c.is_whitespace() || c == '}')
-            .next()
-            .map(str::to_string)
-    };
-    let mut dir_ready: HashMap<String, i64> = HashMap::new();
-    let (mut before, mut post) = (Vec::new(), Vec::new());
-    for l in agent
-        .log()
-        .lines()
-        .map(strip_ansi)
-        .filter(|l| l.contains(&needle))
-    {
-        let (Some(t), Some(claim)) = (ts(&l), pvc(&l)) else {
-            continue;
-        };
-        if l.contains(" volume directory ready") {
-            dir_ready.insert(claim, t);
-        } else if l.contains(" provisioned")
-            && let Some(total) = l
-                .split("millis=")
-                .nth(1)
-                .and_then(|m| m.split_whitespace().next()?.parse::<f64>().ok())
-            && let Some(d) = dir_ready.get(&claim)
-        {
-            let p = (t - d) as f64 / 1e3;
-            post.push(p);
-            before.push(total - p);
-        }
-    }
-    (before, post)
 }
 
 /// This machine's floor for the agent's disk step: `n` times mkdir + fsync(parent) under `root`

@@ -346,26 +346,29 @@ async fn hand_back(ctx: &Context, pvc: &PersistentVolumeClaim, refusal: Refusal)
 /// Makes (or finds from an earlier pass) the volume, durably, with its size limit where the root
 /// enforces sizes; a clone starts with a copy of its source (on the blocking pool: copies take time).
 async fn make_volume(ctx: &Context, order: &Order, root: &Arc<Root>) -> Result<Option<Limit>> {
-    let made = match &order.clone_from {
-        None => make_directory(order, root),
-        Some(source) => {
-            let (root, source) = (root.clone(), source.clone());
-            let (target, params, bytes) = (
-                order.directory.clone(),
-                order.params.clone(),
-                order.request.capacity_bytes,
-            );
-            tokio::task::spawn_blocking(move || {
-                let (outcome, limit) =
-                    root.store
-                        .ensure_clone(&source, &target, &params, &root.quotas, bytes)?;
-                debug!(directory = %target, %source, ?outcome, ?limit, "clone ready");
-                Ok(limit)
-            })
-            .await
-            .expect("clone task does not panic")
-        }
-    };
+    // Blocking work (mkdir or copy, and the fsync that commits it) off the async workers.
+    let (root, source) = (root.clone(), order.clone_from.clone());
+    let (target, params, bytes) = (
+        order.directory.clone(),
+        order.params.clone(),
+        order.request.capacity_bytes,
+    );
+    let made = tokio::task::spawn_blocking(move || match &source {
+        None => root
+            .store
+            .ensure_volume(&target, &params, &root.quotas, bytes),
+        Some(source) => root
+            .store
+            .ensure_clone(source, &target, &params, &root.quotas, bytes),
+    })
+    .await
+    .expect("volume task does not panic")
+    .map_err(Error::from)
+    .map(|(outcome, limit)| {
+        let clone_of = order.clone_from.as_deref().unwrap_or("");
+        debug!(directory = %order.directory, ?outcome, ?limit, clone_of, "volume directory ready");
+        limit
+    });
     made.inspect_err(|error| {
         ctx.publish(
             &order.claim_ref,
@@ -378,17 +381,6 @@ async fn make_volume(ctx: &Context, order: &Order, root: &Arc<Root>) -> Result<O
             ),
         );
     })
-}
-
-fn make_directory(order: &Order, root: &Root) -> Result<Option<Limit>> {
-    let (outcome, limit) = root.store.ensure_volume(
-        &order.directory,
-        &order.params,
-        &root.quotas,
-        order.request.capacity_bytes,
-    )?;
-    debug!(directory = %order.directory, ?outcome, ?limit, "volume directory ready");
-    Ok(limit)
 }
 
 /// Creates the PV, pre-bound to the claim. `false` if it already exists (an earlier pass made it).

@@ -35,6 +35,7 @@ pub mod http;
 mod inspect;
 mod kubectl;
 pub mod kubelet;
+pub mod loop_btrfs;
 mod nodes;
 pub mod process;
 mod wait;
