@@ -5,7 +5,7 @@
 //! initramfs holding *this test binary* (stripped, with its `ldd` library closure), busybox-static,
 //! the kernel modules and `tests/quota_vm/init.sh`. Three disk images are made on the host (XFS,
 //! ext4 with the quota and project features, ext4 without). Inside the VM, `/init` mounts them and
-//! runs this binary again as `--exact inner_quota_checks --include-ignored` with
+//! runs this binary again as `--exact quota_vm` with
 //! `HOSTVOL_IN_QUOTA_VM=<mode>:<mount point>`, so [`inner_quota_checks`] runs against a real
 //! filesystem. Results come back through a 9p share: the outer test passes only when QEMU exits 0
 //! and the result file says every mode passed; otherwise it prints the VM's logs.
@@ -38,7 +38,7 @@ const ENV_MODE: &str = "HOSTVOL_IN_QUOTA_VM";
 /// Set inside the VM: the file on the 9p share where a passing inner test appends `PASS <mode>`.
 const ENV_RESULT: &str = "HOSTVOL_QUOTA_VM_RESULT";
 /// The name libtest knows the inner test by (it is at the top level of this file).
-const INNER_TEST: &str = "inner_quota_checks";
+const INNER_TEST: &str = "quota_vm";
 /// What `/init` runs, in this order; each must report `PASS` and exit 0.
 const MODES: [&str; 5] = [
     "xfs",
@@ -61,8 +61,9 @@ const NOBODY: u32 = 65534;
 
 #[test]
 fn quota_vm() {
-    if std::env::var_os(ENV_MODE).is_some() {
-        return; // inside the VM only the inner test runs
+    // The same test binary runs inside the VM, where it does the checks instead of booting one.
+    if let Some(spec) = std::env::var_os(ENV_MODE) {
+        return inner_quota_checks(spec.to_str().unwrap());
     }
     let started = Instant::now();
     let kernel_dir = kernel_cache();
@@ -495,16 +496,8 @@ impl Cpio {
 // Inner test: runs inside the VM against a mounted filesystem.
 // ================================================================================================
 
-#[test]
-#[ignore = "runs inside the quota VM that `quota_vm` boots"]
-fn inner_quota_checks() {
-    let Some(spec) = std::env::var_os(ENV_MODE) else {
-        eprintln!(
-            "{INNER_TEST}: {ENV_MODE} is not set: this runs only inside the VM that quota_vm boots"
-        );
-        return;
-    };
-    let spec = spec.to_str().unwrap().to_string();
+/// The checks `quota_vm` runs inside the VM, on the filesystem `spec` (`<mode>:<mount point>`) names.
+fn inner_quota_checks(spec: &str) {
     let (mode, mount) = spec
         .split_once(':')
         .expect("HOSTVOL_IN_QUOTA_VM=<mode>:<mount point>");

@@ -53,7 +53,7 @@ run() {
   dir="$2"
   echo "init: [$(up)] running $mode on $dir"
   HOSTVOL_IN_QUOTA_VM="$mode:$dir" HOSTVOL_QUOTA_VM_RESULT=/results/result RUST_BACKTRACE=1 \
-    "$TEST_BIN" --exact "$INNER_TEST" --include-ignored --nocapture --test-threads=1 \
+    "$TEST_BIN" --exact "$INNER_TEST" --nocapture --test-threads=1 \
     >"/results/$mode.log" 2>&1
   rc=$?
   echo "init: [$(up)] $mode exited $rc"
