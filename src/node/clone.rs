@@ -803,7 +803,6 @@ mod tests {
     use crate::node::removal;
     use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
     use std::path::Path;
-    use std::process::Command;
 
     const MIB: u64 = 1 << 20;
 
@@ -841,25 +840,7 @@ mod tests {
         (0..len).map(|i| (i * 31 % 251) as u8).collect()
     }
 
-    /// Mounts for the test and always unmounts, so a failing assertion does not leave mounts behind.
-    struct Mounted(PathBuf);
-
-    impl Mounted {
-        fn new(args: &[&str], at: &Path) -> Option<Self> {
-            let ok = Command::new("mount")
-                .args(args)
-                .arg(at)
-                .output()
-                .is_ok_and(|o| o.status.success());
-            ok.then(|| Mounted(at.to_path_buf()))
-        }
-    }
-
-    impl Drop for Mounted {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
+    use crate::node::walk::tests::Mounted;
 
     #[test]
     fn copies_contents_modes_owners_and_times() {

@@ -511,7 +511,6 @@ mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
     use std::path::Path;
-    use std::process::Command;
 
     fn open(dir: &Path) -> OwnedFd {
         nix::fcntl::open(
@@ -534,25 +533,7 @@ mod tests {
         nix::unistd::geteuid().is_root()
     }
 
-    /// Mounts for the test and always unmounts, so a failing assertion does not leave mounts behind.
-    struct Mounted(PathBuf);
-
-    impl Mounted {
-        fn new(args: &[&str], at: &Path) -> Option<Self> {
-            let ok = Command::new("mount")
-                .args(args)
-                .arg(at)
-                .output()
-                .is_ok_and(|o| o.status.success());
-            ok.then(|| Mounted(at.to_path_buf()))
-        }
-    }
-
-    impl Drop for Mounted {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
+    use crate::node::walk::tests::Mounted;
 
     #[test]
     fn removes_a_tree_counts_it_and_is_idempotent() {

@@ -53,7 +53,28 @@ pub fn id(st: &FileStat) -> (u64, u64) {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::path::{Path, PathBuf};
     use std::process::Command;
+
+    /// Mounts for a test and always unmounts, so a failing assertion does not leave mounts behind.
+    pub(crate) struct Mounted(PathBuf);
+
+    impl Mounted {
+        pub(crate) fn new(args: &[&str], at: &Path) -> Option<Self> {
+            let ok = Command::new("mount")
+                .args(args)
+                .arg(at)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            ok.then(|| Mounted(at.to_path_buf()))
+        }
+    }
+
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
 
     const CHILD: &str = "HOSTVOL_FEW_FDS_CHILD";
 
