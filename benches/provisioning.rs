@@ -30,12 +30,11 @@ use common::{Agent, Cluster};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim};
 use kube::api::{Api, ListParams, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use support::{
     AGENT_BIN, Summary, agent_exe, build_kind, claim, cores, env_usize, loadavg, logged_millis,
-    logged_split, ms, requested, rss_mib, runtime, summarize_ms,
+    logged_split, ms, requested, rss_mib, runtime, spawn_watch, summarize_ms,
 };
 use tokio::sync::Notify;
 
@@ -134,42 +133,6 @@ async fn start_watches(client: Client, rec: Arc<Recorder>) -> Vec<tokio::task::J
     let _ = claims_listed.await;
     let _ = volumes_listed.await;
     vec![claims, volumes]
-}
-
-/// Watches `api`, calling `seen(object, arrival)` for every object event; the receiver fires once
-/// the initial list is done.
-fn spawn_watch<K>(
-    api: Api<K>,
-    what: &'static str,
-    seen: impl Fn(&K, Instant) + Send + 'static,
-) -> (
-    tokio::task::JoinHandle<()>,
-    tokio::sync::oneshot::Receiver<()>,
-)
-where
-    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(async move {
-        let mut ready = Some(tx);
-        let mut s = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .boxed();
-        while let Some(ev) = s.next().await {
-            let now = Instant::now();
-            match ev {
-                Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => seen(&p, now),
-                Ok(watcher::Event::InitDone) => {
-                    if let Some(tx) = ready.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => eprintln!("[bench] {what} watch: {e}"),
-            }
-        }
-    });
-    (task, rx)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -413,7 +413,7 @@ pub async fn start_watches(
 
 /// Watches `api`, calling `seen(object, arrival)` for every object event; the receiver fires once
 /// the initial list is done.
-fn spawn_watch<K>(
+pub fn spawn_watch<K>(
     api: kube::Api<K>,
     what: &'static str,
     seen: impl Fn(&K, std::time::Instant) + Send + 'static,
