@@ -1036,19 +1036,21 @@ async fn btrfs_delete_survives_an_agent_crash() {
                 other.id
             );
         }
-        let now = tree_digest(&sibling);
-        assert!(
-            now == sibling_before,
-            "{claim}'s deletion changed the plain directory {} in the root: {}",
-            sibling.display(),
-            digest_diff(&sibling_before, &now)
+        assert_tree_unchanged(
+            &sibling,
+            &sibling_before,
+            &format!(
+                "{claim}'s deletion changed the plain directory {path} in the root",
+                path = sibling.display()
+            ),
         );
-        let now = tree_digest(&outside);
-        assert!(
-            now == outside_before,
-            "{claim}'s deletion changed {} outside the root (the volume linked to it): {}",
-            outside.display(),
-            digest_diff(&outside_before, &now)
+        assert_tree_unchanged(
+            &outside,
+            &outside_before,
+            &format!(
+                "{claim}'s deletion changed {path} outside the root (the volume linked to it)",
+                path = outside.display()
+            ),
         );
     }
     assert!(agent.is_running(), "the agent is still running");
@@ -1201,19 +1203,21 @@ async fn clone_copy_survives_an_agent_crash() {
         BTreeSet::from([source_name, target_name]),
         "the root holds the source and the clone only: no staging copy (cloning-*) left"
     );
-    let now = tree_digest(&source_dir);
-    assert!(
-        now == source_before,
-        "the source {} is untouched: {}",
-        source_dir.display(),
-        digest_diff(&source_before, &now)
+    assert_tree_unchanged(
+        &source_dir,
+        &source_before,
+        &format!(
+            "the source {path} is untouched",
+            path = source_dir.display()
+        ),
     );
-    let now = tree_digest(&outside);
-    assert!(
-        now == outside_before,
-        "{} outside the root (the source links to it) is untouched: {}",
-        outside.display(),
-        digest_diff(&outside_before, &now)
+    assert_tree_unchanged(
+        &outside,
+        &outside_before,
+        &format!(
+            "{path} outside the root (the source links to it) is untouched",
+            path = outside.display()
+        ),
     );
     let events = cluster.pvc_events("cp", "copy").await;
     assert!(
@@ -1292,6 +1296,12 @@ fn fill_volume(dir: &Path, files: usize, big_bytes: usize) {
 
 /// Everything under `dir` (not `dir` itself), by relative path: kind, mode, owner, and a file's size
 /// and content hash or a symlink's target. Symlinks are never followed.
+/// Asserts the tree at `path` has the digest `before` still; `what` says what it is and why it matters.
+fn assert_tree_unchanged(path: &Path, before: &BTreeMap<PathBuf, String>, what: &str) {
+    let now = tree_digest(path);
+    assert!(now == *before, "{what}: {}", digest_diff(before, &now));
+}
+
 fn tree_digest(dir: &Path) -> BTreeMap<PathBuf, String> {
     use std::hash::Hasher;
     let mut out = BTreeMap::new();
