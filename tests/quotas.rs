@@ -53,10 +53,7 @@ const CLAIM_BYTES: u64 = 10 * MIB;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn btrfs_limits_are_enforced() {
     let started = Instant::now();
-    preflight();
-    let cluster = Cluster::start().await;
-    cluster.add_node("node-a").await;
-    let fs = LoopBtrfs::create(&agent_root(&cluster, "node-a"), Quotas::On);
+    let (cluster, fs) = node_a_on_btrfs(Quotas::On, IMAGE_BYTES).await;
     let agent = start_agent_on(&cluster, "node-a", &fs, &["--quota-mode", "auto"]).await;
     check_enforcement_logged(&agent, "btrfs-qgroup");
     cluster.kubectl_apply_yaml(&class_yaml(
@@ -140,10 +137,7 @@ async fn btrfs_limits_are_enforced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn btrfs_delete_removes_subvolume_and_qgroup() {
     let started = Instant::now();
-    preflight();
-    let cluster = Cluster::start().await;
-    cluster.add_node("node-a").await;
-    let fs = LoopBtrfs::create(&agent_root(&cluster, "node-a"), Quotas::On);
+    let (cluster, fs) = node_a_on_btrfs(Quotas::On, IMAGE_BYTES).await;
     let _agent = start_agent_on(&cluster, "node-a", &fs, &[]).await;
     cluster.kubectl_apply_yaml(&class_yaml(
         "hostvol-scratch",
@@ -228,10 +222,7 @@ async fn btrfs_delete_removes_subvolume_and_qgroup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interrupted_provisioning_gets_its_limit() {
     let started = Instant::now();
-    preflight();
-    let cluster = Cluster::start().await;
-    cluster.add_node("node-a").await;
-    let fs = LoopBtrfs::create(&agent_root(&cluster, "node-a"), Quotas::On);
+    let (cluster, fs) = node_a_on_btrfs(Quotas::On, IMAGE_BYTES).await;
     cluster.kubectl_apply_yaml(&class_yaml(
         "hostvol-quota",
         "WaitForFirstConsumer",
@@ -457,10 +448,7 @@ async fn expansion_scenario(crash: Crash) {
     const GROWN: &str = "30Mi";
     const GROWN_BYTES: u64 = 30 * MIB;
     let started = Instant::now();
-    preflight();
-    let cluster = Cluster::start().await;
-    cluster.add_node("node-a").await;
-    let fs = LoopBtrfs::create(&agent_root(&cluster, "node-a"), Quotas::On);
+    let (cluster, fs) = node_a_on_btrfs(Quotas::On, IMAGE_BYTES).await;
     let mut agent = start_agent_on(&cluster, "node-a", &fs, &[]).await;
     cluster.kubectl_apply_yaml(&format!(
         "{}allowVolumeExpansion: true\n",
@@ -611,10 +599,7 @@ async fn btrfs_clone_is_a_snapshot_with_its_own_limit() {
     const CLONE_SIZE: &str = "20Mi";
     const CLONE_BYTES: u64 = 20 * MIB;
     let started = Instant::now();
-    preflight();
-    let cluster = Cluster::start().await;
-    cluster.add_node("node-a").await;
-    let fs = LoopBtrfs::create(&agent_root(&cluster, "node-a"), Quotas::On);
+    let (cluster, fs) = node_a_on_btrfs(Quotas::On, IMAGE_BYTES).await;
     let _agent = start_agent_on(&cluster, "node-a", &fs, &[]).await;
     cluster.kubectl_apply_yaml(&class_yaml(
         "hostvol-clone",
@@ -809,10 +794,7 @@ async fn btrfs_delete_survives_an_agent_crash() {
     const SIZE: &str = "32Mi";
     const FILES: usize = 10_000;
     let started = Instant::now();
-    preflight();
-    let cluster = Cluster::start().await;
-    cluster.add_node("node-a").await;
-    let fs = LoopBtrfs::create_sized(&agent_root(&cluster, "node-a"), Quotas::On, GIB);
+    let (cluster, fs) = node_a_on_btrfs(Quotas::On, GIB).await;
     let mut agent = start_agent_on(&cluster, "node-a", &fs, &[]).await;
     cluster.kubectl_apply_yaml(&class_yaml(
         "hostvol-scratch",
@@ -1071,10 +1053,7 @@ async fn clone_copy_survives_an_agent_crash() {
     const SIZE: &str = "64Mi";
     const FILES: usize = 20_000;
     let started = Instant::now();
-    preflight();
-    let cluster = Cluster::start().await;
-    cluster.add_node("node-a").await;
-    let fs = LoopBtrfs::create_sized(&agent_root(&cluster, "node-a"), Quotas::Off, GIB);
+    let (cluster, fs) = node_a_on_btrfs(Quotas::Off, GIB).await;
     let mut agent = start_agent_on(&cluster, "node-a", &fs, &["--quota-mode", "auto"]).await;
     cluster.kubectl_apply_yaml(&class_yaml(
         "hostvol-copy",
@@ -1370,6 +1349,16 @@ fn digest_diff(before: &BTreeMap<PathBuf, String>, after: &BTreeMap<PathBuf, Str
 
 /// Where the harness puts `node`'s data root (`Cluster::start_agent`); the tests mount their btrfs
 /// there before starting the agent. `start_agent_on` checks the harness still agrees.
+/// After `preflight`, a control plane with node-a whose data root is a fresh loop btrfs of `bytes`
+/// (declared after the cluster, the filesystem is unmounted before the cluster's directory goes).
+async fn node_a_on_btrfs(quotas: Quotas, bytes: u64) -> (Cluster, LoopBtrfs) {
+    preflight();
+    let cluster = Cluster::start().await;
+    cluster.add_node("node-a").await;
+    let fs = LoopBtrfs::create_sized(&agent_root(&cluster, "node-a"), quotas, bytes);
+    (cluster, fs)
+}
+
 fn agent_root(cluster: &Cluster, node: &str) -> PathBuf {
     cluster.dir().join(format!("{node}-root"))
 }

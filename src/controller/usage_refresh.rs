@@ -50,7 +50,7 @@ pub async fn run(
             }
             if root.quotas.mechanism().is_some() {
                 // The quota accounting knows every volume's bytes: constant time, no walks.
-                let (measured, took) = from_quotas(root, todo, &cache).await;
+                let (measured, took) = from_quotas(root, todo, &cache, full).await;
                 debug!(root = %root.name, measured, millis = took.as_millis() as u64, "usage read from quotas");
             } else {
                 let (measured, took) =
@@ -73,13 +73,16 @@ async fn from_quotas(
     root: &Arc<Root>,
     names: Vec<String>,
     cache: &UsageCache,
+    full: bool,
 ) -> (usize, Duration) {
     let started = std::time::Instant::now();
     let handle = root.store.root_handle();
     let quotas = root.quotas.clone();
     let read = tokio::task::spawn_blocking(move || {
-        if quotas.uses_subvolumes() {
+        if full && quotas.uses_subvolumes() {
             // btrfs updates its figures at transaction commit; commit first so they are current.
+            // Only on the periodic pass: a volume just made holds nothing yet, and a commit per new
+            // volume would cost every provisioning burst a sync.
             let _ = btrfs::sync(handle.as_fd());
         }
         quotas.usage(handle.as_fd(), &names)
