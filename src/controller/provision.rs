@@ -18,6 +18,7 @@ use crate::controller::claim::{claim_key, claim_spec};
 use crate::controller::clone_source::{self, Source};
 use crate::controller::context::{Context, Error, Result};
 use crate::controller::pv::VolumeDescription;
+use crate::controller::watches::store_ready;
 use crate::controller::{expansion, placement, pv, reclaim};
 use crate::domain::admission::{self, Interest, Refusal, VolumeRequest};
 use crate::domain::naming;
@@ -37,6 +38,11 @@ pub async fn reconcile(
     claim: Arc<PartialObjectMeta<PersistentVolumeClaim>>,
     ctx: Arc<Context>,
 ) -> Result<Action> {
+    // Claims may be listed before the classes and our Node at start-up: decide only once those are
+    // known, or a claim would be refused for a class that merely was not listed yet.
+    if !(store_ready(&ctx.classes).await && store_ready(&ctx.nodes).await) {
+        return Ok(Action::await_change());
+    }
     let settings = &ctx.settings;
     match admission::interest(claim.annotations(), &settings.provisioner, &settings.node) {
         Interest::Provision => {}
