@@ -22,6 +22,8 @@ async fn scheduler_places_pods_only_where_they_fit() {
     let cluster = Cluster::start().await;
     cluster.add_node("small").await;
     cluster.add_node("large").await;
+    cluster.give_disk("small", "64g");
+    cluster.give_disk("large", "64g");
     let small = cluster
         .start_agent(
             "small",
@@ -388,6 +390,8 @@ async fn capacity_report_for_people() {
     let cluster = Cluster::start().await;
     cluster.add_node("node-a").await;
     cluster.add_node("node-b").await;
+    cluster.give_disk("node-a", "64g");
+    cluster.give_disk("node-b", "64g");
     let a = cluster
         .start_agent(
             "node-a",

@@ -27,6 +27,12 @@ fn pv_node(pv: &PersistentVolume) -> String {
 async fn cluster_with_agents(nodes: &[(&str, &[&str])]) -> (Cluster, Vec<Agent>) {
     let cluster = Cluster::start().await;
     cluster.apply_repo_manifest("deploy/csidriver.yaml");
+    // A capped node's figures must not depend on how full this machine's disk is.
+    for (node, args) in nodes {
+        if args.contains(&"--capacity-cap") {
+            cluster.give_disk(node, "64g");
+        }
+    }
     let agents = cluster.add_nodes_with_agents(nodes).await;
     (cluster, agents)
 }

@@ -310,6 +310,24 @@ impl Cluster {
     }
 
     /// Adds each fake node and starts its agent (with the node's extra arguments), one after the other.
+    /// Mounts a tmpfs of `size` (e.g. "64g") as `node`'s data root, so figures that depend on free
+    /// space do not depend on how full this machine's disk is. Only what is written uses memory.
+    pub fn give_disk(&self, node: &str, size: &str) {
+        let root = self.path.join(format!("{node}-root"));
+        std::fs::create_dir_all(&root).expect("create agent root");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&root)
+            .status()
+            .expect("run mount (needs root)");
+        assert!(
+            status.success(),
+            "mount tmpfs on {} (needs root)",
+            root.display()
+        );
+        self.disks.lock().unwrap().push(root);
+    }
+
     pub async fn add_nodes_with_agents(&self, nodes: &[(&str, &[&str])]) -> Vec<Agent> {
         let mut agents = Vec::new();
         for (node, args) in nodes {

@@ -117,6 +117,8 @@ pub struct Cluster {
     pub(super) kubelet_shared: kubelet::KubeletShared,
     pub(super) kubelet: Mutex<Option<FakeKubelet>>,
     pub(super) agent_logs: Arc<Mutex<Vec<PathBuf>>>,
+    /// tmpfs "disks" mounted under `path` by `give_disk`; unmounted when the cluster goes.
+    pub(super) disks: Mutex<Vec<PathBuf>>,
     started: Instant,
 }
 
@@ -443,6 +445,7 @@ impl Cluster {
             kubelet_shared,
             kubelet: Mutex::new(None),
             agent_logs: Arc::new(Mutex::new(Vec::new())),
+            disks: Mutex::new(Vec::new()),
             started: t0,
         };
         drop(guard); // disarmed (dirs taken): from here on Cluster::drop cleans up
@@ -654,6 +657,17 @@ impl Drop for Cluster {
             let _ = c.child.wait();
         }
         drop(comps);
+        for disk in self
+            .disks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = std::process::Command::new("umount")
+                .arg("--lazy")
+                .arg(&disk)
+                .status();
+        }
         if keep {
             let dir = self
                 .dir
