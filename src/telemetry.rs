@@ -1,5 +1,7 @@
 //! Logging setup: `RUST_LOG` filter (default info for the agent, warn for commands), plain or JSON on stderr.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::cli::args::LogFormat;
@@ -19,7 +21,12 @@ fn init_with_default(format: LogFormat, default_filter: &str) {
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
         LogFormat::Plain => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            // Colour codes only for a person at a terminal, never in `kubectl logs` or files.
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
         LogFormat::Json => registry
             .with(

@@ -362,6 +362,8 @@ fn run_cli(cluster: &Cluster, program: &str, args: &[&str]) -> (i32, String, Str
     let out = std::process::Command::new(program)
         .args(args)
         .env("KUBECONFIG", cluster.admin_kubeconfig())
+        // Played-kubelet agents are host processes: no kubelet to port-forward through.
+        .env("HOSTVOL_VIA", "pod-ip")
         .env(
             "PATH",
             format!(
@@ -516,5 +518,91 @@ async fn capacity_report_for_people() {
         events.iter().any(|(_, r, _)| r == "ProvisioningSucceeded"),
         "{}",
         fmt_events(&events)
+    );
+}
+
+/// The node service is private: the CLI reaches agents through the API server, so RBAC decides.
+/// A person with no role, or one who may list pods but not port-forward, gets a one-line
+/// "forbidden" saying which role to bind; the shipped hostvol-viewer role passes both checks (the
+/// played kubelet has nothing behind the port-forward, so the request then fails further on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_people_with_the_viewer_role_may_look() {
+    let cluster = Cluster::start().await;
+    cluster.add_node("node-a").await;
+    let a = cluster
+        .start_agent("node-a", &["--pod-name", "hostvol-node-a"])
+        .await;
+    cluster.register_agent_pod(&a).await;
+    cluster.apply_repo_manifest("deploy/user-roles.yaml");
+    let alice = cluster.person_kubeconfig("alice").await;
+    let capacity_as_alice = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hostvol"))
+            .args(["capacity", "--timeout", "3"])
+            .env("KUBECONFIG", &alice)
+            .env_remove("HOSTVOL_VIA")
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (code, out, err) = capacity_as_alice();
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("forbidden: you may not list the agent pods in hostvol-system")
+            && err.contains("hostvol-viewer")
+            // (kube's warning about the test kubeconfig's skipped TLS verification aside)
+            && err.lines().filter(|l| !l.contains("Server cert bypassed")).count() == 1,
+        "one line naming the role: {err}"
+    );
+
+    cluster.kubectl_ok(&[
+        "create",
+        "role",
+        "pod-reader",
+        "-n",
+        "hostvol-system",
+        "--verb",
+        "get,list",
+        "--resource",
+        "pods",
+    ]);
+    cluster.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "alice-pod-reader",
+        "-n",
+        "hostvol-system",
+        "--role",
+        "pod-reader",
+        "--serviceaccount",
+        "default:alice",
+    ]);
+    let (code, out, err) = capacity_as_alice();
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("forbidden: you may not port-forward to hostvol-node-a"),
+        "the agent's row says why: {out}{err}"
+    );
+
+    cluster.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "alice-hostvol-viewer",
+        "-n",
+        "hostvol-system",
+        "--clusterrole",
+        "hostvol-viewer",
+        "--serviceaccount",
+        "default:alice",
+    ]);
+    let (_, out, err) = capacity_as_alice();
+    assert!(
+        !out.contains("forbidden") && !err.contains("forbidden"),
+        "hostvol-viewer may list and port-forward: {out}{err}"
     );
 }

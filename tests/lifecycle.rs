@@ -198,6 +198,8 @@ fn hostvol_cli(cluster: &Cluster, args: &[&str], stdin: &str) -> (i32, String, S
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hostvol"))
         .args(args)
         .env("KUBECONFIG", cluster.admin_kubeconfig())
+        // Played-kubelet agents are host processes: no kubelet to port-forward through.
+        .env("HOSTVOL_VIA", "pod-ip")
         .env_remove("RUST_LOG")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

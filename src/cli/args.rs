@@ -71,6 +71,18 @@ pub struct ReportArgs {
     /// Seconds to wait for each agent.
     #[arg(long = "timeout", default_value_t = 5)]
     pub timeout_seconds: u64,
+
+    /// How to reach the agents found in the cluster: through the API server (`port-forward`, needs
+    /// `pods/portforward` in the agents' namespace), or straight to each pod's IP (`pod-ip`, only for
+    /// agents started with a reachable `--grpc-addr`).
+    #[arg(long, env = "HOSTVOL_VIA", value_enum, default_value_t = Via::PortForward)]
+    pub via: Via,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Via {
+    PortForward,
+    PodIp,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -146,8 +158,10 @@ pub struct AgentArgs {
     #[arg(long, env = "HOSTVOL_HTTP_ADDR", default_value = "0.0.0.0:9808")]
     pub http_addr: SocketAddr,
 
-    /// TCP address of the gRPC node service.
-    #[arg(long, env = "HOSTVOL_GRPC_ADDR", default_value = "0.0.0.0:9809")]
+    /// TCP address of the gRPC node service. Loopback by default: inside the agent's pod only, so
+    /// other pods cannot list volumes; people reach it through the API server (port-forward), where
+    /// Kubernetes RBAC decides who may look.
+    #[arg(long, env = "HOSTVOL_GRPC_ADDR", default_value = "127.0.0.1:9809")]
     pub grpc_addr: SocketAddr,
 
     /// Unix socket of the gRPC node service, for tools on the node.

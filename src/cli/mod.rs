@@ -2,6 +2,7 @@
 //! doctor, purge. Talks to agents over gRPC and to the API server; uses [`crate::service::grpc`],
 //! [`crate::controller`] constants and the layers below.
 
+pub mod agents;
 pub mod args;
 pub mod purge;
 pub mod report;

@@ -1,164 +1,16 @@
 //! `hostvol capacity` and `hostvol volumes`: reports for people, gathered from every agent's node service.
 
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
-use kube::{Client, ResourceExt};
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::cli::agents::{Target, targets};
 use crate::cli::args::{OutputFormat, ReportArgs, VolumesArgs};
 use crate::domain::quantity::format_bytes;
-use crate::service::grpc::v1::node_client::NodeClient;
 use crate::service::grpc::v1::{
     CapacityReport, GetCapacityRequest, ListOrphansRequest, ListOrphansResponse,
     ListVolumesRequest, LostVolume, Orphan, Volume,
 };
-
-/// Label selector of the agent pods shipped in deploy/daemonset.yaml.
-pub const AGENT_SELECTOR: &str = "app.kubernetes.io/name=hostvol,app.kubernetes.io/component=agent";
-const DEFAULT_GRPC_PORT: i32 = 9809;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Address {
-    Tcp(String),
-    Unix(PathBuf),
-}
-
-impl Address {
-    /// `unix:/path`, `unix:///path`, a path starting with `/`, or `host:port`.
-    pub fn parse(s: &str) -> Address {
-        if let Some(path) = s
-            .strip_prefix("unix://")
-            .or_else(|| s.strip_prefix("unix:"))
-        {
-            Address::Unix(PathBuf::from(path))
-        } else if s.starts_with('/') {
-            Address::Unix(PathBuf::from(s))
-        } else {
-            Address::Tcp(s.trim_start_matches("http://").to_string())
-        }
-    }
-}
-
-impl std::fmt::Display for Address {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Address::Tcp(a) => f.write_str(a),
-            Address::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
-
-/// One agent to ask: its node, and where it listens (or why it cannot be asked).
-#[derive(Debug, Clone)]
-pub struct Target {
-    pub node: String,
-    pub address: Result<Address, String>,
-}
-
-pub async fn connect(address: &Address, timeout: Duration) -> Result<NodeClient<Channel>, String> {
-    let channel = match address {
-        Address::Tcp(addr) => Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .connect()
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {}", root_cause(&e)))?,
-        Address::Unix(path) => {
-            let path = path.clone();
-            // The URI is ignored: the connector always dials the socket.
-            Endpoint::from_static("http://localhost")
-                .timeout(timeout)
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                            tokio::net::UnixStream::connect(path).await?,
-                        ))
-                    }
-                }))
-                .await
-                .map_err(|e| format!("cannot connect to {address}: {}", root_cause(&e)))?
-        }
-    };
-    Ok(NodeClient::new(channel))
-}
-
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = error;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    cause.to_string()
-}
-
-/// Finds the agents: one per agent pod of the DaemonSet, at the pod's IP and its `grpc` port.
-pub async fn discover(client: &Client, namespace: &str) -> Result<Vec<Target>, String> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let list = pods
-        .list(&ListParams::default().labels(AGENT_SELECTOR))
-        .await
-        .map_err(|e| format!("cannot list agent pods in {namespace}: {e}"))?;
-    let mut targets: Vec<Target> = list
-        .items
-        .iter()
-        .map(|pod| {
-            let spec = pod.spec.clone().unwrap_or_default();
-            let node = spec
-                .node_name
-                .clone()
-                .unwrap_or_else(|| format!("<unscheduled {}>", pod.name_any()));
-            let port = spec
-                .containers
-                .iter()
-                .flat_map(|c| c.ports.clone().unwrap_or_default())
-                .find(|p| p.name.as_deref() == Some("grpc"))
-                .map_or(DEFAULT_GRPC_PORT, |p| p.container_port);
-            let status = pod.status.clone().unwrap_or_default();
-            let address = match (status.phase.as_deref(), status.pod_ip) {
-                (Some("Running"), Some(ip)) if !ip.is_empty() => {
-                    Ok(Address::Tcp(if ip.contains(':') {
-                        format!("[{ip}]:{port}")
-                    } else {
-                        format!("{ip}:{port}")
-                    }))
-                }
-                (phase, _) => Err(format!(
-                    "agent pod {} is {}",
-                    pod.name_any(),
-                    phase.unwrap_or("Unknown")
-                )),
-            };
-            Target { node, address }
-        })
-        .collect();
-    targets.sort_by(|a, b| a.node.cmp(&b.node));
-    Ok(targets)
-}
-
-async fn targets(args: &ReportArgs) -> Result<Vec<Target>, String> {
-    if let Some(endpoint) = &args.endpoint {
-        return Ok(vec![Target {
-            node: String::new(),
-            address: Ok(Address::parse(endpoint)),
-        }]);
-    }
-    let client = Client::try_default()
-        .await
-        .map_err(|e| format!("cannot reach the cluster (check KUBECONFIG): {e}"))?;
-    let found = discover(&client, &args.namespace).await?;
-    if found.is_empty() {
-        return Err(format!(
-            "no hostvol agents found in namespace {} (label {AGENT_SELECTOR}); is hostvol deployed?",
-            args.namespace
-        ));
-    }
-    Ok(found)
-}
 
 /// A row of `hostvol capacity`: the report of a reachable agent or the reason it could not be asked.
 #[derive(Debug, Clone, Serialize)]
@@ -323,21 +175,14 @@ pub async fn capacity(args: &ReportArgs) -> Result<bool, String> {
     let targets = targets(args).await?;
     let timeout = Duration::from_secs(args.timeout_seconds.max(1));
     let asks = targets.iter().map(|target| async move {
-        let endpoint = target
-            .address
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default();
-        let result = match &target.address {
-            Ok(address) => match connect(address, timeout).await {
-                Ok(mut client) => client
-                    .get_capacity(GetCapacityRequest {})
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(|s| s.message().to_string()),
-                Err(e) => Err(e),
-            },
-            Err(reason) => Err(reason.clone()),
+        let endpoint = target.endpoint();
+        let result = match target.connect(timeout).await {
+            Ok(mut client) => client
+                .get_capacity(GetCapacityRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| s.message().to_string()),
+            Err(e) => Err(e),
         };
         match result {
             Ok(report) => CapacityRow {
@@ -463,22 +308,19 @@ pub async fn volumes(args: &VolumesArgs) -> Result<bool, String> {
     let mut rows = Vec::new();
     let mut failures = Vec::new();
     for target in &targets {
-        let answer = match &target.address {
-            Ok(address) => match connect(address, timeout).await {
-                Ok(mut client) => {
-                    let node = match client.get_capacity(GetCapacityRequest {}).await {
-                        Ok(r) => r.into_inner().node,
-                        Err(_) => target.node.clone(),
-                    };
-                    client
-                        .list_volumes(ListVolumesRequest {})
-                        .await
-                        .map(|r| (node, r.into_inner().volumes))
-                        .map_err(|s| s.message().to_string())
-                }
-                Err(e) => Err(e),
-            },
-            Err(reason) => Err(reason.clone()),
+        let answer = match target.connect(timeout).await {
+            Ok(mut client) => {
+                let node = match client.get_capacity(GetCapacityRequest {}).await {
+                    Ok(r) => r.into_inner().node,
+                    Err(_) => target.node.clone(),
+                };
+                client
+                    .list_volumes(ListVolumesRequest {})
+                    .await
+                    .map(|r| (node, r.into_inner().volumes))
+                    .map_err(|s| s.message().to_string())
+            }
+            Err(e) => Err(e),
         };
         match answer {
             Ok((node, volumes)) => rows.extend(
@@ -528,8 +370,7 @@ async fn ask_orphans(
     target: &Target,
     timeout: Duration,
 ) -> Result<(String, ListOrphansResponse), String> {
-    let address = target.address.as_ref().map_err(Clone::clone)?;
-    let mut client = connect(address, timeout).await?;
+    let mut client = target.connect(timeout).await?;
     let node = client
         .get_capacity(GetCapacityRequest {})
         .await
@@ -713,26 +554,6 @@ mod tests {
         );
         assert!(render_capacity(&rows, true).contains("10.0.0.3:9809"));
         assert!(render_capacity(&rows, true).contains("btrfs-qgroup"));
-    }
-
-    #[test]
-    fn endpoints_parse() {
-        assert_eq!(
-            Address::parse("127.0.0.1:9809"),
-            Address::Tcp("127.0.0.1:9809".into())
-        );
-        assert_eq!(
-            Address::parse("http://node:9809"),
-            Address::Tcp("node:9809".into())
-        );
-        assert_eq!(
-            Address::parse("unix:///run/hostvol/hostvol.sock"),
-            Address::Unix("/run/hostvol/hostvol.sock".into())
-        );
-        assert_eq!(
-            Address::parse("/run/hostvol/hostvol.sock"),
-            Address::Unix("/run/hostvol/hostvol.sock".into())
-        );
     }
 
     #[test]

@@ -509,6 +509,16 @@ impl Cluster {
             .expect("agent client")
     }
 
+    /// A kubeconfig for a person: ServiceAccount `default/<name>` (created here) with no roles
+    /// until the test binds some.
+    pub async fn person_kubeconfig(&self, name: &str) -> PathBuf {
+        self.kubectl_ok(&["create", "serviceaccount", "-n", "default", name]);
+        let token = self.service_account_token("default", name, 3600).await;
+        let path = self.path.join(format!("{name}.kubeconfig"));
+        write_kubeconfig(&path, &self.server, name, &token);
+        path
+    }
+
     // --- service account token (the agents' kubeconfig) ---------------------------------------
 
     /// A bound ServiceAccount token via the TokenRequest API.

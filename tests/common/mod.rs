@@ -56,6 +56,6 @@ pub use wait::{poll_until, wait_for};
 
 // The library items tests and benches use, named only here: when src/ moves a module, change these
 // lines and nothing else.
-pub use hostvol::cli::report::{Address, connect};
+pub use hostvol::cli::agents::{Address, connect};
 pub use hostvol::node::usage;
 pub use hostvol::service::grpc::v1 as grpc;
