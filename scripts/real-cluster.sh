@@ -4,6 +4,8 @@
 #
 #   scripts/real-cluster.sh up DIR [NODES]      # NODES defaults to 2; prints DIR/env on its last line
 #   scripts/real-cluster.sh import DIR ARCHIVE  # imports an OCI archive into every node's containerd
+#   scripts/real-cluster.sh restart-node DIR I  # node I goes down hard (kubelet, containerd, every
+#                                               # container) and comes back, as after a power cut
 #   scripts/real-cluster.sh down DIR            # stops and removes everything `up` made
 #
 # Then:  ip netns exec "$NETNS" kubectl --kubeconfig DIR/admin.kubeconfig get nodes   (NETNS from DIR/env)
@@ -520,11 +522,19 @@ import)
   NODES=$(cat "$DIR/nodes-count")
   import "${3:?OCI archive}"
   ;;
+restart-node)
+  NODES=$(cat "$DIR/nodes-count")
+  I=${3:?node number}
+  stop_node "$I"
+  start_node "$I"
+  wait_until "$(node_name "$I") back" 120 alive "$(node_name "$I")"
+  log "$(node_name "$I") restarted"
+  ;;
 _node) # internal: the node's process, started by `up` in a new mount namespace
   NODES=$4
   IMAGES_DIR=$(images_dir)
   mkdir -p "$PIDS" "$LOGS"
   node_inner "$3"
   ;;
-*) die "usage: real-cluster.sh up|down|import DIR ..." ;;
+*) die "usage: real-cluster.sh up|down|import|restart-node DIR ..." ;;
 esac
