@@ -41,9 +41,15 @@ echo 'nginx stand-in (busybox httpd)' >"$work/nginx/usr/share/nginx/html/index.h
 # busybox has no bash applet; scripts written for bash -c one-liners run fine under sh
 printf '#!/bin/sh\nexec /bin/sh "$@"\n' >"$work/nginx/bin/bash"
 chmod 0755 "$work/nginx/bin/bash"
+# Like nginx, stop at once on SIGTERM (httpd as PID 1 would ignore it and hold every pod deletion for the
+# whole grace period).
+mkdir -p "$work/nginx/usr/sbin"
+printf '#!/bin/sh\ntrap "exit 0" TERM INT QUIT\nhttpd -f -p 80 -h /usr/share/nginx/html &\nwait\n' \
+  >"$work/nginx/usr/sbin/nginx"
+chmod 0755 "$work/nginx/usr/sbin/nginx"
 for tag in latest 1.27; do
-  image "$work/nginx" "docker.io/library/nginx:$tag" "$work/nginx-$tag.oci.tar" --env PATH=/bin --port 80/tcp \
-    --cmd '["httpd", "-f", "-p", "80", "-h", "/usr/share/nginx/html"]'
+  image "$work/nginx" "docker.io/library/nginx:$tag" "$work/nginx-$tag.oci.tar" --port 80/tcp \
+    --env PATH=/usr/sbin:/bin --cmd '["nginx"]'
 done
 
 mv "$work"/*.oci.tar "$OUT"/

@@ -69,5 +69,9 @@ if have_images; then
 else
   log "making node images in $IMAGES_DIR"
   "$HERE/node-images.sh" "$IMAGES_DIR" "$K8S_TREE"
+  # images of an older key: clusters import them only at start, and new ones start with the new key
+  for old in "$CACHE_ROOT"/images-*; do
+    [[ $old == "$IMAGES_DIR" || ! -d $old ]] || rm -rf "$old"
+  done
 fi
 echo "$IMAGES_DIR"

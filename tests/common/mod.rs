@@ -23,6 +23,9 @@
 //! * `inspect.rs`: reading state for assertions: Events, hostvol's PVs, CSIStorageCapacity objects,
 //!   metrics, directories in a data root.
 //! * `kubelet.rs` (the played kubelet), `process.rs` (child processes), `http.rs` (plain GET).
+//! * `real_cluster.rs`: `RealCluster`, a cluster of real nodes (kubelet + containerd each) from
+//!   `scripts/real-cluster.sh`, with hostvol installed from `deploy/` and the image of
+//!   `scripts/build-image.sh`; or the cluster of `HOSTVOL_E2E_KUBECONFIG`.
 //!
 //! Benches add `benches/support/mod.rs` (figures and bench setup) on top of this.
 #![allow(dead_code, unused_imports)]
@@ -38,6 +41,7 @@ pub mod kubelet;
 pub mod loop_btrfs;
 mod nodes;
 pub mod process;
+mod real_cluster;
 mod wait;
 
 pub use agent::{AGENT_READY_TIMEOUT, Agent, capacity_report};
@@ -52,6 +56,10 @@ pub use inspect::{
     to_yaml_ish,
 };
 pub use kubelet::FakeKubelet;
+pub use real_cluster::{
+    EXTERNAL_KUBECONFIG_ENV, IMAGE_BUILD, IMAGE_REPOSITORY, PortForward, REAL_NODES_SETUP,
+    RealCluster, RealNode, image_archive, image_tag,
+};
 pub use wait::{poll_until, wait_for};
 
 // The library items tests and benches use, named only here: when src/ moves a module, change these

@@ -1,0 +1,324 @@
+//! Scenarios on real nodes (issue 8): real kubelets and containerd, hostvol installed from `deploy/` with
+//! the image of `scripts/build-image.sh`, as a user runs it. Each test starts its own cluster
+//! (`common::RealCluster`; two side by side fit these 2-core machines) or uses the cluster of
+//! `HOSTVOL_E2E_KUBECONFIG`, and prints the figures it observed.
+//!
+//! Needs root, `scripts/setup-real-nodes.sh` and `scripts/build-image.sh` (scripts/test.sh runs both).
+
+mod common;
+
+use common::{AGENT_NAMESPACE, RealCluster, http, wait_for};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::ResourceExt;
+use kube::api::{Api, DynamicObject, ListParams};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const WALKTHROUGH: &str = "deploy/examples/walkthrough";
+
+fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.status.as_ref().is_some_and(|s| {
+        s.phase.as_deref() == Some("Running")
+            && s.conditions
+                .as_ref()
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    })
+}
+
+fn node_of(p: &Pod) -> String {
+    p.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
+}
+
+/// Scenario 1, Install: the DaemonSet Ready on every node, each agent publishing its node's capacity,
+/// /readyz and /metrics answering on each agent pod's own address.
+#[test]
+fn install() {
+    let t_test = Instant::now();
+    let rc = RealCluster::start(2);
+    rc.block_on(async {
+        let ds_ready = rc.install_hostvol();
+        let client = rc.client().await;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
+        let agents = pods
+            .list(&ListParams::default().labels("app.kubernetes.io/name=hostvol"))
+            .await
+            .unwrap()
+            .items;
+        let mut on: Vec<String> = agents.iter().filter(|p| is_ready(p)).map(node_of).collect();
+        on.sort();
+        let mut want: Vec<String> = rc.nodes().iter().map(|n| n.name.clone()).collect();
+        want.sort();
+        assert_eq!(on, want, "one Ready agent pod per node\n{}", rc.diag());
+
+        // CSIStorageCapacity (storage.k8s.io/v1alpha1 on 1.20): one per node for class hostvol.
+        let t = Instant::now();
+        let caps: Api<DynamicObject> = Api::namespaced_with(
+            client.clone(),
+            AGENT_NAMESPACE,
+            &kube::discovery::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+                "storage.k8s.io",
+                "v1alpha1",
+                "CSIStorageCapacity",
+            )),
+        );
+        let published = |items: &[DynamicObject], node: &str| {
+            items.iter().any(|c| {
+                c.data["storageClassName"] == "hostvol"
+                    && c.data["nodeTopology"]["matchLabels"]["kubernetes.io/hostname"] == node
+                    && c.data["capacity"].is_string()
+            })
+        };
+        wait_for(
+            || async {
+                let items = caps
+                    .list(&ListParams::default())
+                    .await
+                    .map(|l| l.items)
+                    .unwrap_or_default();
+                rc.nodes().iter().all(|n| published(&items, &n.name))
+            },
+            Duration::from_secs(60),
+            "a CSIStorageCapacity of class hostvol for every node",
+        )
+        .await;
+        let t_caps = t.elapsed();
+        for c in caps.list(&ListParams::default()).await.unwrap().items {
+            eprintln!(
+                "[real] CSIStorageCapacity {}: node {} capacity {}",
+                c.name_any(),
+                c.data["nodeTopology"]["matchLabels"]["kubernetes.io/hostname"],
+                c.data["capacity"]
+            );
+        }
+
+        // The kubelet's probes and Prometheus reach the agent on its pod IP, port 9808.
+        for p in &agents {
+            let node = node_of(p);
+            if rc.is_external() {
+                continue; // pod IPs of an external cluster are not routed here
+            }
+            let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap();
+            let addr: SocketAddr = format!("{ip}:9808").parse().unwrap();
+            let (code, body) = http::get(addr, "/readyz").await.unwrap();
+            assert_eq!(code, 200, "GET http://{addr}/readyz on {node}: {body}");
+            let (code, metrics) = http::get(addr, "/metrics").await.unwrap();
+            assert_eq!(code, 200, "GET http://{addr}/metrics on {node}");
+            assert!(
+                metrics.lines().any(|l| l.starts_with("hostvol_")),
+                "no hostvol_ metrics from {addr}:\n{metrics}"
+            );
+            eprintln!(
+                "[real] agent {} on {node} ({addr}): /readyz 200, /metrics {} samples, {} hostvol_* families",
+                p.name_any(),
+                metrics.lines().filter(|l| !l.starts_with('#')).count(),
+                metrics
+                    .lines()
+                    .filter(|l| l.starts_with("# TYPE hostvol_"))
+                    .count()
+            );
+        }
+        eprintln!(
+            "[real] figures: cluster up {}, DaemonSet Ready {} after apply, capacity published {} after that",
+            secs(rc.up_time),
+            secs(ds_ready),
+            secs(t_caps)
+        );
+    });
+    drop(rc);
+    eprintln!("[real] install: {} in all", secs(t_test.elapsed()));
+}
+
+/// Scenario 2, the seed walkthrough verbatim: its three manifests applied unchanged with hostvol as the
+/// default class; a file written with `kubectl exec`, served over HTTP through `kubectl port-forward`,
+/// still served after the pod is deleted and comes back; the clean-up commands; with Retain every
+/// directory and file stays on the node.
+#[test]
+fn walkthrough() {
+    let t_test = Instant::now();
+    let rc = RealCluster::start(2);
+    rc.block_on(async {
+        let ds_ready = rc.install_hostvol();
+        let client = rc.client().await;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+        let pvs: Api<PersistentVolume> = Api::all(client.clone());
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(WALKTHROUGH);
+        let manifest = |f: &str| dir.join(f).to_str().unwrap().to_string();
+
+        rc.make_default_class("hostvol");
+        let t0 = Instant::now();
+        for f in ["nginx-pv.yaml", "nginx-pvc.yaml", "nginx-statefulset.yaml"] {
+            rc.kubectl_ok(&["apply", "-f", &manifest(f)]);
+        }
+        let replicas = ["nginx-statefulset-0", "nginx-statefulset-1", "nginx-statefulset-2"];
+        wait_for(
+            || async {
+                let mut ready = 0;
+                for r in replicas {
+                    if pods.get_opt(r).await.ok().flatten().is_some_and(|p| is_ready(&p)) {
+                        ready += 1;
+                    }
+                }
+                ready == replicas.len()
+            },
+            Duration::from_secs(180),
+            "3 nginx-statefulset pods Running and Ready",
+        )
+        .await;
+        let t_sts = t0.elapsed();
+        let mut placed = Vec::new();
+        for r in replicas {
+            let p = pods.get(r).await.unwrap();
+            let claim = claims.get(&format!("nginx-storage-{r}")).await.unwrap();
+            let spec = claim.spec.unwrap();
+            assert_eq!(spec.storage_class_name.as_deref(), Some("hostvol"), "{r}'s claim");
+            let pv = spec.volume_name.unwrap();
+            placed.push((r, node_of(&p), pv));
+        }
+        for (r, node, pv) in &placed {
+            eprintln!("[real] {r} on {node}, volume {pv}");
+        }
+
+        // The claim with no class took the default class: hostvol holds it for its first consumer
+        // (there is none), and the static volume stays Available for a claim that asks for it.
+        let nginx_pvc = claims.get("nginx-pvc").await.unwrap();
+        let class = nginx_pvc.spec.as_ref().unwrap().storage_class_name.clone();
+        let phase = nginx_pvc.status.as_ref().and_then(|s| s.phase.clone());
+        let static_phase = pvs
+            .get("nginx-pv")
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.phase);
+        eprintln!(
+            "[real] nginx-pvc: class {class:?}, {phase:?} (waits for a first pod); nginx-pv: {static_phase:?}"
+        );
+        assert_eq!(class.as_deref(), Some("hostvol"));
+        assert_eq!(phase.as_deref(), Some("Pending"));
+        assert_eq!(static_phase.as_deref(), Some("Available"));
+
+        // Verbatim from the walkthrough.
+        let page = "Hello from nginx-statefulset-0";
+        let t = Instant::now();
+        rc.kubectl_ok(&[
+            "exec",
+            "nginx-statefulset-0",
+            "--",
+            "/bin/bash",
+            "-c",
+            "echo \"Hello from nginx-statefulset-0\" > /usr/share/nginx/html/index.html",
+        ]);
+        let t_exec = t.elapsed();
+        let t = Instant::now();
+        let served = get_page(&rc, "pod/nginx-statefulset-0").await;
+        let t_http = t.elapsed();
+        assert_eq!(served.trim(), page, "page served through port-forward");
+        let (_, node0, pv0) = placed[0].clone();
+        let dir0 = rc
+            .node_data_ls(&node0, "")
+            .into_iter()
+            .find(|d| d.starts_with(&pv0))
+            .unwrap_or_else(|| panic!("no directory of {pv0} in {node0}'s /mnt/data"));
+        assert_eq!(
+            rc.node_data_read(&node0, &format!("{dir0}/index.html"))
+                .as_deref()
+                .map(str::trim),
+            Some(page),
+            "the page in {node0}'s /mnt/data/{dir0}"
+        );
+
+        let old_uid = pods.get("nginx-statefulset-0").await.unwrap().uid();
+        let t = Instant::now();
+        rc.kubectl_ok(&["delete", "pod", "nginx-statefulset-0"]);
+        let t_delete = t.elapsed();
+        wait_for(
+            || async {
+                pods.get_opt("nginx-statefulset-0")
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|p| p.uid() != old_uid && is_ready(&p))
+            },
+            Duration::from_secs(120),
+            "nginx-statefulset-0 back, Running and Ready",
+        )
+        .await;
+        let t_back = t.elapsed();
+        let again = pods.get("nginx-statefulset-0").await.unwrap();
+        assert_eq!(node_of(&again), node0, "nginx-statefulset-0 back on its node");
+        let claim0 = claims.get("nginx-storage-nginx-statefulset-0").await.unwrap();
+        assert_eq!(claim0.spec.unwrap().volume_name.as_deref(), Some(pv0.as_str()));
+        let served = get_page(&rc, "pod/nginx-statefulset-0").await;
+        assert_eq!(served.trim(), page, "page served by the new pod");
+
+        // The walkthrough's clean-up.
+        let t = Instant::now();
+        rc.kubectl_ok(&["delete", "-f", &manifest("nginx-statefulset.yaml")]);
+        rc.kubectl_ok(&["delete", "pvc", "nginx-pvc", "nginx-storage-nginx-statefulset-0",
+            "nginx-storage-nginx-statefulset-1", "nginx-storage-nginx-statefulset-2"]);
+        let mut released: Vec<&str> = placed.iter().map(|(_, _, pv)| pv.as_str()).collect();
+        released.push("nginx-pv");
+        let mut args = vec!["delete", "pv"];
+        args.extend(&released);
+        rc.kubectl_ok(&args);
+        let t_cleanup = t.elapsed();
+        wait_for(
+            || async {
+                pvs.list(&ListParams::default())
+                    .await
+                    .is_ok_and(|l| l.items.is_empty())
+            },
+            Duration::from_secs(60),
+            "every PV gone",
+        )
+        .await;
+
+        // Retain: every directory, and the page, still on its node.
+        for (r, node, pv) in &placed {
+            let ls = rc.node_data_ls(node, "");
+            assert!(
+                ls.iter().any(|d| d.starts_with(pv.as_str())),
+                "{r}'s directory {pv}_* gone from {node}'s /mnt/data: {ls:?}"
+            );
+        }
+        assert_eq!(
+            rc.node_data_read(&node0, &format!("{dir0}/index.html"))
+                .as_deref()
+                .map(str::trim),
+            Some(page),
+            "the page after clean-up"
+        );
+        eprintln!(
+            "[real] figures: cluster up {}, DaemonSet Ready {}, StatefulSet 3/3 Ready {} after apply, \
+             exec {}, first page over port-forward {}, pod delete {} + back Ready {}, clean-up {}",
+            secs(rc.up_time),
+            secs(ds_ready),
+            secs(t_sts),
+            secs(t_exec),
+            secs(t_http),
+            secs(t_delete),
+            secs(t_back),
+            secs(t_cleanup)
+        );
+    });
+    drop(rc);
+    eprintln!("[real] walkthrough: {} in all", secs(t_test.elapsed()));
+}
+
+/// GET / through `kubectl port-forward TARGET :80`.
+async fn get_page(rc: &RealCluster, target: &str) -> String {
+    let pf = rc.port_forward(target, 80);
+    let (code, body) = http::get(pf.local, "/")
+        .await
+        .unwrap_or_else(|e| panic!("GET / through port-forward to {target}: {e}"));
+    assert_eq!(code, 200, "GET / through port-forward to {target}: {body}");
+    body
+}
