@@ -8,16 +8,18 @@
 # kubectl-hostvol linked to it, entrypoint hostvol, command `agent`, on a distroless-like base made here
 # (the shared libraries `ldd` lists, the CA bundle, /etc/passwd with root and nonroot).
 #
-# Loading it:
-#   ctr -n k8s.io images import target/image/hostvol-TAG.oci.tar      verified here (containerd 1.6, also
-#                                                     with kind's flags --all-platforms --digests)
-#   kind load image-archive target/image/hostvol-TAG.oci.tar   kind runs that same `ctr images import` on
-#                                                     each node; not run here (no Docker on these machines)
-#   minikube image load target/image/hostvol-TAG.oci.tar        not verified; with the containerd runtime it
-#                                                     imports with ctr as above
-#   docker load -i target/image/hostvol-TAG.oci.tar  Docker >= 25 loads OCI archives; older versions need a
-#                                                     docker-archive (`skopeo copy oci-archive:X
-#                                                     docker-archive:Y:ghcr.io/hostvol/hostvol:TAG`); not verified
+# Loading it (checked on containerd 1.6 here; Docker, kind and minikube are not on these machines):
+#   ctr -n k8s.io images import target/image/hostvol-TAG.oci.tar
+#       verified (tests/real_nodes.rs does it on every node), also with --all-platforms --digests
+#   kind load image-archive target/image/hostvol-TAG.oci.tar
+#       kind pipes the archive to `ctr --namespace=k8s.io images import` on each node (newer releases
+#       add --all-platforms --digests --snapshotter); not run here
+#   minikube image load target/image/hostvol-TAG.oci.tar
+#       not run here; with the containerd runtime it imports as ctr does
+#   docker load -i target/image/hostvol-TAG.oci.tar
+#       Docker 25 and later load OCI archives; older ones need a docker-archive, which
+#       `skopeo copy oci-archive:target/image/hostvol-TAG.oci.tar docker-archive:hostvol.tar:ghcr.io/hostvol/hostvol:TAG`
+#       makes (checked: the archive is written with that tag; not loaded into a Docker here)
 # The DaemonSet pulls ghcr.io/hostvol/hostvol with IfNotPresent, so an imported image is used as is.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -108,7 +108,6 @@ check_parts() {
 }
 
 host_setup() {
-  local i
   mkdir -p "$SHARED/up"
   exec 8>"$SHARED/lock"
   flock 8
@@ -117,6 +116,8 @@ host_setup() {
   if [[ -z $(ls -A "$SHARED/up") ]]; then
     for s in $SYSCTLS; do echo "$s=$(sysctl -n "$s")"; done >"$SHARED/sysctl.orig"
   fi
+  # The namespace before the marker, both under the lock: a marker without its namespace is stale.
+  ip netns add "$NETNS"
   touch "$SHARED/up/$NETNS"
   for m in $NODE_MOUNTS; do
     [[ -d $m ]] || { mkdir -p "$m" && echo "$m" >>"$SHARED/created-dirs"; }
@@ -376,6 +377,7 @@ node_ready() { # I
 default_sa_ready() { [[ -n $(kc get sa default -o jsonpath='{.secrets}') ]]; }
 
 up() {
+  local i
   [[ $(id -u) == 0 ]] || die "needs root"
   check_parts
   [[ ! -e /run/netns/$NETNS ]] || die "$NETNS exists: a cluster in $DIR is up (real-cluster.sh down $DIR)"
@@ -384,7 +386,6 @@ up() {
   mkdir -p "$PIDS" "$LOGS"
   echo "$NODES" >"$DIR/nodes-count"
   host_setup
-  ip netns add "$NETNS"
   ip -n "$NETNS" link set lo up
   ip -n "$NETNS" addr add "$API_IP/32" dev lo
   for ((i = 1; i <= NODES; i++)); do ip -n "$NETNS" addr add "$(node_ip $i)/32" dev lo; done

@@ -326,6 +326,17 @@ impl RealCluster {
                         archive.display()
                     );
                 }
+                // The archive is what runs: say how old it is (scripts/build-image.sh remakes it).
+                let age = fs::metadata(&archive)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .unwrap_or_default();
+                eprintln!(
+                    "[real] hostvol image {} (built {} min ago by {IMAGE_BUILD})",
+                    archive.display(),
+                    age.as_secs() / 60
+                );
                 let t = Instant::now();
                 let out = script(
                     &[
@@ -343,8 +354,7 @@ impl RealCluster {
                     process::tail(&self.path.join("import.log"), 20)
                 );
                 eprintln!(
-                    "[real] {} imported into {} nodes in {:.1} s",
-                    archive.display(),
+                    "[real] imported into {} nodes in {:.1} s",
                     self.nodes.len(),
                     t.elapsed().as_secs_f64()
                 );
