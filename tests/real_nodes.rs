@@ -99,31 +99,34 @@ fn install() {
             );
         }
 
-        // The kubelet's probes and Prometheus reach the agent on its pod IP, port 9808.
+        // The kubelet's probes and Prometheus reach the agent on its pod IP, port 9808; people reach
+        // it through the API server's pod proxy. (An external cluster's pod IPs are not routed here.)
         for p in &agents {
-            let node = node_of(p);
-            if rc.is_external() {
-                continue; // pod IPs of an external cluster are not routed here
-            }
+            let (node, name) = (node_of(p), p.name_any());
             let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap();
             let addr: SocketAddr = format!("{ip}:9808").parse().unwrap();
-            let (code, body) = http::get(addr, "/readyz").await.unwrap();
-            assert_eq!(code, 200, "GET http://{addr}/readyz on {node}: {body}");
-            let (code, metrics) = http::get(addr, "/metrics").await.unwrap();
-            assert_eq!(code, 200, "GET http://{addr}/metrics on {node}");
-            assert!(
-                metrics.lines().any(|l| l.starts_with("hostvol_")),
-                "no hostvol_ metrics from {addr}:\n{metrics}"
-            );
-            eprintln!(
-                "[real] agent {} on {node} ({addr}): /readyz 200, /metrics {} samples, {} hostvol_* families",
-                p.name_any(),
-                metrics.lines().filter(|l| !l.starts_with('#')).count(),
-                metrics
-                    .lines()
-                    .filter(|l| l.starts_with("# TYPE hostvol_"))
-                    .count()
-            );
+            let mut answers = vec![("proxy", proxy_get(&rc, &name, "/readyz"), proxy_get(&rc, &name, "/metrics"))];
+            if !rc.is_external() {
+                let get = |path| async move {
+                    http::get(addr, path)
+                        .await
+                        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+                };
+                answers.push(("pod IP", get("/readyz").await, get("/metrics").await));
+            }
+            for (how, (code, body), (mcode, metrics)) in answers {
+                assert_eq!(code, 200, "GET /readyz by {how} of {name} on {node} ({addr}): {body}");
+                assert_eq!(mcode, 200, "GET /metrics by {how} of {name} on {node} ({addr})");
+                assert!(
+                    metrics.lines().any(|l| l.starts_with("hostvol_")),
+                    "no hostvol_ metrics by {how} from {name} on {node}:\n{metrics}"
+                );
+                eprintln!(
+                    "[real] agent {name} on {node} ({addr}) by {how}: /readyz {code} {:?}, /metrics {} samples",
+                    body.trim(),
+                    metrics.lines().filter(|l| !l.starts_with('#')).count(),
+                );
+            }
         }
         eprintln!(
             "[real] figures: cluster up {}, DaemonSet Ready {} after apply, capacity published {} after that",
@@ -262,12 +265,13 @@ fn walkthrough() {
         // The walkthrough's clean-up.
         let t = Instant::now();
         rc.kubectl_ok(&["delete", "-f", &manifest("nginx-statefulset.yaml")]);
-        rc.kubectl_ok(&["delete", "pvc", "nginx-pvc", "nginx-storage-nginx-statefulset-0",
-            "nginx-storage-nginx-statefulset-1", "nginx-storage-nginx-statefulset-2"]);
-        let mut released: Vec<&str> = placed.iter().map(|(_, _, pv)| pv.as_str()).collect();
-        released.push("nginx-pv");
+        // the StatefulSet's claims carry its selector's labels
+        rc.kubectl_ok(&["delete", "pvc", "-l", "app=nginx"]);
+        rc.kubectl_ok(&["delete", "-f", &manifest("nginx-pvc.yaml")]);
+        rc.kubectl_ok(&["delete", "-f", &manifest("nginx-pv.yaml")]);
+        // Retain: the provisioned volumes are Released, and deleting them is the user's call
         let mut args = vec!["delete", "pv"];
-        args.extend(&released);
+        args.extend(placed.iter().map(|(_, _, pv)| pv.as_str()));
         rc.kubectl_ok(&args);
         let t_cleanup = t.elapsed();
         wait_for(
@@ -311,6 +315,21 @@ fn walkthrough() {
     });
     drop(rc);
     eprintln!("[real] walkthrough: {} in all", secs(t_test.elapsed()));
+}
+
+/// GET `path` of agent pod `pod` on port 9808 through the API server's pod proxy: (200, body) or
+/// (0, kubectl's error).
+fn proxy_get(rc: &RealCluster, pod: &str, path: &str) -> (u16, String) {
+    let out = rc.kubectl(&[
+        "get",
+        "--raw",
+        &format!("/api/v1/namespaces/{AGENT_NAMESPACE}/pods/{pod}:9808/proxy{path}"),
+    ]);
+    if out.status.success() {
+        (200, String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        (0, String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }
 
 /// GET / through `kubectl port-forward TARGET :80`.
