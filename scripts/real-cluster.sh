@@ -115,6 +115,8 @@ host_setup() {
   for m in "$SHARED"/up/*; do [[ -e $m && ! -e /run/netns/${m##*/} ]] && rm -f "$m"; done
   if [[ -z $(ls -A "$SHARED/up") ]]; then
     for s in $SYSCTLS; do echo "$s=$(sysctl -n "$s")"; done >"$SHARED/sysctl.orig"
+    # `ip netns add` bind-mounts /run/netns over itself the first time: undone by the last one down
+    mountpoint -q /run/netns || touch "$SHARED/netns-mount"
   fi
   # The namespace before the marker, both under the lock: a marker without its namespace is stale.
   ip netns add "$NETNS"
@@ -465,6 +467,9 @@ host_teardown() {
   if [[ -n $(ls -A "$SHARED/up") ]]; then
     log "other clusters up ($(ls "$SHARED/up" | tr '\n' ' ')): the host's sysctls and mount points stay for the last one"
     return 0
+  fi
+  if [[ -f $SHARED/netns-mount && -z $(ls -A /run/netns 2>/dev/null) ]]; then
+    umount /run/netns && rm -f "$SHARED/netns-mount"
   fi
   if [[ -f $SHARED/sysctl.orig ]]; then
     while IFS== read -r k v; do [[ $(sysctl -n "$k") == "$v" ]] || sysctl -qw "$k=$v"; done <"$SHARED/sysctl.orig"
