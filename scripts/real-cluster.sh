@@ -98,7 +98,7 @@ check_parts() {
   for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do
     [[ -x $K8S_BIN/$b ]] || missing+=("$K8S_BIN/$b")
   done
-  for c in etcd containerd runc ctr skopeo docker-registry iptables conntrack nsenter unshare openssl kubectl; do
+  for c in etcd containerd runc ctr skopeo docker-registry iptables conntrack nsenter unshare openssl curl kubectl; do
     command -v "$c" >/dev/null || missing+=("$c")
   done
   [[ -x /usr/lib/cni/bridge ]] || missing+=(/usr/lib/cni/bridge)
@@ -114,7 +114,9 @@ host_setup() {
   # Markers of clusters whose namespace is gone (killed without `down`) do not hold the host state.
   for m in "$SHARED"/up/*; do [[ -e $m && ! -e /run/netns/${m##*/} ]] && rm -f "$m"; done
   if [[ -z $(ls -A "$SHARED/up") ]]; then
-    for s in $SYSCTLS; do echo "$s=$(sysctl -n "$s")"; done >"$SHARED/sysctl.orig"
+    # (a file left by a cluster that never came down holds the host's values; now they are the kubelet's)
+    [[ -f $SHARED/sysctl.orig ]] ||
+      for s in $SYSCTLS; do echo "$s=$(sysctl -n "$s")"; done >"$SHARED/sysctl.orig"
     # `ip netns add` bind-mounts /run/netns over itself the first time: undone by the last one down
     mountpoint -q /run/netns || touch "$SHARED/netns-mount"
   fi

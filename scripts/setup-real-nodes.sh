@@ -24,7 +24,7 @@ exec 9>"$CACHE_ROOT/setup-real-nodes.lock"
 flock 9
 
 packages=(containerd runc containernetworking-plugins iptables conntrack docker-registry skopeo
-          busybox-static gcc libc6-dev)
+          busybox-static gcc libc6-dev curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f '${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")

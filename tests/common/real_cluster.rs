@@ -6,7 +6,9 @@
 //! afterwards (the kube client, `kubectl`, plain HTTP to pod IPs) reaches the cluster's addresses, which
 //! exist nowhere else. Run the test's async code with `RealCluster::block_on` (a runtime built on this
 //! thread, after the switch). `Drop` switches back and tears the cluster down (`real-cluster.sh down`);
-//! the directory with the logs is kept when the test panics or `HOSTVOL_E2E_KEEP=1`.
+//! the directory with the logs is kept when the test panics or `HOSTVOL_E2E_KEEP=1`. The cluster's
+//! processes are the script's, not the test's children: a test process killed before its `Drop` leaves
+//! them running until the next `RealCluster::start` takes down clusters whose test process is gone.
 //!
 //! With `HOSTVOL_E2E_KUBECONFIG=<kubeconfig>` the scenarios run against that cluster instead (e.g. kind
 //! with hostvol installed from `deploy/`, the image loaded with `kind load image-archive`): nothing is
