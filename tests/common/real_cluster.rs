@@ -507,12 +507,10 @@ impl Drop for RealCluster {
                 }
             );
         }
-        if keep {
-            if let Some(dir) = self.dir.take() {
-                let dir = dir.keep();
-                process::touch(&dir.join(process::KEPT_FILE));
-                eprintln!("[real] kept {}", dir.display());
-            }
+        if keep && let Some(dir) = self.dir.take() {
+            let dir = dir.keep();
+            process::touch(&dir.join(process::KEPT_FILE));
+            eprintln!("[real] kept {}", dir.display());
         }
     }
 }
