@@ -5,7 +5,9 @@
 //! The test thread joins the cluster's network namespace (`setns`), so everything it does or starts
 //! afterwards (the kube client, `kubectl`, plain HTTP to pod IPs) reaches the cluster's addresses, which
 //! exist nowhere else. Run the test's async code with `RealCluster::block_on` (a runtime built on this
-//! thread, after the switch). `Drop` switches back and tears the cluster down (`real-cluster.sh down`);
+//! thread, after the switch); threads and processes started from it are in the namespace too, so keep
+//! the played-kubelet `Cluster` (whose spawner thread lives as long as the process) off such a thread.
+//! `Drop` switches back and tears the cluster down (`real-cluster.sh down`);
 //! the directory with the logs is kept when the test panics or `HOSTVOL_E2E_KEEP=1`. The cluster's
 //! processes are the script's, not the test's children: a test process killed before its `Drop` leaves
 //! them running until the next `RealCluster::start` takes down clusters whose test process is gone.
