@@ -15,8 +15,8 @@ use crate::controller::capacity::NodeFigures;
 use crate::controller::context::{Context, Settings};
 use crate::controller::metrics::Metrics;
 use crate::controller::{
-    capacity, config_map, limits, node_loss, orphan_report, storage_capacity, usage_refresh,
-    watches,
+    api_health, capacity, config_map, limits, node_loss, orphan_report, storage_capacity,
+    usage_refresh, watches,
 };
 use crate::domain::params::DEFAULT_ROOT;
 use crate::node::roots::{Root, RootSet, RootSpec};
@@ -108,7 +108,7 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
         metrics,
         shutdown.clone(),
     ));
-    let (usage, figures) = spawn_background_tasks(&args, &ctx, client, source, &shutdown);
+    let (usage, figures) = spawn_background_tasks(&args, &ctx, client.clone(), source, &shutdown);
     let grpc_task = tokio::spawn(node_service::serve(
         grpc_listeners,
         ctx,
@@ -116,12 +116,17 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
         figures,
         shutdown.clone(),
     ));
-    let readiness = tokio::spawn(async move {
-        if watches.wait_until_ready().await {
-            ready.store(true, Ordering::Release);
-            info!("watches synced; ready");
-        } else {
-            warn!("a watch ended before syncing");
+    let readiness = tokio::spawn({
+        let (client, node, shutdown) = (client.clone(), args.node_name.clone(), shutdown.clone());
+        async move {
+            if watches.wait_until_ready().await {
+                ready.store(true, Ordering::Release);
+                info!("watches synced; ready");
+                // From now on ready only while the API server answers.
+                api_health::track(client, node, ready, shutdown).await;
+            } else {
+                warn!("a watch ended before syncing");
+            }
         }
     });
 

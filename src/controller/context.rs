@@ -155,22 +155,13 @@ impl Context {
         let Some(capacities) = &self.capacities else {
             return Vec::new();
         };
+        // Published figures for every node, ours included: all agents must decide from the same
+        // view, or each may think another node wins and nobody acts. Provisioning re-checks the
+        // live figure and hands the claim back if it no longer fits.
         let mut candidates: Vec<Candidate> = capacities
             .state()
             .iter()
-            .filter(|o| o.data.get("storageClassName").and_then(|v| v.as_str()) == Some(class))
-            .filter_map(|o| {
-                let node = o.annotations().get(pv::ANN_NODE)?.clone();
-                // Published figures for every node, ours included: all agents must decide from the same
-                // view, or each may think another node wins and nobody acts. Provisioning re-checks the
-                // live figure and hands the claim back if it no longer fits.
-                let allocatable = quantity::parse_bytes(o.data.get("capacity")?.as_str()?).ok()?;
-                Some(Candidate {
-                    node,
-                    allocatable,
-                    pending: 0,
-                })
-            })
+            .filter_map(|o| published_candidate(o, class))
             .collect();
         for claim in self.claims.state() {
             let a = claim.annotations();
@@ -250,4 +241,20 @@ impl Context {
     pub fn reset_backoff(&self, key: &str) {
         self.failures.lock().expect("lock poisoned").remove(key);
     }
+}
+
+/// A node's room for `class` from a CSIStorageCapacity another agent (or this one) published: its
+/// node annotation and `capacity`. None when the object is for another class or its figures are
+/// missing or malformed (anyone with write access could publish one), so it is simply not a candidate.
+pub fn published_candidate(object: &DynamicObject, class: &str) -> Option<Candidate> {
+    if object.data.get("storageClassName").and_then(|v| v.as_str()) != Some(class) {
+        return None;
+    }
+    let node = object.annotations().get(pv::ANN_NODE)?.clone();
+    let allocatable = quantity::parse_bytes(object.data.get("capacity")?.as_str()?).ok()?;
+    Some(Candidate {
+        node,
+        allocatable,
+        pending: 0,
+    })
 }

@@ -109,7 +109,11 @@ pub fn node_label_value(node: &str) -> String {
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
         .take(40)
         .collect();
-    format!("{}-{hash:016x}", prefix.trim_end_matches('-'))
+    // A label value starts and ends with an alphanumeric: the hash alone when nothing of the name fits.
+    match prefix.trim_matches('-') {
+        "" => format!("{hash:016x}"),
+        prefix => format!("{prefix}-{hash:016x}"),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -210,16 +210,28 @@ pub fn parse_config(text: &str, node: &str) -> Result<Option<BTreeMap<String, Ro
                     "{at}: root names are lowercase letters, digits and '-'"
                 ));
             }
-            let path = Path::new(&root.path);
-            if !path.is_absolute()
-                || path.components().any(|c| matches!(c, Component::ParentDir))
-                || root.path == "/"
+            // One spelling per directory: `/mnt//data/./x/` is `/mnt/data/x`. `//` and `/.` are `/`.
+            let mut components = Path::new(&root.path).components();
+            let below_root: Vec<Component> = match components.next() {
+                Some(Component::RootDir) => {
+                    components.filter(|c| *c != Component::CurDir).collect()
+                }
+                _ => Vec::new(),
+            };
+            if below_root.is_empty()
+                || below_root
+                    .iter()
+                    .any(|c| !matches!(c, Component::Normal(_)))
+                || root.path.contains('\0')
             {
                 return Err(format!(
                     "{at}.path {:?} must be an absolute path below / without '..'",
                     root.path
                 ));
             }
+            let path: PathBuf = std::iter::once(Component::RootDir)
+                .chain(below_root)
+                .collect();
             let bytes = |field: &str, v: &Option<String>| -> Result<Option<u64>, String> {
                 v.as_deref()
                     .map(|s| quantity::parse_bytes(s).map_err(|e| format!("{at}.{field}: {e}")))
@@ -228,10 +240,7 @@ pub fn parse_config(text: &str, node: &str) -> Result<Option<BTreeMap<String, Ro
             specs.insert(
                 name.clone(),
                 RootSpec {
-                    path: PathBuf::from(&root.path)
-                        .to_string_lossy()
-                        .trim_end_matches('/')
-                        .to_string(),
+                    path: path.to_string_lossy().into_owned(),
                     reserved: bytes("reserved", &root.reserved)?.unwrap_or(0),
                     cap: bytes("capacityCap", &root.capacity_cap)?,
                     require_mount_point: root.require_mount_point,

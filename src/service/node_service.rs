@@ -131,6 +131,33 @@ fn describe_volume(pv: &PersistentVolume, usage: &UsageCache) -> Volume {
     }
 }
 
+/// Checks the `pv_name` of a GetVolume request: a PersistentVolume name (lowercase letters, digits,
+/// '-' and '.', at most 253), or `InvalidArgument` saying so.
+pub fn requested_pv_name(name: &str) -> Result<(), Status> {
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if valid {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "{name:?} is not a PersistentVolume name"
+        )))
+    }
+}
+
+/// The longest gap between two reports of a WatchCapacity stream: `max_interval_seconds` clamped to
+/// 1 s..1 h, 10 s when unset (0).
+pub fn watch_interval(max_interval_seconds: u32) -> Duration {
+    if max_interval_seconds == 0 {
+        DEFAULT_WATCH_INTERVAL
+    } else {
+        Duration::from_secs(max_interval_seconds.clamp(1, 3600) as u64)
+    }
+}
+
 pub struct NodeService {
     ctx: Arc<Context>,
     usage: UsageCache,
@@ -168,16 +195,7 @@ impl Node for NodeService {
         request: Request<GetVolumeRequest>,
     ) -> Result<Response<Volume>, Status> {
         let name = request.into_inner().pv_name;
-        let valid = !name.is_empty()
-            && name.len() <= 253
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
-        if !valid {
-            return Err(Status::invalid_argument(format!(
-                "{name:?} is not a PersistentVolume name"
-            )));
-        }
+        requested_pv_name(&name)?;
         self.ctx
             .volumes
             .get(&kube::runtime::reflector::ObjectRef::new(&name))
@@ -240,12 +258,7 @@ impl Node for NodeService {
         &self,
         request: Request<WatchCapacityRequest>,
     ) -> Result<Response<ReportStream>, Status> {
-        let seconds = request.into_inner().max_interval_seconds;
-        let interval = if seconds == 0 {
-            DEFAULT_WATCH_INTERVAL
-        } else {
-            Duration::from_secs(seconds.clamp(1, 3600) as u64)
-        };
+        let interval = watch_interval(request.into_inner().max_interval_seconds);
         let mut reports = self.reports.clone();
         let ctx = self.ctx.clone();
         let stream = async_stream(move |tx| async move {

@@ -252,6 +252,17 @@ impl Cluster {
     /// Starts `hostvol agent` for `node` (root `<dir>/<node>-root`, free http/grpc ports, socket
     /// `<dir>/<node>.sock`, KUBECONFIG = agent kubeconfig) and waits for /readyz 200 (30 s).
     pub async fn start_agent(&self, node: &str, extra_args: &[&str]) -> Agent {
+        self.start_agent_with_kubeconfig(node, extra_args, &self.agent_kubeconfig.clone())
+            .await
+    }
+
+    /// `start_agent` with another kubeconfig, e.g. one through an `ApiProxy`.
+    pub async fn start_agent_with_kubeconfig(
+        &self,
+        node: &str,
+        extra_args: &[&str],
+        kubeconfig: &Path,
+    ) -> Agent {
         let root = self.path.join(format!("{node}-root"));
         std::fs::create_dir_all(&root).expect("create agent root");
         let grpc_socket = self.path.join(format!("{node}.sock"));
@@ -269,7 +280,7 @@ impl Cluster {
             grpc_addr: "127.0.0.1:0".parse().unwrap(),
             grpc_socket,
             args: Vec::new(),
-            kubeconfig: self.agent_kubeconfig.clone(),
+            kubeconfig: kubeconfig.to_path_buf(),
             log_path: log,
             cluster_dir: self.path.clone(),
             registry: self.registry.clone(),

@@ -94,10 +94,21 @@ fn write_kubeconfig(path: &Path, server: &str, user: &str, token: &str) {
     std::fs::write(path, yaml).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }
 
-struct Component {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
+/// A control-plane process, with what it takes to start it again the same way (`faults.rs`).
+pub(super) struct Component {
+    pub(super) name: &'static str,
+    pub(super) child: Child,
+    pub(super) log: PathBuf,
+    pub(super) program: std::ffi::OsString,
+    pub(super) args: Vec<std::ffi::OsString>,
+}
+
+/// Program and arguments of `cmd`, kept in its `Component`.
+fn launch_spec(cmd: &Command) -> (std::ffi::OsString, Vec<std::ffi::OsString>) {
+    (
+        cmd.get_program().to_owned(),
+        cmd.get_args().map(|a| a.to_owned()).collect(),
+    )
 }
 
 /// A running control plane (see the module doc). Fields used by the `impl Cluster` blocks in the other
@@ -107,9 +118,9 @@ pub struct Cluster {
     pub(super) path: PathBuf,
     etcd_dir: Option<tempfile::TempDir>,
     pub(super) registry: Arc<Registry>,
-    components: Mutex<Vec<Component>>,
+    pub(super) components: Mutex<Vec<Component>>,
     opts: ClusterOptions,
-    server: String,
+    pub(super) server: String,
     admin_token: String,
     pub(super) admin_kubeconfig: PathBuf,
     pub(super) agent_kubeconfig: PathBuf,
@@ -256,12 +267,15 @@ impl Cluster {
                 }
             }
             let log = path.join("etcd.log");
+            let (program, args) = launch_spec(&cmd);
             let child = process::spawn_logged(cmd, &path, &log).expect("spawn etcd");
             registry.register("etcd", child.id());
             let mut comp = Component {
                 name: "etcd",
                 child,
                 log,
+                program,
+                args,
             };
             let addr: SocketAddr = format!("127.0.0.1:{cport}").parse().unwrap();
             let ok = wait_process_ready(&mut comp, Duration::from_secs(20), || async move {
@@ -333,12 +347,15 @@ impl Cluster {
                 ]);
             }
             let log = path.join("kube-apiserver.log");
+            let (program, args) = launch_spec(&cmd);
             let child = process::spawn_logged(cmd, &path, &log).expect("spawn kube-apiserver");
             registry.register("kube-apiserver", child.id());
             let mut comp = Component {
                 name: "kube-apiserver",
                 child,
                 log,
+                program,
+                args,
             };
             let c = client_from_kubeconfig(&admin_kubeconfig)
                 .await
@@ -392,6 +409,7 @@ impl Cluster {
                     "0",
                 ]);
             let log = path.join("kube-controller-manager.log");
+            let (program, args) = launch_spec(&cmd);
             let child =
                 process::spawn_logged(cmd, &path, &log).expect("spawn kube-controller-manager");
             registry.register("kube-controller-manager", child.id());
@@ -399,6 +417,8 @@ impl Cluster {
                 name: "kube-controller-manager",
                 child,
                 log,
+                program,
+                args,
             });
         }
         {
@@ -414,12 +434,15 @@ impl Cluster {
                 cmd.arg("--feature-gates=CSIStorageCapacity=true");
             }
             let log = path.join("kube-scheduler.log");
+            let (program, args) = launch_spec(&cmd);
             let child = process::spawn_logged(cmd, &path, &log).expect("spawn kube-scheduler");
             registry.register("kube-scheduler", child.id());
             components.push(Component {
                 name: "kube-scheduler",
                 child,
                 log,
+                program,
+                args,
             });
         }
 
@@ -621,7 +644,7 @@ impl Cluster {
 }
 
 /// Waits until `ready()` or the process exits / the timeout passes. Err describes why.
-async fn wait_process_ready<F, Fut>(
+pub(super) async fn wait_process_ready<F, Fut>(
     comp: &mut Component,
     timeout: Duration,
     mut ready: F,

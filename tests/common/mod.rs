@@ -23,6 +23,9 @@
 //! * `inspect.rs`: reading state for assertions: Events, hostvol's PVs, CSIStorageCapacity objects,
 //!   metrics, directories in a data root.
 //! * `kubelet.rs` (the played kubelet), `process.rs` (child processes), `http.rs` (plain GET).
+//! * `faults.rs`: control-plane faults (kill, pause, restart etcd and kube-apiserver with the same
+//!   command and data) and the API server's request counts; `api_proxy.rs`: `ApiProxy`, a cuttable
+//!   TCP proxy in front of the API server that counts connection attempts.
 //! * `real_cluster.rs`: `RealCluster`, a cluster of real nodes (kubelet + containerd each) from
 //!   `scripts/real-cluster.sh`, with hostvol installed from `deploy/` and the image of
 //!   `scripts/build-image.sh`; or the cluster of `HOSTVOL_E2E_KUBECONFIG`.
@@ -31,8 +34,10 @@
 #![allow(dead_code, unused_imports)]
 
 mod agent;
+mod api_proxy;
 mod binaries;
 mod control_plane;
+pub mod faults;
 mod fixtures;
 pub mod http;
 mod inspect;
@@ -45,6 +50,7 @@ mod real_cluster;
 mod wait;
 
 pub use agent::{AGENT_READY_TIMEOUT, Agent, capacity_report};
+pub use api_proxy::ApiProxy;
 pub use binaries::{K8S_VERSION, SETUP_COMMAND, etcd_bin, hostvol_bin, k8s_bin_dir};
 pub use control_plane::{
     AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, Cluster, ClusterOptions, DEPLOY_RBAC_MANIFESTS,
