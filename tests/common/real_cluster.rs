@@ -582,6 +582,15 @@ fn reap_stale() {
         if owner.trim().is_empty() || Path::new(&format!("/proc/{}", owner.trim())).exists() {
             continue;
         }
+        // One reaper per dir, also across test threads and processes.
+        if fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dir.join("reaping"))
+            .is_err()
+        {
+            continue;
+        }
         eprintln!(
             "[real] taking down {} (its test process is gone)",
             dir.display()
