@@ -1,0 +1,375 @@
+//! Who may do what, on real nodes (issue 8): the node service is private to the agent's pod and
+//! reached only through the API server; people on a laptop that reaches nothing but the API server use
+//! `kubectl hostvol`; non-root pods write where the class's uid/gid/mode let them.
+//!
+//! Each test starts its own cluster of real kubelets with hostvol installed from `deploy/`
+//! (`common::RealCluster`), or uses the cluster of `HOSTVOL_E2E_KUBECONFIG`.
+//! Needs root, `scripts/setup-real-nodes.sh` and `scripts/build-image.sh` (scripts/test.sh runs both).
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{AGENT_NAMESPACE, RealCluster};
+
+const T: &str = "--timeout=120s";
+
+/// The IP of the agent pod on `node`.
+fn agent_pod_ip(rc: &RealCluster, node: &str) -> String {
+    rc.kubectl_ok(&[
+        "get",
+        "pods",
+        "-n",
+        AGENT_NAMESPACE,
+        "-l",
+        "app.kubernetes.io/name=hostvol",
+        "--field-selector",
+        &format!("spec.nodeName={node}"),
+        "-o",
+        "jsonpath={.items[0].status.podIP}",
+    ])
+}
+
+/// Runs `script` with `sh -c` in a busybox pod on `node` (optionally mounting claim `claim` at
+/// /data, with `security` as the pod's securityContext) until it ends; returns (succeeded, logs).
+fn run_pod(
+    rc: &RealCluster,
+    name: &str,
+    node: &str,
+    claim: Option<&str>,
+    security: serde_json::Value,
+    script: &str,
+) -> (bool, String) {
+    let mut spec = serde_json::json!({
+        "nodeSelector": {"kubernetes.io/hostname": node}, "restartPolicy": "Never", "securityContext": security,
+        "containers": [{"name": "c", "image": "busybox:1.35", "command": ["sh", "-c", script]}],
+    });
+    if let Some(claim) = claim {
+        spec["containers"][0]["volumeMounts"] =
+            serde_json::json!([{"name": "v", "mountPath": "/data"}]);
+        spec["volumes"] =
+            serde_json::json!([{"name": "v", "persistentVolumeClaim": {"claimName": claim}}]);
+    }
+    let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"}, "spec": spec});
+    let file = rc.dir().join(format!("{name}.json"));
+    std::fs::write(&file, pod.to_string()).unwrap();
+    rc.kubectl_ok(&["apply", "-f", file.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let phase = loop {
+        let phase = rc.kubectl_ok(&["get", "pod", name, "-o", "jsonpath={.status.phase}"]);
+        if phase == "Succeeded" || phase == "Failed" {
+            break phase;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pod {name} still {phase:?} after 120 s\n{}\n{}",
+            rc.kubectl_ok(&["describe", "pod", name]),
+            rc.diag()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let logs = rc.kubectl_ok(&["logs", name]);
+    (phase == "Succeeded", logs)
+}
+
+/// A claim of `class` (1Gi) in namespace default.
+fn claim(rc: &RealCluster, name: &str, class: &str) {
+    let file = rc.dir().join(format!("claim-{name}.json"));
+    std::fs::write(
+        &file,
+        serde_json::json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": class,
+                     "resources": {"requests": {"storage": "1Gi"}}}})
+        .to_string(),
+    )
+    .unwrap();
+    rc.kubectl_ok(&["apply", "-f", file.to_str().unwrap()]);
+}
+
+/// The node service answers only inside the agent's pod: another pod gets "connection refused"
+/// on the agent pod's gRPC port while the same pod reaches its HTTP port (so the network path is
+/// there and only the node service is closed); people reach it through the API server.
+#[test]
+fn the_node_service_is_private_to_the_agent_pod() {
+    let rc = RealCluster::start(2);
+    rc.install_hostvol();
+    let node = rc.nodes()[0].name.clone();
+    let ip = agent_pod_ip(&rc, &node);
+    let (ok, logs) = run_pod(
+        &rc,
+        "snoop",
+        &node,
+        None,
+        serde_json::json!({}),
+        &format!(
+            "timeout 5 wget -q -O- http://{ip}:9808/readyz && echo HTTP-OK; \
+             timeout 5 wget -q -O- http://{ip}:9809/ 2>&1; echo GRPC-EXIT=$?"
+        ),
+    );
+    assert!(ok, "{logs}");
+    assert!(
+        logs.contains("HTTP-OK"),
+        "/readyz reachable from a pod: {logs}"
+    );
+    assert!(
+        logs.contains("refused") && !logs.contains("GRPC-EXIT=0"),
+        "the node service must refuse other pods: {logs}"
+    );
+    println!("[real] another pod: {ip}:9808/readyz answers, {ip}:9809 refused");
+
+    // Through the API server (port-forward), as the admin.
+    let t = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_hostvol"))
+        .args(["capacity"])
+        .env("KUBECONFIG", rc.kubeconfig())
+        .env_remove("HOSTVOL_VIA")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for n in rc.nodes() {
+        assert!(stdout.contains(&n.name), "{} in {stdout}", n.name);
+    }
+    println!(
+        "[real] `hostvol capacity` through port-forwards: {:.2} s for {} agents",
+        t.elapsed().as_secs_f64(),
+        rc.nodes().len()
+    );
+}
+
+/// A laptop: a network namespace whose only route is to the API server, deleted when dropped.
+struct Laptop {
+    netns: String,
+}
+
+impl Laptop {
+    /// Joins a new namespace to the cluster's (the calling thread is in it) with a veth pair, and
+    /// routes only the API server's address through it.
+    fn attach(rc: &RealCluster) -> Laptop {
+        // `real-cluster.sh up` writes API_SERVER=https://IP:PORT into the cluster's env file.
+        let env = std::fs::read_to_string(rc.dir().join("env")).expect("cluster env file");
+        let api_ip = env
+            .lines()
+            .find_map(|l| l.strip_prefix("API_SERVER=https://"))
+            .and_then(|hp| hp.split(':').next())
+            .expect("API_SERVER in the cluster's env file")
+            .to_string();
+        let id = std::process::id() % 100_000;
+        let laptop = Laptop {
+            netns: format!("hostvol-laptop-{id}"),
+        };
+        let (outer, inner) = (format!("hvl{id}a"), format!("hvl{id}b"));
+        let sh = |args: &str| {
+            let st = Command::new("sh").args(["-c", args]).status().unwrap();
+            assert!(st.success(), "{args}");
+        };
+        sh(&format!("ip netns add {}", laptop.netns));
+        // Created in the cluster's namespace (this thread's), one end moved to the laptop's.
+        sh(&format!("ip link add {outer} type veth peer name {inner}"));
+        sh(&format!("ip link set {inner} netns {}", laptop.netns));
+        sh(&format!(
+            "ip addr add 192.168.77.1/30 dev {outer} && ip link set {outer} up"
+        ));
+        let n = &laptop.netns;
+        sh(&format!(
+            "ip -n {n} link set lo up && ip -n {n} addr add 192.168.77.2/30 dev {inner} && \
+             ip -n {n} link set {inner} up && ip -n {n} route add {api_ip}/32 via 192.168.77.1"
+        ));
+        laptop
+    }
+
+    fn run(&self, program: &str, args: &[&str], kubeconfig: &std::path::Path) -> (bool, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.netns, program])
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("PATH", path_with_plugin())
+            .env_remove("HOSTVOL_VIA")
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}
+
+impl Drop for Laptop {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its veth end, and with it the pair.
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.netns])
+            .status();
+    }
+}
+
+/// `kubectl` finds `kubectl-hostvol` on PATH.
+fn path_with_plugin() -> String {
+    format!(
+        "{}:{}",
+        std::path::Path::new(env!("CARGO_BIN_EXE_kubectl-hostvol"))
+            .parent()
+            .unwrap()
+            .display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// Scenario 6, from a laptop: capacity, volumes, doctor and purge work from a namespace that reaches
+/// only the API server (no route to pod IPs).
+#[test]
+fn kubectl_hostvol_from_a_laptop() {
+    let rc = RealCluster::start(2);
+    rc.install_hostvol();
+    let node = rc.nodes()[0].name.clone();
+    claim(&rc, "notes", "hostvol");
+    let (ok, logs) = run_pod(
+        &rc,
+        "writer",
+        &node,
+        Some("notes"),
+        serde_json::json!({}),
+        "echo kept > /data/note",
+    );
+    assert!(ok, "{logs}");
+    let pv = rc.kubectl_ok(&["get", "pvc", "notes", "-o", "jsonpath={.spec.volumeName}"]);
+    let laptop = Laptop::attach(&rc);
+    let kubeconfig = rc.kubeconfig();
+
+    // The laptop cannot reach pods, only the API server.
+    let ip = agent_pod_ip(&rc, &node);
+    let (reached, why) = laptop.run(
+        "timeout",
+        &["3", "bash", "-c", &format!("</dev/tcp/{ip}/9808")],
+        kubeconfig,
+    );
+    assert!(!reached, "the laptop must not reach pod {ip}: {why}");
+
+    let t = Instant::now();
+    let (ok, out) = laptop.run("kubectl", &["hostvol", "capacity"], kubeconfig);
+    assert!(ok, "{out}");
+    for n in rc.nodes() {
+        assert!(out.contains(&n.name), "{out}");
+    }
+    println!(
+        "[real] laptop: kubectl hostvol capacity in {:.2} s\n{out}",
+        t.elapsed().as_secs_f64()
+    );
+    let (ok, out) = laptop.run("kubectl", &["hostvol", "volumes"], kubeconfig);
+    assert!(ok && out.contains("default/notes"), "{out}");
+    let (ok, out) = laptop.run("kubectl", &["hostvol", "doctor"], kubeconfig);
+    assert!(ok, "{out}");
+
+    // Retain keeps the volume after its claim; purge removes it for good, from the laptop.
+    rc.kubectl_ok(&["delete", "pod", "writer", "--wait"]);
+    rc.kubectl_ok(&["delete", "pvc", "notes", "--wait"]);
+    rc.kubectl_ok(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Released",
+        &format!("pv/{pv}"),
+        T,
+    ]);
+    let (ok, out) = laptop.run("kubectl", &["hostvol", "volumes", "--released"], kubeconfig);
+    assert!(ok && out.contains(&pv), "{out}");
+    let (ok, out) = laptop.run("kubectl", &["hostvol", "purge", &pv, "--yes"], kubeconfig);
+    assert!(ok && out.contains("purged"), "{out}");
+    let left = rc.node_data_ls(&node, "");
+    assert!(
+        !left.iter().any(|d| d.starts_with(&pv)),
+        "purged directory gone from {node}: {left:?}"
+    );
+}
+
+/// Scenario 4, permissions for non-root pods. A class with uid/gid/mode gives its directories to
+/// that owner: a pod running as that uid writes; a pod of another uid cannot; a pod of another uid
+/// whose fsGroup is the class's gid writes through the group bits, because for hostPath volumes the
+/// kubelet only adds fsGroup to the container's groups and never chowns or chmods the directory. The
+/// default class (mode 0777) lets any uid write.
+#[test]
+fn non_root_pods_write_where_the_class_lets_them() {
+    let rc = RealCluster::start(2);
+    rc.install_hostvol();
+    let node = rc.nodes()[0].name.clone();
+    let class = rc.dir().join("team-class.yaml");
+    std::fs::write(
+        &class,
+        "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: hostvol-team\n\
+         provisioner: hostpath.hostvol.io\nvolumeBindingMode: WaitForFirstConsumer\n\
+         reclaimPolicy: Delete\nparameters:\n  uid: \"1000\"\n  gid: \"1000\"\n  mode: \"0770\"\n",
+    )
+    .unwrap();
+    rc.kubectl_ok(&["apply", "-f", class.to_str().unwrap()]);
+    claim(&rc, "team", "hostvol-team");
+    claim(&rc, "anyone", "hostvol");
+    let write = "id; echo hi > /data/$(id -u) && echo WROTE; ls -ln /data";
+    let cases = [
+        (
+            "owner",
+            "team",
+            serde_json::json!({"runAsUser": 1000, "runAsGroup": 1000}),
+            true,
+        ),
+        (
+            "stranger",
+            "team",
+            serde_json::json!({"runAsUser": 2000, "runAsGroup": 2000}),
+            false,
+        ),
+        (
+            "fsgroup",
+            "team",
+            serde_json::json!({"runAsUser": 3000, "runAsGroup": 3000, "fsGroup": 1000}),
+            true,
+        ),
+        (
+            "any-uid",
+            "anyone",
+            serde_json::json!({"runAsUser": 4000, "runAsGroup": 4000}),
+            true,
+        ),
+    ];
+    for (pod, claim, security, may_write) in cases {
+        let (_, logs) = run_pod(&rc, pod, &node, Some(claim), security, write);
+        println!("[real] {pod} on claim {claim}:\n{logs}");
+        assert_eq!(
+            logs.contains("WROTE"),
+            may_write,
+            "{pod} {} write to {claim}: {logs}",
+            if may_write { "must" } else { "must not" }
+        );
+        if !may_write {
+            assert!(logs.contains("Permission denied"), "{logs}");
+        }
+        rc.kubectl_ok(&["delete", "pod", pod, "--wait"]);
+    }
+    // fsGroup did not change the directory: still 1000:1000, mode 0770.
+    let pv = rc.kubectl_ok(&["get", "pvc", "team", "-o", "jsonpath={.spec.volumeName}"]);
+    if let Some(root) = rc.node(&node).data_dir.clone() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::fs::read_dir(&root)
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().starts_with(&pv))
+            .expect("team volume directory")
+            .path();
+        let meta = std::fs::metadata(&dir).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (1000, 1000, 0o770),
+            "{}",
+            dir.display()
+        );
+    }
+}

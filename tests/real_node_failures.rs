@@ -1,0 +1,283 @@
+//! When things go wrong on real nodes (issue 8): the kubelet refuses a volume whose directory is gone
+//! and hostvol reports it; an agent pod deleted mid-burst is replaced and every claim ends Bound once;
+//! a node going down hard (kubelet, containerd and every container) comes back with its pods' data.
+//!
+//! Each test starts its own cluster of real kubelets with hostvol installed from `deploy/`
+//! (`common::RealCluster`). Needs root, `scripts/setup-real-nodes.sh` and `scripts/build-image.sh`
+//! (scripts/test.sh runs both).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{AGENT_NAMESPACE, RealCluster};
+
+const T: &str = "--timeout=180s";
+
+fn apply_json(rc: &RealCluster, name: &str, value: serde_json::Value) {
+    let file = rc.dir().join(format!("{name}.json"));
+    std::fs::write(&file, value.to_string()).unwrap();
+    rc.kubectl_ok(&["apply", "-f", file.to_str().unwrap()]);
+}
+
+fn claim_json(name: &str, class: &str) -> serde_json::Value {
+    serde_json::json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": class,
+                 "resources": {"requests": {"storage": "64Mi"}}}})
+}
+
+/// A pod on `node` that keeps running with claim `claim` at /data.
+fn sleeper_json(name: &str, node: &str, claim: &str) -> serde_json::Value {
+    serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"nodeSelector": {"kubernetes.io/hostname": node}, "terminationGracePeriodSeconds": 0,
+                 "containers": [{"name": "c", "image": "busybox:1.35", "command": ["sleep", "100000"],
+                                 "volumeMounts": [{"name": "v", "mountPath": "/data"}]}],
+                 "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": claim}}]}})
+}
+
+fn wait_until(
+    what: &str,
+    seconds: u64,
+    rc: &RealCluster,
+    mut done: impl FnMut() -> bool,
+) -> Duration {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(seconds),
+            "{what}: not after {seconds} s\n{}",
+            rc.diag()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    t0.elapsed()
+}
+
+fn hostvol_cli(rc: &RealCluster, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hostvol"))
+        .args(args)
+        .env("KUBECONFIG", rc.kubeconfig())
+        .env_remove("HOSTVOL_VIA")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Scenario 3, what the kubelet checks: hostvol's PVs say `type: Directory`, so a pod whose volume
+/// directory was removed on the node fails to start with the kubelet's own event instead of getting
+/// an empty directory made in its place; `hostvol doctor` reports the volume as lost.
+#[test]
+fn a_removed_directory_is_refused_by_the_kubelet_and_reported_lost() {
+    let rc = RealCluster::start(2);
+    rc.install_hostvol();
+    let node = rc.nodes()[0].name.clone();
+    let data = rc
+        .node(&node)
+        .data_dir
+        .clone()
+        .expect("the harness's nodes: their disks are on this host");
+    apply_json(&rc, "claim", claim_json("doomed", "hostvol"));
+    apply_json(&rc, "first", sleeper_json("first", &node, "doomed"));
+    rc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/first", T]);
+    let pv = rc.kubectl_ok(&["get", "pvc", "doomed", "-o", "jsonpath={.spec.volumeName}"]);
+    rc.kubectl_ok(&[
+        "delete",
+        "pod",
+        "first",
+        "--grace-period=0",
+        "--force",
+        "--wait",
+    ]);
+
+    let dir = std::fs::read_dir(&data)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(&pv))
+        .expect("the volume's directory on the node")
+        .path();
+    std::fs::remove_dir_all(&dir).unwrap();
+    apply_json(&rc, "second", sleeper_json("second", &node, "doomed"));
+    let mut message = String::new();
+    let took = wait_until("the kubelet's FailedMount event", 120, &rc, || {
+        message = rc.kubectl_ok(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=second,reason=FailedMount",
+            "-o",
+            "jsonpath={.items[*].message}",
+        ]);
+        message.contains("hostPath type check failed")
+    });
+    println!(
+        "[real] kubelet event after {:.1} s: {message}",
+        took.as_secs_f64()
+    );
+    assert!(
+        !dir.exists(),
+        "nothing may re-create {} in the volume's place",
+        dir.display()
+    );
+    let phase = rc.kubectl_ok(&["get", "pod", "second", "-o", "jsonpath={.status.phase}"]);
+    assert_eq!(phase, "Pending", "the pod must not start without its data");
+
+    let mut report = String::new();
+    wait_until("hostvol doctor reports the lost volume", 60, &rc, || {
+        report = hostvol_cli(&rc, &["doctor"]).1;
+        report.contains(&pv)
+    });
+    println!("[real] hostvol doctor:\n{report}");
+    assert!(report.to_lowercase().contains("lost"), "{report}");
+}
+
+/// Scenario 5, agent restarts: 30 claims of an Immediate class at once while every agent pod is
+/// deleted; the DaemonSet brings new ones and each claim ends Bound exactly once (30 PVs, 30
+/// directories). Then node 1 goes down hard and comes back: its pod runs again with its data.
+#[test]
+fn agents_and_nodes_come_back_and_nothing_is_made_twice() {
+    let rc = RealCluster::start(2);
+    rc.install_hostvol();
+    apply_json(
+        &rc,
+        "class",
+        serde_json::json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+            "metadata": {"name": "hostvol-now"}, "provisioner": "hostpath.hostvol.io",
+            "volumeBindingMode": "Immediate", "reclaimPolicy": "Retain"}),
+    );
+    let n = 30;
+    let claims = serde_json::json!({"apiVersion": "v1", "kind": "List",
+        "items": (0..n).map(|i| claim_json(&format!("burst-{i}"), "hostvol-now")).collect::<Vec<_>>()});
+    let t0 = Instant::now();
+    apply_json(&rc, "burst", claims);
+    rc.kubectl_ok(&[
+        "delete",
+        "pods",
+        "-n",
+        AGENT_NAMESPACE,
+        "-l",
+        "app.kubernetes.io/name=hostvol",
+        "--wait=false",
+    ]);
+    let bound = || {
+        rc.kubectl_ok(&[
+            "get",
+            "pvc",
+            "-o",
+            "jsonpath={range .items[?(@.status.phase==\"Bound\")]}{.spec.volumeName}{\"\\n\"}{end}",
+        ])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect::<Vec<_>>()
+    };
+    let took = wait_until("every claim Bound", 180, &rc, || bound().len() == n);
+    rc.kubectl_ok(&[
+        "-n",
+        AGENT_NAMESPACE,
+        "rollout",
+        "status",
+        "daemonset/hostvol",
+        T,
+    ]);
+    println!(
+        "[real] {n} claims Bound {:.1} s after the burst, with every agent pod deleted at its start \
+         (burst applied in {:.1} s)",
+        took.as_secs_f64(),
+        (t0.elapsed() - took).as_secs_f64()
+    );
+    let volumes: BTreeSet<String> = bound().into_iter().collect();
+    assert_eq!(volumes.len(), n, "one volume per claim");
+    let pvs = rc.kubectl_ok(&[
+        "get",
+        "pv",
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name}{\"\\n\"}{end}",
+    ]);
+    assert_eq!(pvs.lines().filter(|l| !l.is_empty()).count(), n, "{pvs}");
+    let dirs: Vec<String> = rc
+        .nodes()
+        .iter()
+        .flat_map(|node| rc.node_data_ls(&node.name, ""))
+        .filter(|d| d.starts_with("pvc-"))
+        .collect();
+    assert_eq!(dirs.len(), n, "one directory per claim: {dirs:?}");
+    for pv in &volumes {
+        assert_eq!(
+            dirs.iter().filter(|d| d.starts_with(pv.as_str())).count(),
+            1,
+            "{pv} in {dirs:?}"
+        );
+    }
+
+    // A pod with data on node 1; the node goes down hard and comes back.
+    let node = rc.nodes()[0].name.clone();
+    apply_json(&rc, "keeper-claim", claim_json("kept", "hostvol"));
+    apply_json(&rc, "keeper", sleeper_json("keeper", &node, "kept"));
+    rc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/keeper", T]);
+    rc.kubectl_ok(&[
+        "exec",
+        "keeper",
+        "--",
+        "sh",
+        "-c",
+        "echo survived > /data/note",
+    ]);
+    let container = || {
+        rc.kubectl_ok(&[
+            "get",
+            "pod",
+            "keeper",
+            "-o",
+            "jsonpath={.status.containerStatuses[0].containerID}",
+        ])
+    };
+    let before = container();
+    let t = Instant::now();
+    let out = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/real-cluster.sh"
+    ))
+    .args(["restart-node", rc.dir().to_str().unwrap(), "1"])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "restart-node: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Until the new kubelet reports, the API still shows the old container: wait for a new one.
+    wait_until("keeper running again in a new container", 180, &rc, || {
+        let now = container();
+        !now.is_empty() && now != before
+    });
+    rc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/keeper", T]);
+    let back = t.elapsed();
+    let note = rc.kubectl_ok(&["exec", "keeper", "--", "cat", "/data/note"]);
+    assert_eq!(note.trim(), "survived");
+    rc.kubectl_ok(&[
+        "-n",
+        AGENT_NAMESPACE,
+        "rollout",
+        "status",
+        "daemonset/hostvol",
+        T,
+    ]);
+    let (ok, capacity) = hostvol_cli(&rc, &["capacity"]);
+    assert!(ok && capacity.contains(&node), "{capacity}");
+    println!(
+        "[real] {node} down hard and back: pod running with its data after {:.1} s",
+        back.as_secs_f64()
+    );
+}
