@@ -120,6 +120,20 @@ fn the_node_service_is_private_to_the_agent_pod() {
     );
     println!("[real] another pod: {ip}:9808/readyz answers, {ip}:9809 refused");
 
+    // `kubectl logs` is not a terminal: no colour codes in the agent's log.
+    let logs = rc.kubectl_ok(&[
+        "logs",
+        "-n",
+        AGENT_NAMESPACE,
+        "-l",
+        "app.kubernetes.io/name=hostvol",
+        "--tail=-1",
+    ]);
+    assert!(
+        logs.contains("watches synced") && !logs.contains('\x1b'),
+        "plain agent logs: {logs}"
+    );
+
     // Through the API server (port-forward), as the admin.
     let t = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_hostvol"))
@@ -186,23 +200,9 @@ impl Laptop {
     }
 
     fn run(&self, program: &str, args: &[&str], kubeconfig: &std::path::Path) -> (bool, String) {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.netns, program])
-            .args(args)
-            .env("KUBECONFIG", kubeconfig)
-            .env("PATH", path_with_plugin())
-            .env_remove("HOSTVOL_VIA")
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns, program]).args(args);
+        output_of(cmd, kubeconfig)
     }
 }
 
@@ -213,6 +213,31 @@ impl Drop for Laptop {
             .args(["netns", "delete", &self.netns])
             .status();
     }
+}
+
+fn run_here(program: &str, args: &[&str], kubeconfig: &std::path::Path) -> (bool, String) {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    output_of(cmd, kubeconfig)
+}
+
+/// Runs `cmd` as a person would (their kubeconfig, the plugin on PATH); (succeeded, stdout + stderr).
+fn output_of(mut cmd: Command, kubeconfig: &std::path::Path) -> (bool, String) {
+    let out = cmd
+        .env("KUBECONFIG", kubeconfig)
+        .env("PATH", path_with_plugin())
+        .env_remove("HOSTVOL_VIA")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// `kubectl` finds `kubectl-hostvol` on PATH.
@@ -245,20 +270,27 @@ fn kubectl_hostvol_from_a_laptop() {
     );
     assert!(ok, "{logs}");
     let pv = rc.kubectl_ok(&["get", "pvc", "notes", "-o", "jsonpath={.spec.volumeName}"]);
-    let laptop = Laptop::attach(&rc);
+    // On an external cluster this machine is the laptop; ours gets a namespace of its own.
+    let laptop = (!rc.is_external()).then(|| Laptop::attach(&rc));
     let kubeconfig = rc.kubeconfig();
+    let run = |program: &str, args: &[&str]| match &laptop {
+        Some(laptop) => laptop.run(program, args, kubeconfig),
+        None => run_here(program, args, kubeconfig),
+    };
 
-    // The laptop cannot reach pods, only the API server.
-    let ip = agent_pod_ip(&rc, &node);
-    let (reached, why) = laptop.run(
-        "timeout",
-        &["3", "bash", "-c", &format!("</dev/tcp/{ip}/9808")],
-        kubeconfig,
-    );
-    assert!(!reached, "the laptop must not reach pod {ip}: {why}");
+    if let Some(laptop) = &laptop {
+        // The laptop cannot reach pods, only the API server.
+        let ip = agent_pod_ip(&rc, &node);
+        let (reached, why) = laptop.run(
+            "timeout",
+            &["3", "bash", "-c", &format!("</dev/tcp/{ip}/9808")],
+            kubeconfig,
+        );
+        assert!(!reached, "the laptop must not reach pod {ip}: {why}");
+    }
 
     let t = Instant::now();
-    let (ok, out) = laptop.run("kubectl", &["hostvol", "capacity"], kubeconfig);
+    let (ok, out) = run("kubectl", &["hostvol", "capacity"]);
     assert!(ok, "{out}");
     for n in rc.nodes() {
         assert!(out.contains(&n.name), "{out}");
@@ -267,9 +299,9 @@ fn kubectl_hostvol_from_a_laptop() {
         "[real] laptop: kubectl hostvol capacity in {:.2} s\n{out}",
         t.elapsed().as_secs_f64()
     );
-    let (ok, out) = laptop.run("kubectl", &["hostvol", "volumes"], kubeconfig);
+    let (ok, out) = run("kubectl", &["hostvol", "volumes"]);
     assert!(ok && out.contains("default/notes"), "{out}");
-    let (ok, out) = laptop.run("kubectl", &["hostvol", "doctor"], kubeconfig);
+    let (ok, out) = run("kubectl", &["hostvol", "doctor"]);
     assert!(ok, "{out}");
 
     // Retain keeps the volume after its claim; purge removes it for good, from the laptop.
@@ -281,9 +313,9 @@ fn kubectl_hostvol_from_a_laptop() {
         &format!("pv/{pv}"),
         T,
     ]);
-    let (ok, out) = laptop.run("kubectl", &["hostvol", "volumes", "--released"], kubeconfig);
+    let (ok, out) = run("kubectl", &["hostvol", "volumes", "--released"]);
     assert!(ok && out.contains(&pv), "{out}");
-    let (ok, out) = laptop.run("kubectl", &["hostvol", "purge", &pv, "--yes"], kubeconfig);
+    let (ok, out) = run("kubectl", &["hostvol", "purge", &pv, "--yes"]);
     assert!(ok && out.contains("purged"), "{out}");
     let left = rc.node_data_ls(&node, "");
     assert!(

@@ -83,11 +83,6 @@ fn a_removed_directory_is_refused_by_the_kubelet_and_reported_lost() {
     let rc = RealCluster::start(2);
     rc.install_hostvol();
     let node = rc.nodes()[0].name.clone();
-    let data = rc
-        .node(&node)
-        .data_dir
-        .clone()
-        .expect("the harness's nodes: their disks are on this host");
     apply_json(&rc, "claim", claim_json("doomed", "hostvol"));
     apply_json(&rc, "first", sleeper_json("first", &node, "doomed"));
     rc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/first", T]);
@@ -101,13 +96,12 @@ fn a_removed_directory_is_refused_by_the_kubelet_and_reported_lost() {
         "--wait",
     ]);
 
-    let dir = std::fs::read_dir(&data)
-        .unwrap()
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with(&pv))
-        .expect("the volume's directory on the node")
-        .path();
-    std::fs::remove_dir_all(&dir).unwrap();
+    let dir = rc
+        .node_data_ls(&node, "")
+        .into_iter()
+        .find(|d| d.starts_with(&pv))
+        .expect("the volume's directory on the node");
+    rc.node_data_remove(&node, &dir);
     apply_json(&rc, "second", sleeper_json("second", &node, "doomed"));
     let mut message = String::new();
     let took = wait_until("the kubelet's FailedMount event", 120, &rc, || {
@@ -126,9 +120,8 @@ fn a_removed_directory_is_refused_by_the_kubelet_and_reported_lost() {
         took.as_secs_f64()
     );
     assert!(
-        !dir.exists(),
-        "nothing may re-create {} in the volume's place",
-        dir.display()
+        !rc.node_data_ls(&node, "").contains(&dir),
+        "nothing may re-create {dir} in the volume's place"
     );
     let phase = rc.kubectl_ok(&["get", "pod", "second", "-o", "jsonpath={.status.phase}"]);
     assert_eq!(phase, "Pending", "the pod must not start without its data");

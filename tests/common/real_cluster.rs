@@ -441,9 +441,29 @@ impl RealCluster {
         (out.trim() != "__missing__").then_some(out)
     }
 
+    /// Removes `path` (relative to the node's `/mnt/data`) on `node`, as a person on the node would:
+    /// on this host for the harness's nodes, through a pod for an external cluster.
+    pub fn node_data_remove(&self, node: &str, path: &str) {
+        let rel = path.trim_start_matches('/');
+        assert!(
+            !rel.is_empty() && !rel.contains(".."),
+            "a path inside /mnt/data"
+        );
+        match &self.node(node).data_dir {
+            Some(root) => fs::remove_dir_all(root.join(rel)).expect("remove on the node"),
+            None => {
+                self.on_node_with(node, &format!("rm -rf /mnt/data/{rel}"), false);
+            }
+        }
+    }
+
     /// Runs `sh -c SCRIPT` in a busybox pod pinned to `node` with the node's /mnt/data mounted; returns
     /// its output (external clusters only: the harness's nodes are read on this host).
     fn on_node(&self, node: &str, script: &str) -> String {
+        self.on_node_with(node, script, true)
+    }
+
+    fn on_node_with(&self, node: &str, script: &str, read_only: bool) -> String {
         let pod = format!("hostvol-e2e-look-{node}");
         let manifest = serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
@@ -452,7 +472,7 @@ impl RealCluster {
                 "nodeName": node, "restartPolicy": "Never",
                 "tolerations": [{"operator": "Exists"}],
                 "containers": [{"name": "look", "image": "busybox:1.35", "command": ["sh", "-c", script],
-                                "volumeMounts": [{"name": "data", "mountPath": "/mnt/data", "readOnly": true}]}],
+                                "volumeMounts": [{"name": "data", "mountPath": "/mnt/data", "readOnly": read_only}]}],
                 "volumes": [{"name": "data", "hostPath": {"path": "/mnt/data", "type": "Directory"}}]
             }
         });
