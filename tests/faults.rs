@@ -129,13 +129,11 @@ async fn assert_one_of_each(cluster: &Cluster, ns: &str, n: usize, agents: &[Age
     }
 }
 
+/// Each agent's readiness changes: (time since the start, ready).
+type Timeline = tokio::task::JoinHandle<Vec<(Duration, bool)>>;
+
 /// Follows each agent's `/readyz` until the token is cancelled.
-fn watch_readiness(
-    agents: &[Agent],
-) -> (
-    CancellationToken,
-    Vec<tokio::task::JoinHandle<Vec<(Duration, bool)>>>,
-) {
+fn watch_readiness(agents: &[Agent]) -> (CancellationToken, Vec<Timeline>) {
     let stop = CancellationToken::new();
     let tasks = agents
         .iter()
@@ -148,7 +146,7 @@ fn watch_readiness(
 /// longest not-ready stretch of each.
 async fn readiness_dipped_and_came_back(
     stop: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<Vec<(Duration, bool)>>>,
+    tasks: Vec<Timeline>,
     agents: &[Agent],
 ) -> Vec<Duration> {
     stop.cancel();
@@ -241,8 +239,8 @@ async fn restart_mid_burst(component: &str, ns: &str) {
         .count();
     cluster.kill_component(component);
     let killed = Instant::now();
-    // Longer than the agents' readiness check interval, so they notice.
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Longer than the agents' readiness check interval (10 s), so they notice.
+    tokio::time::sleep(Duration::from_secs(12)).await;
     let restart_took = cluster.start_component_again(component).await;
     let back = Instant::now();
     let bound_after = wait_all_bound(&cluster, ns, n, T).await;

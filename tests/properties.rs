@@ -138,7 +138,7 @@ proptest! {
                 prop_assert!(p.data_root.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
             }
             Err(why) => prop_assert!(
-                parameters.keys().any(|k| why.contains(&format!("{k}")) || why.contains(&format!("{k:?}"))),
+                parameters.keys().any(|k| why.contains(k.as_str()) || why.contains(&format!("{k:?}"))),
                 "{:?}: {}", parameters, why
             ),
         }
