@@ -145,19 +145,12 @@ async fn run_pod(pods: &Api<Pod>, name: &str, node: &str, claim: &str) -> f64 {
 
 /// `millis=` of every "provisioned" line in the agents' logs.
 fn provisioning_millis(rc: &RealCluster) -> Vec<f64> {
-    rc.kubectl_ok(&[
-        "logs",
-        "-n",
-        AGENT_NAMESPACE,
-        "-l",
-        "app.kubernetes.io/name=hostvol",
-        "--tail=-1",
-    ])
-    .lines()
-    .filter(|l| l.contains("provisioned"))
-    .filter_map(|l| l.split("millis=").nth(1))
-    .filter_map(|v| v.split_whitespace().next()?.parse().ok())
-    .collect()
+    rc.agent_logs()
+        .lines()
+        .filter(|l| l.contains("provisioned"))
+        .filter_map(|l| l.split("millis=").nth(1))
+        .filter_map(|v| v.split_whitespace().next()?.parse().ok())
+        .collect()
 }
 
 /// The agent container's working set and RSS on `node` in MiB, from the kubelet's summary API (what

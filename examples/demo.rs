@@ -225,14 +225,9 @@ fn fetch_page(rc: &RealCluster) -> String {
 /// Shows and runs `kubectl hostvol ARGS` (the same binary, as a kubectl plugin).
 fn hostvol(rc: &RealCluster, args: &[&str]) {
     println!("\n  $ kubectl hostvol {}", args.join(" "));
-    let out = std::process::Command::new(common::hostvol_bin())
-        .args(args)
-        .env("KUBECONFIG", rc.kubeconfig())
-        .env_remove("HOSTVOL_VIA")
-        .output()
-        .expect("run hostvol");
-    print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
-    check(out.status.success(), "every agent answered");
+    let ran = common::hostvol_as_person(args, rc.kubeconfig());
+    print!("{}", indent(&ran.stdout));
+    check(ran.ok(), "every agent answered");
 }
 
 fn claim_name(i: usize) -> String {

@@ -5,7 +5,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::grpc::{GetVolumeRequest, ListVolumesRequest, WatchCapacityRequest};
-use common::{Cluster, capacity_report, claim_yaml, connect, fmt_events, pod_yaml};
+use common::{
+    Cluster, capacity_report, claim_yaml, connect, fmt_events, hostvol_as_person, pod_yaml,
+    run_as_person,
+};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
 use kube::ResourceExt;
@@ -359,30 +362,11 @@ async fn node_service_agrees_with_the_disk() {
 }
 
 fn run_cli(cluster: &Cluster, program: &str, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .env("KUBECONFIG", cluster.admin_kubeconfig())
-        // Played-kubelet agents are host processes: no kubelet to port-forward through.
-        .env("HOSTVOL_VIA", "pod-ip")
-        .env(
-            "PATH",
-            format!(
-                "{}:{}",
-                std::path::Path::new(env!("CARGO_BIN_EXE_kubectl-hostvol"))
-                    .parent()
-                    .unwrap()
-                    .display(),
-                std::env::var("PATH").unwrap()
-            ),
-        )
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut cmd = std::process::Command::new(program);
+    // Played-kubelet agents are host processes: no kubelet to port-forward through.
+    cmd.args(args).env("HOSTVOL_VIA", "pod-ip");
+    let ran = run_as_person(cmd, cluster.admin_kubeconfig());
+    (ran.code, ran.stdout, ran.stderr)
 }
 
 /// Scenario 4: `hostvol capacity` and `kubectl hostvol capacity` print every node; a stopped agent is
@@ -536,18 +520,8 @@ async fn only_people_with_the_viewer_role_may_look() {
     cluster.apply_repo_manifest("deploy/user-roles.yaml");
     let alice = cluster.person_kubeconfig("alice").await;
     let capacity_as_alice = || {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hostvol"))
-            .args(["capacity", "--timeout", "3"])
-            .env("KUBECONFIG", &alice)
-            .env_remove("HOSTVOL_VIA")
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let ran = hostvol_as_person(&["capacity", "--timeout", "3"], &alice);
+        (ran.code, ran.stdout, ran.stderr)
     };
 
     let (code, out, err) = capacity_as_alice();

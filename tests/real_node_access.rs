@@ -11,7 +11,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{AGENT_NAMESPACE, RealCluster};
+use common::{AGENT_NAMESPACE, RealCluster, hostvol_as_person, run_as_person};
 
 const T: &str = "--timeout=120s";
 
@@ -121,14 +121,7 @@ fn the_node_service_is_private_to_the_agent_pod() {
     println!("[real] another pod: {ip}:9808/readyz answers, {ip}:9809 refused");
 
     // `kubectl logs` is not a terminal: no colour codes in the agent's log.
-    let logs = rc.kubectl_ok(&[
-        "logs",
-        "-n",
-        AGENT_NAMESPACE,
-        "-l",
-        "app.kubernetes.io/name=hostvol",
-        "--tail=-1",
-    ]);
+    let logs = rc.agent_logs();
     assert!(
         logs.contains("watches synced") && !logs.contains('\x1b'),
         "plain agent logs: {logs}"
@@ -136,18 +129,9 @@ fn the_node_service_is_private_to_the_agent_pod() {
 
     // Through the API server (port-forward), as the admin.
     let t = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_hostvol"))
-        .args(["capacity"])
-        .env("KUBECONFIG", rc.kubeconfig())
-        .env_remove("HOSTVOL_VIA")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let ran = hostvol_as_person(&["capacity"], rc.kubeconfig());
+    let stdout = &ran.stdout;
+    assert!(ran.ok(), "{}", ran.output());
     for n in rc.nodes() {
         assert!(stdout.contains(&n.name), "{} in {stdout}", n.name);
     }
@@ -201,8 +185,11 @@ impl Laptop {
 
     fn run(&self, program: &str, args: &[&str], kubeconfig: &std::path::Path) -> (bool, String) {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.netns, program]).args(args);
-        output_of(cmd, kubeconfig)
+        cmd.args(["netns", "exec", &self.netns, program])
+            .args(args)
+            .env_remove("HOSTVOL_VIA");
+        let ran = run_as_person(cmd, kubeconfig);
+        (ran.ok(), ran.output())
     }
 }
 
@@ -217,39 +204,9 @@ impl Drop for Laptop {
 
 fn run_here(program: &str, args: &[&str], kubeconfig: &std::path::Path) -> (bool, String) {
     let mut cmd = Command::new(program);
-    cmd.args(args);
-    output_of(cmd, kubeconfig)
-}
-
-/// Runs `cmd` as a person would (their kubeconfig, the plugin on PATH); (succeeded, stdout + stderr).
-fn output_of(mut cmd: Command, kubeconfig: &std::path::Path) -> (bool, String) {
-    let out = cmd
-        .env("KUBECONFIG", kubeconfig)
-        .env("PATH", path_with_plugin())
-        .env_remove("HOSTVOL_VIA")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-/// `kubectl` finds `kubectl-hostvol` on PATH.
-fn path_with_plugin() -> String {
-    format!(
-        "{}:{}",
-        std::path::Path::new(env!("CARGO_BIN_EXE_kubectl-hostvol"))
-            .parent()
-            .unwrap()
-            .display(),
-        std::env::var("PATH").unwrap_or_default()
-    )
+    cmd.args(args).env_remove("HOSTVOL_VIA");
+    let ran = run_as_person(cmd, kubeconfig);
+    (ran.ok(), ran.output())
 }
 
 /// Scenario 6, from a laptop: capacity, volumes, doctor and purge work from a namespace that reaches

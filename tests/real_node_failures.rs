@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{AGENT_NAMESPACE, RealCluster};
+use common::{AGENT_NAMESPACE, RealCluster, hostvol_as_person};
 
 const T: &str = "--timeout=180s";
 
@@ -58,21 +58,8 @@ fn wait_until(
 }
 
 fn hostvol_cli(rc: &RealCluster, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hostvol"))
-        .args(args)
-        .env("KUBECONFIG", rc.kubeconfig())
-        .env_remove("HOSTVOL_VIA")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let ran = hostvol_as_person(args, rc.kubeconfig());
+    (ran.ok(), ran.output())
 }
 
 /// Scenario 3, what the kubelet checks: hostvol's PVs say `type: Directory`, so a pod whose volume
@@ -176,14 +163,7 @@ fn agents_and_nodes_come_back_and_nothing_is_made_twice() {
         .collect::<Vec<_>>()
     };
     let took = wait_until("every claim Bound", 180, &rc, || bound().len() == n);
-    rc.kubectl_ok(&[
-        "-n",
-        AGENT_NAMESPACE,
-        "rollout",
-        "status",
-        "daemonset/hostvol",
-        T,
-    ]);
+    rc.wait_hostvol_rolled_out();
     println!(
         "[real] {n} claims Bound {:.1} s after the burst, with every agent pod deleted at its start \
          (burst applied in {:.1} s)",
@@ -259,14 +239,7 @@ fn agents_and_nodes_come_back_and_nothing_is_made_twice() {
     let back = t.elapsed();
     let note = rc.kubectl_ok(&["exec", "keeper", "--", "cat", "/data/note"]);
     assert_eq!(note.trim(), "survived");
-    rc.kubectl_ok(&[
-        "-n",
-        AGENT_NAMESPACE,
-        "rollout",
-        "status",
-        "daemonset/hostvol",
-        T,
-    ]);
+    rc.wait_hostvol_rolled_out();
     let (ok, capacity) = hostvol_cli(&rc, &["capacity"]);
     assert!(ok && capacity.contains(&node), "{capacity}");
     println!(

@@ -22,7 +22,8 @@
 //! * `wait.rs`: `wait_for`, `poll_until`, waiting for pods, claims and Events.
 //! * `inspect.rs`: reading state for assertions: Events, hostvol's PVs, CSIStorageCapacity objects,
 //!   metrics, directories in a data root.
-//! * `kubelet.rs` (the played kubelet), `process.rs` (child processes), `http.rs` (plain GET).
+//! * `kubelet.rs` (the played kubelet), `process.rs` (child processes), `http.rs` (plain GET),
+//!   `person.rs` (commands as people run them).
 //! * `faults.rs`: control-plane faults (kill, pause, restart etcd and kube-apiserver with the same
 //!   command and data) and the API server's request counts; `api_proxy.rs`: `ApiProxy`, a cuttable
 //!   TCP proxy in front of the API server that counts connection attempts.
@@ -45,6 +46,7 @@ mod kubectl;
 pub mod kubelet;
 pub mod loop_btrfs;
 mod nodes;
+mod person;
 pub mod process;
 mod real_cluster;
 mod wait;
@@ -62,6 +64,7 @@ pub use inspect::{
     to_yaml_ish,
 };
 pub use kubelet::FakeKubelet;
+pub use person::{Ran, hostvol_as_person, run_as_person};
 pub use real_cluster::{
     EXTERNAL_KUBECONFIG_ENV, IMAGE_BUILD, IMAGE_REPOSITORY, PortForward, REAL_NODES_SETUP,
     RealCluster, RealNode, image_archive, image_tag,

@@ -378,6 +378,24 @@ impl RealCluster {
             .unwrap();
             self.kubectl_ok(&["apply", "-k", overlay.to_str().unwrap()]);
         }
+        self.wait_hostvol_rolled_out();
+        t0.elapsed()
+    }
+
+    /// Every agent pod's log, whole (`kubectl logs -l`).
+    pub fn agent_logs(&self) -> String {
+        self.kubectl_ok(&[
+            "logs",
+            "-n",
+            AGENT_NAMESPACE,
+            "-l",
+            "app.kubernetes.io/name=hostvol",
+            "--tail=-1",
+        ])
+    }
+
+    /// Waits until the hostvol DaemonSet has an up-to-date, Ready pod on every node (3 minutes).
+    pub fn wait_hostvol_rolled_out(&self) {
         self.kubectl_ok(&[
             "-n",
             AGENT_NAMESPACE,
@@ -386,7 +404,6 @@ impl RealCluster {
             "daemonset/hostvol",
             "--timeout=180s",
         ]);
-        t0.elapsed()
     }
 
     /// Makes `class` the only default StorageClass.
