@@ -34,6 +34,7 @@ fn main() {
         let pvs: Api<PersistentVolume> = Api::all(client.clone());
 
         let (idle, idle_rss) = agent_memory_mib(&rc, &node);
+        let idle_cgroup = agent_cgroup_memory_mib(&rc, &node);
 
         // One warm-up of each kind, so image pulls and first-pod costs are not in the figures.
         let mut prebound = Vec::new();
@@ -54,6 +55,7 @@ fn main() {
             }
         }
         let (busy, busy_rss) = agent_memory_mib(&rc, &node);
+        let busy_cgroup = agent_cgroup_memory_mib(&rc, &node);
         let (pre, new) = (summarize_ms(prebound), summarize_ms(hostvol));
         println!("real_nodes benchmark: 2 real nodes (kubelet 1.20.2 + containerd), pods on {node}");
         println!("  pod create → Running, pre-made pre-bound PV: {pre}");
@@ -70,6 +72,16 @@ fn main() {
             "  agent container (kubelet /stats/summary): idle working set {idle:.1} MiB (RSS \
              {idle_rss:.1} MiB), with {} volumes {busy:.1} MiB (RSS {busy_rss:.1} MiB); target ≤ 32 MiB idle",
             n + 1
+        );
+        let show = |c: Option<(f64, f64, f64)>| match c {
+            Some((ws, usage, rss)) => format!("working set {ws:.1} MiB (usage {usage:.1}, RSS {rss:.1})"),
+            None => "not found".into(),
+        };
+        println!(
+            "  agent container's memory cgroup on the host: idle {}, with {} volumes {}",
+            show(idle_cgroup),
+            n + 1,
+            show(busy_cgroup)
         );
     });
 }
@@ -151,6 +163,49 @@ fn provisioning_millis(rc: &RealCluster) -> Vec<f64> {
         .filter_map(|l| l.split("millis=").nth(1))
         .filter_map(|v| v.split_whitespace().next()?.parse().ok())
         .collect()
+}
+
+/// The agent's memory cgroup as the host sees it (cgroup v1): working set (usage minus inactive
+/// file pages, as the kubelet computes it), usage and the process's RSS, in MiB. The agent process
+/// is the `hostvol agent` under `node`'s cgroup root.
+fn agent_cgroup_memory_mib(rc: &RealCluster, node: &str) -> Option<(f64, f64, f64)> {
+    // Node cgroup roots are named <netns>-<node> (scripts/real-cluster.sh).
+    let env = std::fs::read_to_string(rc.dir().join("env")).ok()?;
+    let netns = env.lines().find_map(|l| l.strip_prefix("NETNS="))?;
+    let root = format!("/{netns}-{node}/");
+    let mib = |b: f64| b / (1024.0 * 1024.0);
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let proc_dir = entry.path();
+        let cmdline = std::fs::read(proc_dir.join("cmdline")).unwrap_or_default();
+        if !cmdline.starts_with(b"/usr/local/bin/hostvol\0agent") {
+            continue;
+        }
+        let cgroups = std::fs::read_to_string(proc_dir.join("cgroup")).unwrap_or_default();
+        let Some(memory) = cgroups
+            .lines()
+            .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
+            .filter(|p| p.starts_with(&root))
+        else {
+            continue;
+        };
+        let dir =
+            std::path::Path::new("/sys/fs/cgroup/memory").join(memory.trim_start_matches('/'));
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let usage: f64 = read("memory.usage_in_bytes").trim().parse().ok()?;
+        let inactive_file: f64 = read("memory.stat")
+            .lines()
+            .find_map(|l| l.strip_prefix("total_inactive_file "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        let rss_kib: f64 = std::fs::read_to_string(proc_dir.join("status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0.0);
+        return Some((mib(usage - inactive_file), mib(usage), rss_kib / 1024.0));
+    }
+    None
 }
 
 /// The agent container's working set and RSS on `node` in MiB, from the kubelet's summary API (what
