@@ -6,13 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use kube::Client;
-use kube::runtime::events::{Recorder, Reporter};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::cli::args::AgentArgs;
 use crate::controller::capacity::NodeFigures;
 use crate::controller::context::{Context, Settings};
+use crate::controller::events::{EventRecorder, Reporter};
 use crate::controller::metrics::Metrics;
 use crate::controller::{
     api_health, capacity, config_map, limits, node_loss, orphan_report, storage_capacity,
@@ -68,6 +68,10 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
     let settings = Settings {
         node: args.node_name.clone(),
         provisioner: args.provisioner.clone(),
+        pod: args
+            .pod_name
+            .clone()
+            .map(|name| (args.pod_namespace.clone(), name)),
     };
     info!(
         node = %settings.node,
@@ -90,13 +94,14 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
         .await
         .map(|r| (r, args.pod_namespace.clone()));
     let metrics = Arc::new(Metrics::default());
-    let recorder = Recorder::new(client.clone(), reporter(&args));
+    let events = Arc::new(EventRecorder::new(reporter(&args)));
+    let capacity_resource = capacity_api.as_ref().map(|(r, _)| r.clone());
     let (watches, ctx, controllers) = watches::start(
         client.clone(),
         settings,
         capacity_api,
         roots,
-        recorder,
+        events,
         metrics.clone(),
         shutdown.clone(),
     );
@@ -108,7 +113,14 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
         metrics,
         shutdown.clone(),
     ));
-    let (usage, figures) = spawn_background_tasks(&args, &ctx, client.clone(), source, &shutdown);
+    let (usage, figures) = spawn_background_tasks(
+        &args,
+        &ctx,
+        client.clone(),
+        source,
+        capacity_resource,
+        &shutdown,
+    );
     let grpc_task = tokio::spawn(node_service::serve(
         grpc_listeners,
         ctx,
@@ -185,11 +197,10 @@ async fn bind(
 fn reporter(args: &AgentArgs) -> Reporter {
     Reporter {
         controller: args.provisioner.clone(),
-        instance: Some(
-            args.pod_name
-                .clone()
-                .unwrap_or_else(|| format!("hostvol-{}", args.node_name)),
-        ),
+        instance: args
+            .pod_name
+            .clone()
+            .unwrap_or_else(|| format!("hostvol-{}", args.node_name)),
     }
 }
 
@@ -200,6 +211,7 @@ fn spawn_background_tasks(
     ctx: &Arc<Context>,
     client: Client,
     source: config_map::Source,
+    capacity_resource: Option<kube::discovery::ApiResource>,
     shutdown: &CancellationToken,
 ) -> (UsageCache, tokio::sync::watch::Receiver<NodeFigures>) {
     let usage = UsageCache::default();
@@ -241,8 +253,8 @@ fn spawn_background_tasks(
     tokio::spawn(storage_capacity::run(
         ctx.clone(),
         figures.clone(),
+        capacity_resource,
         args.pod_namespace.clone(),
-        args.pod_name.clone(),
         shutdown.clone(),
     ));
     (usage, figures)

@@ -3,16 +3,18 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+#[cfg(test)]
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::DynamicObject;
 use kube::core::PartialObjectMeta;
-use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 
+use crate::controller::events::EventRecorder;
 use crate::controller::metrics::Metrics;
 use crate::controller::pv;
 use crate::domain::admission;
@@ -52,6 +54,8 @@ impl Error {
 pub struct Settings {
     pub node: String,
     pub provisioner: String,
+    /// The agent's own pod (namespace, name), owner of its CSIStorageCapacity objects, if known.
+    pub pod: Option<(String, String)>,
 }
 
 /// Shared state of the controller's reconciles.
@@ -68,16 +72,22 @@ pub struct Context {
     pub claims: Store<PartialObjectMeta<PersistentVolumeClaim>>,
     /// Every agent's published CSIStorageCapacity objects, when the server serves them.
     pub capacities: Option<Store<DynamicObject>>,
-    pub recorder: Recorder,
+    pub events: Arc<EventRecorder>,
     pub metrics: Arc<Metrics>,
     /// Woken whenever this node's set of volumes may have changed.
     pub volumes_changed: Arc<tokio::sync::Notify>,
     /// A permit on every StorageClass event, for the one task that publishes per-class figures.
     pub classes_changed: Arc<tokio::sync::Notify>,
+    /// Changes to this node's own CSIStorageCapacity objects seen by the watch, for the publisher.
+    pub capacity_changes: Arc<crate::controller::storage_capacity::Changes>,
+    /// The agent's own Pod as an owner reference, once the pod watch has seen it.
+    pub own_pod: tokio::sync::watch::Sender<
+        Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
+    >,
     /// Serialises "check capacity, make directory, create PV" so concurrent claims cannot overcommit.
     pub(super) admission_lock: tokio::sync::Mutex<()>,
-    /// PVs created by us that the watch may not have delivered yet: name -> (root, bytes).
-    pub(super) recent_volumes: Mutex<HashMap<String, (String, u64)>>,
+    /// PVs created by us that the watch may not have delivered yet: name -> (root, bytes, when).
+    pub(super) recent_volumes: Mutex<HashMap<String, (String, u64, Instant)>>,
     /// PVs this agent just grew whose new size the watch may not have delivered: name -> (root, bytes).
     pub(super) recent_growth: Mutex<HashMap<String, (String, u64)>>,
     /// Consecutive failures per claim, for exponential backoff.
@@ -125,8 +135,8 @@ impl Context {
         total.saturating_add(
             recent
                 .values()
-                .filter(|(r, _)| r == root)
-                .map(|(_, b)| *b)
+                .filter(|(r, _, _)| r == root)
+                .map(|(_, b, _)| *b)
                 .sum::<u64>(),
         )
     }
@@ -212,10 +222,10 @@ impl Context {
 
     /// Counts a PV just created until the watch delivers it, so the next admission sees its bytes.
     pub fn remember_created(&self, pv_name: &str, root: &str, bytes: u64) {
-        self.recent_volumes
-            .lock()
-            .expect("lock poisoned")
-            .insert(pv_name.to_string(), (root.to_string(), bytes));
+        self.recent_volumes.lock().expect("lock poisoned").insert(
+            pv_name.to_string(),
+            (root.to_string(), bytes, Instant::now()),
+        );
         self.volumes_changed.notify_waiters();
     }
 
@@ -240,6 +250,166 @@ impl Context {
 
     pub fn reset_backoff(&self, key: &str) {
         self.failures.lock().expect("lock poisoned").remove(key);
+    }
+
+    /// Drops every per-claim and per-PV entry whose object is gone from the watch caches, so nothing
+    /// is left behind when claims and PVs go (called on their watches' deletions and relists).
+    pub fn forget_gone(&self) {
+        let claim_gone = |key: &str| match key.split_once('/') {
+            Some((ns, name)) => self.claims.get(&ObjectRef::new(name).within(ns)).is_none(),
+            None => true,
+        };
+        let volume_gone = |name: &str| self.volumes.get(&ObjectRef::new(name)).is_none();
+        {
+            let mut failures = self.failures.lock().expect("lock poisoned");
+            failures.retain(|key, _| match key.strip_prefix("pv/") {
+                Some(pv) => !volume_gone(pv),
+                None => !claim_gone(key),
+            });
+            shrink(&mut failures);
+        }
+        {
+            let mut growth = self.recent_growth.lock().expect("lock poisoned");
+            growth.retain(|pv, _| !volume_gone(pv));
+            shrink(&mut growth);
+        }
+        {
+            // Created but never delivered (deleted at once, or a watch gap): not for ever.
+            let mut recent = self.recent_volumes.lock().expect("lock poisoned");
+            recent.retain(|_, (_, _, at)| at.elapsed() < RECENT_FOR);
+            shrink(&mut recent);
+        }
+        // Events about PVs are core/v1 Events, never remembered; those about claims are.
+        self.events.forget(claim_gone);
+        self.metrics.set_state_entries(&self.state_entries());
+    }
+
+    /// Per-object entries held now, by map: what `forget_gone` must bring to zero once every claim
+    /// and PV is gone (the usage cache and the volume gauges follow the PV cache on their own).
+    pub fn state_entries(&self) -> [(&'static str, usize); 4] {
+        [
+            (
+                "failures",
+                self.failures.lock().expect("lock poisoned").len(),
+            ),
+            (
+                "recent_volumes",
+                self.recent_volumes.lock().expect("lock poisoned").len(),
+            ),
+            (
+                "recent_growth",
+                self.recent_growth.lock().expect("lock poisoned").len(),
+            ),
+            ("events", self.events.remembered()),
+        ]
+    }
+}
+
+/// How long a PV we created counts without its watch event.
+const RECENT_FOR: Duration = Duration::from_secs(120);
+
+/// A map that held a burst keeps its buckets after `retain`: give them back once mostly empty.
+fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to_fit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::events::Reporter;
+    use kube::runtime::reflector::{self, store::Writer};
+    use kube::runtime::watcher::Event;
+
+    /// A client that is never called: `forget_gone` works on the caches alone.
+    fn offline_client() -> Client {
+        let service = tower::service_fn(|_: http::Request<kube::client::Body>| async {
+            Err::<http::Response<kube::client::Body>, std::io::Error>(std::io::Error::other(
+                "offline",
+            ))
+        });
+        Client::new(service, "default")
+    }
+
+    fn claim(ns: &str, name: &str) -> PartialObjectMeta<PersistentVolumeClaim> {
+        let mut c = PartialObjectMeta::<PersistentVolumeClaim>::default();
+        c.metadata.name = Some(name.into());
+        c.metadata.namespace = Some(ns.into());
+        c
+    }
+
+    fn volume(name: &str) -> PersistentVolume {
+        let mut pv = PersistentVolume::default();
+        pv.metadata.name = Some(name.into());
+        pv
+    }
+
+    fn context() -> (
+        Context,
+        Writer<PartialObjectMeta<PersistentVolumeClaim>>,
+        Writer<PersistentVolume>,
+    ) {
+        let (claims, claim_writer) = reflector::store();
+        let (volumes, volume_writer) = reflector::store();
+        let ctx = Context {
+            client: offline_client(),
+            settings: Settings {
+                node: "n".into(),
+                provisioner: "p".into(),
+                pod: None,
+            },
+            roots: std::sync::RwLock::new(Arc::new(RootSet::default())),
+            classes: reflector::store().0,
+            nodes: reflector::store().0,
+            volumes,
+            claims,
+            capacities: None,
+            events: Arc::new(EventRecorder::new(Reporter {
+                controller: "p".into(),
+                instance: "n".into(),
+            })),
+            metrics: Arc::new(Metrics::default()),
+            volumes_changed: Arc::default(),
+            classes_changed: Arc::default(),
+            capacity_changes: Arc::default(),
+            own_pod: tokio::sync::watch::Sender::new(None),
+            admission_lock: tokio::sync::Mutex::new(()),
+            recent_volumes: Mutex::default(),
+            recent_growth: Mutex::default(),
+            failures: Mutex::default(),
+        };
+        (ctx, claim_writer, volume_writer)
+    }
+
+    #[tokio::test]
+    async fn nothing_is_left_behind_once_claim_and_volume_are_gone() {
+        let (ctx, mut claims, mut volumes) = context();
+        claims.apply_watcher_event(&Event::Apply(claim("ns", "a")));
+        volumes.apply_watcher_event(&Event::Apply(volume("pv-a")));
+        ctx.backoff("ns/a");
+        ctx.backoff("pv/pv-a");
+        ctx.remember_created("pv-a", "default", 1 << 20);
+        ctx.remember_growth("pv-a", "default", 2 << 20);
+        ctx.events.remember_for_test(&ObjectReference {
+            namespace: Some("ns".into()),
+            name: Some("a".into()),
+            ..Default::default()
+        });
+        ctx.allocated_bytes("default"); // the watch delivered pv-a: it no longer counts as recent
+        ctx.forget_gone();
+        let held: usize = ctx.state_entries().iter().map(|(_, n)| n).sum();
+        assert_eq!(held, 4, "{:?}: all still there", ctx.state_entries());
+
+        claims.apply_watcher_event(&Event::Delete(claim("ns", "a")));
+        volumes.apply_watcher_event(&Event::Delete(volume("pv-a")));
+        ctx.forget_gone();
+        for (map, n) in ctx.state_entries() {
+            assert_eq!(
+                n, 0,
+                "{map} keeps {n} entries of a claim and PV that are gone"
+            );
+        }
     }
 }
 

@@ -1,12 +1,129 @@
 //! Events where users look (`kubectl describe`): published off the critical path; a lost Event is
 //! logged, never fatal.
+//!
+//! Not kube's `Recorder`: it keeps every Event it published, whole, for six minutes and prunes only
+//! when it publishes again, so an agent that had just made 1,000 volumes held ~2,000 Events long after
+//! they were gone. This one keeps a few words per Event (to count a repeat into the same Event, as a
+//! series), at most `MAX_REMEMBERED`, and forgets an object's Events when the object goes.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::{Api, PostParams};
-use kube::runtime::events::{Event, EventType};
+use k8s_openapi::api::events::v1::{Event as K8sEvent, EventSeries};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::events::EventType;
 use tracing::warn;
 
 use crate::controller::context::Context;
+
+/// Repeats within this time go into the same Event (kube's Recorder uses the same six minutes).
+const SERIES_WINDOW: Duration = Duration::from_secs(6 * 60);
+/// Bound on the Events remembered for series; the oldest go first.
+pub const MAX_REMEMBERED: usize = 1024;
+
+/// Who publishes: `reportingController` and `reportingInstance` of every Event.
+#[derive(Debug, Clone)]
+pub struct Reporter {
+    pub controller: String,
+    pub instance: String,
+}
+
+/// One Event published, reduced to what a repeat needs.
+struct Sent {
+    name: String,
+    /// "namespace/name" of the object the Event is about, to forget it when the object goes.
+    regarding: String,
+    count: i32,
+    at: Instant,
+}
+
+/// The Events published recently, keyed by a hash of (type, reason, action, object).
+pub struct EventRecorder {
+    reporter: Reporter,
+    sent: Mutex<HashMap<u64, Sent>>,
+}
+
+impl EventRecorder {
+    pub fn new(reporter: Reporter) -> Self {
+        EventRecorder {
+            reporter,
+            sent: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Events remembered now (for the state metric and tests).
+    pub fn remembered(&self) -> usize {
+        self.sent.lock().expect("lock poisoned").len()
+    }
+
+    /// Forgets the Events about objects `gone` says are gone ("namespace/name").
+    pub fn forget(&self, gone: impl Fn(&str) -> bool) {
+        let mut sent = self.sent.lock().expect("lock poisoned");
+        sent.retain(|_, s| !gone(&s.regarding));
+        shrink(&mut sent);
+    }
+
+    /// Remembers an Event about `regarding` as if published (for tests elsewhere).
+    #[cfg(test)]
+    pub fn remember_for_test(&self, regarding: &ObjectReference) {
+        let (key, _) = self.next(EventType::Normal, "Test", "Test", regarding);
+        self.remember(key, "test".into(), regarding, 1);
+    }
+
+    /// The Event to send: a new one, or the next of a series (with the name to patch).
+    fn next(
+        &self,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        regarding: &ObjectReference,
+    ) -> (u64, Option<(String, i32)>) {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (type_ == EventType::Warning, reason, action).hash(&mut hasher);
+        (&regarding.uid, &regarding.namespace, &regarding.name).hash(&mut hasher);
+        let key = hasher.finish();
+        let now = Instant::now();
+        let mut sent = self.sent.lock().expect("lock poisoned");
+        sent.retain(|_, s| now.duration_since(s.at) < SERIES_WINDOW);
+        shrink(&mut sent);
+        let repeat = sent.get(&key).map(|s| (s.name.clone(), s.count + 1));
+        (key, repeat)
+    }
+
+    fn remember(&self, key: u64, name: String, regarding: &ObjectReference, count: i32) {
+        let mut sent = self.sent.lock().expect("lock poisoned");
+        if sent.len() >= MAX_REMEMBERED
+            && !sent.contains_key(&key)
+            && let Some(oldest) = sent.iter().min_by_key(|(_, s)| s.at).map(|(k, _)| *k)
+        {
+            sent.remove(&oldest);
+        }
+        sent.insert(
+            key,
+            Sent {
+                name,
+                regarding: format!(
+                    "{}/{}",
+                    regarding.namespace.as_deref().unwrap_or(""),
+                    regarding.name.as_deref().unwrap_or("")
+                ),
+                count,
+                at: Instant::now(),
+            },
+        );
+    }
+}
+
+/// Gives memory back once a burst of Events is forgotten (a cleared map keeps its buckets).
+fn shrink(sent: &mut HashMap<u64, Sent>) {
+    if sent.capacity() > 64 && sent.len() < sent.capacity() / 4 {
+        sent.shrink_to_fit();
+    }
+}
 
 impl Context {
     /// Events are published off the critical path; a lost Event is logged, never fatal.
@@ -20,69 +137,165 @@ impl Context {
     ) {
         let regarding = regarding.clone();
         if regarding.namespace.as_deref().unwrap_or("").is_empty() {
-            // Cluster-scoped objects (PVs): some servers (1.20) reject events.k8s.io Events for them, so
-            // use a core/v1 Event in "default", as Kubernetes' own PV controller does.
-            let client = self.client.clone();
-            let (node, provisioner) = (
-                self.settings.node.clone(),
-                self.settings.provisioner.clone(),
-            );
-            let reason = reason.to_string();
-            tokio::spawn(async move {
-                let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                    k8s_openapi::jiff::Timestamp::now(),
-                );
-                let event = k8s_openapi::api::core::v1::Event {
-                    metadata: kube::api::ObjectMeta {
-                        generate_name: Some(format!(
-                            "{}.",
-                            regarding.name.clone().unwrap_or_default()
-                        )),
-                        namespace: Some("default".into()),
-                        ..Default::default()
-                    },
-                    involved_object: regarding,
-                    reason: Some(reason.clone()),
-                    message: Some(note),
-                    type_: Some(
-                        if type_ == EventType::Warning {
-                            "Warning"
-                        } else {
-                            "Normal"
-                        }
-                        .into(),
-                    ),
-                    source: Some(k8s_openapi::api::core::v1::EventSource {
-                        component: Some(provisioner.clone()),
-                        host: Some(node.clone()),
-                    }),
-                    first_timestamp: Some(now.clone()),
-                    last_timestamp: Some(now),
-                    count: Some(1),
-                    reporting_component: Some(provisioner),
-                    reporting_instance: Some(node),
-                    ..Default::default()
-                };
-                let events: Api<k8s_openapi::api::core::v1::Event> =
-                    Api::namespaced(client, "default");
-                if let Err(error) = events.create(&PostParams::default(), &event).await {
-                    warn!(%error, %reason, "could not publish Event");
-                }
-            });
+            self.publish_core(regarding, type_, reason, note);
             return;
         }
-        let recorder = self.recorder.clone();
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: action.into(),
-            secondary: None,
-        };
+        let (key, repeat) = self.events.next(type_, reason, action, &regarding);
+        let client = self.client.clone();
+        let ctx_events = self.events_handle();
+        let reporter = self.events.reporter.clone();
+        let (reason, action) = (reason.to_string(), action.to_string());
         tokio::spawn(async move {
-            if let Err(error) = recorder.publish(&event, &regarding).await {
-                warn!(%error, reason = %event.reason, "could not publish Event");
+            let namespace = regarding.namespace.clone().unwrap_or_default();
+            let api: Api<K8sEvent> = Api::namespaced(client, &namespace);
+            let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+            let result = match repeat {
+                Some((name, count)) => {
+                    let series = EventSeries {
+                        count,
+                        last_observed_time: now,
+                    };
+                    let patch = serde_json::json!({ "series": series });
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .map(|_| (name, count))
+                }
+                None => {
+                    let name = format!(
+                        "{}.{:x}",
+                        regarding.name.as_deref().unwrap_or(&reporter.controller),
+                        now.0.as_nanosecond()
+                    );
+                    let event = K8sEvent {
+                        metadata: kube::api::ObjectMeta {
+                            name: Some(name.clone()),
+                            namespace: Some(namespace.clone()),
+                            ..Default::default()
+                        },
+                        action: Some(action),
+                        reason: Some(reason.clone()),
+                        note: Some(note),
+                        event_time: Some(now),
+                        regarding: Some(regarding.clone()),
+                        reporting_controller: Some(reporter.controller.clone()),
+                        reporting_instance: Some(reporter.instance.clone()),
+                        type_: Some(event_type(type_).into()),
+                        ..Default::default()
+                    };
+                    api.create(&PostParams::default(), &event)
+                        .await
+                        .map(|_| (name, 1))
+                }
+            };
+            match result {
+                Ok((name, count)) => ctx_events.remember(key, name, &regarding, count),
+                Err(error) => warn!(%error, %reason, "could not publish Event"),
             }
         });
+    }
+
+    fn events_handle(&self) -> std::sync::Arc<EventRecorder> {
+        self.events.clone()
+    }
+
+    /// Cluster-scoped objects (PVs): some servers (1.20) reject events.k8s.io Events for them, so use
+    /// a core/v1 Event in "default", as Kubernetes' own PV controller does.
+    fn publish_core(
+        &self,
+        regarding: ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let client = self.client.clone();
+        let (node, provisioner) = (
+            self.settings.node.clone(),
+            self.settings.provisioner.clone(),
+        );
+        let reason = reason.to_string();
+        tokio::spawn(async move {
+            let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            );
+            let event = k8s_openapi::api::core::v1::Event {
+                metadata: kube::api::ObjectMeta {
+                    generate_name: Some(format!("{}.", regarding.name.clone().unwrap_or_default())),
+                    namespace: Some("default".into()),
+                    ..Default::default()
+                },
+                involved_object: regarding,
+                reason: Some(reason.clone()),
+                message: Some(note),
+                type_: Some(event_type(type_).into()),
+                source: Some(k8s_openapi::api::core::v1::EventSource {
+                    component: Some(provisioner.clone()),
+                    host: Some(node.clone()),
+                }),
+                first_timestamp: Some(now.clone()),
+                last_timestamp: Some(now),
+                count: Some(1),
+                reporting_component: Some(provisioner),
+                reporting_instance: Some(node),
+                ..Default::default()
+            };
+            let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client, "default");
+            if let Err(error) = events.create(&PostParams::default(), &event).await {
+                warn!(%error, %reason, "could not publish Event");
+            }
+        });
+    }
+}
+
+fn event_type(type_: EventType) -> &'static str {
+    match type_ {
+        EventType::Warning => "Warning",
+        EventType::Normal => "Normal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(ns: &str, name: &str) -> ObjectReference {
+        ObjectReference {
+            namespace: Some(ns.into()),
+            name: Some(name.into()),
+            uid: Some(format!("uid-{name}")),
+            ..Default::default()
+        }
+    }
+
+    fn recorder() -> EventRecorder {
+        EventRecorder::new(Reporter {
+            controller: "c".into(),
+            instance: "i".into(),
+        })
+    }
+
+    #[test]
+    fn a_repeat_continues_the_series() {
+        let r = recorder();
+        let a = object("ns", "a");
+        let (key, repeat) = r.next(EventType::Warning, "Refused", "Provision", &a);
+        assert!(repeat.is_none());
+        r.remember(key, "a.1".into(), &a, 1);
+        let (again, repeat) = r.next(EventType::Warning, "Refused", "Provision", &a);
+        assert_eq!((again, repeat), (key, Some(("a.1".to_string(), 2))));
+        let (_, other) = r.next(EventType::Normal, "Provisioned", "Provision", &a);
+        assert!(other.is_none(), "another reason is another Event");
+    }
+
+    #[test]
+    fn events_of_gone_objects_are_forgotten_and_the_cache_is_bounded() {
+        let r = recorder();
+        for i in 0..MAX_REMEMBERED + 10 {
+            let o = object("ns", &format!("c{i}"));
+            let (key, _) = r.next(EventType::Normal, "Provisioned", "Provision", &o);
+            r.remember(key, format!("c{i}.1"), &o, 1);
+        }
+        assert_eq!(r.remembered(), MAX_REMEMBERED);
+        r.forget(|regarding| regarding.starts_with("ns/"));
+        assert_eq!(r.remembered(), 0);
     }
 }

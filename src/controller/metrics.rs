@@ -24,6 +24,12 @@ pub struct VolumeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// failures | recent_volumes | recent_growth | events
+    pub map: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExpansionLabels {
     /// succeeded | refused | failed
     pub outcome: &'static str,
@@ -56,6 +62,7 @@ pub struct Metrics {
     volume_inodes_used: Family<VolumeLabels, Gauge>,
     quota_enforced: Family<QuotaLabels, Gauge>,
     expansions: Family<ExpansionLabels, Counter>,
+    object_state_entries: Family<StateLabels, Gauge>,
     provisions: Family<OutcomeLabels, Counter>,
     provision_duration: Histogram,
     reconcile_errors: Counter,
@@ -157,9 +164,17 @@ impl Default for Metrics {
             "Volume expansions handled by this agent, by outcome",
             expansions.clone(),
         );
+        let object_state_entries = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "object_state_entries",
+            "Per-claim and per-PV entries the agent holds besides its watch caches, by map (all 0 once \
+             its claims and PVs are gone)",
+            object_state_entries.clone(),
+        );
         Self {
             registry,
             expansions,
+            object_state_entries,
             volume_capacity_bytes,
             volume_used_bytes,
             volume_available_bytes,
@@ -235,6 +250,14 @@ impl Metrics {
                     .get_or_create(&v.labels)
                     .set(gauge(inodes));
             }
+        }
+    }
+
+    pub fn set_state_entries(&self, entries: &[(&'static str, usize)]) {
+        for (map, n) in entries {
+            self.object_state_entries
+                .get_or_create(&StateLabels { map })
+                .set(*n as i64);
         }
     }
 

@@ -7,17 +7,22 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::controller::context::Context;
 use crate::controller::pv;
+use crate::domain::naming;
 use crate::domain::params::ClassParameters;
 
 pub const LEASE_NAME: &str = "hostvol-node-loss";
@@ -104,14 +109,62 @@ async fn hold_lease(api: &Api<Lease>, me: &str) -> Result<Option<Duration>, kube
     }
 }
 
+/// Watches the cluster's Node names and acts only when one is missing: a Node deleted, or, once per
+/// listing, volumes naming a node that is not there. Idle, it sends nothing but its watch; while
+/// volumes are stranded, every agent tries the Lease each `TICK` and the holder sweeps.
 pub async fn run(ctx: Arc<Context>, namespace: String, shutdown: CancellationToken) {
-    let client = ctx.client.clone();
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
+    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &namespace);
     let me = ctx.settings.node.clone();
+    let (nodes, writer) = reflector::store();
+    let events = watcher(
+        Api::<PartialObjectMeta<Node>>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(|n| {
+        // Only the name is needed: a Node's labels and annotations are most of its metadata.
+        let name = n.metadata.name.take();
+        n.metadata = Default::default();
+        n.metadata.name = name;
+    })
+    .reflect(writer);
+    let mut events = std::pin::pin!(events);
+    // Nodes that may have stranded volumes, and since when they are missing.
+    let mut suspects: HashSet<String> = HashSet::new();
     let mut missing_since: HashMap<String, Instant> = HashMap::new();
     let mut leading = false;
+    // How long until the Lease is worth another look (the holder's renewals, or our own).
+    let mut wait = TICK;
     loop {
-        let mut wait = TICK;
+        let tick = async {
+            if suspects.is_empty() {
+                std::future::pending::<()>().await
+            } else {
+                tokio::time::sleep(wait).await
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            event = events.next() => match event {
+                None => return,
+                Some(Ok(watcher::Event::Delete(node))) => {
+                    suspects.insert(node.name_any());
+                }
+                Some(Ok(watcher::Event::InitDone)) => match missing_nodes(&ctx, &nodes).await {
+                    Ok(missing) => suspects.extend(missing),
+                    Err(error) => warn!(%error, "cannot list volumes to find those of missing nodes"),
+                },
+                Some(Ok(_)) => continue,
+                Some(Err(error)) => {
+                    warn!(watch = "nodes", %error, "watch failed; retrying with backoff");
+                    continue;
+                }
+            },
+            _ = tick => {}
+        }
+        if suspects.is_empty() {
+            continue;
+        }
         match hold_lease(&leases, &me).await {
             Ok(look_again) => {
                 let now_leading = look_again.is_none();
@@ -127,34 +180,74 @@ pub async fn run(ctx: Arc<Context>, namespace: String, shutdown: CancellationTok
             Err(error) => {
                 debug!(%error, "cannot take the node-loss lease");
                 leading = false;
+                wait = TICK;
             }
         }
-        if leading && let Err(error) = sweep(&ctx, &mut missing_since).await {
-            warn!(%error, "node-loss sweep failed; retrying");
+        if !leading {
+            continue;
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+        match sweep(&ctx, &nodes, &mut suspects, &mut missing_since).await {
+            Ok(()) if suspects.is_empty() => {
+                // Nothing stranded is left: let the others find that out with one look each.
+                if let Err(error) = release_lease(&leases).await {
+                    debug!(%error, "cannot release the node-loss lease");
+                }
+                leading = false;
+            }
+            Ok(()) => {}
+            Err(error) => warn!(%error, "node-loss sweep failed; retrying"),
         }
     }
 }
 
+/// Nodes named by hostvol PVs (any node's) that are not in the cluster: one metadata list per watch
+/// listing of the Nodes (start-up, or a relist after the watch lost track).
+async fn missing_nodes(
+    ctx: &Context,
+    nodes: &Store<PartialObjectMeta<Node>>,
+) -> Result<HashSet<String>, kube::Error> {
+    let volumes = Api::<PersistentVolume>::all(ctx.client.clone())
+        .list_metadata(&ListParams::default().labels(pv::LABEL_NODE))
+        .await?;
+    Ok(volumes
+        .items
+        .iter()
+        .filter_map(|v| v.annotations().get(pv::ANN_NODE).cloned())
+        .filter(|node| !node.is_empty() && nodes.get(&ObjectRef::new(node)).is_none())
+        .collect())
+}
+
+/// Takes the suspects' volumes (label-selected per node) and deletes those whose grace has passed;
+/// a suspect with no volume left, or that came back, is dropped.
 async fn sweep(
     ctx: &Context,
+    nodes: &Store<PartialObjectMeta<Node>>,
+    suspects: &mut HashSet<String>,
     missing_since: &mut HashMap<String, Instant>,
 ) -> Result<(), kube::Error> {
-    let nodes = existing_nodes(ctx).await?;
     let volumes_api: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    let all = volumes_api
-        .list(&ListParams::default().labels(pv::LABEL_NODE))
-        .await?
-        .items;
+    let existing: HashSet<String> = nodes.state().iter().map(|n| n.name_any()).collect();
+    suspects.retain(|node| !existing.contains(node));
+    let mut all = Vec::new();
+    for node in suspects.iter() {
+        let selector = format!("{}={}", pv::LABEL_NODE, naming::node_label_value(node));
+        all.extend(
+            volumes_api
+                .list(&ListParams::default().labels(&selector))
+                .await?
+                .items,
+        );
+    }
     let by_name: BTreeMap<String, &PersistentVolume> =
         all.iter().map(|p| (p.name_any(), p)).collect();
-    let lost = stranded(&volume_facts(&all), &nodes);
+    let lost = stranded(&volume_facts(&all), &existing);
     track_missing_nodes(missing_since, &lost);
+    suspects.retain(|node| lost.iter().any(|s| &s.node == node));
     for s in lost {
         let policy = cleanup_policy(ctx, &s.class);
+        if policy.is_none_or(|(cleanup, _)| !cleanup) {
+            continue;
+        }
         let missing_for = missing_since
             .get(&s.node)
             .map(Instant::elapsed)
@@ -174,17 +267,31 @@ async fn sweep(
         delete_claim_of(ctx, pv, &s, &why).await?;
         delete_pv(ctx, &volumes_api, pv, &s, &why).await?;
     }
+    // Volumes of classes without the opt-in stay, and so would their node's suspicion: only nodes
+    // with volumes to clean keep the agents ticking.
+    suspects.retain(|node| {
+        all.iter().any(|p| {
+            p.annotations().get(pv::ANN_NODE) == Some(node)
+                && cleanup_policy(ctx, &class_of(p)).is_some_and(|(cleanup, _)| cleanup)
+        })
+    });
     Ok(())
 }
 
-async fn existing_nodes(ctx: &Context) -> Result<HashSet<String>, kube::Error> {
-    Ok(Api::<Node>::all(ctx.client.clone())
-        .list_metadata(&ListParams::default())
-        .await?
-        .items
-        .iter()
-        .map(|n| n.name_any())
-        .collect())
+fn class_of(p: &PersistentVolume) -> String {
+    p.spec
+        .as_ref()
+        .and_then(|s| s.storage_class_name.clone())
+        .unwrap_or_default()
+}
+
+/// Hands the Lease back at once (an empty holder, expiring in a second), so the others' next look
+/// finds nothing left rather than waiting for it to expire.
+async fn release_lease(api: &Api<Lease>) -> Result<(), kube::Error> {
+    let patch = serde_json::json!({"spec": {"holderIdentity": "", "leaseDurationSeconds": 1}});
+    api.patch(LEASE_NAME, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
 }
 
 /// (PV name, node, class) of each volume, the input of [`stranded`].
@@ -221,13 +328,11 @@ fn track_missing_nodes(missing_since: &mut HashMap<String, Instant>, lost: &[Str
 
 /// The class's (nodeLossCleanup, nodeLossGrace); `None` if the class is unknown.
 fn cleanup_policy(ctx: &Context, class: &str) -> Option<(bool, Duration)> {
-    ctx.classes
-        .get(&kube::runtime::reflector::ObjectRef::new(class))
-        .map(|class| {
-            let params = ClassParameters::parse(&class.parameters.clone().unwrap_or_default())
-                .unwrap_or_default();
-            (params.node_loss_cleanup, params.node_loss_grace)
-        })
+    ctx.classes.get(&ObjectRef::new(class)).map(|class| {
+        let params = ClassParameters::parse(&class.parameters.clone().unwrap_or_default())
+            .unwrap_or_default();
+        (params.node_loss_cleanup, params.node_loss_grace)
+    })
 }
 
 /// Deletes the claim bound to the lost PV, so its owner (e.g. a StatefulSet) re-creates it and the

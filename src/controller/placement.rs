@@ -107,6 +107,19 @@ async fn clone_pinned_elsewhere(
     )))
 }
 
+/// A claim this young may have been made together with its class.
+const NEW_CLAIM_AGE: Duration = Duration::from_secs(10);
+const NEW_CLAIM_RETRY: Duration = Duration::from_millis(200);
+
+fn is_new(pvc: &PersistentVolumeClaim) -> bool {
+    pvc.metadata.creation_timestamp.as_ref().is_some_and(|t| {
+        k8s_openapi::jiff::Timestamp::now()
+            .duration_since(t.0)
+            .as_secs_f64()
+            < NEW_CLAIM_AGE.as_secs_f64()
+    })
+}
+
 /// A step's outcome: go on with `T`, or stop and return the `Action`.
 type Step<T> = std::result::Result<T, Action>;
 
@@ -120,6 +133,12 @@ fn choose_for(pvc: &PersistentVolumeClaim, ctx: &Context) -> Step<(VolumeRequest
         speaks: placement::spokesperson(&candidates).is_some_and(|c| c.node == ctx.settings.node),
     };
     let request = admit_claim(pvc, &class_name, &class, &voice)?;
+    if candidates.is_empty() && is_new(pvc) {
+        // A claim made with its class: the class's capacities are being published this very moment
+        // (the publisher reacts to the class event); look again shortly instead of giving up.
+        debug!(class = %class_name, "no published capacities for the new class yet");
+        return Err(Action::requeue(NEW_CLAIM_RETRY));
+    }
     let chosen = choose_among(&request, &candidates, &voice)?.clone();
     if chosen.node != ctx.settings.node {
         // Another agent will place it; look again later in case that agent is gone.
@@ -145,7 +164,13 @@ fn immediate_class(
     }
     let class_name = spec.storage_class_name.clone().unwrap_or_default();
     let Some(class) = ctx.classes.get(&ObjectRef::new(&class_name)) else {
-        return Err(Action::requeue(Duration::from_secs(30)));
+        // The class watch may deliver a new class just after the claim made with it.
+        let later = if is_new(pvc) {
+            NEW_CLAIM_RETRY
+        } else {
+            Duration::from_secs(30)
+        };
+        return Err(Action::requeue(later));
     };
     if class.provisioner != ctx.settings.provisioner
         || class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer")

@@ -4,14 +4,15 @@
 //! The scheduler finds our `CSIDriver` (named after the provisioner, `storageCapacity: true`) and then
 //! compares each claim's request with these objects' `capacity`/`maximumVolumeSize` for the node.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::discovery::ApiResource;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -94,72 +95,110 @@ fn desired(
     object
 }
 
-/// The agent's own pod, as owner of its objects, so they go when the agent is removed.
-async fn owner(client: &Client, namespace: &str, pod_name: Option<&str>) -> Option<OwnerReference> {
-    let pod = Api::<Pod>::namespaced(client.clone(), namespace)
-        .get(pod_name?)
-        .await
-        .ok()?;
-    Some(OwnerReference {
-        api_version: "v1".into(),
-        kind: "Pod".into(),
-        name: pod.name_any(),
-        uid: pod.uid()?,
-        ..Default::default()
-    })
+/// Which of this node's objects the watch saw change, for the publisher to check against what it
+/// wrote: something else (the garbage collector, a user) may have deleted or changed one.
+#[derive(Default)]
+pub struct Changes {
+    /// Names of our objects added, changed or deleted since the publisher last looked.
+    touched: std::sync::Mutex<HashSet<String>>,
+    /// The watch listed again: objects deleted meanwhile left the cache without an event.
+    relisted: AtomicBool,
+    wake: tokio::sync::Notify,
 }
 
-/// Keeps the objects in step with the capacity reports until `shutdown`.
+impl Changes {
+    /// Called by the watch (after the cache took the event) for every object of this node.
+    pub fn touched(&self, name: String) {
+        self.touched.lock().expect("lock poisoned").insert(name);
+        self.wake.notify_one();
+    }
+
+    pub fn relisted(&self) {
+        self.relisted.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> (HashSet<String>, bool) {
+        let touched = std::mem::take(&mut *self.touched.lock().expect("lock poisoned"));
+        (touched, self.relisted.swap(false, Ordering::AcqRel))
+    }
+}
+
+/// Whether a published object is this node's (by the exact node name, labels may be shortened).
+pub fn is_of_node(object: &DynamicObject, node: &str) -> bool {
+    object.annotations().get(pv::ANN_NODE).map(String::as_str) == Some(node)
+}
+
+/// Keeps the objects in step with the capacity reports until `shutdown`. Woken only by what changes
+/// them: a class event, a material capacity change, a change to one of our objects seen by the watch,
+/// our pod appearing (the owner). It reads its objects from the watch cache and never lists.
 pub async fn run(
     ctx: Arc<Context>,
     mut reports: watch::Receiver<NodeFigures>,
+    resource: Option<ApiResource>,
     namespace: String,
-    pod_name: Option<String>,
     shutdown: CancellationToken,
 ) {
     let client = ctx.client.clone();
     if !crate::controller::watches::store_ready(&ctx.classes).await {
         return;
     }
-    let Some(resource) = discover(&client).await else {
+    let (Some(published), Some(resource)) = (ctx.capacities.clone(), resource) else {
         warn!(
             "the API server serves no CSIStorageCapacity; capacity-aware scheduling is off (admission still refuses claims that do not fit)"
         );
         return;
     };
+    if !crate::controller::watches::store_ready(&published).await {
+        return;
+    }
     info!(api_version = %resource.api_version, "publishing CSIStorageCapacity");
-    let node = ctx.settings.node.clone();
+    let mut owner = ctx.own_pod.subscribe();
     let mut publisher = Publisher {
         api: Api::namespaced_with(client.clone(), &namespace, &resource),
-        selector: format!("{}={}", pv::LABEL_NODE, naming::node_label_value(&node)),
         resource,
-        node,
-        owner: None,
+        node: ctx.settings.node.clone(),
         written: HashMap::new(),
     };
+    let mut retry = Duration::from_secs(1);
     loop {
-        if publisher.owner.is_none() && pod_name.is_some() {
-            publisher.owner = owner(&client, &namespace, pod_name.as_deref()).await;
-        }
         reports.borrow_and_update();
-        let hostname = ctx.node_hostname();
-        let wanted = publisher
-            .write_changed(&hostname, &class_capacities(&ctx))
+        let owner_ref = owner.borrow_and_update().clone();
+        publisher.check(&published, &ctx.capacity_changes);
+        let wanted = class_capacities(&ctx);
+        let ok = publisher
+            .write_changed(&ctx.node_hostname(), &wanted, owner_ref.as_ref())
             .await;
-        publisher.prune(&wanted).await;
+        publisher.prune(&published, &wanted).await;
+        // Only a failed write waits on a timer (with backoff); otherwise nothing happens until an
+        // event says the figures, the classes or our objects changed.
+        let wait = retry;
+        let backoff = async move {
+            if ok {
+                std::future::pending::<()>().await
+            } else {
+                tokio::time::sleep(wait).await
+            }
+        };
+        retry = if ok {
+            Duration::from_secs(1)
+        } else {
+            (retry * 2).min(Duration::from_secs(30))
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = reports.changed() => if changed.is_err() { return },
-            // A new class gets its objects at once, so the scheduler can place its pods.
             _ = ctx.classes_changed.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = ctx.capacity_changes.wake.notified() => {}
+            changed = owner.changed() => if changed.is_err() { return },
+            _ = backoff => {}
         }
     }
 }
 
 /// Each hostvol class with its capacity on this node: that of the data root it names (zero if the
 /// node has none).
-fn class_capacities(ctx: &Context) -> Vec<(String, u64)> {
+fn class_capacities(ctx: &Context) -> HashMap<String, (String, u64)> {
     ctx.classes
         .state()
         .iter()
@@ -170,49 +209,95 @@ fn class_capacities(ctx: &Context) -> Vec<(String, u64)> {
             )
             .map(|p| p.data_root)
             .unwrap_or_else(|_| crate::domain::params::DEFAULT_ROOT.to_string());
-            (c.name_any(), ctx.allocatable_bytes(&root))
+            let class = c.name_any();
+            (
+                object_name(&ctx.settings.node, &class),
+                (class, ctx.allocatable_bytes(&root)),
+            )
         })
         .collect()
 }
 
-/// What an object was last written with: (hostname, allocatable bytes, owner uid).
+/// What an object was written with: (hostname, allocatable bytes, owner uid).
 type Written = (String, u64, Option<String>);
+
+/// The same figures read back from a published object.
+fn observed(object: &DynamicObject) -> Written {
+    let hostname = object.data["nodeTopology"]["matchLabels"][pv::HOSTNAME_LABEL]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    // The server may rewrite the quantity in canonical form ("75G"), so compare bytes.
+    let capacity = object.data["capacity"]
+        .as_str()
+        .and_then(|c| crate::domain::quantity::parse_bytes(c).ok())
+        .unwrap_or(u64::MAX);
+    let owner = object.owner_references().first().map(|o| o.uid.clone());
+    (hostname, capacity, owner)
+}
 
 /// This node's CSIStorageCapacity objects, and what we know we wrote to them.
 struct Publisher {
     api: Api<DynamicObject>,
     resource: ApiResource,
     node: String,
-    /// Label selector of this node's objects.
-    selector: String,
-    /// Looked up until found: the agent may start before its pod object is visible.
-    owner: Option<OwnerReference>,
     /// What we last wrote, per object name, to skip writes that change nothing.
     written: HashMap<String, Written>,
 }
 
 impl Publisher {
-    /// Writes the object of each class whose figures changed since we last wrote it. Returns the
-    /// objects this node should have, by name, with the capacity each should show.
+    /// Forgets what we wrote to objects the watch saw deleted or changed by someone else, so the
+    /// next pass writes them again: the scheduler must never work from figures we did not publish.
+    fn check(&mut self, published: &Store<DynamicObject>, changes: &Changes) {
+        let (touched, relisted) = changes.take();
+        let differs = |name: &String, written: &Written| {
+            published
+                .get(
+                    &ObjectRef::new_with(name, self.resource.clone())
+                        .within(self.api.namespace().unwrap_or_default()),
+                )
+                .is_none_or(|o| observed(&o) != *written)
+        };
+        if relisted {
+            self.written.retain(|name, w| !differs(name, w));
+        } else {
+            for name in touched {
+                if let Some(w) = self.written.get(&name)
+                    && differs(&name, w)
+                {
+                    debug!(%name, "CSIStorageCapacity changed or deleted by someone else; writing it again");
+                    self.written.remove(&name);
+                }
+            }
+        }
+    }
+
+    /// Writes the object of each class whose figures changed since we last wrote it. False if a
+    /// write failed (retried after a backoff).
     async fn write_changed(
         &mut self,
         hostname: &str,
-        classes: &[(String, u64)],
-    ) -> HashMap<String, u64> {
-        let owner_uid = self.owner.as_ref().map(|o| o.uid.clone());
-        let mut wanted = HashMap::new();
-        for (class, allocatable) in classes {
-            let name = object_name(&self.node, class);
-            wanted.insert(name.clone(), *allocatable);
+        wanted: &HashMap<String, (String, u64)>,
+        owner: Option<&OwnerReference>,
+    ) -> bool {
+        let owner_uid = owner.map(|o| o.uid.clone());
+        let mut ok = true;
+        for (name, (class, allocatable)) in wanted {
             let state = (hostname.to_string(), *allocatable, owner_uid.clone());
-            if self.written.get(&name) != Some(&state) {
-                self.write(name, class, state).await;
+            if self.written.get(name) != Some(&state) {
+                ok &= self.write(name.clone(), class, state, owner).await;
             }
         }
-        wanted
+        ok
     }
 
-    async fn write(&mut self, name: String, class: &str, state: Written) {
+    async fn write(
+        &mut self,
+        name: String,
+        class: &str,
+        state: Written,
+        owner: Option<&OwnerReference>,
+    ) -> bool {
         let (hostname, allocatable) = (&state.0, state.1);
         let object = desired(
             &self.resource,
@@ -221,7 +306,7 @@ impl Publisher {
             hostname,
             class,
             allocatable,
-            self.owner.as_ref(),
+            owner,
         );
         match self
             .api
@@ -235,48 +320,37 @@ impl Publisher {
             Ok(_) => {
                 debug!(%name, class = %class, allocatable, "CSIStorageCapacity updated");
                 self.written.insert(name, state);
+                true
             }
-            Err(error) => warn!(%name, %error, "cannot update CSIStorageCapacity; retrying"),
+            Err(error) => {
+                warn!(%name, %error, "cannot update CSIStorageCapacity; retrying");
+                false
+            }
         }
     }
 
-    /// Deletes the objects of classes that are gone or no longer ours, and forgets what we wrote to
-    /// objects that something else deleted or changed.
-    async fn prune(&mut self, wanted: &HashMap<String, u64>) {
-        let Ok(list) = self
-            .api
-            .list(&ListParams::default().labels(&self.selector))
-            .await
-        else {
-            return;
-        };
-        for stale in list
-            .items
+    /// Deletes this node's objects of classes that are gone or no longer ours (from the watch cache).
+    async fn prune(
+        &mut self,
+        published: &Store<DynamicObject>,
+        wanted: &HashMap<String, (String, u64)>,
+    ) {
+        let stale: Vec<String> = published
+            .state()
             .iter()
+            .filter(|o| is_of_node(o, &self.node) && o.metadata.deletion_timestamp.is_none())
             .map(|o| o.name_any())
             .filter(|n| !wanted.contains_key(n))
-        {
-            self.written.remove(&stale);
-            if let Err(error) = self.api.delete(&stale, &DeleteParams::default()).await {
-                debug!(name = %stale, %error, "cannot delete stale CSIStorageCapacity");
+            .collect();
+        for name in stale {
+            self.written.remove(&name);
+            match self.api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => debug!(%name, "stale CSIStorageCapacity deleted"),
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(error) => debug!(%name, %error, "cannot delete stale CSIStorageCapacity"),
             }
         }
-        // Something else (the garbage collector, a user) deleted or changed one of ours: write it
-        // again, so the scheduler never works from figures we did not publish.
-        // The server may rewrite the quantity in canonical form ("75G"), so compare bytes.
-        let intact: Vec<String> = list
-            .items
-            .iter()
-            .filter(|o| {
-                o.data
-                    .get("capacity")
-                    .and_then(|c| c.as_str())
-                    .and_then(|c| crate::domain::quantity::parse_bytes(c).ok())
-                    == wanted.get(&o.name_any()).copied()
-            })
-            .map(|o| o.name_any())
-            .collect();
-        self.written.retain(|name, _| intact.contains(name));
+        self.written.retain(|name, _| wanted.contains_key(name));
     }
 }
 

@@ -12,7 +12,6 @@ use kube::api::{Api, DynamicObject};
 use kube::core::PartialObjectMeta;
 use kube::discovery::ApiResource;
 use kube::runtime::controller::Controller;
-use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, ResourceExt};
@@ -20,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::controller::context::{Context, Settings};
+use crate::controller::events::EventRecorder;
 use crate::controller::metrics::Metrics;
+use crate::controller::storage_capacity::{self, Changes};
 use crate::controller::{placement, provision, pv, reclaim};
 use crate::domain::admission::{self, Interest};
 use crate::domain::naming;
@@ -71,7 +72,7 @@ pub fn start(
     settings: Settings,
     capacity_api: Option<(ApiResource, String)>,
     roots: RootSet,
-    recorder: Recorder,
+    events: Arc<EventRecorder>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> (Watches, Arc<Context>, impl std::future::Future<Output = ()>) {
@@ -79,11 +80,25 @@ pub fn start(
     let classes = watch_classes(&client, classes_changed.clone());
     let nodes = watch_own_node(&client, &settings.node);
     let volumes_changed = Arc::new(tokio::sync::Notify::new());
-    let (volumes, volume_events) =
-        watch_own_volumes(&client, &settings.node, volumes_changed.clone());
-    let (claims, claim_events) = watch_claims(&client, &settings, volumes.clone());
-    let capacities = capacity_api
-        .map(|(resource, namespace)| watch_published_capacities(&client, resource, &namespace));
+    // Woken when claims or PVs go (or a watch relisted): per-object state is dropped then.
+    let gone = Arc::new(tokio::sync::Notify::new());
+    let (volumes, volume_events) = watch_own_volumes(
+        &client,
+        &settings.node,
+        volumes_changed.clone(),
+        gone.clone(),
+    );
+    let (claims, claim_events) = watch_claims(&client, &settings, volumes.clone(), gone.clone());
+    let capacity_changes = Arc::new(Changes::default());
+    let capacities = capacity_api.map(|(resource, namespace)| {
+        watch_published_capacities(
+            &client,
+            resource,
+            &namespace,
+            &settings.node,
+            capacity_changes.clone(),
+        )
+    });
     let ctx = Arc::new(Context {
         client,
         settings,
@@ -93,16 +108,19 @@ pub fn start(
         volumes: volumes.clone(),
         claims: claims.clone(),
         capacities,
-        recorder,
+        events,
         metrics,
         volumes_changed,
         classes_changed,
+        capacity_changes,
+        own_pod: tokio::sync::watch::Sender::new(None),
         admission_lock: tokio::sync::Mutex::new(()),
         recent_volumes: Mutex::new(HashMap::new()),
         recent_growth: Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),
     });
     tokio::spawn(place_claims_of_pods(ctx.clone()));
+    tokio::spawn(forget_gone(ctx.clone(), gone));
 
     // Reclaim: this node's PVs once their claims are gone.
     let reclaimer = Controller::for_stream(volume_events, volumes.clone())
@@ -190,6 +208,7 @@ fn watch_own_volumes(
     client: &Client,
     node: &str,
     changed: Arc<tokio::sync::Notify>,
+    gone: Arc<tokio::sync::Notify>,
 ) -> (
     Store<PersistentVolume>,
     impl futures::Stream<Item = Result<PersistentVolume, watcher::Error>> + Send + use<>,
@@ -201,9 +220,17 @@ fn watch_own_volumes(
         watcher::Config::default().labels(&label),
     )
     .default_backoff()
-    .modify(|pv| pv.managed_fields_mut().clear())
+    .modify(slim_volume)
     .reflect(writer)
-    .inspect(move |_| changed.notify_waiters())
+    .inspect(move |event| {
+        changed.notify_waiters();
+        if matches!(
+            event,
+            Ok(watcher::Event::Delete(_) | watcher::Event::InitDone)
+        ) {
+            gone.notify_one();
+        }
+    })
     .applied_objects();
     (volumes, events)
 }
@@ -214,6 +241,7 @@ fn watch_claims(
     client: &Client,
     settings: &Settings,
     own_volumes: Store<PersistentVolume>,
+    gone: Arc<tokio::sync::Notify>,
 ) -> (
     Store<PartialObjectMeta<PersistentVolumeClaim>>,
     impl futures::Stream<Item = Result<PartialObjectMeta<PersistentVolumeClaim>, watcher::Error>>
@@ -231,15 +259,44 @@ fn watch_claims(
             }
         });
     }
+    // Claims of other drivers, or bound to other nodes' volumes, never reach the cache: a claim
+    // turning foreign leaves it as if deleted, one listed foreign is skipped. Every change of a claim
+    // comes whole, so one that becomes ours later is cached then.
+    let ours = {
+        let (provisioner, listed, volumes) = (
+            provisioner.clone(),
+            volumes_listed.clone(),
+            own_volumes.clone(),
+        );
+        move |c: &PartialObjectMeta<PersistentVolumeClaim>| {
+            let bound_to_ours = || {
+                // Until our volumes are listed, any bound claim may be ours.
+                !listed.load(Ordering::Acquire)
+                    || c.uid()
+                        .and_then(|uid| naming::pv_name(&uid).ok())
+                        .is_some_and(|pv| volumes.get(&ObjectRef::new(&pv)).is_some())
+            };
+            admission::concerns(c.annotations(), &provisioner, bound_to_ours)
+        }
+    };
     let events = watcher(
         Api::<PartialObjectMeta<PersistentVolumeClaim>>::all(client.clone()),
         watcher::Config::default(),
     )
     .default_backoff()
-    .modify(|c| {
-        c.managed_fields_mut().clear();
-        c.annotations_mut()
-            .remove("kubectl.kubernetes.io/last-applied-configuration");
+    .modify(slim_claim)
+    .try_filter_map(move |event| {
+        let event = match event {
+            watcher::Event::Apply(c) if !ours(&c) => Some(watcher::Event::Delete(c)),
+            watcher::Event::InitApply(c) if !ours(&c) => None,
+            event => {
+                if matches!(event, watcher::Event::Delete(_) | watcher::Event::InitDone) {
+                    gone.notify_one();
+                }
+                Some(event)
+            }
+        };
+        futures::future::ready(Ok(event))
     })
     .reflect(writer)
     .applied_objects()
@@ -266,6 +323,8 @@ fn watch_published_capacities(
     client: &Client,
     resource: ApiResource,
     namespace: &str,
+    node: &str,
+    changes: Arc<Changes>,
 ) -> Store<DynamicObject> {
     let writer = reflector::store::Writer::new(resource.clone());
     let reader = writer.as_reader();
@@ -276,10 +335,66 @@ fn watch_published_capacities(
             watcher::Config::default().labels("app.kubernetes.io/managed-by=hostvol"),
         )
         .default_backoff()
-        .modify(|o| o.managed_fields_mut().clear())
-        .reflect(writer),
+        .modify(|o| {
+            o.managed_fields_mut().clear();
+            o.labels_mut().clear();
+        })
+        .reflect(writer)
+        .inspect({
+            let node = node.to_string();
+            move |event| match event {
+                Ok(
+                    watcher::Event::Apply(o)
+                    | watcher::Event::InitApply(o)
+                    | watcher::Event::Delete(o),
+                ) if storage_capacity::is_of_node(o, &node) => changes.touched(o.name_any()),
+                Ok(watcher::Event::InitDone) => changes.relisted(),
+                _ => {}
+            }
+        }),
     );
     reader
+}
+
+/// A PV as the agent keeps it: what reclaim, capacity, usage and expansion read; not who wrote
+/// which field, nor the node affinity (the label selects our PVs), which are most of its bytes.
+fn slim_volume(pv: &mut PersistentVolume) {
+    pv.managed_fields_mut().clear();
+    pv.annotations_mut()
+        .remove("kubectl.kubernetes.io/last-applied-configuration");
+    if let Some(spec) = pv.spec.as_mut() {
+        spec.node_affinity = None;
+        spec.mount_options = None;
+        if let Some(claim) = spec.claim_ref.as_mut() {
+            claim.field_path = None;
+            claim.resource_version = None;
+        }
+    }
+    if let Some(status) = pv.status.as_mut() {
+        status.message = None;
+        status.reason = None;
+    }
+}
+
+/// A claim as the agent keeps it: its identity and the annotations that say what to do with it.
+fn slim_claim(c: &mut PartialObjectMeta<PersistentVolumeClaim>) {
+    let meta = &mut c.metadata;
+    meta.managed_fields = None;
+    meta.labels = None;
+    meta.finalizers = None;
+    meta.owner_references = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.retain(|key, _| admission::KEPT_ANNOTATIONS.contains(&key.as_str()));
+    }
+}
+
+/// Drops per-claim and per-PV state when the watches say objects went, then gives the memory back.
+async fn forget_gone(ctx: Arc<Context>, gone: Arc<tokio::sync::Notify>) {
+    loop {
+        gone.notified().await;
+        ctx.forget_gone();
+        crate::node::memory::release_soon();
+    }
 }
 
 /// Pods bound to this node, streamed (not stored), for pods that set spec.nodeName themselves.
@@ -294,6 +409,7 @@ async fn place_claims_of_pods(ctx: Arc<Context>) {
     while let Some(item) = pods.next().await {
         match item {
             Ok(pod) => {
+                note_own_pod(&ctx, &pod);
                 if let Err(error) = placement::place_claims_of_pod(&pod, &ctx).await {
                     warn!(%error, pod = %pod.name_any(), "cannot place the claims of a pod on this node");
                 }
@@ -301,4 +417,32 @@ async fn place_claims_of_pods(ctx: Arc<Context>) {
             Err(error) => warn!(watch = "pods", %error, "watch failed; retrying with backoff"),
         }
     }
+}
+
+/// The agent's own Pod (a DaemonSet pod is on this node, so the pod watch sees it) becomes the owner
+/// of its CSIStorageCapacity objects: no request of its own.
+fn note_own_pod(ctx: &Context, pod: &Pod) {
+    let Some((namespace, name)) = &ctx.settings.pod else {
+        return;
+    };
+    if pod.metadata.name.as_ref() != Some(name)
+        || pod.metadata.namespace.as_ref() != Some(namespace)
+    {
+        return;
+    }
+    let owner =
+        pod.uid().map(
+            |uid| k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "v1".into(),
+                kind: "Pod".into(),
+                name: name.clone(),
+                uid,
+                ..Default::default()
+            },
+        );
+    ctx.own_pod.send_if_modified(|current| {
+        let changed = *current != owner;
+        *current = owner.clone();
+        changed
+    });
 }

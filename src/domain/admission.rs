@@ -13,6 +13,35 @@ pub const ANN_BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
 /// placed on a node before its PV exists.
 pub const ANN_REQUESTED_BYTES: &str = "hostvol.io/requested-bytes";
 
+/// The claim annotations the agent reads; the claim cache keeps only these.
+pub const KEPT_ANNOTATIONS: [&str; 5] = [
+    ANN_SELECTED_NODE,
+    ANN_STORAGE_PROVISIONER,
+    ANN_STORAGE_PROVISIONER_BETA,
+    ANN_BIND_COMPLETED,
+    ANN_REQUESTED_BYTES,
+];
+
+/// Whether an agent must keep a claim in its cache: a claim of its provisioner not bound yet (any
+/// node: placing counts the bytes pending on every node), one not yet given a provisioner (it may be
+/// ours, waiting for its pod), or one bound to its own volumes (`bound_to_ours`). Claims of other
+/// drivers and claims bound to other nodes' volumes are not its business.
+pub fn concerns(
+    annotations: &BTreeMap<String, String>,
+    provisioner: &str,
+    bound_to_ours: impl FnOnce() -> bool,
+) -> bool {
+    let named: Vec<&String> = [ANN_STORAGE_PROVISIONER, ANN_STORAGE_PROVISIONER_BETA]
+        .iter()
+        .filter_map(|key| annotations.get(*key))
+        .collect();
+    let ours = named.iter().any(|p| *p == provisioner);
+    if annotations.contains_key(ANN_BIND_COMPLETED) {
+        return (ours || named.is_empty()) && bound_to_ours();
+    }
+    ours || named.is_empty()
+}
+
 /// What an agent should do with a claim, judged from its metadata alone (what the narrow watch keeps).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Interest {
@@ -263,6 +292,41 @@ mod tests {
     }
 
     const P: &str = "hostpath.hostvol.io";
+
+    #[test]
+    fn the_cache_keeps_only_claims_that_may_be_ours() {
+        let of = |pairs: &[(&str, &str)], bound_to_ours: bool| {
+            concerns(&annotations(pairs), P, || bound_to_ours)
+        };
+        assert!(of(&[], false), "no provisioner yet: may be ours");
+        assert!(of(&[(ANN_STORAGE_PROVISIONER, P)], false));
+        assert!(
+            of(
+                &[
+                    (ANN_STORAGE_PROVISIONER_BETA, P),
+                    (ANN_SELECTED_NODE, "other")
+                ],
+                false
+            ),
+            "placed on another node: its bytes count there"
+        );
+        assert!(!of(&[(ANN_STORAGE_PROVISIONER, "example.com/other")], true));
+        assert!(!of(
+            &[(ANN_STORAGE_PROVISIONER, P), (ANN_BIND_COMPLETED, "yes")],
+            false
+        ));
+        assert!(of(
+            &[(ANN_STORAGE_PROVISIONER, P), (ANN_BIND_COMPLETED, "yes")],
+            true
+        ));
+        assert!(!of(
+            &[
+                (ANN_STORAGE_PROVISIONER, "example.com/other"),
+                (ANN_BIND_COMPLETED, "yes")
+            ],
+            true
+        ));
+    }
 
     #[test]
     fn acts_only_on_claims_for_this_node_and_provisioner() {

@@ -1,8 +1,9 @@
 //! The node's disks: data roots, volume directories, safe removal and archiving, usage walks and
-//! orphan scans. Every operation goes through an open handle on a data root and one validated name,
+//! orphan scans, and the agent's own memory on the node ([`memory`]). Every operation goes through an open handle on a data root and one validated name,
 //! never a joined path, and never follows a symlink. Uses only [`crate::domain`].
 
 pub mod clone;
+pub mod memory;
 pub mod orphans;
 pub mod quota;
 pub mod removal;
