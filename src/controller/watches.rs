@@ -230,6 +230,8 @@ fn watch_own_volumes(
         ) {
             gone.notify_one();
         }
+        // A burst of new volumes leaves freed parse and request buffers behind as well.
+        crate::node::memory::release_soon();
     })
     .applied_objects();
     (volumes, events)
