@@ -76,9 +76,10 @@ pub fn start(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> (Watches, Arc<Context>, impl std::future::Future<Output = ()>) {
+    let watch_failed = Arc::new(tokio::sync::Notify::new());
     let classes_changed = Arc::new(tokio::sync::Notify::new());
-    let classes = watch_classes(&client, classes_changed.clone());
-    let nodes = watch_own_node(&client, &settings.node);
+    let classes = watch_classes(&client, classes_changed.clone(), watch_failed.clone());
+    let nodes = watch_own_node(&client, &settings.node, watch_failed.clone());
     let volumes_changed = Arc::new(tokio::sync::Notify::new());
     // Woken when claims or PVs go (or a watch relisted): per-object state is dropped then.
     let gone = Arc::new(tokio::sync::Notify::new());
@@ -97,6 +98,7 @@ pub fn start(
             &namespace,
             &settings.node,
             capacity_changes.clone(),
+            watch_failed.clone(),
         )
     });
     let ctx = Arc::new(Context {
@@ -114,6 +116,7 @@ pub fn start(
         classes_changed,
         capacity_changes,
         own_pod: tokio::sync::watch::Sender::new(None),
+        watch_failed: watch_failed.clone(),
         admission_lock: tokio::sync::Mutex::new(()),
         recent_volumes: Mutex::new(HashMap::new()),
         recent_growth: Mutex::new(HashMap::new()),
@@ -123,23 +126,27 @@ pub fn start(
     tokio::spawn(forget_gone(ctx.clone(), gone));
 
     // Reclaim: this node's PVs once their claims are gone.
+    let volumes_failed = watch_failed.clone();
     let reclaimer = Controller::for_stream(volume_events, volumes.clone())
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(reclaim::reconcile, reclaim::error_policy, ctx.clone())
-        .for_each(|result| {
+        .for_each(move |result| {
             if let Err(kube::runtime::controller::Error::QueueError(error)) = result {
                 warn!(watch = "persistentvolumes", %error, "watch failed; retrying with backoff");
+                volumes_failed.notify_one();
             }
             futures::future::ready(())
         });
+    let claims_failed = watch_failed.clone();
     let provisioner = Controller::for_stream(claim_events, claims.clone())
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(provision::reconcile, provision::error_policy, ctx.clone())
-        .for_each(|result| {
+        .for_each(move |result| {
             match result {
                 Err(kube::runtime::controller::Error::ObjectNotFound(_)) => {}
                 Err(kube::runtime::controller::Error::QueueError(error)) => {
-                    warn!(watch = "persistentvolumeclaims", %error, "watch failed; retrying with backoff")
+                    warn!(watch = "persistentvolumeclaims", %error, "watch failed; retrying with backoff");
+                    claims_failed.notify_one();
                 }
                 Err(error) => debug!(%error, "controller event"),
                 Ok(_) => {}
@@ -159,20 +166,25 @@ pub fn start(
 }
 
 /// Drives a watch that only feeds a store, logging its errors (the watcher retries with backoff).
-fn drive<T, S>(what: &'static str, stream: S)
+fn drive<T, S>(what: &'static str, stream: S, failed: Arc<tokio::sync::Notify>)
 where
     S: futures::Stream<Item = Result<T, watcher::Error>> + Send + 'static,
 {
     tokio::spawn(stream.for_each(move |item| {
         if let Err(error) = item {
             warn!(watch = what, %error, "watch failed; retrying with backoff");
+            failed.notify_one();
         }
         futures::future::ready(())
     }));
 }
 
 /// StorageClasses: few and small; kept whole. `changed` gets a permit on every event.
-fn watch_classes(client: &Client, changed: Arc<tokio::sync::Notify>) -> Store<StorageClass> {
+fn watch_classes(
+    client: &Client,
+    changed: Arc<tokio::sync::Notify>,
+    failed: Arc<tokio::sync::Notify>,
+) -> Store<StorageClass> {
     let (classes, writer) = reflector::store();
     drive(
         "storageclasses",
@@ -183,12 +195,17 @@ fn watch_classes(client: &Client, changed: Arc<tokio::sync::Notify>) -> Store<St
         .default_backoff()
         .reflect(writer)
         .inspect(move |_| changed.notify_one()),
+        failed,
     );
     classes
 }
 
 /// Our own Node, metadata only (a Node's status with its image list is large).
-fn watch_own_node(client: &Client, node: &str) -> Store<PartialObjectMeta<Node>> {
+fn watch_own_node(
+    client: &Client,
+    node: &str,
+    failed: Arc<tokio::sync::Notify>,
+) -> Store<PartialObjectMeta<Node>> {
     let (nodes, writer) = reflector::store();
     drive(
         "node",
@@ -199,6 +216,7 @@ fn watch_own_node(client: &Client, node: &str) -> Store<PartialObjectMeta<Node>>
         .default_backoff()
         .modify(|n| n.managed_fields_mut().clear())
         .reflect(writer),
+        failed,
     );
     nodes
 }
@@ -327,6 +345,7 @@ fn watch_published_capacities(
     namespace: &str,
     node: &str,
     changes: Arc<Changes>,
+    failed: Arc<tokio::sync::Notify>,
 ) -> Store<DynamicObject> {
     let writer = reflector::store::Writer::new(resource.clone());
     let reader = writer.as_reader();
@@ -354,6 +373,7 @@ fn watch_published_capacities(
                 _ => {}
             }
         }),
+        failed,
     );
     reader
 }
@@ -416,7 +436,10 @@ async fn place_claims_of_pods(ctx: Arc<Context>) {
                     warn!(%error, pod = %pod.name_any(), "cannot place the claims of a pod on this node");
                 }
             }
-            Err(error) => warn!(watch = "pods", %error, "watch failed; retrying with backoff"),
+            Err(error) => {
+                warn!(watch = "pods", %error, "watch failed; retrying with backoff");
+                ctx.watch_failed.notify_one();
+            }
         }
     }
 }
