@@ -28,6 +28,8 @@ use crate::domain::params::ClassParameters;
 pub const LEASE_NAME: &str = "hostvol-node-loss";
 const LEASE_SECONDS: i32 = 30;
 const TICK: Duration = Duration::from_secs(5);
+/// Objects per list request when looking through every hostvol PV.
+const PAGE: u32 = 500;
 
 /// One of our PVs whose node no longer exists.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,15 +209,23 @@ async fn missing_nodes(
     ctx: &Context,
     nodes: &Store<PartialObjectMeta<Node>>,
 ) -> Result<HashSet<String>, kube::Error> {
-    let volumes = Api::<PersistentVolume>::all(ctx.client.clone())
-        .list_metadata(&ListParams::default().labels(pv::LABEL_NODE))
-        .await?;
-    Ok(volumes
-        .items
-        .iter()
-        .filter_map(|v| v.annotations().get(pv::ANN_NODE).cloned())
-        .filter(|node| !node.is_empty() && nodes.get(&ObjectRef::new(node)).is_none())
-        .collect())
+    let api = Api::<PersistentVolume>::all(ctx.client.clone());
+    let mut missing = HashSet::new();
+    let mut params = ListParams::default().labels(pv::LABEL_NODE).limit(PAGE);
+    // In pages: every hostvol PV of the cluster at once would be the agent's largest allocation.
+    loop {
+        let page = api.list_metadata(&params).await?;
+        missing.extend(
+            page.items
+                .iter()
+                .filter_map(|v| v.annotations().get(pv::ANN_NODE).cloned())
+                .filter(|node| !node.is_empty() && nodes.get(&ObjectRef::new(node)).is_none()),
+        );
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(missing),
+        }
+    }
 }
 
 /// Takes the suspects' volumes (label-selected per node) and deletes those whose grace has passed;
