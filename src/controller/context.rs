@@ -317,6 +317,22 @@ fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
     }
 }
 
+/// A node's room for `class` from a CSIStorageCapacity another agent (or this one) published: its
+/// node annotation and `capacity`. None when the object is for another class or its figures are
+/// missing or malformed (anyone with write access could publish one), so it is simply not a candidate.
+pub fn published_candidate(object: &DynamicObject, class: &str) -> Option<Candidate> {
+    if object.data.get("storageClassName").and_then(|v| v.as_str()) != Some(class) {
+        return None;
+    }
+    let node = object.annotations().get(pv::ANN_NODE)?.clone();
+    let allocatable = quantity::parse_bytes(object.data.get("capacity")?.as_str()?).ok()?;
+    Some(Candidate {
+        node,
+        allocatable,
+        pending: 0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,20 +430,4 @@ mod tests {
             );
         }
     }
-}
-
-/// A node's room for `class` from a CSIStorageCapacity another agent (or this one) published: its
-/// node annotation and `capacity`. None when the object is for another class or its figures are
-/// missing or malformed (anyone with write access could publish one), so it is simply not a candidate.
-pub fn published_candidate(object: &DynamicObject, class: &str) -> Option<Candidate> {
-    if object.data.get("storageClassName").and_then(|v| v.as_str()) != Some(class) {
-        return None;
-    }
-    let node = object.annotations().get(pv::ANN_NODE)?.clone();
-    let allocatable = quantity::parse_bytes(object.data.get("capacity")?.as_str()?).ok()?;
-    Some(Candidate {
-        node,
-        allocatable,
-        pending: 0,
-    })
 }
