@@ -121,7 +121,6 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
         capacity_resource,
         &shutdown,
     );
-    let watch_failed = ctx.watch_failed.clone();
     let grpc_task = tokio::spawn(node_service::serve(
         grpc_listeners,
         ctx,
@@ -136,7 +135,7 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
                 ready.store(true, Ordering::Release);
                 info!("watches synced; ready");
                 // From now on ready only while the API server answers.
-                api_health::track(client, node, ready, watch_failed, shutdown).await;
+                api_health::track(client, node, ready, shutdown).await;
             } else {
                 warn!("a watch ended before syncing");
             }

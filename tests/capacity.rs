@@ -147,6 +147,8 @@ async fn hostvol_pv_of(cluster: &Cluster, claim: &str) -> String {
 async fn node_service_agrees_with_the_disk() {
     let cluster = Cluster::start().await;
     cluster.add_node("node-a").await;
+    // A disk nothing else writes to: the report and statvfs below must see the same free space.
+    cluster.give_disk("node-a", "64g");
     let agent = cluster
         .start_agent(
             "node-a",

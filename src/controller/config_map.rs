@@ -74,7 +74,6 @@ pub async fn watch(ctx: Arc<Context>, client: Client, source: Source, shutdown: 
             Ok(_) => continue,
             Err(error) => {
                 error!(%error, "watch of the hostvol configuration failed; retrying");
-                ctx.watch_failed.notify_one();
                 continue;
             }
         };

@@ -80,8 +80,6 @@ pub struct Context {
     pub classes_changed: Arc<tokio::sync::Notify>,
     /// Changes to this node's own CSIStorageCapacity objects seen by the watch, for the publisher.
     pub capacity_changes: Arc<crate::controller::storage_capacity::Changes>,
-    /// Woken whenever a watch fails: readiness then checks whether the API server still answers.
-    pub watch_failed: Arc<tokio::sync::Notify>,
     /// The agent's own Pod as an owner reference, once the pod watch has seen it.
     pub own_pod: tokio::sync::watch::Sender<
         Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
@@ -392,7 +390,6 @@ mod tests {
             classes_changed: Arc::default(),
             capacity_changes: Arc::default(),
             own_pod: tokio::sync::watch::Sender::new(None),
-            watch_failed: Arc::default(),
             admission_lock: tokio::sync::Mutex::new(()),
             recent_volumes: Mutex::default(),
             recent_growth: Mutex::default(),

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::controller::context::{Context, Error, Result};
 use crate::controller::pv;
-use crate::controller::watches::store_ready;
+use crate::controller::store::store_ready;
 use crate::domain::expansion::{self, Expansion};
 use crate::domain::{naming, quantity};
 

@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 
 use crate::controller::context::Context;
 use crate::controller::pv;
-use crate::controller::watches::store_ready;
+use crate::controller::store::store_ready;
 
 pub async fn keep(ctx: Arc<Context>, every: Duration, shutdown: CancellationToken) {
     if !store_ready(&ctx.volumes).await {

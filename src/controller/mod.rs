@@ -20,5 +20,6 @@ pub mod provision;
 pub mod pv;
 pub mod reclaim;
 pub mod storage_capacity;
+pub mod store;
 pub mod usage_refresh;
 pub mod watches;

@@ -159,7 +159,6 @@ pub async fn run(ctx: Arc<Context>, namespace: String, shutdown: CancellationTok
                 Some(Ok(_)) => continue,
                 Some(Err(error)) => {
                     warn!(watch = "nodes", %error, "watch failed; retrying with backoff");
-                    ctx.watch_failed.notify_one();
                     continue;
                 }
             },

@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 
 use crate::controller::context::Context;
 use crate::controller::reclaim::Disposal;
-use crate::controller::watches::store_ready;
+use crate::controller::store::store_ready;
 use crate::controller::{pv, reclaim};
 use crate::node::orphans::{Findings, classify, read_root};
 use crate::node::roots::Root;

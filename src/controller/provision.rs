@@ -18,7 +18,7 @@ use crate::controller::claim::{claim_key, claim_spec};
 use crate::controller::clone_source::{self, Source};
 use crate::controller::context::{Context, Error, Result};
 use crate::controller::pv::VolumeDescription;
-use crate::controller::watches::store_ready;
+use crate::controller::store::store_ready;
 use crate::controller::{expansion, placement, pv, reclaim};
 use crate::domain::admission::{self, Interest, Refusal, VolumeRequest};
 use crate::domain::naming;

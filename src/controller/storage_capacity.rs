@@ -140,7 +140,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let client = ctx.client.clone();
-    if !crate::controller::watches::store_ready(&ctx.classes).await {
+    if !crate::controller::store::store_ready(&ctx.classes).await {
         return;
     }
     let (Some(published), Some(resource)) = (ctx.capacities.clone(), resource) else {
@@ -149,7 +149,7 @@ pub async fn run(
         );
         return;
     };
-    if !crate::controller::watches::store_ready(&published).await {
+    if !crate::controller::store::store_ready(&published).await {
         return;
     }
     info!(api_version = %resource.api_version, "publishing CSIStorageCapacity");

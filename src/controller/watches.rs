@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
@@ -22,6 +21,7 @@ use crate::controller::context::{Context, Settings};
 use crate::controller::events::EventRecorder;
 use crate::controller::metrics::Metrics;
 use crate::controller::storage_capacity::{self, Changes};
+use crate::controller::store::store_ready;
 use crate::controller::{placement, provision, pv, reclaim};
 use crate::domain::admission::{self, Interest};
 use crate::domain::naming;
@@ -51,21 +51,6 @@ impl Watches {
     }
 }
 
-/// Waits for a store's first sync. kube's readiness signal wakes only one waiter (a oneshot under the
-/// hood) and the controller also waits on the claims store, so poll instead of relying on the wake-up.
-pub async fn store_ready<K>(store: &Store<K>) -> bool
-where
-    K: kube::Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    loop {
-        match tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready()).await {
-            Ok(result) => return result.is_ok(),
-            Err(_elapsed) => continue,
-        }
-    }
-}
-
 /// Starts the supporting watches and returns the controllers' future, which ends on `shutdown`.
 pub fn start(
     client: Client,
@@ -76,10 +61,9 @@ pub fn start(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> (Watches, Arc<Context>, impl std::future::Future<Output = ()>) {
-    let watch_failed = Arc::new(tokio::sync::Notify::new());
     let classes_changed = Arc::new(tokio::sync::Notify::new());
-    let classes = watch_classes(&client, classes_changed.clone(), watch_failed.clone());
-    let nodes = watch_own_node(&client, &settings.node, watch_failed.clone());
+    let classes = watch_classes(&client, classes_changed.clone());
+    let nodes = watch_own_node(&client, &settings.node);
     let volumes_changed = Arc::new(tokio::sync::Notify::new());
     // Woken when claims or PVs go (or a watch relisted): per-object state is dropped then.
     let gone = Arc::new(tokio::sync::Notify::new());
@@ -98,7 +82,6 @@ pub fn start(
             &namespace,
             &settings.node,
             capacity_changes.clone(),
-            watch_failed.clone(),
         )
     });
     let ctx = Arc::new(Context {
@@ -116,7 +99,6 @@ pub fn start(
         classes_changed,
         capacity_changes,
         own_pod: tokio::sync::watch::Sender::new(None),
-        watch_failed: watch_failed.clone(),
         admission_lock: tokio::sync::Mutex::new(()),
         recent_volumes: Mutex::new(HashMap::new()),
         recent_growth: Mutex::new(HashMap::new()),
@@ -126,27 +108,23 @@ pub fn start(
     tokio::spawn(forget_gone(ctx.clone(), gone));
 
     // Reclaim: this node's PVs once their claims are gone.
-    let volumes_failed = watch_failed.clone();
     let reclaimer = Controller::for_stream(volume_events, volumes.clone())
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(reclaim::reconcile, reclaim::error_policy, ctx.clone())
-        .for_each(move |result| {
+        .for_each(|result| {
             if let Err(kube::runtime::controller::Error::QueueError(error)) = result {
                 warn!(watch = "persistentvolumes", %error, "watch failed; retrying with backoff");
-                volumes_failed.notify_one();
             }
             futures::future::ready(())
         });
-    let claims_failed = watch_failed.clone();
     let provisioner = Controller::for_stream(claim_events, claims.clone())
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(provision::reconcile, provision::error_policy, ctx.clone())
-        .for_each(move |result| {
+        .for_each(|result| {
             match result {
                 Err(kube::runtime::controller::Error::ObjectNotFound(_)) => {}
                 Err(kube::runtime::controller::Error::QueueError(error)) => {
-                    warn!(watch = "persistentvolumeclaims", %error, "watch failed; retrying with backoff");
-                    claims_failed.notify_one();
+                    warn!(watch = "persistentvolumeclaims", %error, "watch failed; retrying with backoff")
                 }
                 Err(error) => debug!(%error, "controller event"),
                 Ok(_) => {}
@@ -166,25 +144,20 @@ pub fn start(
 }
 
 /// Drives a watch that only feeds a store, logging its errors (the watcher retries with backoff).
-fn drive<T, S>(what: &'static str, stream: S, failed: Arc<tokio::sync::Notify>)
+fn drive<T, S>(what: &'static str, stream: S)
 where
     S: futures::Stream<Item = Result<T, watcher::Error>> + Send + 'static,
 {
     tokio::spawn(stream.for_each(move |item| {
         if let Err(error) = item {
             warn!(watch = what, %error, "watch failed; retrying with backoff");
-            failed.notify_one();
         }
         futures::future::ready(())
     }));
 }
 
 /// StorageClasses: few and small; kept whole. `changed` gets a permit on every event.
-fn watch_classes(
-    client: &Client,
-    changed: Arc<tokio::sync::Notify>,
-    failed: Arc<tokio::sync::Notify>,
-) -> Store<StorageClass> {
+fn watch_classes(client: &Client, changed: Arc<tokio::sync::Notify>) -> Store<StorageClass> {
     let (classes, writer) = reflector::store();
     drive(
         "storageclasses",
@@ -195,17 +168,12 @@ fn watch_classes(
         .default_backoff()
         .reflect(writer)
         .inspect(move |_| changed.notify_one()),
-        failed,
     );
     classes
 }
 
 /// Our own Node, metadata only (a Node's status with its image list is large).
-fn watch_own_node(
-    client: &Client,
-    node: &str,
-    failed: Arc<tokio::sync::Notify>,
-) -> Store<PartialObjectMeta<Node>> {
+fn watch_own_node(client: &Client, node: &str) -> Store<PartialObjectMeta<Node>> {
     let (nodes, writer) = reflector::store();
     drive(
         "node",
@@ -216,7 +184,6 @@ fn watch_own_node(
         .default_backoff()
         .modify(|n| n.managed_fields_mut().clear())
         .reflect(writer),
-        failed,
     );
     nodes
 }
@@ -345,7 +312,6 @@ fn watch_published_capacities(
     namespace: &str,
     node: &str,
     changes: Arc<Changes>,
-    failed: Arc<tokio::sync::Notify>,
 ) -> Store<DynamicObject> {
     let writer = reflector::store::Writer::new(resource.clone());
     let reader = writer.as_reader();
@@ -373,7 +339,6 @@ fn watch_published_capacities(
                 _ => {}
             }
         }),
-        failed,
     );
     reader
 }
@@ -436,10 +401,7 @@ async fn place_claims_of_pods(ctx: Arc<Context>) {
                     warn!(%error, pod = %pod.name_any(), "cannot place the claims of a pod on this node");
                 }
             }
-            Err(error) => {
-                warn!(watch = "pods", %error, "watch failed; retrying with backoff");
-                ctx.watch_failed.notify_one();
-            }
+            Err(error) => warn!(watch = "pods", %error, "watch failed; retrying with backoff"),
         }
     }
 }
