@@ -245,19 +245,7 @@ async fn restart_mid_burst(component: &str, ns: &str) {
     let back = Instant::now();
     let bound_after = wait_all_bound(&cluster, ns, n, T).await;
     // Ready again within a check interval or two of the API answering.
-    cluster
-        .wait_for(
-            || async {
-                let mut ready = true;
-                for a in &agents {
-                    ready &= matches!(a.http_get("/readyz").await, Ok((200, _)));
-                }
-                ready
-            },
-            Duration::from_secs(30),
-            "agents ready again",
-        )
-        .await;
+    wait_agents_ready_again(&cluster, &agents).await;
     let not_ready = readiness_dipped_and_came_back(stop, timelines, &agents).await;
     assert_one_of_each(&cluster, ns, n, &agents).await;
     assert_no_agent_restart(&mut agents, &pids);
@@ -345,19 +333,7 @@ async fn apiserver_unreachable_for_a_minute() {
         .await;
     let first_pv = restored.elapsed();
     let all_bound = wait_all_bound(&cluster, ns, n, T).await + first_pv;
-    cluster
-        .wait_for(
-            || async {
-                let mut ready = true;
-                for a in &agents {
-                    ready &= matches!(a.http_get("/readyz").await, Ok((200, _)));
-                }
-                ready
-            },
-            Duration::from_secs(30),
-            "agents ready again",
-        )
-        .await;
+    wait_agents_ready_again(&cluster, &agents).await;
     let not_ready = readiness_dipped_and_came_back(stop, timelines, &agents).await;
     assert_one_of_each(&cluster, ns, n, &agents).await;
     assert_no_agent_restart(&mut agents, &pids);
@@ -685,4 +661,21 @@ async fn node_restart_with_run_emptied() {
          agent ready {ready_after:.1?} after the reboot, socket back; all {n} Bound {bound_after:.1?} after \
          that; {n} PVs, {n} directories, ListVolumes {listed}; no duplicate, none lost"
     );
+}
+
+/// Waits (30 s) until every agent's `/readyz` answers 200 again.
+async fn wait_agents_ready_again(cluster: &Cluster, agents: &[Agent]) {
+    cluster
+        .wait_for(
+            || async {
+                let mut ready = true;
+                for a in agents {
+                    ready &= matches!(a.http_get("/readyz").await, Ok((200, _)));
+                }
+                ready
+            },
+            Duration::from_secs(30),
+            "agents ready again",
+        )
+        .await;
 }
