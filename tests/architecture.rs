@@ -48,7 +48,7 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
     for file in files.iter().filter(|f| !f.starts_with(src.join("bin"))) {
         let from = module_of(&src, file);
         let text = std::fs::read_to_string(file).unwrap();
-        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        let code = without_test_modules(&text);
         let targets = edges.entry(from.clone()).or_default();
         for (i, _) in code.match_indices("crate::") {
             let path: String = code[i + "crate::".len()..]
@@ -70,6 +70,55 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
         }
     }
     edges
+}
+
+/// The file without its `#[cfg(test)] mod ... { ... }` blocks: everything else counts, test-only
+/// imports included (an import is a dependency whoever uses it).
+fn without_test_modules(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("#[cfg(test)]") {
+        let after = &rest[at + "#[cfg(test)]".len()..];
+        let item = after.trim_start();
+        let is_module = item.starts_with("mod ")
+            || item.starts_with("pub mod ")
+            || item.starts_with("pub(crate) mod ");
+        let Some(open) = item.find('{').filter(|_| is_module) else {
+            out.push_str(&rest[..at + "#[cfg(test)]".len()]);
+            rest = after;
+            continue;
+        };
+        out.push_str(&rest[..at]);
+        let body = &item[open..];
+        let mut depth = 0usize;
+        let mut end = body.len();
+        for (i, c) in body.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = i + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        rest = &body[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn test_modules_are_left_out_and_everything_else_read() {
+    let text = "use crate::a;\n#[cfg(test)]\nuse crate::b;\nfn f() {}\n#[cfg(test)]\nmod tests {\n    use crate::c;\n    fn g() { if x { y } }\n}\nuse crate::d;\n";
+    let code = without_test_modules(text);
+    for kept in ["crate::a", "crate::b", "crate::d", "fn f"] {
+        assert!(code.contains(kept), "{kept} kept: {code}");
+    }
+    assert!(!code.contains("crate::c"), "test module left out: {code}");
 }
 
 fn layer_of(module: &str) -> usize {

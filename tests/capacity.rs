@@ -181,9 +181,29 @@ async fn node_service_agrees_with_the_disk() {
         .unwrap();
     std::fs::write(dir_one.join("payload"), vec![1u8; 3 << 20]).unwrap();
 
+    // What the kernel says about the data root's filesystem, in bytes: (total, available).
+    let disk = || {
+        let st = nix::sys::statvfs::statvfs(&agent.root).expect("statvfs of the agent's data root");
+        let block = st.fragment_size() as u64;
+        (
+            st.blocks() as u64 * block,
+            st.blocks_available() as u64 * block,
+        )
+    };
     for address in [agent.grpc_tcp(), agent.grpc_unix()] {
         let mut client = connect(&address, Duration::from_secs(5)).await.unwrap();
+        let (total_before, available_before) = disk();
         let report = capacity_report(&mut client).await;
+        let (total_after, available_after) = disk();
+        assert_eq!(report.total_bytes, total_before, "total as statvfs says");
+        assert_eq!(total_before, total_after);
+        // Nothing writes to this disk now; were something to, the report lies between the two reads.
+        assert!(
+            (available_after..=available_before).contains(&report.available_bytes),
+            "available {} as statvfs says ({available_before} before the report, {available_after} after)",
+            report.available_bytes
+        );
+        assert!(report.available_bytes < report.total_bytes && report.available_bytes > 60 * GI);
         assert_eq!(report.node, "node-a");
         assert_eq!(report.data_root, agent.root.display().to_string());
         assert_eq!(report.volume_count, 2, "{report:?}");
@@ -312,7 +332,12 @@ async fn node_service_agrees_with_the_disk() {
         .unwrap();
     let lag = streamed_at.saturating_duration_since(pv_at);
     eprintln!("[e2e] WatchCapacity reported the new volume {lag:?} after the PV watch saw it");
-    assert!(lag < Duration::from_secs(1), "stream lagged {lag:?}");
+    // The behaviour: the stream reports the change when it happens, not at its next periodic report
+    // (30 s here). The lag itself is a figure (printed above); this bound holds on a loaded machine.
+    assert!(
+        lag < Duration::from_secs(15),
+        "stream lagged {lag:?}: it waited for the 30-s periodic report instead of the change"
+    );
     assert_eq!(report.allocated_bytes, 4 * GI);
 
     // Health and reflection, as generic tools use them.

@@ -302,7 +302,45 @@ async fn delete_policy_cleans_up_without_following_symlinks() {
     let dir2 = volume_dir(agent, &pv2);
     std::fs::write(dir2.join("data"), "x").unwrap();
     cluster.kubectl_ok(&["delete", "pv", &pv2.name_any(), "--wait=false"]);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster
+        .wait_for(
+            || async {
+                pvs.get_opt(&pv2.name_any())
+                    .await
+                    .unwrap()
+                    .is_some_and(|pv| pv.metadata.deletion_timestamp.is_some())
+            },
+            T,
+            "the PV marked for deletion",
+        )
+        .await;
+    // A barrier instead of a sleep: a Delete volume made and released after that is removed, so
+    // the agent has seen the deletion of the bound one by then (and must have kept it).
+    cluster.kubectl_apply_yaml(&claim_yaml(
+        "del",
+        "barrier",
+        "hostvol-delete",
+        "1Gi",
+        Some("node-a"),
+    ));
+    let barrier = cluster.hostvol_pv_of_claim("del", "barrier", T).await;
+    let barrier_dir = volume_dir(agent, &barrier);
+    cluster.kubectl_ok(&[
+        "delete",
+        "-n",
+        "del",
+        "pvc",
+        "barrier",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    cluster
+        .wait_for(
+            || async { !barrier_dir.exists() },
+            T,
+            "the barrier volume removed",
+        )
+        .await;
     assert!(
         dir2.join("data").exists(),
         "a bound volume keeps its data while its claim exists"

@@ -16,15 +16,22 @@ use std::path::{Component, Path};
 use std::time::Duration;
 
 use hostvol::controller::context::published_candidate;
-use hostvol::controller::pv::ANN_NODE;
+use hostvol::controller::pv::{self, ANN_DIRECTORY, ANN_NODE};
+use hostvol::controller::reclaim::{ANN_ON_DELETE, ANN_PURGE, Disposal, FINALIZER, disposal};
+use hostvol::domain::admission::{
+    self, ANN_BIND_COMPLETED, ANN_SELECTED_NODE, ANN_STORAGE_PROVISIONER,
+    ANN_STORAGE_PROVISIONER_BETA, ClaimSpec, DataSource, Interest,
+};
 use hostvol::domain::naming::{
     MAX_DIRECTORY_NAME, directory_name, node_label_value, pv_name, validate_directory_name,
 };
 use hostvol::domain::params::{ClassParameters, VALID_PARAMETERS, parse_duration};
 use hostvol::domain::quantity::{format_bytes, parse_bytes, to_quantity};
+use hostvol::node::quota::Limit;
 use hostvol::node::roots::parse_config;
 use hostvol::service::grpc::v1::{GetVolumeRequest, WatchCapacityRequest};
 use hostvol::service::node_service::{requested_pv_name, watch_interval};
+use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::DynamicObject;
 use proptest::prelude::*;
 use prost::Message;
@@ -60,6 +67,171 @@ fn quantity_like() -> impl Strategy<Value = String> {
         any::<String>(),
         "[ +-]?[0-9]{0,25}(\\.[0-9]{0,40})?([KMGTPE]i?|[kmeE][+-]?[0-9]{0,3}|[a-zA-Z]{0,3})? ?",
     ]
+}
+
+const PROVISIONER: &str = "hostpath.hostvol.io";
+
+/// Any JSON value, a few levels deep.
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<f64>().prop_map(serde_json::Value::from),
+        any::<String>().prop_map(serde_json::Value::from),
+        quantity_like().prop_map(serde_json::Value::from),
+    ];
+    leaf.prop_recursive(3, 16, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+            prop::collection::btree_map("[a-zA-Z]{1,12}", inner, 0..4)
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn json_map() -> impl Strategy<Value = BTreeMap<String, serde_json::Value>> {
+    prop::collection::btree_map(
+        prop_oneof![
+            Just("capacity".to_string()),
+            Just("storageClassName".to_string()),
+            Just("nodeTopology".to_string()),
+            Just("maximumVolumeSize".to_string()),
+            "[a-zA-Z]{1,12}",
+        ],
+        json_value(),
+        0..5,
+    )
+}
+
+/// Claim specs as the API server would hand them over, valid or not.
+fn claim_spec() -> impl Strategy<Value = ClaimSpec> {
+    let mode = prop_oneof![
+        Just("ReadWriteOnce".to_string()),
+        Just("ReadWriteOncePod".to_string()),
+        Just("ReadOnlyMany".to_string()),
+        Just("ReadWriteMany".to_string()),
+        "[A-Za-z]{0,12}",
+    ];
+    let source = (
+        prop::option::of(prop_oneof![Just(String::new()), "[a-z.]{1,20}"]),
+        prop_oneof![
+            Just("PersistentVolumeClaim".to_string()),
+            Just("VolumeSnapshot".to_string()),
+            "[A-Za-z]{0,12}",
+        ],
+        DNS_LABEL,
+    )
+        .prop_map(|(api_group, kind, name)| DataSource {
+            api_group,
+            kind,
+            name,
+        });
+    (
+        prop::option::of(prop_oneof![
+            Just("Filesystem".to_string()),
+            Just("Block".to_string()),
+            any::<String>(),
+        ]),
+        prop::collection::vec(mode, 0..3),
+        prop::option::of(source),
+        any::<bool>(),
+        prop::option::of(quantity_like()),
+    )
+        .prop_map(
+            |(volume_mode, access_modes, data_source, has_selector, storage_request)| {
+                // The API server refuses claims with a dataSource that is not a claim only later; what
+                // reaches admit() can be anything, but a non-claim source has no clone_of.
+                ClaimSpec {
+                    volume_mode,
+                    access_modes,
+                    data_source,
+                    has_selector,
+                    storage_request,
+                }
+            },
+        )
+}
+
+/// Claim annotations: the ones the agent reads, with our provisioner, another, or junk.
+fn claim_annotations() -> impl Strategy<Value = BTreeMap<String, String>> {
+    let value = prop_oneof![
+        Just(PROVISIONER.to_string()),
+        Just("rancher.io/local-path".to_string()),
+        Just("node-a".to_string()),
+        Just("node-b".to_string()),
+        Just("yes".to_string()),
+        any::<String>(),
+    ];
+    prop::collection::btree_map(
+        prop_oneof![
+            Just(ANN_SELECTED_NODE.to_string()),
+            Just(ANN_STORAGE_PROVISIONER.to_string()),
+            Just(ANN_STORAGE_PROVISIONER_BETA.to_string()),
+            Just(ANN_BIND_COMPLETED.to_string()),
+            "[a-z./-]{1,30}",
+        ],
+        value,
+        0..5,
+    )
+}
+
+/// hostvol PVs in any phase, policy, deletion state, with any of the annotations and finalizers
+/// reclaim reads.
+fn persistent_volume() -> impl Strategy<Value = PersistentVolume> {
+    (
+        prop::option::of(prop_oneof![
+            Just("Pending".to_string()),
+            Just("Available".to_string()),
+            Just("Bound".to_string()),
+            Just("Released".to_string()),
+            Just("Failed".to_string()),
+            "[A-Za-z]{0,8}",
+        ]),
+        prop::option::of(prop_oneof![
+            Just("Delete".to_string()),
+            Just("Retain".to_string()),
+            Just("Recycle".to_string()),
+        ]),
+        any::<bool>(),
+        prop::option::of(prop_oneof![
+            Just("archive".to_string()),
+            Just("delete".to_string()),
+            any::<String>()
+        ]),
+        prop::option::of(any::<String>()),
+        any::<bool>(),
+    )
+        .prop_map(|(phase, policy, deleting, on_delete, purge, finalizer)| {
+            let mut annotations = BTreeMap::new();
+            if let Some(v) = on_delete {
+                annotations.insert(ANN_ON_DELETE.to_string(), v);
+            }
+            if let Some(v) = purge {
+                annotations.insert(ANN_PURGE.to_string(), v);
+            }
+            PersistentVolume {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("pvc-1".into()),
+                    annotations: Some(annotations),
+                    finalizers: finalizer.then(|| vec![FINALIZER.to_string()]),
+                    deletion_timestamp: deleting.then(|| {
+                        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                        )
+                    }),
+                    ..Default::default()
+                },
+                spec: Some(k8s_openapi::api::core::v1::PersistentVolumeSpec {
+                    persistent_volume_reclaim_policy: policy,
+                    ..Default::default()
+                }),
+                status: Some(k8s_openapi::api::core::v1::PersistentVolumeStatus {
+                    phase,
+                    ..Default::default()
+                }),
+            }
+        })
 }
 
 fn is_label_value(v: &str) -> bool {
@@ -335,11 +507,150 @@ proptest! {
     }
 
     #[test]
-    fn any_json_object_is_a_candidate_or_not_but_never_a_panic(data in any::<Vec<u8>>(), text in any::<String>()) {
-        for bytes in [&data[..], text.as_bytes()] {
-            if let Ok(object) = serde_json::from_slice::<DynamicObject>(bytes) {
-                let _ = published_candidate(&object, "hostvol");
+    fn any_object_is_a_candidate_or_not_but_never_a_panic(
+        metadata in json_map(),
+        fields in json_map(),
+        annotations in prop::collection::btree_map(
+            prop_oneof![Just(ANN_NODE.to_string()), "[a-z./-]{1,20}"],
+            any::<String>(),
+            0..4,
+        ),
+    ) {
+        // A well-formed object (so it reaches the code under test) with anything in its fields.
+        let mut object = serde_json::json!({
+            "apiVersion": "storage.k8s.io/v1beta1",
+            "kind": "CSIStorageCapacity",
+            "metadata": {"name": "x", "namespace": "hostvol-system", "annotations": annotations},
+        });
+        for (k, v) in metadata {
+            if !matches!(k.as_str(), "name" | "namespace" | "annotations" | "labels" | "ownerReferences" | "managedFields" | "creationTimestamp" | "deletionTimestamp" | "finalizers" | "generation" | "deletionGracePeriodSeconds" | "uid" | "resourceVersion" | "generateName" | "selfLink") {
+                object["metadata"][k] = v;
             }
+        }
+        for (k, v) in fields {
+            if !matches!(k.as_str(), "apiVersion" | "kind" | "metadata") {
+                object[k] = v;
+            }
+        }
+        let object: DynamicObject = serde_json::from_value(object).unwrap();
+        let _ = published_candidate(&object, "hostvol");
+    }
+
+    // --- claims: which the agent acts on, and what it makes of their spec ----------------------------
+
+    #[test]
+    fn any_claim_spec_is_admitted_as_written_or_refused_with_a_reason(spec in claim_spec()) {
+        match admission::admit(&spec) {
+            Ok(request) => {
+                prop_assert_ne!(spec.volume_mode.as_deref(), Some("Block"));
+                prop_assert!(!spec.has_selector);
+                prop_assert!(spec.access_modes.iter().all(|m| m == "ReadWriteOnce" || m == "ReadWriteOncePod"));
+                prop_assert!(!request.access_modes.is_empty());
+                let text = spec.storage_request.as_deref().unwrap();
+                prop_assert_eq!(request.capacity.as_str(), text.trim());
+                prop_assert_eq!(Ok(request.capacity_bytes), parse_bytes(text));
+                prop_assert!(request.capacity_bytes > 0);
+                prop_assert_eq!(request.clone_of.is_some(), spec.data_source.is_some());
+            }
+            Err(refusal) => {
+                prop_assert!(!refusal.reason().is_empty());
+                prop_assert!(refusal.message().len() > 10, "{:?}", refusal);
+                if spec.volume_mode.as_deref() == Some("Block") {
+                    prop_assert_eq!(refusal, admission::Refusal::BlockVolumeMode);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_claim_is_provisioned_only_by_its_provisioner_on_its_selected_node(
+        annotations in claim_annotations(),
+        node in prop_oneof![Just("node-a".to_string()), Just("node-b".to_string())],
+    ) {
+        let ours = [ANN_STORAGE_PROVISIONER, ANN_STORAGE_PROVISIONER_BETA]
+            .iter()
+            .any(|k| annotations.get(*k).map(String::as_str) == Some(PROVISIONER));
+        let want = if annotations.contains_key(ANN_BIND_COMPLETED) {
+            Interest::Bound
+        } else {
+            match annotations.get(ANN_SELECTED_NODE) {
+                Some(selected) if ours && *selected == node => Interest::Provision,
+                None if ours => Interest::ChooseNode,
+                _ => Interest::Ignore,
+            }
+        };
+        prop_assert_eq!(admission::interest(&annotations, PROVISIONER, &node), want);
+    }
+
+    #[test]
+    fn the_claim_cache_keeps_ours_and_the_undecided_only(
+        annotations in claim_annotations(),
+        bound_to_ours in any::<bool>(),
+    ) {
+        let named: Vec<&String> = [ANN_STORAGE_PROVISIONER, ANN_STORAGE_PROVISIONER_BETA]
+            .iter()
+            .filter_map(|k| annotations.get(*k))
+            .collect();
+        let ours_or_undecided = named.is_empty() || named.iter().any(|p| *p == PROVISIONER);
+        let want = ours_or_undecided && (!annotations.contains_key(ANN_BIND_COMPLETED) || bound_to_ours);
+        prop_assert_eq!(admission::concerns(&annotations, PROVISIONER, || bound_to_ours), want);
+    }
+
+    // --- PV annotations: what the agent reads back from its own volumes ------------------------------
+
+    #[test]
+    fn limit_records_round_trip_and_anything_else_is_none(
+        id in any::<u64>(),
+        project in any::<u32>(),
+        text in prop_oneof![any::<String>(), "(qgroup 0/|project )[0-9a-z -]{0,25}"],
+    ) {
+        for limit in [Limit::Qgroup(id), Limit::Project(project)] {
+            prop_assert_eq!(Limit::parse(&limit.record()), Some(limit));
+        }
+        if let Some(limit) = Limit::parse(&text) {
+            prop_assert_eq!(limit.record(), text);
+        }
+    }
+
+    #[test]
+    fn disposal_never_touches_a_bound_volume_or_a_plain_retained_one(pv in persistent_volume()) {
+        let phase = pv.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+        let deleting = pv.metadata.deletion_timestamp.is_some();
+        let policy = pv.spec.as_ref().unwrap().persistent_volume_reclaim_policy.clone().unwrap_or_else(|| "Delete".into());
+        let what = disposal(&pv);
+        if phase == "Bound" || (!deleting && !matches!(phase.as_str(), "Released" | "Failed")) {
+            prop_assert_eq!(what, Disposal::Keep, "a volume in use is kept");
+        }
+        if policy != "Delete" && !pv.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(ANN_PURGE)) {
+            prop_assert!(
+                matches!(what, Disposal::Keep | Disposal::ReleaseFinalizer),
+                "Retain without a purge request never removes data: {:?}", what
+            );
+        }
+        if let Disposal::Delete { archive } = what {
+            prop_assert_eq!(policy.as_str(), "Delete");
+            let on_delete = pv.metadata.annotations.as_ref().and_then(|a| a.get(ANN_ON_DELETE)).cloned();
+            prop_assert_eq!(archive, on_delete.as_deref() == Some("archive"));
+        }
+    }
+
+    #[test]
+    fn a_directory_annotation_gives_one_safe_name_or_none(path in prop_oneof![
+        any::<String>(),
+        "(/[a-z0-9._-]{0,12}){0,4}/?(\\.\\.|\\.|[a-z0-9._-]{0,300})",
+    ]) {
+        let pv = PersistentVolume {
+            metadata: kube::api::ObjectMeta {
+                name: Some("pvc-1".into()),
+                annotations: Some(BTreeMap::from([(ANN_DIRECTORY.to_string(), path.clone())])),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        if let Some(name) = pv::directory_name(&pv) {
+            prop_assert!(validate_directory_name(&name).is_ok(), "{:?} -> {:?}", path, name);
+            prop_assert!(!name.contains('/') && name != "." && name != "..");
+            prop_assert!(path.ends_with(&name));
         }
     }
 

@@ -263,12 +263,32 @@ async fn static_volumes_are_left_alone() {
     );
     let pvc = cluster.wait_pvc_bound("static", "static-claim", T).await;
     assert_eq!(pvc.spec.unwrap().volume_name.as_deref(), Some("static-pv"));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A barrier instead of a sleep: a hostvol claim made after the static one is provisioned, so the
+    // agents' watches have delivered the static claim by then.
+    cluster.kubectl_apply_yaml(&claim_yaml(
+        "static",
+        "barrier",
+        "hostvol",
+        "1Gi",
+        Some("node-a"),
+    ));
+    let barrier = cluster.wait_pvc_bound("static", "barrier", T).await;
+    let barrier_pv = barrier.spec.unwrap().volume_name.unwrap();
     assert!(
-        dirs_in(&a.root).is_empty() && dirs_in(&b.root).is_empty(),
-        "agents created nothing"
+        dirs_in(&b.root).is_empty(),
+        "agents created nothing for the static claim"
     );
-    assert!(hostvol_pvs(&cluster).await.is_empty());
+    assert_eq!(
+        dirs_in(&a.root).into_iter().collect::<Vec<_>>(),
+        vec![format!("{barrier_pv}_static_barrier")],
+        "agents created nothing for the static claim"
+    );
+    let pvs = hostvol_pvs(&cluster).await;
+    assert_eq!(
+        pvs.iter().map(|p| p.name_any()).collect::<Vec<_>>(),
+        vec![barrier_pv],
+        "the only hostvol PV is the barrier's"
+    );
     let events = cluster.pvc_events("static", "static-claim").await;
     assert!(
         !events.iter().any(|(_, r, _)| r.starts_with("Provisioning")),
@@ -482,6 +502,27 @@ async fn bad_input_is_refused_and_explained() {
         .unwrap_or(0.0)
             >= 1.0,
         "{m}"
+    );
+
+    // The longest name a claim may have: its Events (named after it) must still be accepted.
+    let longest = format!("long-{}", "n".repeat(248));
+    assert_eq!(longest.len(), 253);
+    cluster.kubectl_apply_yaml(&claim_yaml(
+        "bad",
+        &longest,
+        "hostvol",
+        "1Gi",
+        Some("node-a"),
+    ));
+    cluster.wait_pvc_bound("bad", &longest, T).await;
+    let (kind, _, note) = cluster
+        .wait_event("bad", &longest, "ProvisioningSucceeded", T)
+        .await;
+    assert_eq!(kind, "Normal", "{note}");
+    assert!(
+        !agent.log().contains("could not publish Event"),
+        "an Event was refused:\n{}",
+        agent.log()
     );
 }
 

@@ -19,6 +19,7 @@ use kube::runtime::events::EventType;
 use tracing::warn;
 
 use crate::controller::context::Context;
+use crate::domain::naming;
 
 /// Repeats within this time go into the same Event (kube's Recorder uses the same six minutes).
 const SERIES_WINDOW: Duration = Duration::from_secs(6 * 60);
@@ -161,10 +162,9 @@ impl Context {
                         .map(|_| (name, count))
                 }
                 None => {
-                    let name = format!(
-                        "{}.{:x}",
+                    let name = naming::event_name(
                         regarding.name.as_deref().unwrap_or(&reporter.controller),
-                        now.0.as_nanosecond()
+                        now.0.as_nanosecond(),
                     );
                     let event = K8sEvent {
                         metadata: kube::api::ObjectMeta {

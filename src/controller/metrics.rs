@@ -65,6 +65,7 @@ pub struct Metrics {
     object_state_entries: Family<StateLabels, Gauge>,
     provisions: Family<OutcomeLabels, Counter>,
     provision_duration: Histogram,
+    reclaims: Family<OutcomeLabels, Counter>,
     reconcile_errors: Counter,
     pub allocatable_bytes: Gauge,
     /// Optimistic-concurrency conflicts while placing claims on this node.
@@ -90,6 +91,12 @@ impl Default for Metrics {
             "provision_duration_seconds",
             "Time from picking up a claim to its PV existing (successful provisions)",
             provision_duration.clone(),
+        );
+        let reclaims = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "reclaims",
+            "Released volumes whose directory this agent removed, archived or kept, by outcome",
+            reclaims.clone(),
         );
         let reconcile_errors = Counter::default();
         registry.register(
@@ -182,6 +189,7 @@ impl Default for Metrics {
             quota_enforced,
             provisions,
             provision_duration,
+            reclaims,
             reconcile_errors,
             allocatable_bytes,
             placement_conflicts,
@@ -214,6 +222,17 @@ impl Metrics {
 
     pub fn provision_failed(&self, reason: &'static str) {
         self.provisions
+            .get_or_create(&OutcomeLabels {
+                outcome: "failed",
+                reason,
+            })
+            .inc();
+        self.reconcile_errors.inc();
+    }
+
+    /// A released volume's reclaim failed and will be retried: not a provisioning failure.
+    pub fn reclaim_failed(&self, reason: &'static str) {
+        self.reclaims
             .get_or_create(&OutcomeLabels {
                 outcome: "failed",
                 reason,
@@ -294,7 +313,16 @@ mod tests {
         let m = Metrics::default();
         m.provision_succeeded(0.004);
         m.provision_refused("block_volume_mode");
+        m.reclaim_failed("mount_point");
         let text = m.render();
+        assert!(
+            text.contains("hostvol_reclaims_total{outcome=\"failed\",reason=\"mount_point\"} 1"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("hostvol_provisions_total{outcome=\"failed\""),
+            "a reclaim failure is not a provisioning failure: {text}"
+        );
         assert!(
             text.contains("hostvol_provisions_total{outcome=\"succeeded\",reason=\"\"} 1"),
             "{text}"

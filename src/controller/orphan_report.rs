@@ -17,7 +17,7 @@ use crate::controller::reclaim::Disposal;
 use crate::controller::store::store_ready;
 use crate::controller::{pv, reclaim};
 use crate::node::orphans::{Findings, classify, read_root};
-use crate::node::roots::Root;
+use crate::node::roots::{Root, RootSet};
 
 pub fn expected_directories(volumes: &[Arc<PersistentVolume>]) -> HashMap<String, String> {
     volumes
@@ -28,10 +28,22 @@ pub fn expected_directories(volumes: &[Arc<PersistentVolume>]) -> HashMap<String
 
 /// Findings per data root. Volumes of roots this node no longer has are left out: they cannot be
 /// checked, and dropping a root from the configuration must not make its volumes look lost.
-pub fn scan(ctx: &Context) -> std::io::Result<Vec<(Arc<Root>, Findings)>> {
+pub async fn scan(ctx: &Context) -> std::io::Result<Vec<(Arc<Root>, Findings)>> {
     let volumes = ctx.volumes.state();
+    let roots = ctx.roots();
+    // Reading a data root is blocking I/O (a root of many directories takes a while): never on the
+    // async workers that serve everything else.
+    tokio::task::spawn_blocking(move || scan_roots(&roots, &volumes))
+        .await
+        .map_err(|e| std::io::Error::other(format!("the orphan scan stopped: {e}")))?
+}
+
+fn scan_roots(
+    roots: &RootSet,
+    volumes: &[Arc<PersistentVolume>],
+) -> std::io::Result<Vec<(Arc<Root>, Findings)>> {
     let mut out = Vec::new();
-    for root in ctx.roots().all() {
+    for root in roots.all() {
         let entries = read_root(root)?;
         let here: Vec<Arc<PersistentVolume>> = volumes
             .iter()
@@ -57,7 +69,7 @@ pub async fn run(ctx: Arc<Context>, every: Duration, shutdown: CancellationToken
         return;
     }
     loop {
-        match scan(&ctx) {
+        match scan(&ctx).await {
             Ok(per_root) => {
                 let findings = Findings {
                     orphans: per_root

@@ -201,7 +201,7 @@ async fn release_pv(pv: &PersistentVolume, ctx: &Context) -> Result<()> {
 
 pub fn error_policy(pv: Arc<PersistentVolume>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(pv = %pv.name_any(), %error, "reclaim failed; will retry");
-    ctx.metrics.provision_failed(error.category());
+    ctx.metrics.reclaim_failed(error.category());
     Action::requeue(ctx.backoff(&format!("pv/{}", pv.name_any())))
 }
 

@@ -30,8 +30,6 @@ pub fn directory_name(
     Ok(name)
 }
 
-/// Accepts only a single, plain path component made of the characters our names use.
-/// This is the last gate before any filesystem call: no `/`, no `.` or `..`, no NUL, no hidden files.
 /// Where a clone is copied before it is renamed to `target`: a visible name (an interrupted copy of
 /// a claim that was then deleted shows up as an orphan, never silently kept).
 pub fn clone_staging_name(target: &str) -> String {
@@ -40,6 +38,31 @@ pub fn clone_staging_name(target: &str) -> String {
     name
 }
 
+/// Longest object name the API server accepts (a DNS subdomain).
+pub const MAX_OBJECT_NAME: usize = 253;
+
+/// The name of a new Event about `object`: `<object>.<nanos in hex>`, as Kubernetes' recorders name
+/// them, with the object's part shortened so the whole stays a valid name of at most 253 characters
+/// (a claim may itself have a 253-character name). The timestamp keeps names distinct.
+pub fn event_name(object: &str, nanos: i128) -> String {
+    let suffix = format!(".{:x}", nanos.max(0));
+    let mut base: String = object
+        .chars()
+        .filter(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.'))
+        .take(MAX_OBJECT_NAME - suffix.len())
+        .collect();
+    // A DNS label ends with a letter or digit: "claim-.1a2b" or "claim..1a2b" would be refused.
+    while base.ends_with(['-', '.']) {
+        base.pop();
+    }
+    if base.is_empty() {
+        base.push_str("hostvol");
+    }
+    base + &suffix
+}
+
+/// Accepts only a single, plain path component made of the characters our names use.
+/// This is the last gate before any filesystem call: no `/`, no `.` or `..`, no NUL, no hidden files.
 pub fn validate_directory_name(name: &str) -> Result<(), NameError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_DIRECTORY_NAME
@@ -129,6 +152,32 @@ impl std::error::Error for NameError {}
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn event_names_are_valid_object_names_whatever_the_object() {
+        let long = "a".repeat(253);
+        let dashed = format!("{}-b", "a".repeat(240));
+        let cases: &[(&str, i128, &str)] = &[
+            ("data", 0x1a2b, "data.1a2b"),
+            ("web-0", 1, "web-0.1"),
+            ("", 5, "hostvol.5"),
+            ("---", 5, "hostvol.5"),
+        ];
+        for (object, nanos, want) in cases {
+            assert_eq!(event_name(object, *nanos), *want, "{object:?}");
+        }
+        for object in [long.as_str(), dashed.as_str(), "x.y.z"] {
+            let name = event_name(object, 0x187f_3a2b_4c5d_6e7f);
+            assert!(
+                name.len() <= MAX_OBJECT_NAME,
+                "{} > 253: {name}",
+                name.len()
+            );
+            assert!(validate_dns_name("event", &name).is_ok(), "{name}");
+            let base = name.rsplit_once('.').unwrap().0;
+            assert!(!base.ends_with(['-', '.']), "{name}");
+        }
+    }
+
     use super::*;
 
     const UID: &str = "0b6a4a8e-3f8e-4a43-9a4b-6f0a2b1c9d7e";

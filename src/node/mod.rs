@@ -2,6 +2,7 @@
 //! orphan scans, and the agent's own memory on the node ([`memory`]). Every operation goes through an open handle on a data root and one validated name,
 //! never a joined path, and never follows a symlink. Uses only [`crate::domain`].
 
+pub mod abi;
 pub mod clone;
 pub mod memory;
 pub mod orphans;

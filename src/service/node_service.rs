@@ -215,6 +215,7 @@ impl Node for NodeService {
         let mut orphans = Vec::new();
         let mut lost = Vec::new();
         for (root, findings) in orphan_report::scan(&self.ctx)
+            .await
             .map_err(|e| Status::unavailable(format!("cannot read a data root: {e}")))?
         {
             orphans.extend(findings.orphans.iter().map(|e| Orphan {

@@ -78,6 +78,8 @@ use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 use nix::sys::statfs::fstatfs;
 
+use crate::node::abi::{ior, iow};
+
 /// Lowest project id [`assign_new_project`] hands out.
 pub const PROJECT_ID_MIN: u32 = 1_000_000;
 /// One past the highest project id [`assign_new_project`] hands out (2^31).
@@ -180,7 +182,7 @@ pub fn allocation_stats() -> AllocationStats {
     }
 }
 
-// ---- kernel ABI (x86_64 and the other 64-bit Linux targets; all native-endian) ----------------
+// ---- kernel ABI (the generic one; the targets it is checked for are in `node::abi`) ---------------
 
 /// `struct fsxattr` (`<linux/fs.h>`).
 #[repr(C)]
@@ -262,8 +264,8 @@ const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
 /// `_IOW('X', 32, struct fsxattr)`.
 const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
 const FS_XFLAG_PROJINHERIT: u32 = 0x0000_0200;
-const _: () = assert!(FS_IOC_FSGETXATTR == (2 << 30) | (28 << 16) | ((b'X' as u32) << 8) | 31);
-const _: () = assert!(FS_IOC_FSSETXATTR == (1 << 30) | (28 << 16) | ((b'X' as u32) << 8) | 32);
+const _: () = assert!(FS_IOC_FSGETXATTR == ior(b'X', 31, size_of::<FsXattr>()));
+const _: () = assert!(FS_IOC_FSSETXATTR == iow(b'X', 32, size_of::<FsXattr>()));
 
 /// `quotactl_fd(2)`: 443 on every architecture.
 const SYS_QUOTACTL_FD: libc::c_long = libc::SYS_quotactl_fd;
@@ -288,8 +290,14 @@ const FS_QSTATV_VERSION1: i8 = 1;
 const FS_QUOTA_PDQ_ACCT: u16 = 0x0010;
 const FS_QUOTA_PDQ_ENFD: u16 = 0x0020;
 
-fn quotactl_fd<T>(fd: BorrowedFd<'_>, cmd: u32, id: u32, arg: *mut T) -> io::Result<()> {
-    // SAFETY: `arg` points to a live, properly sized `repr(C)` structure for `cmd`.
+/// Calls `quotactl_fd(fd, cmd, id, arg)`.
+///
+/// # Safety
+/// `arg` must point to a live, writable `repr(C)` structure of the type `cmd` reads or writes
+/// (`if_dqblk` for Q_GETQUOTA/Q_SETQUOTA, `if_dqinfo` for Q_GETINFO, `fs_quota_statv` for
+/// Q_XGETQSTATV), valid for the whole call.
+unsafe fn quotactl_fd<T>(fd: BorrowedFd<'_>, cmd: u32, id: u32, arg: *mut T) -> io::Result<()> {
+    // SAFETY: the caller vouches for `arg` (see above); the fd is borrowed, so open.
     let r = unsafe {
         libc::syscall(
             SYS_QUOTACTL_FD,
@@ -386,7 +394,8 @@ pub fn enforcement(fd: BorrowedFd<'_>) -> io::Result<ProjectQuotaState> {
         qs_version: FS_QSTATV_VERSION1,
         ..Default::default()
     };
-    match quotactl_fd(fd, Q_XGETQSTATV, 0, &mut statv) {
+    // SAFETY: the command takes a `fs_quota_statv`, which this is.
+    match unsafe { quotactl_fd(fd, Q_XGETQSTATV, 0, &mut statv) } {
         Ok(()) => {
             let flags = statv.qs_flags;
             return Ok(if flags & FS_QUOTA_PDQ_ACCT == 0 {
@@ -407,7 +416,8 @@ pub fn enforcement(fd: BorrowedFd<'_>) -> io::Result<ProjectQuotaState> {
         Err(e) => return Err(e),
     }
     let mut info = IfDqinfo::default();
-    match quotactl_fd(fd, Q_GETINFO, 0, &mut info) {
+    // SAFETY: the command takes an `if_dqinfo`, which this is.
+    match unsafe { quotactl_fd(fd, Q_GETINFO, 0, &mut info) } {
         Ok(()) => Ok(ProjectQuotaState::AccountingOnly {
             hint: accounting_hint(fs),
         }),
@@ -464,7 +474,8 @@ pub fn set_limit(fd: BorrowedFd<'_>, id: u32, bytes: Option<u64>) -> io::Result<
         dqb_valid: QIF_BLIMITS,
         ..Default::default()
     };
-    quotactl_fd(fd, Q_SETQUOTA, id, &mut q)
+    // SAFETY: the command takes an `if_dqblk`, which this is.
+    unsafe { quotactl_fd(fd, Q_SETQUOTA, id, &mut q) }
 }
 
 /// Project `id`'s usage and limit on the filesystem of `fd` (`Q_GETQUOTA`). A project nobody uses
@@ -483,7 +494,8 @@ pub fn usage(fd: BorrowedFd<'_>, id: u32) -> io::Result<ProjectUsage> {
 /// no limits).
 fn dqblk(fd: BorrowedFd<'_>, id: u32) -> io::Result<Option<IfDqblk>> {
     let mut q = IfDqblk::default();
-    match quotactl_fd(fd, Q_GETQUOTA, id, &mut q) {
+    // SAFETY: the command takes an `if_dqblk`, which this is.
+    match unsafe { quotactl_fd(fd, Q_GETQUOTA, id, &mut q) } {
         Ok(()) => Ok(Some(q)),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
