@@ -201,6 +201,7 @@ fn reporter(args: &AgentArgs) -> Reporter {
             .pod_name
             .clone()
             .unwrap_or_else(|| format!("hostvol-{}", args.node_name)),
+        node: args.node_name.clone(),
     }
 }
 

@@ -5,18 +5,18 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-#[cfg(test)]
-use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::DynamicObject;
 use kube::core::PartialObjectMeta;
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 
 use crate::controller::events::EventRecorder;
 use crate::controller::metrics::Metrics;
 use crate::controller::pv;
+use crate::controller::store::Changes;
 use crate::domain::admission;
 use crate::domain::naming::NameError;
 use crate::domain::placement::Candidate;
@@ -79,7 +79,7 @@ pub struct Context {
     /// A permit on every StorageClass event, for the one task that publishes per-class figures.
     pub classes_changed: Arc<tokio::sync::Notify>,
     /// Changes to this node's own CSIStorageCapacity objects seen by the watch, for the publisher.
-    pub capacity_changes: Arc<crate::controller::storage_capacity::Changes>,
+    pub capacity_changes: Arc<Changes>,
     /// The agent's own Pod as an owner reference, once the pod watch has seen it.
     pub own_pod: tokio::sync::watch::Sender<
         Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
@@ -95,6 +95,19 @@ pub struct Context {
 }
 
 impl Context {
+    /// An Event where users look (`kubectl describe`); published off the critical path, never fatal.
+    pub fn publish(
+        &self,
+        regarding: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        self.events
+            .publish(&self.client, regarding, type_, reason, action, note);
+    }
+
     pub fn roots(&self) -> Arc<RootSet> {
         self.roots.read().expect("lock poisoned").clone()
     }
@@ -384,6 +397,7 @@ mod tests {
             events: Arc::new(EventRecorder::new(Reporter {
                 controller: "p".into(),
                 instance: "n".into(),
+                node: "n".into(),
             })),
             metrics: Arc::new(Metrics::default()),
             volumes_changed: Arc::default(),

@@ -8,17 +8,17 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::{Event as K8sEvent, EventSeries};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
 use tracing::warn;
 
-use crate::controller::context::Context;
 use crate::domain::naming;
 
 /// Repeats within this time go into the same Event (kube's Recorder uses the same six minutes).
@@ -31,6 +31,8 @@ pub const MAX_REMEMBERED: usize = 1024;
 pub struct Reporter {
     pub controller: String,
     pub instance: String,
+    /// The node, named as the source host of core/v1 Events (about PVs).
+    pub node: String,
 }
 
 /// One Event published, reduced to what a repeat needs.
@@ -126,10 +128,13 @@ fn shrink(sent: &mut HashMap<u64, Sent>) {
     }
 }
 
-impl Context {
+/// Publishing goes through the recorder itself, so it needs nothing of the agent's context but a
+/// client: the context uses the recorder, never the other way round.
+impl EventRecorder {
     /// Events are published off the critical path; a lost Event is logged, never fatal.
     pub fn publish(
-        &self,
+        self: &Arc<Self>,
+        client: &Client,
         regarding: &ObjectReference,
         type_: EventType,
         reason: &str,
@@ -138,13 +143,13 @@ impl Context {
     ) {
         let regarding = regarding.clone();
         if regarding.namespace.as_deref().unwrap_or("").is_empty() {
-            self.publish_core(regarding, type_, reason, note);
+            self.publish_core(client, regarding, type_, reason, note);
             return;
         }
-        let (key, repeat) = self.events.next(type_, reason, action, &regarding);
-        let client = self.client.clone();
-        let ctx_events = self.events_handle();
-        let reporter = self.events.reporter.clone();
+        let (key, repeat) = self.next(type_, reason, action, &regarding);
+        let client = client.clone();
+        let ctx_events = Arc::clone(self);
+        let reporter = self.reporter.clone();
         let (reason, action) = (reason.to_string(), action.to_string());
         tokio::spawn(async move {
             let namespace = regarding.namespace.clone().unwrap_or_default();
@@ -194,24 +199,18 @@ impl Context {
         });
     }
 
-    fn events_handle(&self) -> std::sync::Arc<EventRecorder> {
-        self.events.clone()
-    }
-
     /// Cluster-scoped objects (PVs): some servers (1.20) reject events.k8s.io Events for them, so use
     /// a core/v1 Event in "default", as Kubernetes' own PV controller does.
     fn publish_core(
         &self,
+        client: &Client,
         regarding: ObjectReference,
         type_: EventType,
         reason: &str,
         note: String,
     ) {
-        let client = self.client.clone();
-        let (node, provisioner) = (
-            self.settings.node.clone(),
-            self.settings.provisioner.clone(),
-        );
+        let client = client.clone();
+        let (node, provisioner) = (self.reporter.node.clone(), self.reporter.controller.clone());
         let reason = reason.to_string();
         tokio::spawn(async move {
             let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
@@ -270,6 +269,7 @@ mod tests {
         EventRecorder::new(Reporter {
             controller: "c".into(),
             instance: "i".into(),
+            node: "n".into(),
         })
     }
 

@@ -4,9 +4,8 @@
 //! The scheduler finds our `CSIDriver` (named after the provisioner, `storageCapacity: true`) and then
 //! compares each claim's request with these objects' `capacity`/`maximumVolumeSize` for the node.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -21,6 +20,7 @@ use tracing::{debug, info, warn};
 use crate::controller::capacity::NodeFigures;
 use crate::controller::context::Context;
 use crate::controller::pv;
+use crate::controller::store::Changes;
 use crate::domain::naming;
 
 pub const LABEL_STORAGE_CLASS: &str = "hostvol.io/storage-class";
@@ -95,35 +95,6 @@ fn desired(
     object
 }
 
-/// Which of this node's objects the watch saw change, for the publisher to check against what it
-/// wrote: something else (the garbage collector, a user) may have deleted or changed one.
-#[derive(Default)]
-pub struct Changes {
-    /// Names of our objects added, changed or deleted since the publisher last looked.
-    touched: std::sync::Mutex<HashSet<String>>,
-    /// The watch listed again: objects deleted meanwhile left the cache without an event.
-    relisted: AtomicBool,
-    wake: tokio::sync::Notify,
-}
-
-impl Changes {
-    /// Called by the watch (after the cache took the event) for every object of this node.
-    pub fn touched(&self, name: String) {
-        self.touched.lock().expect("lock poisoned").insert(name);
-        self.wake.notify_one();
-    }
-
-    pub fn relisted(&self) {
-        self.relisted.store(true, Ordering::Release);
-        self.wake.notify_one();
-    }
-
-    fn take(&self) -> (HashSet<String>, bool) {
-        let touched = std::mem::take(&mut *self.touched.lock().expect("lock poisoned"));
-        (touched, self.relisted.swap(false, Ordering::AcqRel))
-    }
-}
-
 /// Whether a published object is this node's (by the exact node name, labels may be shortened).
 pub fn is_of_node(object: &DynamicObject, node: &str) -> bool {
     object.annotations().get(pv::ANN_NODE).map(String::as_str) == Some(node)
@@ -189,7 +160,7 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             changed = reports.changed() => if changed.is_err() { return },
             _ = ctx.classes_changed.notified() => {}
-            _ = ctx.capacity_changes.wake.notified() => {}
+            _ = ctx.capacity_changes.notified() => {}
             changed = owner.changed() => if changed.is_err() { return },
             _ = backoff => {}
         }
