@@ -34,19 +34,7 @@ fn main() {
         cluster.create_namespace("bench").await;
         // All three nodes' capacities must be published before the claims arrive.
         cluster
-            .wait_csi_storage_capacities(
-                Duration::from_secs(90),
-                "published capacities of all three nodes",
-                |items| {
-                    items
-                        .iter()
-                        .filter(|o| {
-                            o.data.get("storageClassName").and_then(|c| c.as_str()) == Some("now")
-                        })
-                        .count()
-                        >= 3
-                },
-            )
+            .wait_class_capacities("now", 3, Duration::from_secs(90))
             .await;
         let manifests: Vec<String> = (0..n)
             .map(|i| claim_yaml("bench", &format!("c{i}"), "now", "1Gi", None))

@@ -49,17 +49,7 @@ async fn immediate_claims_are_placed_once_and_spread_by_capacity() {
     cluster.kubectl_apply_yaml(&class_yaml("hostvol-now", "Immediate", "Retain", &[]));
     cluster.create_namespace("now").await;
     // Every node's capacity for the class must be published first.
-    cluster
-        .wait_csi_storage_capacities(T, "published capacities of all three nodes", |items| {
-            items
-                .iter()
-                .filter(|o| {
-                    o.data.get("storageClassName").and_then(|c| c.as_str()) == Some("hostvol-now")
-                })
-                .count()
-                >= 3
-        })
-        .await;
+    cluster.wait_class_capacities("hostvol-now", 3, T).await;
     let n = 30;
     let manifests: Vec<String> = (0..n)
         .map(|i| claim_yaml("now", &format!("c{i}"), "hostvol-now", "1Gi", None))

@@ -398,9 +398,11 @@ mod tests {
 
     #[test]
     fn applies_owner_when_asked() {
-        if !nix::unistd::geteuid().is_root() {
-            return; // chown to another uid needs root; CI runs as root
-        }
+        // chown to another uid needs root; CI runs as root.
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (chown, mount); run it as root, as scripts/test.sh does in CI"
+        );
         let (dir, store) = store();
         let params = ClassParameters {
             mode: 0o2770,

@@ -60,13 +60,17 @@ pub(crate) mod tests {
     pub(crate) struct Mounted(PathBuf);
 
     impl Mounted {
-        pub(crate) fn new(args: &[&str], at: &Path) -> Option<Self> {
-            let ok = Command::new("mount")
-                .args(args)
-                .arg(at)
-                .output()
-                .is_ok_and(|o| o.status.success());
-            ok.then(|| Mounted(at.to_path_buf()))
+        /// Mounts or fails the test saying why: a test that needs a mount never passes without one.
+        pub(crate) fn new(args: &[&str], at: &Path) -> Self {
+            let out = Command::new("mount").args(args).arg(at).output();
+            match out {
+                Ok(o) if o.status.success() => Mounted(at.to_path_buf()),
+                other => panic!(
+                    "mount {args:?} {} failed ({other:?}): this test needs root with CAP_SYS_ADMIN; \
+                     run it as root, as scripts/test.sh does in CI",
+                    at.display()
+                ),
+            }
         }
     }
 

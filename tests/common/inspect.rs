@@ -174,6 +174,24 @@ impl Cluster {
         .await;
     }
 
+    /// Waits until `nodes` agents have published their capacity for `class`.
+    pub async fn wait_class_capacities(&self, class: &str, nodes: usize, timeout: Duration) {
+        self.wait_csi_storage_capacities(
+            timeout,
+            &format!("capacities of {nodes} nodes for {class}"),
+            |items| {
+                items
+                    .iter()
+                    .filter(|o| {
+                        o.data.get("storageClassName").and_then(|c| c.as_str()) == Some(class)
+                    })
+                    .count()
+                    >= nodes
+            },
+        )
+        .await;
+    }
+
     /// Waits until claim ns/claim is Bound and returns its PV, which must be one hostvol provisioned.
     pub async fn hostvol_pv_of_claim(
         &self,
