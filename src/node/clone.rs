@@ -59,11 +59,13 @@ use nix::unistd::{
 };
 
 use crate::domain::naming::{self, NameError};
+use crate::node::abi::iow;
 use crate::node::quota::btrfs;
 use crate::node::walk::{id, open_beneath, reopen_parent};
 
-/// `FICLONE` (`_IOW(0x94, 9, int)`): makes the destination share all the source's extents.
-const FICLONE: u32 = 0x4004_9409;
+/// `FICLONE` (`_IOW(0x94, 9, int)`): makes the destination share all the source's extents. Built
+/// from the generic encoding (`node::abi`) with the argument's size on this target.
+const FICLONE: u32 = iow(0x94, 9, size_of::<libc::c_int>());
 /// Most bytes asked of one `copy_file_range` call.
 const COPY_CHUNK: u64 = 1 << 30;
 /// Buffer of the read/write fallback.
