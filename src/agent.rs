@@ -51,6 +51,16 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
     // The flags' root must be there even when a ConfigMap configures others: a clear start-up error.
     VolumeStore::open(&args.data_root)?;
     let client = Client::try_default().await?;
+    if args.node_loss_cleanup {
+        let missing = node_loss::missing_access(&client, &args.pod_namespace).await?;
+        if !missing.is_empty() {
+            return Err(StartupError::Invalid(format!(
+                "--node-loss-cleanup needs RBAC the base deploy/ does not grant (missing: {}); apply the kustomize component {} with it, or drop the flag",
+                missing.join(", "),
+                node_loss::COMPONENT
+            )));
+        }
+    }
     let source = config_source(&args);
     let roots = match config_map::initial(&client, &args.node_name, &source).await {
         Ok(roots) => roots,
@@ -236,11 +246,17 @@ fn spawn_background_tasks(
         source,
         shutdown.clone(),
     ));
-    tokio::spawn(node_loss::run(
-        ctx.clone(),
-        args.pod_namespace.clone(),
-        shutdown.clone(),
-    ));
+    if args.node_loss_cleanup {
+        tokio::spawn(node_loss::run(
+            ctx.clone(),
+            args.pod_namespace.clone(),
+            shutdown.clone(),
+        ));
+    } else {
+        info!(
+            "node-loss clean-up is off (--node-loss-cleanup); classes' nodeLossCleanup is not acted on by this agent"
+        );
+    }
     tokio::spawn(limits::keep(
         ctx.clone(),
         Duration::from_secs(args.orphan_scan_seconds.max(1)),

@@ -184,6 +184,11 @@ pub struct AgentArgs {
     #[arg(long, env = "HOSTVOL_CAPACITY_CHANGE_THRESHOLD", default_value = "64Mi", value_parser = parse_bytes)]
     pub capacity_change_threshold: u64,
 
+    /// Run node-loss clean-up (classes with `nodeLossCleanup: "true"`): needs the RBAC of the kustomize
+    /// component deploy/components/node-loss-cleanup, checked at start.
+    #[arg(long, env = "HOSTVOL_NODE_LOSS_CLEANUP")]
+    pub node_loss_cleanup: bool,
+
     /// How often the data root is compared with the PVs to report orphans and lost volumes.
     #[arg(long, env = "HOSTVOL_ORPHAN_SCAN_SECONDS", default_value_t = 300)]
     pub orphan_scan_seconds: u64,

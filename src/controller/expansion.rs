@@ -16,8 +16,8 @@ use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
 use crate::controller::context::{Context, Error, Result};
-use crate::controller::pv;
 use crate::controller::store::store_ready;
+use crate::controller::{ownership, pv};
 use crate::domain::expansion::{self, Expansion};
 use crate::domain::{naming, quantity};
 
@@ -51,6 +51,9 @@ pub async fn reconcile(
     };
     let current = pv::capacity_bytes(&volume);
     if requested > current {
+        if !ownership::may_touch(ctx, &volume, "resize") {
+            return Ok(Action::await_change());
+        }
         let grown = grow(ctx, &pvc, &volume, &request, requested, current).await?;
         if !grown {
             // No room now; capacity may change (volumes deleted, cap raised): look again later.

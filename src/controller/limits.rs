@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::controller::context::Context;
-use crate::controller::pv;
 use crate::controller::store::store_ready;
+use crate::controller::{ownership, pv};
 
 pub async fn keep(ctx: Arc<Context>, every: Duration, shutdown: CancellationToken) {
     if !store_ready(&ctx.volumes).await {
@@ -25,6 +25,7 @@ pub async fn keep(ctx: Arc<Context>, every: Duration, shutdown: CancellationToke
             .state()
             .iter()
             .filter(|v| v.annotations().contains_key(pv::ANN_QUOTA))
+            .filter(|v| ownership::may_touch(&ctx, v, "size limit"))
             .filter_map(|v| {
                 let directory = pv::directory_name(v)?;
                 Some((pv::data_root(v).to_string(), directory, ctx.volume_bytes(v)))

@@ -15,6 +15,7 @@ pub mod limits;
 pub mod metrics;
 pub mod node_loss;
 pub mod orphan_report;
+pub mod ownership;
 pub mod placement;
 pub mod provision;
 pub mod pv;

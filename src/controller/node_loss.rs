@@ -26,6 +26,8 @@ use crate::domain::naming;
 use crate::domain::params::ClassParameters;
 
 pub const LEASE_NAME: &str = "hostvol-node-loss";
+/// The kustomize component that grants what only this feature needs (the base RBAC does not).
+pub const COMPONENT: &str = "deploy/components/node-loss-cleanup";
 const LEASE_SECONDS: i32 = 30;
 const TICK: Duration = Duration::from_secs(5);
 /// Objects per list request when looking through every hostvol PV.
@@ -109,6 +111,54 @@ async fn hold_lease(api: &Api<Lease>, me: &str) -> Result<Option<Duration>, kube
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(Some(TICK)),
         Err(e) => Err(e),
     }
+}
+
+/// What node-loss clean-up needs beyond the base RBAC: (verb, API group, resource, namespace; "" is
+/// every namespace). Claims are deleted in any namespace; the Lease lives in the agents' namespace.
+pub fn needed_access(namespace: &str) -> Vec<(&'static str, &'static str, &'static str, String)> {
+    let mut needed = vec![("delete", "", "persistentvolumeclaims", String::new())];
+    for verb in ["get", "create", "patch"] {
+        needed.push((verb, "coordination.k8s.io", "leases", namespace.to_string()));
+    }
+    needed
+}
+
+/// Asks the API server (SelfSubjectAccessReviews, which every authenticated user may create) which
+/// of [`needed_access`] this agent lacks, as `verb resource` strings.
+pub async fn missing_access(
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<Vec<String>, kube::Error> {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+    };
+    let reviews: Api<SelfSubjectAccessReview> = Api::all(client.clone());
+    let mut missing = Vec::new();
+    for (verb, group, resource, ns) in needed_access(namespace) {
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    verb: Some(verb.into()),
+                    group: Some(group.into()),
+                    resource: Some(resource.into()),
+                    namespace: (!ns.is_empty()).then(|| ns.clone()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let answer = reviews.create(&PostParams::default(), &review).await?;
+        if !answer.status.is_some_and(|s| s.allowed) {
+            let place = if ns.is_empty() {
+                "all namespaces".to_string()
+            } else {
+                ns
+            };
+            missing.push(format!("{verb} {resource} ({place})"));
+        }
+    }
+    Ok(missing)
 }
 
 /// Watches the cluster's Node names and acts only when one is missing: a Node deleted, or, once per
@@ -427,6 +477,21 @@ async fn delete_pv(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_feature_needs_claim_delete_and_its_lease() {
+        let needed = needed_access("hostvol-system");
+        assert!(needed.contains(&("delete", "", "persistentvolumeclaims", String::new())));
+        for verb in ["get", "create", "patch"] {
+            assert!(needed.contains(&(
+                verb,
+                "coordination.k8s.io",
+                "leases",
+                "hostvol-system".into()
+            )));
+        }
+        assert_eq!(needed.len(), 4);
+    }
 
     #[test]
     fn only_volumes_of_missing_nodes_are_stranded() {

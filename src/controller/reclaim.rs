@@ -13,7 +13,7 @@ use kube::{Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::controller::context::{Context, Error, Result};
-use crate::controller::pv;
+use crate::controller::{ownership, pv};
 use crate::node::quota::{Limit, Removed};
 use crate::node::removal;
 
@@ -79,6 +79,10 @@ pub fn own_directory(pv: &PersistentVolume) -> Option<String> {
 pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action> {
     let what = disposal(&pv);
     if what == Disposal::Keep {
+        return Ok(Action::await_change());
+    }
+    // The watch's label can be set by anyone who may edit PVs: never act on another's volume.
+    if !ownership::may_touch(&ctx, &pv, "reclaim") {
         return Ok(Action::await_change());
     }
     let span = info_span!("reclaim", node = %ctx.settings.node, pv = %pv.name_any(), ?what);

@@ -1,0 +1,210 @@
+//! Which PersistentVolumes this agent may change. Its credential can patch and delete every PV of the
+//! cluster (no RBAC rule narrows a cluster-scoped verb to one node's objects), and its PV watch is
+//! selected by a label anyone who may edit PVs can set. So before any PV patch or delete the agent
+//! checks the PV itself: made by this provisioner, for this node. Anything else is left alone.
+
+use k8s_openapi::api::core::v1::PersistentVolume;
+use kube::ResourceExt;
+use tracing::warn;
+
+use crate::controller::context::Context;
+use crate::controller::pv;
+
+/// Why a PV is not this agent's to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Foreign {
+    /// `pv.kubernetes.io/provisioned-by` is missing or names another provisioner.
+    Provisioner(Option<String>),
+    /// `hostvol.io/node` is missing or names another node.
+    Node(Option<String>),
+    /// The node affinity pins the volume to other hosts than this node's.
+    Affinity(Vec<String>),
+}
+
+impl std::fmt::Display for Foreign {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Foreign::Provisioner(None) => {
+                write!(f, "it has no {} annotation", pv::ANN_PROVISIONED_BY)
+            }
+            Foreign::Provisioner(Some(other)) => write!(f, "it was provisioned by {other:?}"),
+            Foreign::Node(None) => write!(f, "it has no {} annotation", pv::ANN_NODE),
+            Foreign::Node(Some(other)) => write!(f, "it belongs to node {other:?}"),
+            Foreign::Affinity(hosts) => write!(f, "its node affinity pins it to {hosts:?}"),
+        }
+    }
+}
+
+/// Whether this agent (`provisioner` on `node`, whose `kubernetes.io/hostname` is `hostname`) may
+/// patch or delete `pv`. The node affinity is checked where the object still carries it (the watch
+/// cache drops it to save memory; the annotation is what the agent wrote next to it).
+pub fn ours_to_touch(
+    pv: &PersistentVolume,
+    provisioner: &str,
+    node: &str,
+    hostname: &str,
+) -> Result<(), Foreign> {
+    let annotations = pv.annotations();
+    match annotations.get(pv::ANN_PROVISIONED_BY) {
+        Some(p) if p == provisioner => {}
+        other => return Err(Foreign::Provisioner(other.cloned())),
+    }
+    match annotations.get(pv::ANN_NODE) {
+        Some(n) if n == node => {}
+        other => return Err(Foreign::Node(other.cloned())),
+    }
+    let Some(affinity) = pv.spec.as_ref().and_then(|s| s.node_affinity.as_ref()) else {
+        return Ok(());
+    };
+    let hosts: Vec<String> = affinity
+        .required
+        .iter()
+        .flat_map(|r| &r.node_selector_terms)
+        .flat_map(|t| t.match_expressions.iter().flatten())
+        .filter(|e| e.key == pv::HOSTNAME_LABEL && e.operator == "In")
+        .flat_map(|e| e.values.iter().flatten().cloned())
+        .collect();
+    if hosts.iter().any(|h| h == hostname || h == node) {
+        Ok(())
+    } else {
+        Err(Foreign::Affinity(hosts))
+    }
+}
+
+/// [`ours_to_touch`] for this agent, logging the PV it leaves alone and why (`action` says what it
+/// was about to do).
+pub fn may_touch(ctx: &Context, pv: &PersistentVolume, action: &str) -> bool {
+    let settings = &ctx.settings;
+    match ours_to_touch(
+        pv,
+        &settings.provisioner,
+        &settings.node,
+        &ctx.node_hostname(),
+    ) {
+        Ok(()) => true,
+        Err(why) => {
+            warn!(
+                pv = %pv.name_any(),
+                node = %settings.node,
+                action,
+                "leaving PV alone: not this agent's volume ({why})"
+            );
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolumeSpec,
+        VolumeNodeAffinity,
+    };
+    use kube::api::ObjectMeta;
+
+    const ME: &str = "hostpath.hostvol.io";
+
+    fn volume(annotations: &[(&str, &str)], hosts: Option<&[&str]>) -> PersistentVolume {
+        PersistentVolume {
+            metadata: ObjectMeta {
+                name: Some("pvc-1".into()),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(PersistentVolumeSpec {
+                node_affinity: hosts.map(|hosts| VolumeNodeAffinity {
+                    required: Some(NodeSelector {
+                        node_selector_terms: vec![NodeSelectorTerm {
+                            match_expressions: Some(vec![NodeSelectorRequirement {
+                                key: pv::HOSTNAME_LABEL.into(),
+                                operator: "In".into(),
+                                values: Some(hosts.iter().map(|h| h.to_string()).collect()),
+                            }]),
+                            match_fields: None,
+                        }],
+                    }),
+                }),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    #[test]
+    fn only_our_provisioner_and_our_node() {
+        let by = pv::ANN_PROVISIONED_BY;
+        let node = pv::ANN_NODE;
+        let cases: &[(&str, &[(&str, &str)], Option<&[&str]>, Result<(), Foreign>)] = &[
+            (
+                "ours, as cached (no affinity)",
+                &[(by, ME), (node, "a")],
+                None,
+                Ok(()),
+            ),
+            (
+                "ours, affinity on the hostname",
+                &[(by, ME), (node, "a")],
+                Some(&["host-a"]),
+                Ok(()),
+            ),
+            (
+                "ours, hostname is the node name",
+                &[(by, ME), (node, "a")],
+                Some(&["a"]),
+                Ok(()),
+            ),
+            (
+                "another provisioner",
+                &[(by, "example.com/cloud"), (node, "a")],
+                None,
+                Err(Foreign::Provisioner(Some("example.com/cloud".into()))),
+            ),
+            (
+                "no provisioner",
+                &[(node, "a")],
+                None,
+                Err(Foreign::Provisioner(None)),
+            ),
+            (
+                "another node",
+                &[(by, ME), (node, "b")],
+                None,
+                Err(Foreign::Node(Some("b".into()))),
+            ),
+            ("no node", &[(by, ME)], None, Err(Foreign::Node(None))),
+            (
+                "annotation says us, affinity another host",
+                &[(by, ME), (node, "a")],
+                Some(&["host-b"]),
+                Err(Foreign::Affinity(vec!["host-b".into()])),
+            ),
+            (
+                "affinity without a hostname",
+                &[(by, ME), (node, "a")],
+                Some(&[]),
+                Err(Foreign::Affinity(vec![])),
+            ),
+        ];
+        for (what, annotations, hosts, want) in cases {
+            let got = ours_to_touch(&volume(annotations, *hosts), ME, "a", "host-a");
+            assert_eq!(&got, want, "{what}");
+        }
+    }
+
+    #[test]
+    fn reasons_name_what_is_wrong() {
+        let foreign = Foreign::Provisioner(Some("example.com/cloud".into()));
+        assert!(foreign.to_string().contains("example.com/cloud"));
+        assert!(
+            Foreign::Node(Some("b".into()))
+                .to_string()
+                .contains("\"b\"")
+        );
+    }
+}
