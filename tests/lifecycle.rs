@@ -529,11 +529,18 @@ fn statefulset_yaml(ns: &str, name: &str, class: &str, preferred_node: &str) -> 
 }
 
 /// Scenario 7: a deleted node's claims and PVs are deleted after the grace period for the class that
-/// opts in, so the StatefulSet's replica gets a new claim on the surviving node; without the opt-in
-/// nothing is deleted.
+/// opts in (agents with `--node-loss-cleanup` and the component's RBAC), so the StatefulSet's replica
+/// gets a new claim on the surviving node; without the class's opt-in nothing is deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_loss_cleanup_is_opt_in() {
-    let (cluster, mut agents) = cluster_with_agents(&[("doomed", &[]), ("survivor", &[])]).await;
+    // The feature runs with the RBAC of its kustomize component, as users enable it.
+    let cluster = Cluster::start().await;
+    cluster.apply_repo_manifest("deploy/csidriver.yaml");
+    cluster.grant_node_loss_cleanup().await;
+    let on: &[&str] = &["--node-loss-cleanup"];
+    let mut agents = cluster
+        .add_nodes_with_agents(&[("doomed", on), ("survivor", on)])
+        .await;
     cluster.kubectl_apply_yaml(&class_yaml(
         "hostvol-heal",
         "WaitForFirstConsumer",

@@ -263,47 +263,9 @@ impl Cluster {
         extra_args: &[&str],
         kubeconfig: &Path,
     ) -> Agent {
-        let root = self.path.join(format!("{node}-root"));
-        std::fs::create_dir_all(&root).expect("create agent root");
-        let grpc_socket = self.path.join(format!("{node}.sock"));
-        let log = self.path.join(format!("agent-{node}.log"));
-        {
-            let mut logs = self.agent_logs.lock().unwrap();
-            if !logs.contains(&log) {
-                logs.push(log.clone());
-            }
-        }
-        let mut agent = Agent {
-            node: node.to_string(),
-            root,
-            http_addr: "127.0.0.1:0".parse().unwrap(),
-            grpc_addr: "127.0.0.1:0".parse().unwrap(),
-            grpc_socket,
-            args: Vec::new(),
-            kubeconfig: kubeconfig.to_path_buf(),
-            log_path: log,
-            cluster_dir: self.path.clone(),
-            registry: self.registry.clone(),
-            child: None,
-        };
+        let mut agent = self.new_agent(node, kubeconfig);
         for attempt in 0..2 {
-            agent.http_addr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            agent.grpc_addr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let mut args: Vec<String> = vec![
-                "agent".into(),
-                "--node-name".into(),
-                node.into(),
-                "--data-root".into(),
-                agent.root.display().to_string(),
-                "--http-addr".into(),
-                agent.http_addr.to_string(),
-                "--grpc-addr".into(),
-                agent.grpc_addr.to_string(),
-                "--grpc-socket".into(),
-                agent.grpc_socket.display().to_string(),
-            ];
-            args.extend(extra_args.iter().map(|s| s.to_string()));
-            agent.args = args;
+            agent.set_args(extra_args);
             match agent.try_spawn_and_wait_ready().await {
                 Ok(()) => return agent,
                 // A free port can be grabbed between probing and binding: retry once on other ports.
@@ -320,6 +282,85 @@ impl Cluster {
         unreachable!()
     }
 
+    /// Runs `hostvol agent` for `node` as `start_agent` does, expecting it to refuse to start: its
+    /// exit status and this run's output. Panics if it becomes ready instead (or is not done in 30 s).
+    pub async fn run_agent_expecting_exit(
+        &self,
+        node: &str,
+        extra_args: &[&str],
+    ) -> (std::process::ExitStatus, String) {
+        let mut agent = self.new_agent(node, &self.agent_kubeconfig.clone());
+        agent.set_args(extra_args);
+        match agent.try_spawn_and_wait_ready().await {
+            Ok(()) => panic!(
+                "agent for {node} started with {:?} although it should have refused\n--- log ---\n{}",
+                agent.args,
+                agent.log()
+            ),
+            Err(msg) if msg.contains("exited before") => {}
+            Err(msg) => panic!("{msg}\n{}", self.diag()),
+        }
+        let status = agent.exit_status().expect("the agent exited");
+        let log = agent.log();
+        let this_run = log
+            .rsplit_once("===== e2e harness: starting hostvol")
+            .and_then(|(_, run)| run.split_once('\n'))
+            .map_or(log.clone(), |(_, output)| output.to_string());
+        (status, this_run)
+    }
+
+    /// An `Agent` for `node` (root `<dir>/<node>-root`, socket, log), not started.
+    fn new_agent(&self, node: &str, kubeconfig: &Path) -> Agent {
+        let root = self.path.join(format!("{node}-root"));
+        std::fs::create_dir_all(&root).expect("create agent root");
+        let grpc_socket = self.path.join(format!("{node}.sock"));
+        let log = self.path.join(format!("agent-{node}.log"));
+        {
+            let mut logs = self.agent_logs.lock().unwrap();
+            if !logs.contains(&log) {
+                logs.push(log.clone());
+            }
+        }
+        Agent {
+            node: node.to_string(),
+            root,
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            grpc_addr: "127.0.0.1:0".parse().unwrap(),
+            grpc_socket,
+            args: Vec::new(),
+            kubeconfig: kubeconfig.to_path_buf(),
+            log_path: log,
+            cluster_dir: self.path.clone(),
+            registry: self.registry.clone(),
+            child: None,
+        }
+    }
+}
+
+impl Agent {
+    /// Fresh free ports and the full argument list: the harness's flags, then `extra_args`.
+    fn set_args(&mut self, extra_args: &[&str]) {
+        self.http_addr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        self.grpc_addr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut args: Vec<String> = vec![
+            "agent".into(),
+            "--node-name".into(),
+            self.node.clone(),
+            "--data-root".into(),
+            self.root.display().to_string(),
+            "--http-addr".into(),
+            self.http_addr.to_string(),
+            "--grpc-addr".into(),
+            self.grpc_addr.to_string(),
+            "--grpc-socket".into(),
+            self.grpc_socket.display().to_string(),
+        ];
+        args.extend(extra_args.iter().map(|s| s.to_string()));
+        self.args = args;
+    }
+}
+
+impl Cluster {
     /// Adds each fake node and starts its agent (with the node's extra arguments), one after the other.
     /// Mounts a tmpfs of `size` (e.g. "64g") as `node`'s data root, so figures that depend on free
     /// space do not depend on how full this machine's disk is. Only what is written uses memory.

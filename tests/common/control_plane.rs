@@ -34,6 +34,10 @@ pub const DEPLOY_RBAC_MANIFESTS: &[&str] = &[
     "deploy/rbac.yaml",
 ];
 
+/// The RBAC of the optional kustomize component that node-loss clean-up needs (`--node-loss-cleanup`),
+/// applied on top of the shipped RBAC by the tests that run it (`Cluster::apply_repo_manifest`).
+pub const NODE_LOSS_COMPONENT_RBAC: &str = "deploy/components/node-loss-cleanup/rbac.yaml";
+
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
     /// Enable CSIStorageCapacity (feature gate on apiserver + scheduler, storage.k8s.io/v1alpha1).

@@ -74,4 +74,41 @@ impl Cluster {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
         self.kubectl_ok(&["apply", "-f", p.to_str().unwrap()]);
     }
+
+    /// Applies the RBAC of the node-loss clean-up component (what users get with the kustomize
+    /// component) and waits until the API server grants it to the agents' ServiceAccount, so an agent
+    /// started with `--node-loss-cleanup` next passes its start-up check.
+    pub async fn grant_node_loss_cleanup(&self) {
+        self.apply_repo_manifest(super::NODE_LOSS_COMPONENT_RBAC);
+        let agent = format!(
+            "--as=system:serviceaccount:{}:{}",
+            super::AGENT_NAMESPACE,
+            super::AGENT_SERVICE_ACCOUNT
+        );
+        let ns = format!("--namespace={}", super::AGENT_NAMESPACE);
+        self.wait_for(
+            || async {
+                let claims = [
+                    "auth",
+                    "can-i",
+                    &agent,
+                    "delete",
+                    "persistentvolumeclaims",
+                    "--all-namespaces",
+                ];
+                let lease = [
+                    "auth",
+                    "can-i",
+                    &agent,
+                    &ns,
+                    "patch",
+                    "leases.coordination.k8s.io",
+                ];
+                self.kubectl(&claims).status.success() && self.kubectl(&lease).status.success()
+            },
+            std::time::Duration::from_secs(30),
+            "the node-loss component's RBAC granted to the agents",
+        )
+        .await;
+    }
 }

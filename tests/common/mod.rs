@@ -56,7 +56,7 @@ pub use api_proxy::ApiProxy;
 pub use binaries::{K8S_VERSION, SETUP_COMMAND, etcd_bin, hostvol_bin, k8s_bin_dir};
 pub use control_plane::{
     AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, Cluster, ClusterOptions, DEPLOY_RBAC_MANIFESTS,
-    client_from_kubeconfig, free_port,
+    NODE_LOSS_COMPONENT_RBAC, client_from_kubeconfig, free_port,
 };
 pub use fixtures::{PROVISIONER, claim_yaml, claim_yaml_with, class_yaml, pod_yaml};
 pub use inspect::{
