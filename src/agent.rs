@@ -39,6 +39,13 @@ pub enum StartupError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "--node-loss-cleanup needs RBAC the base deploy/ does not grant (missing: {missing}); apply the kustomize component {component} with it, or drop the flag"
+    )]
+    NodeLossRbac {
+        missing: String,
+        component: &'static str,
+    },
 }
 
 /// Runs the agent until SIGTERM/SIGINT: the controllers first, then every task on one shutdown signal.
@@ -54,11 +61,10 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
     if args.node_loss_cleanup {
         let missing = node_loss::missing_access(&client, &args.pod_namespace).await?;
         if !missing.is_empty() {
-            return Err(StartupError::Invalid(format!(
-                "--node-loss-cleanup needs RBAC the base deploy/ does not grant (missing: {}); apply the kustomize component {} with it, or drop the flag",
-                missing.join(", "),
-                node_loss::COMPONENT
-            )));
+            return Err(StartupError::NodeLossRbac {
+                missing: missing.join(", "),
+                component: node_loss::COMPONENT,
+            });
         }
     }
     let source = config_source(&args);

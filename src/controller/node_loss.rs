@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::controller::context::Context;
-use crate::controller::pv;
+use crate::controller::{ownership, pv};
 use crate::domain::naming;
 use crate::domain::params::ClassParameters;
 
@@ -318,6 +318,11 @@ async fn sweep(
         let Some(pv) = by_name.get(&s.pv) else {
             continue;
         };
+        // The node label selected it; anyone may set that label on any PV.
+        if let Err(why) = ownership::provisioned_by(pv, &ctx.settings.provisioner) {
+            warn!(pv = %s.pv, node = %s.node, action = "node-loss clean-up", "leaving PV alone: not a hostvol volume ({why})");
+            continue;
+        }
         let why = format!(
             "node {} was deleted {}s ago and StorageClass {} sets nodeLossCleanup; its data cannot be reached again",
             s.node,

@@ -35,6 +35,15 @@ impl std::fmt::Display for Foreign {
     }
 }
 
+/// Whether `pv` was made by `provisioner` (node-loss clean-up, which acts on other nodes' PVs, checks
+/// this much; the node is the lost one it is cleaning up after).
+pub fn provisioned_by(pv: &PersistentVolume, provisioner: &str) -> Result<(), Foreign> {
+    match pv.annotations().get(pv::ANN_PROVISIONED_BY) {
+        Some(p) if p == provisioner => Ok(()),
+        other => Err(Foreign::Provisioner(other.cloned())),
+    }
+}
+
 /// Whether this agent (`provisioner` on `node`, whose `kubernetes.io/hostname` is `hostname`) may
 /// patch or delete `pv`. The node affinity is checked where the object still carries it (the watch
 /// cache drops it to save memory; the annotation is what the agent wrote next to it).
@@ -44,12 +53,8 @@ pub fn ours_to_touch(
     node: &str,
     hostname: &str,
 ) -> Result<(), Foreign> {
-    let annotations = pv.annotations();
-    match annotations.get(pv::ANN_PROVISIONED_BY) {
-        Some(p) if p == provisioner => {}
-        other => return Err(Foreign::Provisioner(other.cloned())),
-    }
-    match annotations.get(pv::ANN_NODE) {
+    provisioned_by(pv, provisioner)?;
+    match pv.annotations().get(pv::ANN_NODE) {
         Some(n) if n == node => {}
         other => return Err(Foreign::Node(other.cloned())),
     }
@@ -195,6 +200,20 @@ mod tests {
             let got = ours_to_touch(&volume(annotations, *hosts), ME, "a", "host-a");
             assert_eq!(&got, want, "{what}");
         }
+    }
+
+    #[test]
+    fn node_loss_checks_the_provisioner() {
+        let by = pv::ANN_PROVISIONED_BY;
+        assert_eq!(provisioned_by(&volume(&[(by, ME)], None), ME), Ok(()));
+        assert_eq!(
+            provisioned_by(&volume(&[(by, "example.com/cloud")], None), ME),
+            Err(Foreign::Provisioner(Some("example.com/cloud".into())))
+        );
+        assert_eq!(
+            provisioned_by(&volume(&[], None), ME),
+            Err(Foreign::Provisioner(None))
+        );
     }
 
     #[test]
