@@ -128,6 +128,14 @@ fn install() {
                 );
             }
         }
+        // Least privilege: the shipped base cannot delete claims (only the node-loss component can).
+        let sa = format!("--as=system:serviceaccount:{AGENT_NAMESPACE}:hostvol");
+        let can = rc.kubectl(&["auth", "can-i", &sa, "delete", "persistentvolumeclaims", "--all-namespaces"]);
+        assert!(
+            !can.status.success(),
+            "the base RBAC lets the agents delete claims: {}",
+            String::from_utf8_lossy(&can.stdout)
+        );
         eprintln!(
             "[real] figures: cluster up {}, DaemonSet Ready {} after apply, capacity published {} after that",
             secs(rc.up_time),
@@ -340,4 +348,43 @@ async fn get_page(rc: &RealCluster, target: &str) -> String {
         .unwrap_or_else(|e| panic!("GET / through port-forward to {target}: {e}"));
     assert_eq!(code, 200, "GET / through port-forward to {target}: {body}");
     body
+}
+
+/// Node-loss clean-up enabled as the README says: the base plus the kustomize component
+/// `deploy/components/node-loss-cleanup`. The agents start with the feature on (their start-up check of
+/// the component's RBAC passes inside their pods) and the ServiceAccount may now delete claims. On an
+/// external cluster (installed as its owner chose), the feature runs exactly when that RBAC is granted.
+#[test]
+fn node_loss_component() {
+    let rc = RealCluster::start(1);
+    let ds_ready = rc.install_hostvol_with_components(&["components/node-loss-cleanup"]);
+    let sa = format!("--as=system:serviceaccount:{AGENT_NAMESPACE}:hostvol");
+    let can = rc.kubectl(&[
+        "auth",
+        "can-i",
+        &sa,
+        "delete",
+        "persistentvolumeclaims",
+        "--all-namespaces",
+    ]);
+    let granted = can.status.success();
+    let logs = rc.agent_logs();
+    assert!(
+        logs.contains("starting agent"),
+        "agent logs from the start:\n{logs}"
+    );
+    let running = !logs.contains("node-loss clean-up is off");
+    if rc.is_external() {
+        assert_eq!(
+            running, granted,
+            "node-loss clean-up runs only with its RBAC:\n{logs}"
+        );
+    } else {
+        assert!(granted, "the component grants claim delete\n{}", rc.diag());
+        assert!(running, "the agents run node-loss clean-up:\n{logs}");
+    }
+    eprintln!(
+        "[real] node-loss component: DaemonSet Ready {} after apply; claim delete granted: {granted}",
+        secs(ds_ready)
+    );
 }

@@ -316,6 +316,12 @@ impl RealCluster {
     /// until the DaemonSet is Ready on every node; returns the time from apply to Ready. On an external
     /// cluster where hostvol is installed already, only waits.
     pub fn install_hostvol(&self) -> Duration {
+        self.install_hostvol_with_components(&[])
+    }
+
+    /// `install_hostvol` with kustomize components of `deploy/` (e.g. "components/node-loss-cleanup")
+    /// in the overlay, as users enable optional features.
+    pub fn install_hostvol_with_components(&self, components: &[&str]) -> Duration {
         let installed = self
             .kubectl(&["-n", AGENT_NAMESPACE, "get", "daemonset", "hostvol"])
             .status
@@ -365,12 +371,24 @@ impl RealCluster {
             }
             let overlay = self.path.join("hostvol-deploy");
             fs::create_dir_all(&overlay).unwrap();
+            let components: String = components
+                .iter()
+                .map(|c| {
+                    let dir = relative_to(&overlay, &repo().join("deploy").join(c));
+                    format!("  - {}\n", dir.display())
+                })
+                .collect();
+            let components = if components.is_empty() {
+                components
+            } else {
+                format!("components:\n{components}")
+            };
             fs::write(
                 overlay.join("kustomization.yaml"),
                 format!(
                     "# deploy/ as shipped; only the image tag is the one scripts/build-image.sh built\n\
                      apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
-                     resources:\n  - {}\nimages:\n  - name: {IMAGE_REPOSITORY}\n    newTag: \"{}\"\n",
+                     resources:\n  - {}\n{components}images:\n  - name: {IMAGE_REPOSITORY}\n    newTag: \"{}\"\n",
                     relative_to(&overlay, &repo().join("deploy")).display(),
                     image_tag()
                 ),
