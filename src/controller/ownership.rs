@@ -145,7 +145,14 @@ mod tests {
     fn only_our_provisioner_and_our_node() {
         let by = pv::ANN_PROVISIONED_BY;
         let node = pv::ANN_NODE;
-        let cases: &[(&str, &[(&str, &str)], Option<&[&str]>, Result<(), Foreign>)] = &[
+        // (what, annotations, node affinity hosts, verdict)
+        type Case<'a> = (
+            &'a str,
+            &'a [(&'a str, &'a str)],
+            Option<&'a [&'a str]>,
+            Result<(), Foreign>,
+        );
+        let cases: &[Case] = &[
             (
                 "ours, as cached (no affinity)",
                 &[(by, ME), (node, "a")],
