@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Agent, Cluster, claim_yaml, class_yaml, dirs_in, fmt_events, hostvol_pvs, pv_claim, pv_node,
+    Agent, Cluster, claim_yaml, class_yaml, dirs_in, fmt_events, hostvol_pvs, pv_node,
 };
 use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::ResourceExt;
@@ -77,11 +77,7 @@ async fn bound_claims(cluster: &Cluster, ns: &str, class: &str, n: usize) -> Vec
     for i in 0..n {
         cluster.wait_pvc_bound(ns, &format!("c{i}"), T).await;
     }
-    hostvol_pvs(cluster)
-        .await
-        .into_iter()
-        .filter(|pv| pv_claim(pv).starts_with(&format!("{ns}/")))
-        .collect()
+    hostvol_pvs(cluster).await
 }
 
 /// The hostnames a PV's node affinity requires.
