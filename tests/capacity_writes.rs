@@ -99,7 +99,7 @@ async fn an_invalid_class_gets_no_capacity_and_one_warning() {
     ));
     let warnings = || async {
         cluster
-            .object_events("default", "StorageClass", "bad")
+            .object_events("", "StorageClass", "bad")
             .await
             .into_iter()
             .filter(|(kind, reason, _)| kind == "Warning" && reason == "InvalidParameters")
