@@ -84,7 +84,12 @@ async fn capacity_is_written_on_material_changes_only() {
         (1..=most).contains(&writes),
         "about one write per 64 MiB moved ({fill_mib} MiB: at most {most}), not one per echo of \
          its own write: {writes} ({busy:?})\n{}",
-        agent.log().lines().filter(|l| l.contains("CSIStorageCapacity updated")).collect::<Vec<_>>().join("\n")
+        agent
+            .log()
+            .lines()
+            .filter(|l| l.contains("CSIStorageCapacity updated"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 
@@ -131,10 +136,22 @@ async fn an_invalid_class_gets_no_capacity_and_one_warning() {
             })
         })
         .await;
-    assert_eq!(published(&cluster, "bad").await, None, "no capacity for an invalid class");
+    assert_eq!(
+        published(&cluster, "bad").await,
+        None,
+        "no capacity for an invalid class"
+    );
     let events = warnings().await;
-    eprintln!("[e2e] warnings on StorageClass bad: {}", fmt_events(&events));
-    assert_eq!(events.len(), 1, "one Warning per class change: {}", fmt_events(&events));
+    eprintln!(
+        "[e2e] warnings on StorageClass bad: {}",
+        fmt_events(&events)
+    );
+    assert_eq!(
+        events.len(),
+        1,
+        "one Warning per class change: {}",
+        fmt_events(&events)
+    );
     assert!(
         events[0].2.contains("noSuchParameter") && events[0].2.contains("no capacity"),
         "{}",

@@ -6,9 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{
-    Agent, Cluster, claim_yaml, class_yaml, dirs_in, fmt_events, hostvol_pvs, pv_node,
-};
+use common::{Agent, Cluster, claim_yaml, class_yaml, dirs_in, fmt_events, hostvol_pvs, pv_node};
 use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::ResourceExt;
 use kube::api::{DynamicObject, ListParams};
@@ -30,9 +28,12 @@ fn restricted_class(name: &str, term: &[(&str, &[&str])]) -> String {
     )
 }
 
+/// A node: its name, extra labels and capacity cap.
+type NodeSpec<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+
 /// Nodes with their extra labels and capacity caps (on tmpfs disks, so figures do not depend on
 /// this machine's disk), each with its agent.
-async fn cluster_with(nodes: &[(&str, &[(&str, &str)], &str)]) -> (Cluster, Vec<Agent>) {
+async fn cluster_with(nodes: &[NodeSpec<'_>]) -> (Cluster, Vec<Agent>) {
     let cluster = Cluster::start().await;
     cluster.apply_repo_manifest("deploy/csidriver.yaml");
     let mut agents = Vec::new();
@@ -101,8 +102,7 @@ fn affinity_hosts(pv: &PersistentVolume) -> Vec<String> {
 /// room; node-a publishes zero for the class, marked as excluded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn immediate_claims_land_only_on_allowed_nodes() {
-    let (cluster, agents) =
-        cluster_with(&[("node-a", &[], "20Gi"), ("node-b", &[], "5Gi")]).await;
+    let (cluster, agents) = cluster_with(&[("node-a", &[], "20Gi"), ("node-b", &[], "5Gi")]).await;
     cluster.kubectl_apply_yaml(&restricted_class("only-b", &[(HOST, &["node-b"])]));
     cluster.wait_class_capacities("only-b", 2, T).await;
     let figures = published(&cluster, "only-b").await;
@@ -110,14 +110,21 @@ async fn immediate_claims_land_only_on_allowed_nodes() {
     let pvs = bound_claims(&cluster, "topo", "only-b", 10).await;
     let nodes: Vec<String> = pvs.iter().map(pv_node).collect();
     eprintln!("[e2e] where the 10 claims of only-b landed: {nodes:?}");
-    assert_eq!(figures[0], ("node-a".into(), "0".into(), true), "{figures:?}");
+    assert_eq!(
+        figures[0],
+        ("node-a".into(), "0".into(), true),
+        "{figures:?}"
+    );
     assert!(!figures[1].2 && figures[1].1 != "0", "{figures:?}");
     assert_eq!(pvs.len(), 10);
     assert!(nodes.iter().all(|n| n == "node-b"), "{nodes:?}");
     for pv in &pvs {
         assert_eq!(affinity_hosts(pv), ["node-b"], "{}", pv.name_any());
     }
-    assert!(dirs_in(&agents[0].root).is_empty(), "nothing made on node-a");
+    assert!(
+        dirs_in(&agents[0].root).is_empty(),
+        "nothing made on node-a"
+    );
     assert_eq!(dirs_in(&agents[1].root).len(), 10);
 }
 
@@ -125,8 +132,7 @@ async fn immediate_claims_land_only_on_allowed_nodes() {
 /// nothing is made anywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_class_allowing_no_agent_node_is_refused_with_its_terms() {
-    let (cluster, agents) =
-        cluster_with(&[("node-a", &[], "20Gi"), ("node-b", &[], "5Gi")]).await;
+    let (cluster, agents) = cluster_with(&[("node-a", &[], "20Gi"), ("node-b", &[], "5Gi")]).await;
     cluster.kubectl_apply_yaml(&restricted_class("nowhere", &[(HOST, &["node-z"])]));
     cluster.wait_class_capacities("nowhere", 2, T).await;
     cluster.create_namespace("topo").await;
@@ -178,5 +184,8 @@ async fn a_term_with_two_keys_is_matched_on_both() {
     let pvs = bound_claims(&cluster, "topo", "b-in-z2", 4).await;
     let nodes: Vec<String> = pvs.iter().map(pv_node).collect();
     eprintln!("[e2e] where the claims of b-in-z2 landed: {nodes:?}");
-    assert!(nodes.len() == 4 && nodes.iter().all(|n| n == "node-b"), "{nodes:?}");
+    assert!(
+        nodes.len() == 4 && nodes.iter().all(|n| n == "node-b"),
+        "{nodes:?}"
+    );
 }

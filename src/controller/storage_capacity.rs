@@ -24,7 +24,7 @@ use crate::controller::context::Context;
 use crate::controller::placement;
 use crate::controller::pv;
 use crate::controller::store::Changes;
-use crate::domain::capacity::{Published, PublishReason, publish_reason};
+use crate::domain::capacity::{PublishReason, Published, publish_reason};
 use crate::domain::naming;
 use crate::domain::params::ClassParameters;
 use crate::domain::placement::ANN_EXCLUDED;
@@ -157,11 +157,8 @@ pub async fn run(
         let figures = reports.borrow_and_update().clone();
         let owner_ref = owner.borrow_and_update().clone();
         publisher.check(&published, &ctx.capacity_changes);
-        let (wanted, invalid) = class_capacities(
-            &ctx,
-            &figures,
-            owner_ref.as_ref().map(|o| o.uid.clone()),
-        );
+        let (wanted, invalid) =
+            class_capacities(&ctx, &figures, owner_ref.as_ref().map(|o| o.uid.clone()));
         publisher.warn_invalid(&ctx, &invalid);
         let ok = publisher
             .write_changed(&wanted, figures.change_threshold, owner_ref.as_ref())

@@ -336,11 +336,7 @@ mod publish_tests {
             ),
         ];
         for (what, previous, want) in cases {
-            assert_eq!(
-                publish_reason(previous.as_ref(), &base, t),
-                *want,
-                "{what}"
-            );
+            assert_eq!(publish_reason(previous.as_ref(), &base, t), *want, "{what}");
         }
         // Reaching zero, or leaving it, is news even when the move is small.
         let small = Published {
@@ -372,6 +368,10 @@ mod publish_tests {
                 writes += 1;
             }
         }
-        assert_eq!(writes, 600 / 70, "one write per 70 MiB (7 steps of 10 MiB) moved");
+        assert_eq!(
+            writes,
+            600 / 70,
+            "one write per 70 MiB (7 steps of 10 MiB) moved"
+        );
     }
 }

@@ -105,7 +105,11 @@ impl Candidate {
 /// The allowed node with the most room that fits `request`; ties go to the smallest node name so
 /// that every agent picks the same one.
 pub fn choose(request: u64, candidates: &[Candidate]) -> Option<&Candidate> {
-    most_room(candidates.iter().filter(|c| c.allowed && c.room() >= request))
+    most_room(
+        candidates
+            .iter()
+            .filter(|c| c.allowed && c.room() >= request),
+    )
 }
 
 /// The allowed node with the most room, fitting or not (what a refusal names).
@@ -159,7 +163,11 @@ mod tests {
         let bare = labels(&[(HOST, "node-c")]);
         let cases: &[(&str, Vec<Term>, [bool; 3])] = &[
             ("no terms allow every node", vec![], [true, true, true]),
-            ("one key", vec![vec![req(HOST, &["node-b"])]], [false, true, false]),
+            (
+                "one key",
+                vec![vec![req(HOST, &["node-b"])]],
+                [false, true, false],
+            ),
             (
                 "several values",
                 vec![vec![req(HOST, &["node-a", "node-b"])]],
@@ -180,7 +188,11 @@ mod tests {
                 vec![vec![req(ZONE, &["z1"])], vec![req(HOST, &["node-c"])]],
                 [true, false, true],
             ),
-            ("an empty term matches nothing", vec![vec![]], [false, false, false]),
+            (
+                "an empty term matches nothing",
+                vec![vec![]],
+                [false, false, false],
+            ),
             (
                 "a requirement without values matches nothing",
                 vec![vec![req(HOST, &[])]],
@@ -211,7 +223,9 @@ mod tests {
         );
         let full = topology_refusal("local", &terms, "1Gi", Some(("node-b", "10Mi")));
         assert!(
-            full.contains("1Gi") && full.contains("10Mi on node node-b") && full.contains("zone in"),
+            full.contains("1Gi")
+                && full.contains("10Mi on node node-b")
+                && full.contains("zone in"),
             "{full}"
         );
     }
@@ -223,7 +237,11 @@ mod tests {
             ..c(node, allocatable, 0)
         };
         let nodes = [excluded("a", 100), c("b", 10, 0)];
-        assert_eq!(choose(5, &nodes).unwrap().node, "b", "a has more room but is excluded");
+        assert_eq!(
+            choose(5, &nodes).unwrap().node,
+            "b",
+            "a has more room but is excluded"
+        );
         assert!(choose(11, &nodes).is_none());
         assert_eq!(best_allowed(&nodes).unwrap().node, "b");
         let nobody = [excluded("a", 0), excluded("b", 0)];

@@ -15,8 +15,8 @@ const CHUNK: usize = 64 << 10;
 /// blocking thread. Returns the file (the caller removes it when it wants the space back).
 pub fn fill(dir: &Path, name: &str, total_mib: usize, mib_per_second: usize) -> PathBuf {
     let path = dir.join(name);
-    let mut file = std::fs::File::create(&path)
-        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    let mut file =
+        std::fs::File::create(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
     let chunk = vec![0x5au8; CHUNK];
     let chunks_per_mib = MIB / CHUNK;
     let start = Instant::now();

@@ -161,7 +161,12 @@ pub fn requests_between(
 ) -> (BTreeMap<String, u64>, u64) {
     let window: BTreeMap<String, u64> = after
         .iter()
-        .map(|(verb, n)| (verb.clone(), n.saturating_sub(before.get(verb).copied().unwrap_or(0))))
+        .map(|(verb, n)| {
+            (
+                verb.clone(),
+                n.saturating_sub(before.get(verb).copied().unwrap_or(0)),
+            )
+        })
         .filter(|(_, n)| *n > 0)
         .collect();
     let writes = window
