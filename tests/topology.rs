@@ -188,4 +188,24 @@ async fn a_term_with_two_keys_is_matched_on_both() {
         nodes.len() == 4 && nodes.iter().all(|n| n == "node-b"),
         "{nodes:?}"
     );
+    // Relabelled into z2, node-a is allowed: its agent sees its Node change and publishes its room.
+    cluster.kubectl_ok(&[
+        "label",
+        "node",
+        "node-a",
+        &format!("{ZONE}=z2"),
+        "--overwrite",
+    ]);
+    cluster
+        .wait_csi_storage_capacities(T, "node-a's room for b-in-z2 once it is in z2", |items| {
+            items.iter().any(|o| {
+                o.data["storageClassName"] == "b-in-z2"
+                    && o.annotations().get("hostvol.io/node").map(String::as_str) == Some("node-a")
+                    && !o
+                        .annotations()
+                        .contains_key("hostvol.io/excluded-by-topology")
+                    && o.data["capacity"] != "0"
+            })
+        })
+        .await;
 }
