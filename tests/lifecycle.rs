@@ -9,20 +9,13 @@ use std::time::Duration;
 use common::grpc::GetCapacityRequest;
 use common::{
     Agent, Cluster, capacity_report, claim_yaml, class_yaml, connect, dirs_in, fmt_events,
-    hostvol_pvs, metric_value, pod_yaml, pv_claim, pv_dir_name, pv_host_path,
+    hostvol_pvs, metric_value, pod_yaml, pv_claim, pv_dir_name, pv_host_path, pv_node,
 };
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::ResourceExt;
 use kube::api::Api;
 
 const T: Duration = Duration::from_secs(120);
-
-fn pv_node(pv: &PersistentVolume) -> String {
-    pv.annotations()
-        .get("hostvol.io/node")
-        .cloned()
-        .unwrap_or_default()
-}
 
 async fn cluster_with_agents(nodes: &[(&str, &[&str])]) -> (Cluster, Vec<Agent>) {
     let cluster = Cluster::start().await;

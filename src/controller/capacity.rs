@@ -45,6 +45,9 @@ pub struct NodeFigures {
     pub primary: RootFigures,
     pub roots: Vec<RootFigures>,
     pub observed_at: Option<SystemTime>,
+    /// The `--capacity-change-threshold` these figures were sent under: the CSIStorageCapacity
+    /// publisher holds its writes to the same rule.
+    pub change_threshold: u64,
 }
 
 impl NodeFigures {
@@ -100,6 +103,7 @@ pub fn node_figures(ctx: &Context) -> NodeFigures {
         primary,
         roots: all,
         observed_at: Some(SystemTime::now()),
+        change_threshold: 0,
     }
 }
 
@@ -112,7 +116,10 @@ pub async fn track(
 ) {
     let mut last: Option<Vec<Snapshot>> = None;
     loop {
-        let figures = node_figures(&ctx);
+        let figures = NodeFigures {
+            change_threshold: threshold,
+            ..node_figures(&ctx)
+        };
         let now = figures.snapshots();
         ctx.metrics
             .allocatable_bytes

@@ -76,7 +76,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Woken whenever this node's set of volumes may have changed.
     pub volumes_changed: Arc<tokio::sync::Notify>,
-    /// A permit on every StorageClass event, for the one task that publishes per-class figures.
+    /// A permit on every StorageClass event (and change of our Node, whose labels the classes'
+    /// `allowedTopologies` select on), for the one task that publishes per-class figures.
     pub classes_changed: Arc<tokio::sync::Notify>,
     /// Changes to this node's own CSIStorageCapacity objects seen by the watch, for the publisher.
     pub capacity_changes: Arc<Changes>,
@@ -337,10 +338,16 @@ pub fn published_candidate(object: &DynamicObject, class: &str) -> Option<Candid
     }
     let node = object.annotations().get(pv::ANN_NODE)?.clone();
     let allocatable = quantity::parse_bytes(object.data.get("capacity")?.as_str()?).ok()?;
+    // Published by the node's agent, which alone knows its node's labels (see domain::placement).
+    let allowed = object
+        .annotations()
+        .get(crate::domain::placement::ANN_EXCLUDED)
+        .is_none_or(|v| v != "true");
     Some(Candidate {
         node,
         allocatable,
         pending: 0,
+        allowed,
     })
 }
 

@@ -20,7 +20,7 @@ use crate::controller::clone_source::{self, Source};
 use crate::controller::context::{Context, Result};
 use crate::domain::admission::{self, Refusal, VolumeRequest};
 use crate::domain::params::ClassParameters;
-use crate::domain::placement::{self, Candidate};
+use crate::domain::placement::{self, Candidate, Requirement, Term};
 use crate::domain::quantity;
 
 /// Immediate classes: every agent computes the same choice; only the chosen node's agent places the
@@ -107,6 +107,45 @@ async fn clone_pinned_elsewhere(
     )))
 }
 
+/// A class's `allowedTopologies` as plain terms (none: every node).
+pub(crate) fn class_terms(class: &StorageClass) -> Vec<Term> {
+    class
+        .allowed_topologies
+        .iter()
+        .flatten()
+        .map(|term| {
+            term.match_label_expressions
+                .iter()
+                .flatten()
+                .map(|r| Requirement {
+                    key: r.key.clone(),
+                    values: r.values.clone(),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Whether `terms` allow this node, by its labels from the watch of our Node (its hostname label
+/// alone while that watch has not seen it).
+pub(crate) fn own_node_allowed(ctx: &Context, terms: &[Term]) -> bool {
+    if terms.is_empty() {
+        return true;
+    }
+    let labels = ctx
+        .nodes
+        .get(&ObjectRef::new(&ctx.settings.node))
+        .map(|n| n.labels().clone())
+        .unwrap_or_else(|| {
+            [(
+                crate::controller::pv::HOSTNAME_LABEL.to_string(),
+                ctx.node_hostname(),
+            )]
+            .into()
+        });
+    placement::allowed(terms, &labels)
+}
+
 /// A claim this young may have been made together with its class.
 const NEW_CLAIM_AGE: Duration = Duration::from_secs(10);
 const NEW_CLAIM_RETRY: Duration = Duration::from_millis(200);
@@ -139,10 +178,16 @@ fn choose_for(pvc: &PersistentVolumeClaim, ctx: &Context) -> Step<(VolumeRequest
         debug!(class = %class_name, "no published capacities for the new class yet");
         return Err(Action::requeue(NEW_CLAIM_RETRY));
     }
-    let chosen = choose_among(&request, &candidates, &voice)?.clone();
+    let terms = class_terms(&class);
+    let chosen = choose_among(&request, &candidates, &class_name, &terms, &voice)?.clone();
     if chosen.node != ctx.settings.node {
         // Another agent will place it; look again later in case that agent is gone.
         return Err(Action::requeue(Duration::from_secs(15)));
+    }
+    if !own_node_allowed(ctx, &terms) {
+        // Our labels changed since we published: the publisher is about to say so; choose again then.
+        debug!(class = %class_name, "chosen, but the class's allowedTopologies no longer allow this node");
+        return Err(Action::requeue(Duration::from_secs(2)));
     }
     Ok((request, chosen))
 }
@@ -222,10 +267,12 @@ fn admit_claim(
     })
 }
 
-/// The node with the most room for the request, from the published capacities.
+/// The allowed node with the most room for the request, from the published capacities.
 fn choose_among<'c>(
     request: &VolumeRequest,
     candidates: &'c [Candidate],
+    class: &str,
+    terms: &[Term],
     voice: &Voice<'_>,
 ) -> Step<&'c Candidate> {
     if candidates.is_empty() {
@@ -233,7 +280,16 @@ fn choose_among<'c>(
         return Err(Action::requeue(Duration::from_secs(30)));
     }
     placement::choose(request.capacity_bytes, candidates).ok_or_else(|| {
-        if voice.speaks {
+        if voice.speaks && !terms.is_empty() {
+            let best = placement::best_allowed(candidates)
+                .map(|c| (c.node.as_str(), quantity::format_bytes(c.room())));
+            voice.warn(placement::topology_refusal(
+                class,
+                terms,
+                &request.capacity,
+                best.as_ref().map(|(node, room)| (*node, room.as_str())),
+            ));
+        } else if voice.speaks {
             let best = placement::spokesperson(candidates).expect("spokesperson exists");
             voice.warn(format!(
                 "no node can hold {}: the most room is {} on node {}; free space, raise a node's cap, or request less \

@@ -4,24 +4,30 @@
 //! The scheduler finds our `CSIDriver` (named after the provisioner, `storageCapacity: true`) and then
 //! compares each claim's request with these objects' `capacity`/`maximumVolumeSize` for the node.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::discovery::ApiResource;
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::controller::capacity::NodeFigures;
 use crate::controller::context::Context;
+use crate::controller::placement;
 use crate::controller::pv;
 use crate::controller::store::Changes;
+use crate::domain::capacity::{PublishReason, Published, publish_reason};
 use crate::domain::naming;
+use crate::domain::params::ClassParameters;
+use crate::domain::placement::ANN_EXCLUDED;
 
 pub const LABEL_STORAGE_CLASS: &str = "hostvol.io/storage-class";
 const FIELD_MANAGER: &str = "hostvol-agent";
@@ -60,11 +66,11 @@ fn desired(
     resource: &ApiResource,
     name: &str,
     node: &str,
-    hostname: &str,
+    figures: &Published,
     class: &str,
-    allocatable: u64,
     owner: Option<&OwnerReference>,
 ) -> DynamicObject {
+    let (hostname, allocatable) = (&figures.hostname, figures.capacity);
     let mut object = DynamicObject::new(name, resource);
     object.metadata.labels = Some(BTreeMap::from([
         (pv::LABEL_NODE.to_string(), naming::node_label_value(node)),
@@ -79,10 +85,12 @@ fn desired(
     ]));
     object.metadata.owner_references = owner.map(|o| vec![o.clone()]);
     // The exact node name (labels may shorten it), read by other agents to place Immediate claims.
-    object.metadata.annotations = Some(BTreeMap::from([(
-        pv::ANN_NODE.to_string(),
-        node.to_string(),
-    )]));
+    let mut annotations = BTreeMap::from([(pv::ANN_NODE.to_string(), node.to_string())]);
+    // Other agents place Immediate claims only on nodes whose agent says the class allows them.
+    if figures.excluded {
+        annotations.insert(ANN_EXCLUDED.to_string(), "true".to_string());
+    }
+    object.metadata.annotations = Some(annotations);
     object.data = serde_json::json!({
         "storageClassName": class,
         "nodeTopology": {"matchLabels": {pv::HOSTNAME_LABEL: hostname}},
@@ -102,7 +110,10 @@ pub fn is_of_node(object: &DynamicObject, node: &str) -> bool {
 
 /// Keeps the objects in step with the capacity reports until `shutdown`. Woken only by what changes
 /// them: a class event, a material capacity change, a change to one of our objects seen by the watch,
-/// our pod appearing (the owner). It reads its objects from the watch cache and never lists.
+/// our pod appearing (the owner), our node's labels. It reads its objects from the watch cache and
+/// never lists. What it writes is the report it was woken with (already thresholded by the tracker),
+/// and only when `publish_reason` says it is news: the echo of its own write wakes it, but finds
+/// nothing to do.
 pub async fn run(
     ctx: Arc<Context>,
     mut reports: watch::Receiver<NodeFigures>,
@@ -111,7 +122,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let client = ctx.client.clone();
-    if !crate::controller::store::store_ready(&ctx.classes).await {
+    if !crate::controller::store::store_ready(&ctx.classes).await
+        || !crate::controller::store::store_ready(&ctx.nodes).await
+    {
         return;
     }
     let (Some(published), Some(resource)) = (ctx.capacities.clone(), resource) else {
@@ -123,6 +136,13 @@ pub async fn run(
     if !crate::controller::store::store_ready(&published).await {
         return;
     }
+    // The channel starts with empty figures: publishing them would tell the scheduler the node is full.
+    while reports.borrow_and_update().observed_at.is_none() {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = reports.changed() => if changed.is_err() { return },
+        }
+    }
     info!(api_version = %resource.api_version, "publishing CSIStorageCapacity");
     let mut owner = ctx.own_pod.subscribe();
     let mut publisher = Publisher {
@@ -130,15 +150,18 @@ pub async fn run(
         resource,
         node: ctx.settings.node.clone(),
         written: HashMap::new(),
+        warned: HashMap::new(),
     };
     let mut retry = Duration::from_secs(1);
     loop {
-        reports.borrow_and_update();
+        let figures = reports.borrow_and_update().clone();
         let owner_ref = owner.borrow_and_update().clone();
         publisher.check(&published, &ctx.capacity_changes);
-        let wanted = class_capacities(&ctx);
+        let (wanted, invalid) =
+            class_capacities(&ctx, &figures, owner_ref.as_ref().map(|o| o.uid.clone()));
+        publisher.warn_invalid(&ctx, &invalid);
         let ok = publisher
-            .write_changed(&ctx.node_hostname(), &wanted, owner_ref.as_ref())
+            .write_changed(&wanted, figures.change_threshold, owner_ref.as_ref())
             .await;
         publisher.prune(&published, &wanted).await;
         // Only a failed write waits on a timer (with backoff); otherwise nothing happens until an
@@ -167,33 +190,79 @@ pub async fn run(
     }
 }
 
-/// Each hostvol class with its capacity on this node: that of the data root it names (zero if the
-/// node has none).
-fn class_capacities(ctx: &Context) -> HashMap<String, (String, u64)> {
-    ctx.classes
-        .state()
-        .iter()
-        .filter(|c| c.provisioner == ctx.settings.provisioner)
-        .map(|c| {
-            let root = crate::domain::params::ClassParameters::parse(
-                &c.parameters.clone().unwrap_or_default(),
-            )
-            .map(|p| p.data_root)
-            .unwrap_or_else(|_| crate::domain::params::DEFAULT_ROOT.to_string());
-            let class = c.name_any();
-            (
-                object_name(&ctx.settings.node, &class),
-                (class, ctx.allocatable_bytes(&root)),
-            )
-        })
-        .collect()
+/// What one object should say: its class and figures.
+struct Wanted {
+    class: String,
+    figures: Published,
 }
 
-/// What an object was written with: (hostname, allocatable bytes, owner uid).
-type Written = (String, u64, Option<String>);
+/// A hostvol class whose parameters do not parse, and why: it gets no capacity anywhere.
+struct Invalid {
+    class: Arc<StorageClass>,
+    why: String,
+}
 
-/// The same figures read back from a published object.
-fn observed(object: &DynamicObject) -> Written {
+/// Each valid hostvol class with its capacity on this node, from `figures`: that of the data root
+/// it names (zero if the node has none, or if the class's `allowedTopologies` exclude the node).
+/// Classes with invalid parameters get none (no claim of them can be provisioned anywhere).
+fn class_capacities(
+    ctx: &Context,
+    figures: &NodeFigures,
+    owner: Option<String>,
+) -> (HashMap<String, Wanted>, Vec<Invalid>) {
+    let hostname = ctx.node_hostname();
+    let mut wanted = HashMap::new();
+    let mut invalid = Vec::new();
+    for c in ctx
+        .classes
+        .state()
+        .into_iter()
+        .filter(|c| c.provisioner == ctx.settings.provisioner)
+    {
+        let root = match ClassParameters::parse(&c.parameters.clone().unwrap_or_default()) {
+            Ok(p) => p.data_root,
+            Err(why) => {
+                invalid.push(Invalid { class: c, why });
+                continue;
+            }
+        };
+        let excluded = !placement::own_node_allowed(ctx, &placement::class_terms(&c));
+        let of_root = figures.roots.iter().find(|r| r.name == root);
+        let class = c.name_any();
+        let figures = Published {
+            hostname: hostname.clone(),
+            owner: owner.clone(),
+            excluded,
+            allocated: of_root.map_or(0, |r| r.allocated_bytes),
+            capacity: match of_root {
+                Some(r) if !excluded => r.allocatable_bytes,
+                _ => 0,
+            },
+            root,
+        };
+        wanted.insert(
+            object_name(&ctx.settings.node, &class),
+            Wanted { class, figures },
+        );
+    }
+    (wanted, invalid)
+}
+
+/// What an object says that the scheduler and other agents read: (hostname, capacity, owner uid,
+/// excluded by topology).
+type OnObject = (String, u64, Option<String>, bool);
+
+fn on_object(figures: &Published) -> OnObject {
+    (
+        figures.hostname.clone(),
+        figures.capacity,
+        figures.owner.clone(),
+        figures.excluded,
+    )
+}
+
+/// The same read back from a published object.
+fn observed(object: &DynamicObject) -> OnObject {
     let hostname = object.data["nodeTopology"]["matchLabels"][pv::HOSTNAME_LABEL]
         .as_str()
         .unwrap_or_default()
@@ -204,7 +273,21 @@ fn observed(object: &DynamicObject) -> Written {
         .and_then(|c| crate::domain::quantity::parse_bytes(c).ok())
         .unwrap_or(u64::MAX);
     let owner = object.owner_references().first().map(|o| o.uid.clone());
-    (hostname, capacity, owner)
+    let excluded = object
+        .annotations()
+        .get(ANN_EXCLUDED)
+        .is_some_and(|v| v == "true");
+    (hostname, capacity, owner, excluded)
+}
+
+/// Our own writes the watch may still deliver, per object: enough for a burst of writes whose
+/// echoes arrive late, each recognised by its resourceVersion.
+const OWN_VERSIONS: usize = 4;
+
+/// What we last wrote to an object, and the resourceVersions our recent writes produced.
+struct Written {
+    figures: Published,
+    versions: VecDeque<String>,
 }
 
 /// This node's CSIStorageCapacity objects, and what we know we wrote to them.
@@ -212,22 +295,29 @@ struct Publisher {
     api: Api<DynamicObject>,
     resource: ApiResource,
     node: String,
-    /// What we last wrote, per object name, to skip writes that change nothing.
+    /// What we last wrote, per object name, to skip writes that change nothing material.
     written: HashMap<String, Written>,
+    /// Invalid classes warned about, by name: the uid and resourceVersion warned for, so a class
+    /// gets one Warning per change (per agent), not one per pass.
+    warned: HashMap<String, String>,
 }
 
 impl Publisher {
     /// Forgets what we wrote to objects the watch saw deleted or changed by someone else, so the
     /// next pass writes them again: the scheduler must never work from figures we did not publish.
+    /// The echo of our own write (its resourceVersion is one we got back) is not such a change.
     fn check(&mut self, published: &Store<DynamicObject>, changes: &Changes) {
         let (touched, relisted) = changes.take();
+        let namespace = self.api.namespace().unwrap_or_default().to_string();
         let differs = |name: &String, written: &Written| {
             published
-                .get(
-                    &ObjectRef::new_with(name, self.resource.clone())
-                        .within(self.api.namespace().unwrap_or_default()),
-                )
-                .is_none_or(|o| observed(&o) != *written)
+                .get(&ObjectRef::new_with(name, self.resource.clone()).within(&namespace))
+                .is_none_or(|o| {
+                    let ours = o
+                        .resource_version()
+                        .is_some_and(|v| written.versions.contains(&v));
+                    !ours && observed(&o) != on_object(&written.figures)
+                })
         };
         if relisted {
             self.written.retain(|name, w| !differs(name, w));
@@ -243,20 +333,50 @@ impl Publisher {
         }
     }
 
-    /// Writes the object of each class whose figures changed since we last wrote it. False if a
-    /// write failed (retried after a backoff).
+    /// One Warning per invalid class (and change of it), on the class: it gets no capacity until it
+    /// is re-created with valid parameters.
+    fn warn_invalid(&mut self, ctx: &Context, invalid: &[Invalid]) {
+        self.warned
+            .retain(|name, _| invalid.iter().any(|i| i.class.name_any() == *name));
+        for Invalid { class, why } in invalid {
+            let version = format!(
+                "{}/{}",
+                class.uid().unwrap_or_default(),
+                class.resource_version().unwrap_or_default()
+            );
+            let name = class.name_any();
+            if self.warned.get(&name) == Some(&version) {
+                continue;
+            }
+            warn!(class = %name, %why, "StorageClass has invalid parameters; publishing no capacity for it");
+            ctx.publish(
+                &class.object_ref(&()),
+                EventType::Warning,
+                "InvalidParameters",
+                "PublishCapacity",
+                format!(
+                    "StorageClass {name}: {why}; hostvol publishes no capacity for it on node {}, so \
+                     no claim of it is placed there; re-create the class with valid parameters",
+                    self.node
+                ),
+            );
+            self.warned.insert(name, version);
+        }
+    }
+
+    /// Writes the object of each class whose figures changed materially since we last wrote it.
+    /// False if a write failed (retried after a backoff).
     async fn write_changed(
         &mut self,
-        hostname: &str,
-        wanted: &HashMap<String, (String, u64)>,
+        wanted: &HashMap<String, Wanted>,
+        threshold: u64,
         owner: Option<&OwnerReference>,
     ) -> bool {
-        let owner_uid = owner.map(|o| o.uid.clone());
         let mut ok = true;
-        for (name, (class, allocatable)) in wanted {
-            let state = (hostname.to_string(), *allocatable, owner_uid.clone());
-            if self.written.get(name) != Some(&state) {
-                ok &= self.write(name.clone(), class, state, owner).await;
+        for (name, want) in wanted {
+            let previous = self.written.get(name).map(|w| &w.figures);
+            if let Some(reason) = publish_reason(previous, &want.figures, threshold) {
+                ok &= self.write(name, want, reason, owner).await;
             }
         }
         ok
@@ -264,33 +384,44 @@ impl Publisher {
 
     async fn write(
         &mut self,
-        name: String,
-        class: &str,
-        state: Written,
+        name: &str,
+        want: &Wanted,
+        reason: PublishReason,
         owner: Option<&OwnerReference>,
     ) -> bool {
-        let (hostname, allocatable) = (&state.0, state.1);
         let object = desired(
             &self.resource,
-            &name,
+            name,
             &self.node,
-            hostname,
-            class,
-            allocatable,
+            &want.figures,
+            &want.class,
             owner,
         );
         match self
             .api
             .patch(
-                &name,
+                name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&object),
             )
             .await
         {
-            Ok(_) => {
-                debug!(%name, class = %class, allocatable, "CSIStorageCapacity updated");
-                self.written.insert(name, state);
+            Ok(written) => {
+                debug!(%name, class = %want.class, allocatable = want.figures.capacity, reason = reason.as_str(), "CSIStorageCapacity updated");
+                let entry = self
+                    .written
+                    .entry(name.to_string())
+                    .or_insert_with(|| Written {
+                        figures: want.figures.clone(),
+                        versions: VecDeque::new(),
+                    });
+                entry.figures = want.figures.clone();
+                if let Some(version) = written.resource_version() {
+                    if entry.versions.len() == OWN_VERSIONS {
+                        entry.versions.pop_front();
+                    }
+                    entry.versions.push_back(version);
+                }
                 true
             }
             Err(error) => {
@@ -300,12 +431,9 @@ impl Publisher {
         }
     }
 
-    /// Deletes this node's objects of classes that are gone or no longer ours (from the watch cache).
-    async fn prune(
-        &mut self,
-        published: &Store<DynamicObject>,
-        wanted: &HashMap<String, (String, u64)>,
-    ) {
+    /// Deletes this node's objects of classes that are gone, no longer ours or invalid (from the
+    /// watch cache).
+    async fn prune(&mut self, published: &Store<DynamicObject>, wanted: &HashMap<String, Wanted>) {
         let stale: Vec<String> = published
             .state()
             .iter()

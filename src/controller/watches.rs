@@ -64,7 +64,7 @@ pub fn start(
 ) -> (Watches, Arc<Context>, impl std::future::Future<Output = ()>) {
     let classes_changed = Arc::new(tokio::sync::Notify::new());
     let classes = watch_classes(&client, classes_changed.clone());
-    let nodes = watch_own_node(&client, &settings.node);
+    let nodes = watch_own_node(&client, &settings.node, classes_changed.clone());
     let volumes_changed = Arc::new(tokio::sync::Notify::new());
     // Woken when claims or PVs go (or a watch relisted): per-object state is dropped then.
     let gone = Arc::new(tokio::sync::Notify::new());
@@ -173,8 +173,13 @@ fn watch_classes(client: &Client, changed: Arc<tokio::sync::Notify>) -> Store<St
     classes
 }
 
-/// Our own Node, metadata only (a Node's status with its image list is large).
-fn watch_own_node(client: &Client, node: &str) -> Store<PartialObjectMeta<Node>> {
+/// Our own Node, metadata only (a Node's status with its image list is large). Its labels decide which
+/// classes' `allowedTopologies` allow the node, so a change wakes the capacity publisher (`changed`).
+fn watch_own_node(
+    client: &Client,
+    node: &str,
+    changed: Arc<tokio::sync::Notify>,
+) -> Store<PartialObjectMeta<Node>> {
     let (nodes, writer) = reflector::store();
     drive(
         "node",
@@ -184,7 +189,8 @@ fn watch_own_node(client: &Client, node: &str) -> Store<PartialObjectMeta<Node>>
         )
         .default_backoff()
         .modify(|n| n.managed_fields_mut().clear())
-        .reflect(writer),
+        .reflect(writer)
+        .inspect(move |_| changed.notify_one()),
     );
     nodes
 }

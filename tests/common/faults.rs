@@ -138,6 +138,45 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The API server's non-watch requests on CSIStorageCapacity objects so far, by verb (`APPLY`,
+    /// `PATCH`, `CREATE`, `DELETE`, `LIST`, ...): only agents write them, so the writes are the
+    /// agents' publisher at work. Subtract two readings to count a window.
+    pub async fn capacity_requests(&self) -> BTreeMap<String, u64> {
+        let mut by_verb = BTreeMap::new();
+        for ((verb, resource), n) in self.apiserver_requests().await {
+            if resource == "csistoragecapacities" && verb != "WATCH" {
+                *by_verb.entry(verb).or_insert(0) += n as u64;
+            }
+        }
+        by_verb
+    }
+}
+
+/// Requests of `after` not yet in `before` (two readings of `Cluster::capacity_requests`), and
+/// how many of them wrote (any verb but GET and LIST).
+pub fn requests_between(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> (BTreeMap<String, u64>, u64) {
+    let window: BTreeMap<String, u64> = after
+        .iter()
+        .map(|(verb, n)| {
+            (
+                verb.clone(),
+                n.saturating_sub(before.get(verb).copied().unwrap_or(0)),
+            )
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let writes = window
+        .iter()
+        .filter(|(verb, _)| !matches!(verb.as_str(), "GET" | "LIST"))
+        .map(|(_, n)| n)
+        .sum();
+    (window, writes)
+}
+
 /// Keeps the readiness of an agent as seen over time: (time since start, ready) at every change.
 pub async fn readiness_timeline(
     addr: SocketAddr,

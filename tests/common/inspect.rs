@@ -278,6 +278,14 @@ pub fn pv_claim(pv: &PersistentVolume) -> String {
         .unwrap()
 }
 
+/// The node a hostvol PV was made on (its `hostvol.io/node` annotation).
+pub fn pv_node(pv: &PersistentVolume) -> String {
+    pv.annotations()
+        .get("hostvol.io/node")
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// The hostPath of a hostvol PV (its directory on the node).
 pub fn pv_host_path(pv: &PersistentVolume) -> &str {
     &pv.spec.as_ref().unwrap().host_path.as_ref().unwrap().path

@@ -24,6 +24,7 @@
 //!   metrics, directories in a data root.
 //! * `kubelet.rs` (the played kubelet), `process.rs` (child processes), `http.rs` (plain GET),
 //!   `person.rs` (commands as people run them).
+//! * `disk_fill.rs`: filling a data root at a steady rate, as something other than hostvol would.
 //! * `faults.rs`: control-plane faults (kill, pause, restart etcd and kube-apiserver with the same
 //!   command and data) and the API server's request counts; `api_proxy.rs`: `ApiProxy`, a cuttable
 //!   TCP proxy in front of the API server that counts connection attempts.
@@ -38,6 +39,7 @@ mod agent;
 mod api_proxy;
 mod binaries;
 mod control_plane;
+pub mod disk_fill;
 pub mod faults;
 mod fixtures;
 pub mod http;
@@ -60,7 +62,7 @@ pub use control_plane::{
 };
 pub use fixtures::{PROVISIONER, claim_yaml, claim_yaml_with, class_yaml, pod_yaml};
 pub use inspect::{
-    dirs_in, fmt_events, hostvol_pvs, metric_value, pv_claim, pv_dir_name, pv_host_path,
+    dirs_in, fmt_events, hostvol_pvs, metric_value, pv_claim, pv_dir_name, pv_host_path, pv_node,
     to_yaml_ish,
 };
 pub use kubelet::FakeKubelet;
