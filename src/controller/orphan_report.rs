@@ -94,11 +94,7 @@ pub async fn run(ctx: Arc<Context>, every: Duration, shutdown: CancellationToken
                     let Some(pv) = ctx.volumes.get(&ObjectRef::new(name)) else {
                         continue;
                     };
-                    let path = pv
-                        .annotations()
-                        .get(pv::ANN_DIRECTORY)
-                        .cloned()
-                        .unwrap_or_default();
+                    let path = pv::host_path_of(&pv).unwrap_or_default().to_string();
                     warn!(pv = %name, %path, "volume directory is missing");
                     ctx.publish(&pv.object_ref(&()), EventType::Warning, "VolumeDirectoryMissing", "Check", format!(
                         "directory {path} of this volume is missing on node {}; pods using it will fail to start \
