@@ -113,7 +113,14 @@ async fn dispose_of_directory(
         return Ok(Some(Action::requeue(Duration::from_secs(300))));
     };
     let root_name = pv::data_root(pv).to_string();
-    let Some(data_root) = ctx.roots().get(&root_name) else {
+    // The root holding the PV's immutable hostPath: an edited data-root annotation must not make a
+    // removal in another root find nothing and release the PV with its data left behind.
+    let holder = ctx
+        .roots()
+        .all()
+        .find(|root| pv::volume_directory(pv, &root.host_path).is_some())
+        .cloned();
+    let Some(data_root) = holder else {
         ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(
             "node {} no longer has data root {root_name:?} (hostvol-config); the directory is kept; \
              restore the root in the configuration to let hostvol remove it", ctx.settings.node));
