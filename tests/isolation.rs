@@ -38,11 +38,7 @@ async fn an_edited_directory_annotation_redirects_nothing() {
     preflight();
     let cluster = Cluster::start().await;
     cluster.add_node("node-a").await;
-    let fs = LoopBtrfs::create_sized(
-        &cluster.dir().join("node-a-root"),
-        Quotas::On,
-        IMAGE_BYTES,
-    );
+    let fs = LoopBtrfs::create_sized(&cluster.dir().join("node-a-root"), Quotas::On, IMAGE_BYTES);
     // Limits and usage are checked every second, so a pass after the edit comes soon.
     let agent = cluster
         .start_agent(
@@ -76,7 +72,8 @@ async fn an_edited_directory_annotation_redirects_nothing() {
 
     // Someone allowed to patch PVs points the intruder's annotation at the victim's directory.
     let volumes: Api<PersistentVolume> = Api::all(cluster.client());
-    let patch = serde_json::json!({"metadata": {"annotations": {ANN_DIRECTORY: host_path(&victim)}}});
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {ANN_DIRECTORY: host_path(&victim)}}});
     volumes
         .patch(
             &intruder.name_any(),
@@ -88,7 +85,12 @@ async fn an_edited_directory_annotation_redirects_nothing() {
     let edited = "DirectoryAnnotationEdited";
     cluster
         .wait_for(
-            || async { pv_events(&cluster, &intruder.name_any()).await.iter().any(|e| e.1 == edited) },
+            || async {
+                pv_events(&cluster, &intruder.name_any())
+                    .await
+                    .iter()
+                    .any(|e| e.1 == edited)
+            },
             T,
             &format!("a {edited} Warning on PV {}", intruder.name_any()),
         )
@@ -265,7 +267,9 @@ async fn copying_clone() -> (Cluster, Agent, Agent) {
     ));
     let source = cluster.hostvol_pv_of_claim("iso", "source", T).await;
     cluster.wait_pvc_bound("iso", "other", T).await;
-    let dir = n1.root.join(Path::new(&host_path(&source)).file_name().unwrap());
+    let dir = n1
+        .root
+        .join(Path::new(&host_path(&source)).file_name().unwrap());
     let chunk = vec![0x5au8; SOURCE_FILE_BYTES];
     for i in 0..SOURCE_FILES {
         std::fs::write(dir.join(format!("f{i:03}")), &chunk).unwrap();

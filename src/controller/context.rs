@@ -159,7 +159,9 @@ impl Context {
             .lock()
             .expect("lock poisoned")
             .iter()
-            .filter(|(key, (r, _))| r == root && !known.contains(*key) && !recent.contains_key(*key))
+            .filter(|(key, (r, _))| {
+                r == root && !known.contains(*key) && !recent.contains_key(*key)
+            })
             .map(|(_, (_, b))| *b)
             .sum();
         total

@@ -130,7 +130,10 @@ async fn grow(
             }
             Expansion::Grow { to, .. } => {
                 let key = format!("grow/{pv_name}");
-                (to, ctx.reserve(&key, &root.name, to.saturating_sub(current)))
+                (
+                    to,
+                    ctx.reserve(&key, &root.name, to.saturating_sub(current)),
+                )
             }
         }
     };

@@ -134,8 +134,7 @@ async fn provision(
     let admitted = {
         let _admission = ctx.admission_lock.lock().await;
         reserve(ctx, &order).map(|root| {
-            let reservation =
-                ctx.reserve(&order.pv_name, &root.name, order.request.capacity_bytes);
+            let reservation = ctx.reserve(&order.pv_name, &root.name, order.request.capacity_bytes);
             (root, reservation)
         })
     };

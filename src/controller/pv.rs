@@ -204,7 +204,8 @@ mod tests {
     fn volume(name: &str, host_path: &str, annotation: &str) -> PersistentVolume {
         let mut pv = PersistentVolume::default();
         pv.metadata.name = Some(name.into());
-        pv.metadata.annotations = Some([(ANN_DIRECTORY.to_string(), annotation.to_string())].into());
+        pv.metadata.annotations =
+            Some([(ANN_DIRECTORY.to_string(), annotation.to_string())].into());
         pv.spec = Some(PersistentVolumeSpec {
             host_path: Some(HostPathVolumeSource {
                 path: host_path.into(),

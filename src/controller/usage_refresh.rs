@@ -33,7 +33,10 @@ pub async fn run(
         for pv in &volumes {
             ctx.check_directory_annotation(pv); // one Warning per edit, as soon as it is seen
         }
-        let keep: HashSet<String> = volumes.iter().filter_map(|pv| pv::directory_of(pv)).collect();
+        let keep: HashSet<String> = volumes
+            .iter()
+            .filter_map(|pv| pv::directory_of(pv))
+            .collect();
         let full = tokio::time::Instant::now() >= next_full;
         if full {
             next_full = tokio::time::Instant::now() + every;

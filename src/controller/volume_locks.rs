@@ -36,7 +36,10 @@ impl VolumeLocks {
     /// Volumes whose lock is held or awaited now.
     pub fn in_use(&self) -> usize {
         let locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
-        locks.values().filter(|lock| lock.strong_count() > 0).count()
+        locks
+            .values()
+            .filter(|lock| lock.strong_count() > 0)
+            .count()
     }
 }
 
@@ -65,8 +68,16 @@ mod tests {
         assert!(!waiter.is_finished(), "pvc-a is still held");
         drop(held);
         waiter.await.unwrap();
-        assert_eq!(locks.in_use(), 0, "nothing is kept once no one holds a lock");
+        assert_eq!(
+            locks.in_use(),
+            0,
+            "nothing is kept once no one holds a lock"
+        );
         let _again = locks.lock("pvc-c").await;
-        assert_eq!(locks.locks.lock().unwrap().len(), 1, "released locks are dropped");
+        assert_eq!(
+            locks.locks.lock().unwrap().len(),
+            1,
+            "released locks are dropped"
+        );
     }
 }
