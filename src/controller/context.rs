@@ -128,6 +128,7 @@ impl Context {
     /// Bytes promised to the volumes in data root `root`: every hostvol PV of this node there,
     /// Released ones included, because their directories still hold data.
     pub fn allocated_bytes(&self, root: &str) -> u64 {
+        let roots = self.roots();
         let mut recent = self.recent_volumes.lock().expect("lock poisoned");
         let mut growth = self.recent_growth.lock().expect("lock poisoned");
         let mut total = 0u64;
@@ -142,7 +143,7 @@ impl Context {
                     bytes = *grown;
                 }
             }
-            if pv::data_root(&pv) == root {
+            if volume_root(&roots, &pv) == root {
                 total = total.saturating_add(bytes);
             }
         }
@@ -250,10 +251,11 @@ impl Context {
     }
 
     pub fn volumes_in(&self, root: &str) -> usize {
+        let roots = self.roots();
         self.volumes
             .state()
             .iter()
-            .filter(|pv| pv::data_root(pv) == root)
+            .filter(|pv| volume_root(&roots, pv) == root)
             .count()
     }
 
@@ -410,6 +412,16 @@ impl Context {
             ("events", self.events.remembered()),
         ]
     }
+}
+
+/// The data root a PV's directory is in: the configured root holding its immutable hostPath; the one
+/// its editable annotation names only when none does (a root whose host path was reconfigured), so an
+/// edit cannot move a volume's bytes out of the root that really holds them.
+pub fn volume_root(roots: &RootSet, pv: &PersistentVolume) -> String {
+    roots
+        .all()
+        .find(|root| pv::volume_directory(pv, &root.host_path).is_some())
+        .map_or_else(|| pv::data_root(pv).to_string(), |root| root.name.clone())
 }
 
 /// Bytes counted as taken while the work that needs them runs; given back when dropped.

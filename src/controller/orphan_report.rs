@@ -12,7 +12,7 @@ use kube::{Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::controller::context::Context;
+use crate::controller::context::{self, Context};
 use crate::controller::reclaim::Disposal;
 use crate::controller::store::store_ready;
 use crate::controller::{pv, reclaim};
@@ -47,7 +47,7 @@ fn scan_roots(
         let entries = read_root(root)?;
         let here: Vec<Arc<PersistentVolume>> = volumes
             .iter()
-            .filter(|pv| pv::data_root(pv) == root.name)
+            .filter(|pv| context::volume_root(roots, pv) == root.name)
             .cloned()
             .collect();
         let mut findings = classify(&entries, &expected_directories(&here), SystemTime::now());
