@@ -635,22 +635,37 @@ proptest! {
     }
 
     #[test]
-    fn a_directory_annotation_gives_one_safe_name_or_none(path in prop_oneof![
-        any::<String>(),
-        "(/[a-z0-9._-]{0,12}){0,4}/?(\\.\\.|\\.|[a-z0-9._-]{0,300})",
-    ]) {
+    fn a_volume_directory_never_escapes_its_root(
+        path in prop_oneof![
+            any::<String>(),
+            "(/[a-z0-9._-]{0,12}){0,4}/?(\\.\\.|\\.|pvc-1_[a-z0-9._-]{0,300}|[a-z0-9._-]{0,30})",
+            "/mnt/data(/\\.\\.|/sub)?/pvc-1_[a-z0-9._/-]{0,40}",
+        ],
+        root in prop_oneof![Just("/mnt/data".to_string()), Just("/mnt/data/".to_string()), Just("/".to_string()), "(/[a-z0-9._-]{1,8}){0,3}"],
+        annotation in any::<String>(),
+    ) {
         let pv = PersistentVolume {
             metadata: kube::api::ObjectMeta {
                 name: Some("pvc-1".into()),
-                annotations: Some(BTreeMap::from([(ANN_DIRECTORY.to_string(), path.clone())])),
+                annotations: Some(BTreeMap::from([(ANN_DIRECTORY.to_string(), annotation)])),
                 ..Default::default()
             },
+            spec: Some(k8s_openapi::api::core::v1::PersistentVolumeSpec {
+                host_path: Some(k8s_openapi::api::core::v1::HostPathVolumeSource {
+                    path: path.clone(),
+                    type_: None,
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         };
-        if let Some(name) = pv::directory_name(&pv) {
+        if let Some(name) = pv::volume_directory(&pv, &root) {
+            // One safe name, this volume's own, directly inside the root: nothing else is named,
+            // whatever the annotation says.
             prop_assert!(validate_directory_name(&name).is_ok(), "{:?} -> {:?}", path, name);
             prop_assert!(!name.contains('/') && name != "." && name != "..");
-            prop_assert!(path.ends_with(&name));
+            prop_assert!(name.starts_with("pvc-1_"), "{:?} -> {:?}", path, name);
+            prop_assert_eq!(path, pv::host_path(&root, &name));
         }
     }
 

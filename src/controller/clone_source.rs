@@ -7,7 +7,7 @@ use kube::api::Api;
 use tracing::info;
 
 use crate::controller::context::{Context, Result};
-use crate::controller::{claim, pv, reclaim};
+use crate::controller::{claim, context, pv, reclaim};
 use crate::domain::admission::Refusal;
 
 /// Where a clone's source is.
@@ -71,7 +71,7 @@ pub async fn resolve(ctx: &Context, namespace: &str, name: &str, class: &str) ->
     Ok(Source::Here {
         directory,
         bytes: pv::capacity_bytes(&volume),
-        root: pv::data_root(&volume).to_string(),
+        root: context::volume_root(&ctx.roots(), &volume),
         pv_name: volume_name,
     })
 }

@@ -17,11 +17,12 @@ use crate::controller::events::EventRecorder;
 use crate::controller::metrics::Metrics;
 use crate::controller::pv;
 use crate::controller::store::Changes;
+use crate::controller::volume_locks::VolumeLocks;
 use crate::domain::admission;
 use crate::domain::naming::NameError;
 use crate::domain::placement::Candidate;
 use crate::domain::quantity;
-use crate::node::roots::RootSet;
+use crate::node::roots::{Root, RootSet};
 use crate::node::{removal, volume_store};
 
 #[derive(Debug, thiserror::Error)]
@@ -85,8 +86,15 @@ pub struct Context {
     pub own_pod: tokio::sync::watch::Sender<
         Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
     >,
-    /// Serialises "check capacity, make directory, create PV" so concurrent claims cannot overcommit.
+    /// Serialises "check the room, reserve the bytes" so concurrent claims and expansions cannot
+    /// overcommit. Held for the arithmetic only: the slow work runs under the volume's own lock.
     pub(super) admission_lock: tokio::sync::Mutex<()>,
+    /// Bytes reserved by admissions and expansions still at work: key -> (root, bytes).
+    pub(super) reserved: Mutex<HashMap<String, (String, u64)>>,
+    /// One lock per volume, for the slow work on it.
+    pub volume_locks: VolumeLocks,
+    /// The edited directory annotation each PV was last warned about: one Warning per edit.
+    pub(super) directory_edits: Mutex<HashMap<String, String>>,
     /// PVs created by us that the watch may not have delivered yet: name -> (root, bytes, when).
     pub(super) recent_volumes: Mutex<HashMap<String, (String, u64, Instant)>>,
     /// PVs this agent just grew whose new size the watch may not have delivered: name -> (root, bytes).
@@ -121,6 +129,7 @@ impl Context {
     /// Bytes promised to the volumes in data root `root`: every hostvol PV of this node there,
     /// Released ones included, because their directories still hold data.
     pub fn allocated_bytes(&self, root: &str) -> u64 {
+        let roots = self.roots();
         let mut recent = self.recent_volumes.lock().expect("lock poisoned");
         let mut growth = self.recent_growth.lock().expect("lock poisoned");
         let mut total = 0u64;
@@ -135,7 +144,7 @@ impl Context {
                     bytes = *grown;
                 }
             }
-            if pv::data_root(&pv) == root {
+            if volume_root(&roots, &pv) == root {
                 total = total.saturating_add(bytes);
             }
         }
@@ -146,13 +155,90 @@ impl Context {
             .map(|pv| pv.name_any())
             .collect();
         growth.retain(|name, _| known.contains(name));
-        total.saturating_add(
-            recent
-                .values()
-                .filter(|(r, _, _)| r == root)
-                .map(|(_, b, _)| *b)
-                .sum::<u64>(),
-        )
+        // A reservation whose PV is already counted (created, the guard not yet dropped) counts once.
+        let reserved: u64 = self
+            .reserved
+            .lock()
+            .expect("lock poisoned")
+            .iter()
+            .filter(|(key, (r, _))| {
+                r == root && !known.contains(*key) && !recent.contains_key(*key)
+            })
+            .map(|(_, (_, b))| *b)
+            .sum();
+        total
+            .saturating_add(
+                recent
+                    .values()
+                    .filter(|(r, _, _)| r == root)
+                    .map(|(_, b, _)| *b)
+                    .sum::<u64>(),
+            )
+            .saturating_add(reserved)
+    }
+
+    /// Counts `bytes` in data root `root` as taken until the guard is dropped (the work that needed
+    /// them is done or failed). Call under the admission lock, right after checking they fit.
+    pub fn reserve(&self, key: &str, root: &str, bytes: u64) -> Reservation<'_> {
+        self.reserved
+            .lock()
+            .expect("lock poisoned")
+            .insert(key.to_string(), (root.to_string(), bytes));
+        Reservation {
+            ctx: self,
+            key: key.to_string(),
+        }
+    }
+
+    /// The data root and directory name of one of our PVs: from its immutable `spec.hostPath.path`,
+    /// directly inside one of this node's data roots, and named for this PV (`pv::volume_directory`);
+    /// None otherwise. Warns once per edit when the directory annotation says something else.
+    pub fn volume_directory(&self, pv: &PersistentVolume) -> Option<(Arc<Root>, String)> {
+        self.check_directory_annotation(pv);
+        self.roots().all().find_map(|root| {
+            let directory = pv::volume_directory(pv, &root.host_path)?;
+            Some((root.clone(), directory))
+        })
+    }
+
+    /// A Warning Event on the PV, once per edited value, when its `hostvol.io/directory` annotation no
+    /// longer says where its directory is: the agent goes on using the real one, people should know.
+    pub fn check_directory_annotation(&self, pv: &PersistentVolume) {
+        let Some(real) = pv::host_path_of(pv) else {
+            return;
+        };
+        let name = pv.name_any();
+        let annotated = pv.annotations().get(pv::ANN_DIRECTORY);
+        {
+            let mut edits = self.directory_edits.lock().expect("lock poisoned");
+            match annotated {
+                Some(annotated) if annotated != real => {
+                    if edits.get(&name) == Some(annotated) {
+                        return; // already said
+                    }
+                    edits.insert(name.clone(), annotated.clone());
+                }
+                _ => {
+                    edits.remove(&name);
+                    return;
+                }
+            }
+        }
+        let annotated = annotated.map(String::as_str).unwrap_or_default();
+        tracing::warn!(pv = %name, annotation = %annotated, directory = %real,
+            "directory annotation edited; the agent acts on the PV's own directory");
+        self.publish(
+            &kube::Resource::object_ref(pv, &()),
+            EventType::Warning,
+            "DirectoryAnnotationEdited",
+            "Verify",
+            format!(
+                "annotation {} says {annotated:?}, but this volume's directory is {real} \
+                 (spec.hostPath.path, which cannot change); hostvol reads and limits {real} only \
+                 and ignores the annotation: set it back to {real}",
+                pv::ANN_DIRECTORY
+            ),
+        );
     }
 
     /// What a new claim may still take in data root `root` on this node (see `capacity::allocatable`);
@@ -166,10 +252,11 @@ impl Context {
     }
 
     pub fn volumes_in(&self, root: &str) -> usize {
+        let roots = self.roots();
         self.volumes
             .state()
             .iter()
-            .filter(|pv| pv::data_root(pv) == root)
+            .filter(|pv| volume_root(&roots, pv) == root)
             .count()
     }
 
@@ -288,6 +375,11 @@ impl Context {
             shrink(&mut growth);
         }
         {
+            let mut edits = self.directory_edits.lock().expect("lock poisoned");
+            edits.retain(|pv, _| !volume_gone(pv));
+            shrink(&mut edits);
+        }
+        {
             // Created but never delivered (deleted at once, or a watch gap): not for ever.
             let mut recent = self.recent_volumes.lock().expect("lock poisoned");
             recent.retain(|_, (_, _, at)| at.elapsed() < RECENT_FOR);
@@ -300,7 +392,7 @@ impl Context {
 
     /// Per-object entries held now, by map: what `forget_gone` must bring to zero once every claim
     /// and PV is gone (the usage cache and the volume gauges follow the PV cache on their own).
-    pub fn state_entries(&self) -> [(&'static str, usize); 4] {
+    pub fn state_entries(&self) -> [(&'static str, usize); 5] {
         [
             (
                 "failures",
@@ -314,8 +406,38 @@ impl Context {
                 "recent_growth",
                 self.recent_growth.lock().expect("lock poisoned").len(),
             ),
+            (
+                "directory_edits",
+                self.directory_edits.lock().expect("lock poisoned").len(),
+            ),
             ("events", self.events.remembered()),
         ]
+    }
+}
+
+/// The data root a PV's directory is in: the configured root holding its immutable hostPath; the one
+/// its editable annotation names only when none does (a root whose host path was reconfigured), so an
+/// edit cannot move a volume's bytes out of the root that really holds them.
+pub fn volume_root(roots: &RootSet, pv: &PersistentVolume) -> String {
+    roots
+        .all()
+        .find(|root| pv::volume_directory(pv, &root.host_path).is_some())
+        .map_or_else(|| pv::data_root(pv).to_string(), |root| root.name.clone())
+}
+
+/// Bytes counted as taken while the work that needs them runs; given back when dropped.
+pub struct Reservation<'a> {
+    ctx: &'a Context,
+    key: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.ctx
+            .reserved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.key);
     }
 }
 
@@ -412,11 +534,41 @@ mod tests {
             capacity_changes: Arc::default(),
             own_pod: tokio::sync::watch::Sender::new(None),
             admission_lock: tokio::sync::Mutex::new(()),
+            reserved: Mutex::default(),
+            volume_locks: VolumeLocks::default(),
+            directory_edits: Mutex::default(),
             recent_volumes: Mutex::default(),
             recent_growth: Mutex::default(),
             failures: Mutex::default(),
         };
         (ctx, claim_writer, volume_writer)
+    }
+
+    #[tokio::test]
+    async fn reserved_bytes_count_until_the_volume_does() {
+        let (ctx, _claims, mut volumes) = context();
+        const MIB: u64 = 1 << 20;
+        let reservation = ctx.reserve("pv-a", "default", 3 * MIB);
+        let growth = ctx.reserve("grow/pv-b", "default", MIB);
+        assert_eq!(ctx.allocated_bytes("default"), 4 * MIB);
+        assert_eq!(ctx.allocated_bytes("other"), 0, "per root");
+        // Created: counted once, as a recent volume, while the guard is still held.
+        ctx.remember_created("pv-a", "default", 3 * MIB);
+        assert_eq!(ctx.allocated_bytes("default"), 4 * MIB);
+        drop(reservation);
+        drop(growth);
+        assert_eq!(ctx.allocated_bytes("default"), 3 * MIB);
+        // A failed attempt gives its bytes back.
+        drop(ctx.reserve("pv-c", "default", 5 * MIB));
+        assert_eq!(ctx.allocated_bytes("default"), 3 * MIB);
+        // A PV the watch delivered counts by itself, not again through a reservation.
+        let _late = ctx.reserve("pv-d", "default", 7 * MIB);
+        volumes.apply_watcher_event(&Event::Apply(volume("pv-d")));
+        assert_eq!(
+            ctx.allocated_bytes("default"),
+            3 * MIB,
+            "pv-d has no size in the test: its reservation must not count on top"
+        );
     }
 
     #[tokio::test]

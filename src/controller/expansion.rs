@@ -3,6 +3,7 @@
 //! enforces sizes, then the PV's capacity, then the claim's `status.capacity`. A directory needs no
 //! node-side resize. Each step is idempotent: a pass interrupted anywhere is finished by the next.
 
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,6 +93,8 @@ fn status_capacity(pvc: &PersistentVolumeClaim) -> u64 {
 }
 
 /// Checks the room, raises the limit and the PV's capacity. `false` when the node has no room.
+/// Holds the volume's own lock throughout (the limits pass must not put back the old size meanwhile)
+/// and the node's lock only to check and reserve the extra bytes.
 async fn grow(
     ctx: &Context,
     pvc: &PersistentVolumeClaim,
@@ -102,69 +105,80 @@ async fn grow(
 ) -> Result<bool> {
     let claim_ref = pvc.object_ref(&());
     let node = &ctx.settings.node;
-    let root_name = pv::data_root(volume).to_string();
-    let _admission = ctx.admission_lock.lock().await;
-    let Some(root) = ctx.roots().get(&root_name) else {
+    let pv_name = volume.name_any();
+    let _volume = ctx.volume_locks.lock(&pv_name).await;
+    // The directory from the PV's immutable hostPath, never from its editable annotation.
+    let Some((root, directory)) = ctx.volume_directory(volume) else {
         fail(
             ctx,
             pvc,
             format!(
-                "node {node} no longer has data root {root_name:?} (hostvol-config); restore it to grow the volume"
+                "node {node}: the directory of volume {pv_name} ({}) is not in any of this node's data \
+                 roots ({}); restore its data root in hostvol-config to grow the volume",
+                pv::host_path_of(volume).unwrap_or("no hostPath"),
+                ctx.roots().names().join(", ")
             ),
         );
         return Ok(false);
     };
-    let allocatable = ctx.allocatable_bytes(&root.name);
-    let to = match expansion::decide(current, requested, allocatable, node) {
-        Expansion::NotNeeded => return Ok(true),
-        Expansion::NoRoom(why) => {
-            fail(ctx, pvc, why);
-            ctx.metrics.expansion("refused");
-            return Ok(false);
+    let (to, reservation) = {
+        let _admission = ctx.admission_lock.lock().await;
+        let allocatable = ctx.allocatable_bytes(&root.name);
+        match expansion::decide(current, requested, allocatable, node) {
+            Expansion::NotNeeded => return Ok(true),
+            Expansion::NoRoom(why) => {
+                fail(ctx, pvc, why);
+                ctx.metrics.expansion("refused");
+                return Ok(false);
+            }
+            Expansion::Grow { to, .. } => {
+                let key = format!("grow/{pv_name}");
+                (
+                    to,
+                    ctx.reserve(&key, &root.name, to.saturating_sub(current)),
+                )
+            }
         }
-        Expansion::Grow { to, .. } => to,
     };
     ctx.publish(
         &claim_ref,
         EventType::Normal,
         "Resizing",
         "Resize",
-        format!(
-            "hostvol agent on node {node} is resizing volume {} to {request}",
-            volume.name_any()
-        ),
+        format!("hostvol agent on node {node} is resizing volume {pv_name} to {request}"),
     );
     mark_resizing(ctx, pvc, request).await?;
-    if let Some(directory) = pv::directory_name(volume) {
-        let handle = root.store.root_handle();
-        let limit = {
-            use std::os::fd::AsFd;
+    // quotactl and the qgroup ioctls block: on the blocking pool, never on an async worker.
+    let limit = {
+        let (root, directory) = (root.clone(), directory.clone());
+        tokio::task::spawn_blocking(move || {
+            let handle = root.store.root_handle();
             root.quotas.limit(handle.as_fd(), &directory, to)
-        };
-        if let Err(error) = limit {
-            fail(
-                ctx,
-                pvc,
-                format!("node {node}: cannot raise the size limit of {directory}: {error}"),
-            );
-            ctx.metrics.expansion("failed");
-            return Err(Error::Disk(crate::node::volume_store::Error::Quota {
-                root: root.store.root_path().to_path_buf(),
-                name: directory,
-                source: error,
-            }));
-        }
+        })
+        .await
+        .unwrap_or_else(|panicked| Err(std::io::Error::other(panicked.to_string())))
+    };
+    if let Err(error) = limit {
+        fail(
+            ctx,
+            pvc,
+            format!("node {node}: cannot raise the size limit of {directory}: {error}"),
+        );
+        ctx.metrics.expansion("failed");
+        return Err(Error::Disk(crate::node::volume_store::Error::Quota {
+            root: root.store.root_path().to_path_buf(),
+            name: directory,
+            source: error,
+        }));
     }
     let patch = serde_json::json!({"spec": {"capacity": {"storage": request}}});
     let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
     volumes
-        .patch(
-            &volume.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
+        .patch(&pv_name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
-    ctx.remember_growth(&volume.name_any(), &root.name, to);
+    // Counted as grown before the reservation goes, so the bytes never drop out in between.
+    ctx.remember_growth(&pv_name, &root.name, to);
+    drop(reservation);
     Ok(true)
 }
 

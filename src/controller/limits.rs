@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -18,43 +19,60 @@ pub async fn keep(ctx: Arc<Context>, every: Duration, shutdown: CancellationToke
         return;
     }
     loop {
-        // Expansion raises limits under this lock: never put back a size it is replacing.
-        let admission = ctx.admission_lock.lock().await;
-        let todo: Vec<(String, String, u64)> = ctx
+        let names: Vec<String> = ctx
             .volumes
             .state()
             .iter()
             .filter(|v| v.annotations().contains_key(pv::ANN_QUOTA))
             .filter(|v| ownership::may_touch(&ctx, v, "size limit"))
-            .filter_map(|v| {
-                let directory = pv::directory_name(v)?;
-                Some((pv::data_root(v).to_string(), directory, ctx.volume_bytes(v)))
-            })
+            .map(|v| v.name_any())
             .collect();
-        let roots = ctx.roots();
-        let checked = tokio::task::spawn_blocking(move || {
-            let mut checked = 0usize;
-            for (root_name, directory, bytes) in todo {
-                let Some(root) = roots.get(&root_name) else {
-                    continue;
-                };
-                let handle = root.store.root_handle();
-                match root.quotas.reapply(handle.as_fd(), &directory, bytes) {
-                    Ok(_) => checked += 1,
-                    Err(error) => {
-                        warn!(root = %root_name, %directory, %error, "cannot put the volume's size limit back")
-                    }
-                }
+        let mut checked = 0usize;
+        for name in names {
+            if shutdown.is_cancelled() {
+                return;
             }
-            checked
-        })
-        .await
-        .unwrap_or(0);
-        drop(admission);
+            if put_back(&ctx, &name).await {
+                checked += 1;
+            }
+        }
         debug!(volumes = checked, "size limits in force");
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// Puts one volume's limit back, under that volume's lock only: an expansion raising this limit
+/// finishes first (never put back a size it is replacing), and no other volume waits.
+async fn put_back(ctx: &Context, name: &str) -> bool {
+    let _volume = ctx.volume_locks.lock(name).await;
+    // Read again under the lock: the size an expansion just recorded is the one to keep.
+    let Some(volume) = ctx.volumes.get(&ObjectRef::new(name)) else {
+        return false;
+    };
+    // The directory from the PV's immutable hostPath: an edited annotation redirects nothing.
+    let Some((root, directory)) = ctx.volume_directory(&volume) else {
+        return false;
+    };
+    let bytes = ctx.volume_bytes(&volume);
+    let reapplied = tokio::task::spawn_blocking(move || {
+        let handle = root.store.root_handle();
+        root.quotas
+            .reapply(handle.as_fd(), &directory, bytes)
+            .map_err(|error| (root.name.clone(), directory, error))
+    })
+    .await;
+    match reapplied {
+        Ok(Ok(_)) => true,
+        Ok(Err((root, directory, error))) => {
+            warn!(pv = %name, %root, %directory, %error, "cannot put the volume's size limit back");
+            false
+        }
+        Err(error) => {
+            warn!(pv = %name, %error, "size limit task failed");
+            false
         }
     }
 }

@@ -25,7 +25,7 @@ pub struct VolumeLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
-    /// failures | recent_volumes | recent_growth | events
+    /// failures | recent_volumes | recent_growth | directory_edits | events
     pub map: &'static str,
 }
 

@@ -23,4 +23,5 @@ pub mod reclaim;
 pub mod storage_capacity;
 pub mod store;
 pub mod usage_refresh;
+pub mod volume_locks;
 pub mod watches;

@@ -12,7 +12,7 @@ use kube::{Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::controller::context::Context;
+use crate::controller::context::{self, Context};
 use crate::controller::reclaim::Disposal;
 use crate::controller::store::store_ready;
 use crate::controller::{pv, reclaim};
@@ -47,7 +47,7 @@ fn scan_roots(
         let entries = read_root(root)?;
         let here: Vec<Arc<PersistentVolume>> = volumes
             .iter()
-            .filter(|pv| pv::data_root(pv) == root.name)
+            .filter(|pv| context::volume_root(roots, pv) == root.name)
             .cloned()
             .collect();
         let mut findings = classify(&entries, &expected_directories(&here), SystemTime::now());
@@ -94,11 +94,7 @@ pub async fn run(ctx: Arc<Context>, every: Duration, shutdown: CancellationToken
                     let Some(pv) = ctx.volumes.get(&ObjectRef::new(name)) else {
                         continue;
                     };
-                    let path = pv
-                        .annotations()
-                        .get(pv::ANN_DIRECTORY)
-                        .cloned()
-                        .unwrap_or_default();
+                    let path = pv::host_path_of(&pv).unwrap_or_default().to_string();
                     warn!(pv = %name, %path, "volume directory is missing");
                     ctx.publish(&pv.object_ref(&()), EventType::Warning, "VolumeDirectoryMissing", "Check", format!(
                         "directory {path} of this volume is missing on node {}; pods using it will fail to start \

@@ -124,21 +124,31 @@ async fn provision(
         ),
     );
 
-    // "Check the room, make the directory, create the PV" as one unit, so concurrent claims cannot
-    // both take the last bytes.
-    let _admission = ctx.admission_lock.lock().await;
+    // The volume's own lock for the slow part (a copy clone takes minutes); the node's lock only to
+    // check the room and reserve the bytes, so concurrent claims cannot both take the last bytes
+    // and none waits for another's copy.
+    let _volume = ctx.volume_locks.lock(&order.pv_name).await;
     if ctx.recently_created(&order.pv_name) {
         return Ok(Step::AlreadyDone); // another pass of the same claim finished while we waited
     }
-    let root = match reserve(ctx, &order) {
-        Ok(root) => root,
+    let admitted = {
+        let _admission = ctx.admission_lock.lock().await;
+        reserve(ctx, &order).map(|root| {
+            let reservation = ctx.reserve(&order.pv_name, &root.name, order.request.capacity_bytes);
+            (root, reservation)
+        })
+    };
+    let (root, reservation) = match admitted {
+        Ok(admitted) => admitted,
         Err(refusal) => return hand_back(ctx, &pvc, refusal).await,
     };
     let limit = make_volume(ctx, &order, &root).await?;
     if !create_pv(ctx, &order, &root, limit).await? {
         return Ok(Step::AlreadyDone);
     }
+    // Counted as created before the reservation goes, so the bytes never drop out in between.
     ctx.remember_created(&order.pv_name, &root.name, order.request.capacity_bytes);
+    drop(reservation);
     ctx.publish(
         &order.claim_ref,
         EventType::Normal,
@@ -307,7 +317,7 @@ fn refuse(ctx: &Context, pvc: &PersistentVolumeClaim, refusal: Refusal) -> Step 
 }
 
 /// The data root the class names, if it can serve and still has room for the claim on this node.
-/// Callers hold the admission lock.
+/// Callers hold the admission lock and reserve the bytes before releasing it.
 fn reserve(ctx: &Context, order: &Order) -> std::result::Result<Arc<Root>, Refusal> {
     let roots = ctx.roots();
     let node = &ctx.settings.node;

@@ -124,12 +124,40 @@ pub fn capacity_bytes(pv: &PersistentVolume) -> u64 {
         .unwrap_or(0)
 }
 
-/// The directory name (last path component) of one of our PVs, if it is a safe name.
-pub fn directory_name(pv: &PersistentVolume) -> Option<String> {
-    let path = pv.annotations().get(ANN_DIRECTORY)?;
-    let name = path.rsplit('/').next()?;
+/// The name `path` gives directly inside the root `host_root` (`<host_root>/<name>`, a safe directory
+/// name: no `/`, no `..`, no leading dot), or None for anything else, so nothing outside the root or
+/// deeper in it is ever named. Symlinks are never followed below the root: the node opens names
+/// relative to the root's handle with `O_NOFOLLOW`.
+pub fn root_holds<'a>(host_root: &str, path: &'a str) -> Option<&'a str> {
+    let name = path
+        .strip_prefix(host_root.trim_end_matches('/'))?
+        .strip_prefix('/')?;
     naming::validate_directory_name(name).ok()?;
-    Some(name.to_string())
+    Some(name)
+}
+
+/// The directory one of our PVs was made for, from its `spec.hostPath.path` (the API server refuses
+/// any change to a PV's source, unlike the `hostvol.io/directory` annotation anyone allowed to patch
+/// PVs can edit), and only if it is this PV's own (`<pv name>_...`, made from the claim's uid), so
+/// no PV can point the agent at another volume's data.
+pub fn directory_of(pv: &PersistentVolume) -> Option<String> {
+    let path = &pv.spec.as_ref()?.host_path.as_ref()?.path;
+    let (_, name) = path.rsplit_once('/')?;
+    naming::validate_directory_name(name).ok()?;
+    let rest = name.strip_prefix(pv.metadata.name.as_deref()?)?;
+    rest.starts_with('_').then(|| name.to_string())
+}
+
+/// `directory_of`, checked to be directly inside the data root the kubelet sees as `host_root`.
+pub fn volume_directory(pv: &PersistentVolume, host_root: &str) -> Option<String> {
+    let path = &pv.spec.as_ref()?.host_path.as_ref()?.path;
+    root_holds(host_root, path)?;
+    directory_of(pv)
+}
+
+/// The PV's `spec.hostPath.path`, if any.
+pub fn host_path_of(pv: &PersistentVolume) -> Option<&str> {
+    Some(pv.spec.as_ref()?.host_path.as_ref()?.path.as_str())
 }
 
 #[cfg(test)]
@@ -171,5 +199,53 @@ mod tests {
             "hostpath.hostvol.io"
         );
         assert_eq!(json["metadata"]["labels"][LABEL_NODE], "node-a");
+    }
+
+    fn volume(name: &str, host_path: &str, annotation: &str) -> PersistentVolume {
+        let mut pv = PersistentVolume::default();
+        pv.metadata.name = Some(name.into());
+        pv.metadata.annotations =
+            Some([(ANN_DIRECTORY.to_string(), annotation.to_string())].into());
+        pv.spec = Some(PersistentVolumeSpec {
+            host_path: Some(HostPathVolumeSource {
+                path: host_path.into(),
+                type_: None,
+            }),
+            ..Default::default()
+        });
+        pv
+    }
+
+    #[test]
+    fn the_directory_comes_from_the_host_path_inside_the_root() {
+        let own = "/mnt/data/pvc-1_ns_c";
+        // (pv name, hostPath, root, expected directory)
+        let cases = [
+            ("pvc-1", own, "/mnt/data", Some("pvc-1_ns_c")),
+            ("pvc-1", own, "/mnt/data/", Some("pvc-1_ns_c")),
+            ("pvc-1", "/pvc-1_ns_c", "/", Some("pvc-1_ns_c")),
+            ("pvc-1", own, "/mnt/other", None),
+            ("pvc-1", own, "/mnt/dat", None),
+            ("pvc-1", "/mnt/data/sub/pvc-1_ns_c", "/mnt/data", None),
+            ("pvc-1", "/mnt/data/../etc/pvc-1_ns_c", "/mnt/data", None),
+            ("pvc-1", "/mnt/data/..", "/mnt/data", None),
+            ("pvc-1", "/mnt/data/pvc-2_ns_c", "/mnt/data", None),
+            ("pvc-1", "/mnt/data/pvc-10_ns_c", "/mnt/data", None),
+            ("pvc-1", "/mnt/data/pvc-1", "/mnt/data", None),
+            ("pvc-1", "/mnt/data/", "/mnt/data", None),
+        ];
+        for (name, path, root, expected) in cases {
+            // The annotation says something else: it decides nothing.
+            let pv = volume(name, path, "/mnt/data/pvc-2_ns_c");
+            assert_eq!(
+                volume_directory(&pv, root).as_deref(),
+                expected,
+                "{name} {path} in {root}"
+            );
+        }
+        let mut no_path = volume("pvc-1", own, own);
+        no_path.spec = None;
+        assert_eq!(volume_directory(&no_path, "/mnt/data"), None);
+        assert_eq!(directory_of(&no_path), None);
     }
 }

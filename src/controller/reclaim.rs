@@ -71,9 +71,7 @@ pub fn disposal(pv: &PersistentVolume) -> Disposal {
 /// The volume's directory name, only if it is the one this PV's name says it must be (an edited
 /// annotation can never point the agent at another volume's data).
 pub fn own_directory(pv: &PersistentVolume) -> Option<String> {
-    let name = pv::directory_name(pv)?;
-    name.starts_with(&format!("{}_", pv.name_any()))
-        .then_some(name)
+    pv::directory_of(pv) // from the immutable hostPath, never the editable annotation
 }
 
 pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action> {
@@ -114,12 +112,19 @@ async fn dispose_of_directory(
     let reference = pv.object_ref(&());
     let Some(directory) = own_directory(pv) else {
         ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(
-            "annotation {} does not name this volume's directory ({}_...); hostvol will not remove anything; fix the annotation",
-            pv::ANN_DIRECTORY, pv.name_any()));
+            "spec.hostPath.path {:?} does not name this volume's directory ({}_... directly in a data root); hostvol will not remove anything",
+            pv::host_path_of(pv).unwrap_or_default(), pv.name_any()));
         return Ok(Some(Action::requeue(Duration::from_secs(300))));
     };
     let root_name = pv::data_root(pv).to_string();
-    let Some(data_root) = ctx.roots().get(&root_name) else {
+    // The root holding the PV's immutable hostPath: an edited data-root annotation must not make a
+    // removal in another root find nothing and release the PV with its data left behind.
+    let holder = ctx
+        .roots()
+        .all()
+        .find(|root| pv::volume_directory(pv, &root.host_path).is_some())
+        .cloned();
+    let Some(data_root) = holder else {
         ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(
             "node {} no longer has data root {root_name:?} (hostvol-config); the directory is kept; \
              restore the root in the configuration to let hostvol remove it", ctx.settings.node));
@@ -212,6 +217,7 @@ pub fn error_policy(pv: Arc<PersistentVolume>, error: &Error, ctx: Arc<Context>)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::HostPathVolumeSource;
     use kube::api::ObjectMeta;
 
     fn pv(
@@ -314,24 +320,26 @@ mod tests {
 
     #[test]
     fn directory_must_belong_to_the_volume() {
-        let mut v = pv(
-            "Delete",
-            "Released",
-            &[(pv::ANN_DIRECTORY, "/mnt/data/pvc-1_ns_c")],
-            false,
-            &[],
+        let with_path = |path: &str| {
+            // The annotation names another volume: it decides nothing.
+            let mut v = pv(
+                "Delete",
+                "Released",
+                &[(pv::ANN_DIRECTORY, "/mnt/data/pvc-2_ns_c")],
+                false,
+                &[],
+            );
+            v.spec.as_mut().unwrap().host_path = Some(HostPathVolumeSource {
+                path: path.into(),
+                type_: None,
+            });
+            v
+        };
+        assert_eq!(
+            own_directory(&with_path("/mnt/data/pvc-1_ns_c")).as_deref(),
+            Some("pvc-1_ns_c")
         );
-        assert_eq!(own_directory(&v).as_deref(), Some("pvc-1_ns_c"));
-        v.metadata.annotations = Some(
-            [(
-                pv::ANN_DIRECTORY.to_string(),
-                "/mnt/data/pvc-2_ns_c".to_string(),
-            )]
-            .into(),
-        );
-        assert_eq!(own_directory(&v), None);
-        v.metadata.annotations =
-            Some([(pv::ANN_DIRECTORY.to_string(), "/mnt/data/..".to_string())].into());
-        assert_eq!(own_directory(&v), None);
+        assert_eq!(own_directory(&with_path("/mnt/data/pvc-2_ns_c")), None);
+        assert_eq!(own_directory(&with_path("/mnt/data/..")), None);
     }
 }

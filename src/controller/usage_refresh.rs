@@ -30,19 +30,23 @@ pub async fn run(
     let mut next_full = tokio::time::Instant::now();
     loop {
         let volumes = ctx.volumes.state();
+        for pv in &volumes {
+            ctx.check_directory_annotation(pv); // one Warning per edit, as soon as it is seen
+        }
         let keep: HashSet<String> = volumes
             .iter()
-            .filter_map(|pv| pv::directory_name(pv))
+            .filter_map(|pv| pv::directory_of(pv))
             .collect();
         let full = tokio::time::Instant::now() >= next_full;
         if full {
             next_full = tokio::time::Instant::now() + every;
         }
         for root in ctx.roots().all() {
+            // Each volume's directory from its immutable hostPath, inside this root, never from
+            // the editable annotation.
             let todo: Vec<String> = volumes
                 .iter()
-                .filter(|pv| pv::data_root(pv) == root.name)
-                .filter_map(|pv| pv::directory_name(pv))
+                .filter_map(|pv| pv::volume_directory(pv, &root.host_path))
                 .filter(|d| full || cache.get(d).is_none())
                 .collect();
             if todo.is_empty() {
@@ -121,7 +125,7 @@ fn publish_metrics(ctx: &Context, volumes: &[Arc<PersistentVolume>], cache: &Usa
                 .as_ref()
                 .and_then(|s| s.claim_ref.clone())
                 .unwrap_or_default();
-            let usage = pv::directory_name(volume).and_then(|d| cache.get(&d));
+            let usage = pv::directory_of(volume).and_then(|d| cache.get(&d));
             VolumeFigures {
                 labels: VolumeLabels {
                     namespace: claim.namespace.unwrap_or_default(),

@@ -93,16 +93,12 @@ fn current_report(ctx: &Context) -> CapacityReport {
 fn describe_volume(pv: &PersistentVolume, usage: &UsageCache) -> Volume {
     let spec = pv.spec.clone().unwrap_or_default();
     let claim = spec.claim_ref.unwrap_or_default();
-    let measured = pv::directory_name(pv).and_then(|d| usage.get(&d));
+    let measured = pv::directory_of(pv).and_then(|d| usage.get(&d));
     Volume {
         pv_name: pv.name_any(),
         claim_namespace: claim.namespace.unwrap_or_default(),
         claim_name: claim.name.unwrap_or_default(),
-        directory: pv
-            .annotations()
-            .get(pv::ANN_DIRECTORY)
-            .cloned()
-            .unwrap_or_default(),
+        directory: pv::host_path_of(pv).unwrap_or_default().to_string(),
         capacity_bytes: spec
             .capacity
             .and_then(|c| {
