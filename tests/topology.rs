@@ -6,7 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Agent, Cluster, claim_yaml, class_yaml, dirs_in, fmt_events, hostvol_pvs, pv_node};
+use common::{
+    Agent, Cluster, claim_yaml, class_yaml, dirs_in, fmt_events, hostvol_pvs, pod_yaml, pv_node,
+};
 use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::ResourceExt;
 use kube::api::{DynamicObject, ListParams};
@@ -208,4 +210,39 @@ async fn a_term_with_two_keys_is_matched_on_both() {
             })
         })
         .await;
+}
+
+/// A pod pinned by `spec.nodeName` to a node its WaitForFirstConsumer class excludes: its agent does
+/// not place the claim there (the scheduler would not have), and says why on the claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_pod_does_not_take_its_claim_to_an_excluded_node() {
+    let (cluster, agents) = cluster_with(&[("node-a", &[], "20Gi"), ("node-b", &[], "5Gi")]).await;
+    let class = restricted_class("wait-b", &[(HOST, &["node-b"])]).replace(
+        "volumeBindingMode: Immediate",
+        "volumeBindingMode: WaitForFirstConsumer",
+    );
+    cluster.kubectl_apply_yaml(&class);
+    cluster.create_namespace("topo").await;
+    cluster.kubectl_apply_yaml(&format!(
+        "{}---\n{}",
+        claim_yaml("topo", "data", "wait-b", "100Mi", None),
+        pod_yaml("topo", "pinned", "data", "  nodeName: node-a\n")
+    ));
+    let (kind, _, message) = cluster
+        .wait_event("topo", "data", "ProvisioningFailed", T)
+        .await;
+    eprintln!("[e2e] pinned to an excluded node: {message}");
+    assert_eq!(kind, "Warning");
+    assert!(
+        message.contains("spec.nodeName") && message.contains("kubernetes.io/hostname in (node-b)"),
+        "{message}"
+    );
+    let events = cluster.pvc_events("topo", "data").await;
+    assert!(
+        !events.iter().any(|(_, reason, _)| reason == "NodeSelected"),
+        "{}",
+        fmt_events(&events)
+    );
+    assert!(hostvol_pvs(&cluster).await.is_empty());
+    assert!(agents.iter().all(|a| dirs_in(&a.root).is_empty()));
 }

@@ -383,6 +383,29 @@ pub(super) async fn place_claims_of_pod(pod: &Pod, ctx: &Context) -> Result<()> 
             }
             continue;
         }
+        let terms = class_terms(&class);
+        if !own_node_allowed(ctx, &terms) {
+            // The scheduler would never have chosen this node for the class; neither do we.
+            let refusal = format!(
+                "pod {} is pinned to node {} by spec.nodeName, but the allowedTopologies of \
+                 StorageClass {} ({}) exclude that node; pin the pod to an allowed node, or use \
+                 another class",
+                pod.name_any(),
+                ctx.settings.node,
+                class.name_any(),
+                placement::describe(&terms)
+            );
+            for regarding in [pvc.object_ref(&()), pod.object_ref(&())] {
+                ctx.publish(
+                    &regarding,
+                    EventType::Warning,
+                    "ProvisioningFailed",
+                    "Provision",
+                    refusal.clone(),
+                );
+            }
+            continue;
+        }
         let why = format!(
             "pod {} sets spec.nodeName={} (bypassing the scheduler); hostvol places the claim on that node",
             pod.name_any(),
