@@ -8,7 +8,9 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -60,12 +62,12 @@ impl EventRecorder {
 
     /// Events remembered now (for the state metric and tests).
     pub fn remembered(&self) -> usize {
-        self.sent.lock().expect("lock poisoned").len()
+        self.sent.lock().len()
     }
 
     /// Forgets the Events about objects `gone` says are gone ("namespace/name").
     pub fn forget(&self, gone: impl Fn(&str) -> bool) {
-        let mut sent = self.sent.lock().expect("lock poisoned");
+        let mut sent = self.sent.lock();
         sent.retain(|_, s| !gone(&s.regarding));
         shrink(&mut sent);
     }
@@ -90,7 +92,7 @@ impl EventRecorder {
         (&regarding.uid, &regarding.namespace, &regarding.name).hash(&mut hasher);
         let key = hasher.finish();
         let now = Instant::now();
-        let mut sent = self.sent.lock().expect("lock poisoned");
+        let mut sent = self.sent.lock();
         sent.retain(|_, s| now.duration_since(s.at) < SERIES_WINDOW);
         shrink(&mut sent);
         let repeat = sent.get(&key).map(|s| (s.name.clone(), s.count + 1));
@@ -98,7 +100,7 @@ impl EventRecorder {
     }
 
     fn remember(&self, key: u64, name: String, regarding: &ObjectReference, count: i32) {
-        let mut sent = self.sent.lock().expect("lock poisoned");
+        let mut sent = self.sent.lock();
         if sent.len() >= MAX_REMEMBERED
             && !sent.contains_key(&key)
             && let Some(oldest) = sent.iter().min_by_key(|(_, s)| s.at).map(|(k, _)| *k)

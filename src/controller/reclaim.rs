@@ -140,8 +140,9 @@ async fn dispose_of_directory(
             data_root.quotas.remove_volume(root.as_fd(), &dir, recorded)
         }
     })
-    .await
-    .expect("removal task does not panic");
+    .await;
+    // A panic in the removal is an error for this PV (retried), not the end of the agent.
+    let outcome = crate::controller::context::joined(outcome)?;
     match outcome {
         Ok(Removed::QgroupBusy(id)) => {
             // The PV (and its record of the qgroup) stays until the qgroup is gone too.
