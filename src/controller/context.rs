@@ -117,6 +117,20 @@ impl Context {
             .publish(&self.client, regarding, type_, reason, action, note);
     }
 
+    /// An Event stating a fact about an object, published once per (object, reason) however often
+    /// a reconcile reaches it (see `EventRecorder::publish_fact`).
+    pub fn publish_fact(
+        &self,
+        regarding: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        self.events
+            .publish_fact(&self.client, regarding, type_, reason, action, note);
+    }
+
     pub fn roots(&self) -> Arc<RootSet> {
         self.roots.read().clone()
     }

@@ -139,7 +139,7 @@ async fn provision(
         return Ok(Step::AlreadyDone);
     }
     ctx.remember_created(&order.pv_name, &root.name, order.request.capacity_bytes);
-    ctx.publish(
+    ctx.publish_fact(
         &order.claim_ref,
         EventType::Normal,
         "ProvisioningSucceeded",

@@ -151,7 +151,8 @@ async fn dispose_of_directory(
         }
         Ok(Removed::Done(done)) => {
             info!(%directory, %done, "volume directory cleaned up");
-            ctx.publish(
+            // Once per volume: a retry after a failed PV update finds the directory gone again.
+            ctx.publish_fact(
                 &reference,
                 EventType::Normal,
                 "VolumeDeleted",

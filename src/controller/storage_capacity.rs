@@ -133,6 +133,11 @@ pub async fn run(
     };
     let mut retry = Duration::from_secs(1);
     loop {
+        // While the API server is away, no write of our own: the shared probe says when it is back.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ctx.api.until_api_answers() => {}
+        }
         reports.borrow_and_update();
         let owner_ref = owner.borrow_and_update().clone();
         publisher.check(&published, &ctx.capacity_changes);

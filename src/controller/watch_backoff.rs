@@ -108,7 +108,6 @@ impl ApiProbe {
                     _ = tokio::time::sleep(jittered(PROBE_INTERVAL, 0.2)) => {}
                 }
                 attempts += 1;
-                fail::fail_point!("api_probe");
                 match tokio::time::timeout(PROBE_TIMEOUT, self.client.apiserver_version()).await {
                     Ok(Ok(_)) => {
                         if attempts > 1 {
