@@ -96,7 +96,6 @@ async fn assert_one_of_each(cluster: &Cluster, ns: &str, n: usize, agents: &[Age
     let every_pv = hostvol_pvs(cluster).await;
     let pvs: Vec<PersistentVolume> = every_pv
         .iter()
-        .cloned()
         .filter(|pv| {
             pv.spec
                 .as_ref()
@@ -104,6 +103,7 @@ async fn assert_one_of_each(cluster: &Cluster, ns: &str, n: usize, agents: &[Age
                 .and_then(|r| r.namespace.as_deref())
                 == Some(ns)
         })
+        .cloned()
         .collect();
     let mut per_claim: BTreeMap<String, usize> = BTreeMap::new();
     for pv in &pvs {
