@@ -41,6 +41,8 @@ pub enum StartupError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    Stopped(&'static str),
 }
 
 /// Runs the agent until SIGTERM/SIGINT: the controllers first, then every task on one shutdown signal.
@@ -167,13 +169,41 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
         }
     });
 
-    controllers.await;
+    // The servers own their listeners, bound once: one that stops early ends the agent on purpose
+    // (the kubelet restarts it) instead of leaving it up without its node service or probes.
+    let (mut grpc_task, mut http_task) = (Some(grpc_task), Some(http_task));
+    let mut controllers = std::pin::pin!(controllers);
+    let died = tokio::select! {
+        _ = &mut controllers => None,
+        joined = grpc_task.as_mut().expect("not taken yet") => {
+            grpc_task = None;
+            report_end("gRPC", joined);
+            Some("the gRPC node service stopped")
+        }
+        joined = http_task.as_mut().expect("not taken yet") => {
+            http_task = None;
+            report_end("HTTP", joined);
+            Some("the HTTP server (/healthz, /readyz, /metrics) stopped")
+        }
+    };
+    if let Some(what) = died {
+        error!("{what} while the agent runs; stopping the agent so that it is restarted");
+        shutdown.cancel();
+        controllers.await;
+    }
     info!("controller stopped; in-flight provisioning finished");
     shutdown.cancel();
     supervisor.join().await;
-    report_end("gRPC", grpc_task.await);
-    report_end("HTTP", http_task.await);
-    Ok(())
+    if let Some(task) = grpc_task {
+        report_end("gRPC", task.await);
+    }
+    if let Some(task) = http_task {
+        report_end("HTTP", task.await);
+    }
+    match died {
+        Some(what) => Err(StartupError::Stopped(what)),
+        None => Ok(()),
+    }
 }
 
 /// Where the data roots come from: the hostvol ConfigMap, else the flags' single root.
