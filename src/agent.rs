@@ -173,26 +173,33 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
     // (the kubelet restarts it) instead of leaving it up without its node service or probes.
     let (mut grpc_task, mut http_task) = (Some(grpc_task), Some(http_task));
     let mut controllers = std::pin::pin!(controllers);
+    let mut controllers_done = false;
+    // A server ending after the shutdown signal is the normal end, not a death.
     let died = tokio::select! {
-        _ = &mut controllers => None,
+        _ = &mut controllers => {
+            controllers_done = true;
+            None
+        }
         joined = grpc_task.as_mut().expect("not taken yet") => {
             grpc_task = None;
             report_end("gRPC", joined);
-            Some("the gRPC node service stopped")
+            (!shutdown.is_cancelled()).then_some("the gRPC node service stopped")
         }
         joined = http_task.as_mut().expect("not taken yet") => {
             http_task = None;
             report_end("HTTP", joined);
-            Some("the HTTP server (/healthz, /readyz, /metrics) stopped")
+            (!shutdown.is_cancelled())
+                .then_some("the HTTP server (/healthz, /readyz, /metrics) stopped")
         }
     };
     if let Some(what) = died {
         error!("{what} while the agent runs; stopping the agent so that it is restarted");
-        shutdown.cancel();
+    }
+    shutdown.cancel();
+    if !controllers_done {
         controllers.await;
     }
     info!("controller stopped; in-flight provisioning finished");
-    shutdown.cancel();
     supervisor.join().await;
     if let Some(task) = grpc_task {
         report_end("gRPC", task.await);
