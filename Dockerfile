@@ -9,7 +9,7 @@ COPY . .
 # symlink here because the distroless runtime image has no shell.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin hostvol \
+    cargo build --release --locked --no-default-features --bin hostvol \
  && mkdir -p /out \
  && cp target/release/hostvol /out/hostvol \
  && ln -s hostvol /out/kubectl-hostvol

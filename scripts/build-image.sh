@@ -31,8 +31,8 @@ OUT="target/image/hostvol-$TAG.oci.tar"
 
 log() { echo "build-image: $*" >&2; }
 
-log "cargo build --release --bin hostvol"
-cargo build --release --locked --bin hostvol >&2
+log "cargo build --release --no-default-features --bin hostvol"
+cargo build --release --locked --no-default-features --bin hostvol >&2
 BIN=target/release/hostvol
 
 root=$(mktemp -d target/image-rootfs.XXXXXX)

@@ -14,6 +14,8 @@ use crate::controller::capacity::NodeFigures;
 use crate::controller::context::{Context, Settings};
 use crate::controller::events::{EventRecorder, Reporter};
 use crate::controller::metrics::Metrics;
+use crate::controller::supervisor::{Rule, Supervisor};
+use crate::controller::watch_backoff::ApiProbe;
 use crate::controller::{
     api_health, capacity, config_map, limits, node_loss, orphan_report, storage_capacity,
     usage_refresh, watches,
@@ -46,6 +48,8 @@ pub enum StartupError {
         missing: String,
         component: &'static str,
     },
+    #[error("{0}")]
+    Stopped(&'static str),
 }
 
 /// Runs the agent until SIGTERM/SIGINT: the controllers first, then every task on one shutdown signal.
@@ -55,6 +59,8 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
             "--node-name (NODE_NAME) is empty; set it from spec.nodeName".into(),
         ));
     }
+    // Failpoints from FAILPOINTS (tests only; compiled out of the image).
+    let _failpoints = fail::FailScenario::setup();
     // The flags' root must be there even when a ConfigMap configures others: a clear start-up error.
     VolumeStore::open(&args.data_root)?;
     let client = Client::try_default().await?;
@@ -112,13 +118,23 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
     let metrics = Arc::new(Metrics::default());
     let events = Arc::new(EventRecorder::new(reporter(&args)));
     let capacity_resource = capacity_api.as_ref().map(|(r, _)| r.clone());
+    let supervisor = Supervisor::new(metrics.clone(), shutdown.clone());
+    let api = ApiProbe::new(client.clone());
+    supervisor.spawn("api-probe", Rule::Vital, {
+        let (api, shutdown) = (api.clone(), shutdown.clone());
+        move || api.clone().run(shutdown.clone())
+    });
     let (watches, ctx, controllers) = watches::start(
         client.clone(),
         settings,
         capacity_api,
         roots,
-        events,
-        metrics.clone(),
+        watches::Wiring {
+            events,
+            metrics: metrics.clone(),
+            api,
+            supervisor: supervisor.clone(),
+        },
         shutdown.clone(),
     );
 
@@ -126,10 +142,12 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
     let http_task = tokio::spawn(http::serve(
         http_listener,
         ready.clone(),
+        supervisor.health(),
         metrics,
         shutdown.clone(),
     ));
     let (usage, figures) = spawn_background_tasks(
+        &supervisor,
         &args,
         &ctx,
         client.clone(),
@@ -139,32 +157,76 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
     );
     let grpc_task = tokio::spawn(node_service::serve(
         grpc_listeners,
-        ctx,
+        ctx.clone(),
         usage,
         figures,
         shutdown.clone(),
     ));
-    let readiness = tokio::spawn({
-        let (client, node, shutdown) = (client.clone(), args.node_name.clone(), shutdown.clone());
-        async move {
-            if watches.wait_until_ready().await {
-                ready.store(true, Ordering::Release);
-                info!("watches synced; ready");
-                // From now on ready only while the API server answers.
-                api_health::track(client, node, ready, shutdown).await;
-            } else {
-                warn!("a watch ended before syncing");
+    let watches = Arc::new(watches);
+    supervisor.spawn("readiness", Rule::Restart, {
+        let (node, shutdown) = (args.node_name.clone(), shutdown.clone());
+        let ctx = ctx.clone();
+        move || {
+            let (watches, ready, node, shutdown) =
+                (watches.clone(), ready.clone(), node.clone(), shutdown.clone());
+            let ctx = ctx.clone();
+            async move {
+                if watches.wait_until_ready().await {
+                    if !ready.swap(true, Ordering::AcqRel) {
+                        info!("watches synced; ready");
+                    }
+                    // From now on ready only while the API server answers.
+                    api_health::track(ctx.client.clone(), ctx.api.clone(), node, ready, shutdown)
+                        .await;
+                } else {
+                    warn!("a watch ended before syncing");
+                }
             }
         }
     });
 
-    controllers.await;
-    info!("controller stopped; in-flight provisioning finished");
+    // The servers own their listeners, bound once: one that stops early ends the agent on purpose
+    // (the kubelet restarts it) instead of leaving it up without its node service or probes.
+    let (mut grpc_task, mut http_task) = (Some(grpc_task), Some(http_task));
+    let mut controllers = std::pin::pin!(controllers);
+    let mut controllers_done = false;
+    // A server ending after the shutdown signal is the normal end, not a death.
+    let died = tokio::select! {
+        _ = &mut controllers => {
+            controllers_done = true;
+            None
+        }
+        joined = grpc_task.as_mut().expect("not taken yet") => {
+            grpc_task = None;
+            report_end("gRPC", joined);
+            (!shutdown.is_cancelled()).then_some("the gRPC node service stopped")
+        }
+        joined = http_task.as_mut().expect("not taken yet") => {
+            http_task = None;
+            report_end("HTTP", joined);
+            (!shutdown.is_cancelled())
+                .then_some("the HTTP server (/healthz, /readyz, /metrics) stopped")
+        }
+    };
+    if let Some(what) = died {
+        error!("{what} while the agent runs; stopping the agent so that it is restarted");
+    }
     shutdown.cancel();
-    readiness.abort();
-    report_end("gRPC", grpc_task.await);
-    report_end("HTTP", http_task.await);
-    Ok(())
+    if !controllers_done {
+        controllers.await;
+    }
+    info!("controller stopped; in-flight provisioning finished");
+    supervisor.join().await;
+    if let Some(task) = grpc_task {
+        report_end("gRPC", task.await);
+    }
+    if let Some(task) = http_task {
+        report_end("HTTP", task.await);
+    }
+    match died {
+        Some(what) => Err(StartupError::Stopped(what)),
+        None => Ok(()),
+    }
 }
 
 /// Where the data roots come from: the hostvol ConfigMap, else the flags' single root.
@@ -221,9 +283,11 @@ fn reporter(args: &AgentArgs) -> Reporter {
     }
 }
 
-/// The agent's tasks beside the controllers; each ends on `shutdown`. Returns what the node service
-/// reads: the usage cache and the node's capacity figures.
+/// The agent's tasks beside the controllers, supervised; each ends on `shutdown`. Which are vital
+/// (`/healthz` fails while they are down) is in the README ("Staying up"). Returns what the node
+/// service reads: the usage cache and the node's capacity figures.
 fn spawn_background_tasks(
+    supervisor: &Supervisor,
     args: &AgentArgs,
     ctx: &Arc<Context>,
     client: Client,
@@ -233,53 +297,69 @@ fn spawn_background_tasks(
 ) -> (UsageCache, tokio::sync::watch::Receiver<NodeFigures>) {
     let usage = UsageCache::default();
     let (figures_tx, figures) = tokio::sync::watch::channel(NodeFigures::default());
-    tokio::spawn(capacity::track(
-        ctx.clone(),
-        figures_tx,
-        args.capacity_change_threshold,
-        shutdown.clone(),
-    ));
-    tokio::spawn(usage_refresh::run(
-        ctx.clone(),
-        usage.clone(),
-        Duration::from_secs(args.usage_refresh_seconds.max(1)),
-        args.usage_concurrency,
-        shutdown.clone(),
-    ));
-    tokio::spawn(config_map::watch(
-        ctx.clone(),
-        client,
-        source,
-        shutdown.clone(),
-    ));
-    if args.node_loss_cleanup {
-        tokio::spawn(node_loss::run(
+    let every_scan = Duration::from_secs(args.orphan_scan_seconds.max(1));
+    supervisor.spawn("capacity", Rule::Vital, {
+        let (ctx, threshold, shutdown) = (
             ctx.clone(),
-            args.pod_namespace.clone(),
+            args.capacity_change_threshold,
             shutdown.clone(),
-        ));
+        );
+        move || capacity::track(ctx.clone(), figures_tx.clone(), threshold, shutdown.clone())
+    });
+    supervisor.spawn("usage-refresh", Rule::Restart, {
+        let (ctx, usage, shutdown) = (ctx.clone(), usage.clone(), shutdown.clone());
+        let (every, concurrency) = (
+            Duration::from_secs(args.usage_refresh_seconds.max(1)),
+            args.usage_concurrency,
+        );
+        move || usage_refresh::run(ctx.clone(), usage.clone(), every, concurrency, shutdown.clone())
+    });
+    supervisor.spawn("config-map", Rule::Restart, {
+        let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+        move || config_map::watch(ctx.clone(), client.clone(), source.clone(), shutdown.clone())
+    });
+    if args.node_loss_cleanup {
+        supervisor.spawn("node-loss", Rule::Restart, {
+            let (ctx, namespace, shutdown) =
+                (ctx.clone(), args.pod_namespace.clone(), shutdown.clone());
+            move || node_loss::run(ctx.clone(), namespace.clone(), shutdown.clone())
+        });
     } else {
         info!(
             "node-loss clean-up is off (--node-loss-cleanup); classes' nodeLossCleanup is not acted on by this agent"
         );
     }
-    tokio::spawn(limits::keep(
-        ctx.clone(),
-        Duration::from_secs(args.orphan_scan_seconds.max(1)),
-        shutdown.clone(),
-    ));
-    tokio::spawn(orphan_report::run(
-        ctx.clone(),
-        Duration::from_secs(args.orphan_scan_seconds.max(1)),
-        shutdown.clone(),
-    ));
-    tokio::spawn(storage_capacity::run(
-        ctx.clone(),
-        figures.clone(),
-        capacity_resource,
-        args.pod_namespace.clone(),
-        shutdown.clone(),
-    ));
+    supervisor.spawn("limits", Rule::Restart, {
+        let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+        move || limits::keep(ctx.clone(), every_scan, shutdown.clone())
+    });
+    supervisor.spawn("orphan-report", Rule::Restart, {
+        let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+        move || orphan_report::run(ctx.clone(), every_scan, shutdown.clone())
+    });
+    if capacity_resource.is_some() {
+        supervisor.spawn("capacity-publisher", Rule::Vital, {
+            let (ctx, figures, namespace, shutdown) = (
+                ctx.clone(),
+                figures.clone(),
+                args.pod_namespace.clone(),
+                shutdown.clone(),
+            );
+            move || {
+                storage_capacity::run(
+                    ctx.clone(),
+                    figures.clone(),
+                    capacity_resource.clone(),
+                    namespace.clone(),
+                    shutdown.clone(),
+                )
+            }
+        });
+    } else {
+        warn!(
+            "the API server serves no CSIStorageCapacity; capacity-aware scheduling is off (admission still refuses claims that do not fit)"
+        );
+    }
     (usage, figures)
 }
 

@@ -93,9 +93,9 @@ async fn wait_all_bound(cluster: &Cluster, ns: &str, n: usize, timeout: Duration
 /// Every claim in `ns` has exactly one PV bound to it and one directory on its node, and no agent root
 /// holds anything else.
 async fn assert_one_of_each(cluster: &Cluster, ns: &str, n: usize, agents: &[Agent]) {
-    let pvs: Vec<PersistentVolume> = hostvol_pvs(cluster)
-        .await
-        .into_iter()
+    let every_pv = hostvol_pvs(cluster).await;
+    let pvs: Vec<PersistentVolume> = every_pv
+        .iter()
         .filter(|pv| {
             pv.spec
                 .as_ref()
@@ -103,6 +103,7 @@ async fn assert_one_of_each(cluster: &Cluster, ns: &str, n: usize, agents: &[Age
                 .and_then(|r| r.namespace.as_deref())
                 == Some(ns)
         })
+        .cloned()
         .collect();
     let mut per_claim: BTreeMap<String, usize> = BTreeMap::new();
     for pv in &pvs {
@@ -110,7 +111,8 @@ async fn assert_one_of_each(cluster: &Cluster, ns: &str, n: usize, agents: &[Age
     }
     assert_eq!(pvs.len(), n, "one PV per claim: {per_claim:?}");
     assert_eq!(per_claim.len(), n, "every claim has a PV: {per_claim:?}");
-    let pv_dirs: BTreeSet<String> = pvs.iter().map(pv_dir_name).collect();
+    // Every hostvol PV's directory (other namespaces' too, of earlier rounds), and nothing else.
+    let pv_dirs: BTreeSet<String> = every_pv.iter().map(pv_dir_name).collect();
     let mut all_dirs = BTreeSet::new();
     for agent in agents {
         all_dirs.extend(dirs_in(&agent.root));
@@ -277,8 +279,10 @@ async fn etcd_restarted_mid_burst() {
 }
 
 /// Scenario 3: the API server unreachable for 60 s (every connection refused with a reset, through a
-/// proxy the agents must use) while claims wait. The agents back off instead of hammering it, go
-/// not-ready, and provision within seconds once it answers again.
+/// proxy the agents must use) while claims wait, three times. The agents wait on one shared probe
+/// instead of each watch retrying on its own (at most one connection attempt per second per agent),
+/// go not-ready, and provision within seconds once it answers again (issue 15: first PV <= 5 s and
+/// all Bound <= 10 s after it answers, medians of the three outages).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apiserver_unreachable_for_a_minute() {
     let cluster = Cluster::start().await;
@@ -296,70 +300,92 @@ async fn apiserver_unreachable_for_a_minute() {
     }
     let pids: Vec<u32> = agents.iter().map(|a| a.pid()).collect();
     cluster.kubectl_apply_yaml(&class_yaml(CLASS, "WaitForFirstConsumer", "Delete", &[]));
-    let ns = "outage";
-    cluster.create_namespace(ns).await;
     // The agents' steady rate, for comparison.
     let quiet0 = proxy.connections();
     tokio::time::sleep(Duration::from_secs(10)).await;
     let quiet = proxy.connections() - quiet0;
 
-    let (stop, timelines) = watch_readiness(&agents);
-    proxy.cut();
-    let cut = Instant::now();
-    let n = 20;
-    apply_claims(&cluster, ns, "w", n, "10Mi", &nodes);
     let outage = Duration::from_secs(60);
-    let mut per_10s = Vec::new();
-    let mut last = proxy.refused();
-    while cut.elapsed() < outage {
-        tokio::time::sleep(Duration::from_secs(10).min(outage.saturating_sub(cut.elapsed()))).await;
-        let now = proxy.refused();
-        per_10s.push(now - last);
-        last = now;
+    let n = 20;
+    let (mut first_pvs, mut all_bounds, mut rates) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..3 {
+        let ns = format!("outage-{round}");
+        cluster.create_namespace(&ns).await;
+        let pvs_before = hostvol_pvs(&cluster).await.len();
+        let (stop, timelines) = watch_readiness(&agents);
+        let refused0 = proxy.refused();
+        proxy.cut();
+        let cut = Instant::now();
+        apply_claims(&cluster, &ns, "w", n, "10Mi", &nodes);
+        let mut per_10s = Vec::new();
+        let mut last = proxy.refused();
+        while cut.elapsed() < outage {
+            tokio::time::sleep(Duration::from_secs(10).min(outage.saturating_sub(cut.elapsed())))
+                .await;
+            let now = proxy.refused();
+            per_10s.push(now - last);
+            last = now;
+        }
+        let refused = proxy.refused() - refused0;
+        let down = cut.elapsed();
+        assert_eq!(
+            hostvol_pvs(&cluster).await.len(),
+            pvs_before,
+            "nothing provisioned without the API server"
+        );
+        proxy.restore();
+        let restored = Instant::now();
+        cluster
+            .wait_for(
+                || async { hostvol_pvs(&cluster).await.len() > pvs_before },
+                T,
+                "the first PV after the outage",
+            )
+            .await;
+        let first_pv = restored.elapsed();
+        wait_all_bound(&cluster, &ns, n, T).await;
+        let all_bound = restored.elapsed();
+        wait_agents_ready_again(&cluster, &agents).await;
+        let not_ready = readiness_dipped_and_came_back(stop, timelines, &agents).await;
+        assert_one_of_each(&cluster, &ns, n, &agents).await;
+        let per_second = refused as f64 / down.as_secs_f64() / agents.len() as f64;
+        eprintln!(
+            "[figures] outage {}: API server unreachable {down:.1?}, {n} claims waiting, 2 agents: {refused} \
+             connection attempts refused ({per_second:.2}/s per agent; per 10 s: {per_10s:?}); first PV \
+             {first_pv:.2?} and all {n} Bound {all_bound:.2?} after it answered again; longest not-ready per \
+             agent {not_ready:.1?}",
+            round + 1
+        );
+        first_pvs.push(first_pv);
+        all_bounds.push(all_bound);
+        rates.push(per_second);
     }
-    let refused = proxy.refused();
-    assert!(
-        hostvol_pvs(&cluster).await.is_empty(),
-        "nothing provisioned without the API server"
-    );
-    proxy.restore();
-    let restored = Instant::now();
-    cluster
-        .wait_for(
-            || async { !hostvol_pvs(&cluster).await.is_empty() },
-            T,
-            "the first PV after the outage",
-        )
-        .await;
-    let first_pv = restored.elapsed();
-    let all_bound = wait_all_bound(&cluster, ns, n, T).await + first_pv;
-    wait_agents_ready_again(&cluster, &agents).await;
-    let not_ready = readiness_dipped_and_came_back(stop, timelines, &agents).await;
-    assert_one_of_each(&cluster, ns, n, &agents).await;
     assert_no_agent_restart(&mut agents, &pids);
-
-    let per_second = refused as f64 / outage.as_secs_f64() / agents.len() as f64;
+    let median = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (first_pv, all_bound) = (median(&first_pvs), median(&all_bounds));
+    let worst_rate = rates.iter().cloned().fold(0.0, f64::max);
     eprintln!(
-        "[figures] API server unreachable 60 s, {n} claims waiting, 2 agents: {refused} connection attempts \
-         refused in 60 s ({per_second:.2}/s per agent; per 10 s: {per_10s:?}); steady state before: {quiet} \
-         connections in 10 s; first PV {first_pv:.1?} after the API came back, all {n} Bound after \
-         {all_bound:.1?}; longest not-ready per agent {not_ready:.1?}; agent restarts 0"
+        "[figures] 3 outages of {outage:?}: first PV after the API answered {first_pvs:.2?} (median \
+         {first_pv:.2?}), all {n} Bound {all_bounds:.2?} (median {all_bound:.2?}); connection attempts per \
+         agent per second {rates:.2?}; steady state before: {quiet} connections in 10 s; agent restarts 0"
     );
-    // Backoff, not a hot loop: each agent keeps ~6 watches and a readiness check; with exponential
-    // backoff capped at 30 s that is a few attempts a second at first and fewer later.
+    // The issue's targets, asserted as such (they are bounds the issue asks for, with the probe's
+    // interval well inside them).
     assert!(
-        per_second < 3.0,
-        "agents retried {refused} times in 60 s ({per_second:.2}/s per agent): no backoff"
-    );
-    let late: u64 = per_10s.iter().rev().take(2).sum();
-    let early: u64 = per_10s.iter().take(2).sum();
-    assert!(
-        late <= early.max(10),
-        "retries do not slow down: per 10 s {per_10s:?}"
+        worst_rate <= 1.0,
+        "at most one connection attempt per second per agent during an outage: {rates:.2?}"
     );
     assert!(
-        first_pv < Duration::from_secs(45),
-        "provisioning resumed {first_pv:?} after the API server came back"
+        first_pv <= Duration::from_secs(5),
+        "first PV within 5 s of the API server answering (median): {first_pvs:?}"
+    );
+    assert!(
+        all_bound <= Duration::from_secs(10),
+        "all claims Bound within 10 s of the API server answering (median): {all_bounds:?}"
     );
 }
 
@@ -588,6 +614,10 @@ async fn agent_killed_while_deleting_a_large_tree() {
         "[figures] agent SIGKILL during Delete of {files} files: {left} files left at the kill; removal finished \
          and PV gone {finished:.1?} after the restart; VolumeDeleted events {deleted}; the directory went \
          before the PV; outside files and the neighbour volume untouched"
+    );
+    assert_eq!(
+        deleted, 1,
+        "one VolumeDeleted Event for the volume, however often its removal was retried: {events:?}"
     );
 }
 

@@ -13,6 +13,8 @@ use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::controller::watch_backoff::ApiProbe;
+
 /// How often readiness is re-checked: a kubelet's default readiness period. One GET per agent per
 /// interval (500/s at 5,000 nodes; see docs/scale.md).
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(10);
@@ -23,6 +25,7 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 /// Logs each change once.
 pub async fn track(
     client: Client,
+    api: Arc<ApiProbe>,
     node: String,
     ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
@@ -35,11 +38,22 @@ pub async fn track(
             _ = shutdown.cancelled() => return,
             _ = interval.tick() => {}
         }
-        let outcome = match tokio::time::timeout(CHECK_TIMEOUT, nodes.get_metadata_opt(&node)).await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
+        // While the shared probe knows the API server is away, no request of our own (one attempt
+        // per probe interval per agent in all).
+        let outcome = if !api.is_up() {
+            Err("the API server does not answer".to_string())
+        } else {
+            match tokio::time::timeout(CHECK_TIMEOUT, nodes.get_metadata_opt(&node)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(error)) => {
+                    api.failed();
+                    Err(error.to_string())
+                }
+                Err(_) => {
+                    api.failed();
+                    Err(format!("no answer within {CHECK_TIMEOUT:?}"))
+                }
+            }
         };
         let was = ready.swap(outcome.is_ok(), Ordering::AcqRel);
         match outcome {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -61,7 +61,10 @@ pub async fn initial(client: &Client, node: &str, source: &Source) -> Result<Roo
 pub async fn watch(ctx: Arc<Context>, client: Client, source: Source, shutdown: CancellationToken) {
     let api: Api<ConfigMap> = Api::namespaced(client, &source.namespace);
     let config = watcher::Config::default().fields(&format!("metadata.name={}", source.name));
-    let mut events = std::pin::pin!(watcher(api, config).default_backoff());
+    let mut events = std::pin::pin!(crate::controller::watch_backoff::probed(
+        watcher(api, config),
+        ctx.api.clone()
+    ));
     let mut current: Option<String> = None;
     loop {
         let event = tokio::select! {

@@ -2,7 +2,9 @@
 //! the data roots in force, and the bookkeeping that keeps concurrent claims from overcommitting.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume, PersistentVolumeClaim};
@@ -18,6 +20,7 @@ use crate::controller::metrics::Metrics;
 use crate::controller::pv;
 use crate::controller::store::Changes;
 use crate::controller::volume_locks::VolumeLocks;
+use crate::controller::watch_backoff::ApiProbe;
 use crate::domain::admission;
 use crate::domain::naming::NameError;
 use crate::domain::placement::Candidate;
@@ -35,6 +38,9 @@ pub enum Error {
     Name(#[from] NameError),
     #[error(transparent)]
     Removal(#[from] removal::Error),
+    /// A panic while handling this one object: an error for it (Warning Event, retry with backoff).
+    #[error("internal error (a bug in hostvol; please report it): {0}")]
+    Panicked(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -46,6 +52,7 @@ impl Error {
             Error::Disk(e) => e.category(),
             Error::Name(_) => "unsafe_name",
             Error::Removal(e) => e.category(),
+            Error::Panicked(_) => "panic",
         }
     }
 }
@@ -64,7 +71,7 @@ pub struct Context {
     pub client: Client,
     pub settings: Settings,
     /// The data roots in force; replaced as a whole when the configuration changes.
-    pub(super) roots: std::sync::RwLock<Arc<RootSet>>,
+    pub(super) roots: parking_lot::RwLock<Arc<RootSet>>,
     pub classes: Store<StorageClass>,
     pub nodes: Store<PartialObjectMeta<Node>>,
     /// This node's hostvol PVs (label-selected watch).
@@ -75,6 +82,8 @@ pub struct Context {
     pub capacities: Option<Store<DynamicObject>>,
     pub events: Arc<EventRecorder>,
     pub metrics: Arc<Metrics>,
+    /// Whether the API server answers; every retry loop waits on it (see `watch_backoff`).
+    pub api: Arc<ApiProbe>,
     /// Woken whenever this node's set of volumes may have changed.
     pub volumes_changed: Arc<tokio::sync::Notify>,
     /// A permit on every StorageClass event (and change of our Node, whose labels the classes'
@@ -117,12 +126,26 @@ impl Context {
             .publish(&self.client, regarding, type_, reason, action, note);
     }
 
+    /// An Event stating a fact about an object, published once per (object, reason) however often
+    /// a reconcile reaches it (see `EventRecorder::publish_fact`).
+    pub fn publish_fact(
+        &self,
+        regarding: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        self.events
+            .publish_fact(&self.client, regarding, type_, reason, action, note);
+    }
+
     pub fn roots(&self) -> Arc<RootSet> {
-        self.roots.read().expect("lock poisoned").clone()
+        self.roots.read().clone()
     }
 
     pub fn replace_roots(&self, roots: RootSet) {
-        *self.roots.write().expect("lock poisoned") = Arc::new(roots);
+        *self.roots.write() = Arc::new(roots);
         self.volumes_changed.notify_waiters();
     }
 
@@ -130,8 +153,8 @@ impl Context {
     /// Released ones included, because their directories still hold data.
     pub fn allocated_bytes(&self, root: &str) -> u64 {
         let roots = self.roots();
-        let mut recent = self.recent_volumes.lock().expect("lock poisoned");
-        let mut growth = self.recent_growth.lock().expect("lock poisoned");
+        let mut recent = self.recent_volumes.lock();
+        let mut growth = self.recent_growth.lock();
         let mut total = 0u64;
         for pv in self.volumes.state() {
             let name = pv.name_any();
@@ -159,7 +182,6 @@ impl Context {
         let reserved: u64 = self
             .reserved
             .lock()
-            .expect("lock poisoned")
             .iter()
             .filter(|(key, (r, _))| {
                 r == root && !known.contains(*key) && !recent.contains_key(*key)
@@ -182,7 +204,6 @@ impl Context {
     pub fn reserve(&self, key: &str, root: &str, bytes: u64) -> Reservation<'_> {
         self.reserved
             .lock()
-            .expect("lock poisoned")
             .insert(key.to_string(), (root.to_string(), bytes));
         Reservation {
             ctx: self,
@@ -210,7 +231,7 @@ impl Context {
         let name = pv.name_any();
         let annotated = pv.annotations().get(pv::ANN_DIRECTORY);
         {
-            let mut edits = self.directory_edits.lock().expect("lock poisoned");
+            let mut edits = self.directory_edits.lock();
             match annotated {
                 Some(annotated) if annotated != real => {
                     if edits.get(&name) == Some(annotated) {
@@ -305,7 +326,7 @@ impl Context {
     }
 
     pub fn backoff(&self, key: &str) -> Duration {
-        let mut failures = self.failures.lock().expect("lock poisoned");
+        let mut failures = self.failures.lock();
         let n = failures.entry(key.to_string()).or_insert(0);
         *n = n.saturating_add(1);
         // 250 ms, 500 ms, ... capped at 30 s: a stuck claim is retried often, never left for 15 minutes.
@@ -317,13 +338,12 @@ impl Context {
     pub fn recently_created(&self, pv_name: &str) -> bool {
         self.recent_volumes
             .lock()
-            .expect("lock poisoned")
             .contains_key(pv_name)
     }
 
     /// Counts a PV just created until the watch delivers it, so the next admission sees its bytes.
     pub fn remember_created(&self, pv_name: &str, root: &str, bytes: u64) {
-        self.recent_volumes.lock().expect("lock poisoned").insert(
+        self.recent_volumes.lock().insert(
             pv_name.to_string(),
             (root.to_string(), bytes, Instant::now()),
         );
@@ -335,7 +355,6 @@ impl Context {
         let recorded = pv::capacity_bytes(pv);
         self.recent_growth
             .lock()
-            .expect("lock poisoned")
             .get(&pv.name_any())
             .map_or(recorded, |(_, grown)| recorded.max(*grown))
     }
@@ -344,13 +363,12 @@ impl Context {
     pub fn remember_growth(&self, pv_name: &str, root: &str, bytes: u64) {
         self.recent_growth
             .lock()
-            .expect("lock poisoned")
             .insert(pv_name.to_string(), (root.to_string(), bytes));
         self.volumes_changed.notify_waiters();
     }
 
     pub fn reset_backoff(&self, key: &str) {
-        self.failures.lock().expect("lock poisoned").remove(key);
+        self.failures.lock().remove(key);
     }
 
     /// Drops every per-claim and per-PV entry whose object is gone from the watch caches, so nothing
@@ -362,7 +380,7 @@ impl Context {
         };
         let volume_gone = |name: &str| self.volumes.get(&ObjectRef::new(name)).is_none();
         {
-            let mut failures = self.failures.lock().expect("lock poisoned");
+            let mut failures = self.failures.lock();
             failures.retain(|key, _| match key.strip_prefix("pv/") {
                 Some(pv) => !volume_gone(pv),
                 None => !claim_gone(key),
@@ -370,18 +388,18 @@ impl Context {
             shrink(&mut failures);
         }
         {
-            let mut growth = self.recent_growth.lock().expect("lock poisoned");
+            let mut growth = self.recent_growth.lock();
             growth.retain(|pv, _| !volume_gone(pv));
             shrink(&mut growth);
         }
         {
-            let mut edits = self.directory_edits.lock().expect("lock poisoned");
+            let mut edits = self.directory_edits.lock();
             edits.retain(|pv, _| !volume_gone(pv));
             shrink(&mut edits);
         }
         {
             // Created but never delivered (deleted at once, or a watch gap): not for ever.
-            let mut recent = self.recent_volumes.lock().expect("lock poisoned");
+            let mut recent = self.recent_volumes.lock();
             recent.retain(|_, (_, _, at)| at.elapsed() < RECENT_FOR);
             shrink(&mut recent);
         }
@@ -396,19 +414,19 @@ impl Context {
         [
             (
                 "failures",
-                self.failures.lock().expect("lock poisoned").len(),
+                self.failures.lock().len(),
             ),
             (
                 "recent_volumes",
-                self.recent_volumes.lock().expect("lock poisoned").len(),
+                self.recent_volumes.lock().len(),
             ),
             (
                 "recent_growth",
-                self.recent_growth.lock().expect("lock poisoned").len(),
+                self.recent_growth.lock().len(),
             ),
             (
                 "directory_edits",
-                self.directory_edits.lock().expect("lock poisoned").len(),
+                self.directory_edits.lock().len(),
             ),
             ("events", self.events.remembered()),
         ]
@@ -436,7 +454,6 @@ impl Drop for Reservation<'_> {
         self.ctx
             .reserved
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&self.key);
     }
 }
@@ -470,6 +487,14 @@ pub fn published_candidate(object: &DynamicObject, class: &str) -> Option<Candid
         allocatable,
         pending: 0,
         allowed,
+    })
+}
+
+/// A blocking task's outcome, its panic turned into an error for the one object it worked on.
+pub fn joined<T>(result: std::result::Result<T, tokio::task::JoinError>) -> Result<T> {
+    result.map_err(|e| match e.try_into_panic() {
+        Ok(panic) => Error::Panicked(crate::controller::supervisor::panic_message(&*panic)),
+        Err(e) => Error::Panicked(e.to_string()),
     })
 }
 
@@ -517,7 +542,7 @@ mod tests {
                 provisioner: "p".into(),
                 pod: None,
             },
-            roots: std::sync::RwLock::new(Arc::new(RootSet::default())),
+            roots: parking_lot::RwLock::new(Arc::new(RootSet::default())),
             classes: reflector::store().0,
             nodes: reflector::store().0,
             volumes,
@@ -529,6 +554,7 @@ mod tests {
                 node: "n".into(),
             })),
             metrics: Arc::new(Metrics::default()),
+            api: ApiProbe::new(offline_client()),
             volumes_changed: Arc::default(),
             classes_changed: Arc::default(),
             capacity_changes: Arc::default(),
@@ -601,3 +627,4 @@ mod tests {
         }
     }
 }
+

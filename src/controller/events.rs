@@ -8,7 +8,9 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -17,7 +19,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::domain::naming;
 
@@ -60,12 +62,12 @@ impl EventRecorder {
 
     /// Events remembered now (for the state metric and tests).
     pub fn remembered(&self) -> usize {
-        self.sent.lock().expect("lock poisoned").len()
+        self.sent.lock().len()
     }
 
     /// Forgets the Events about objects `gone` says are gone ("namespace/name").
     pub fn forget(&self, gone: impl Fn(&str) -> bool) {
-        let mut sent = self.sent.lock().expect("lock poisoned");
+        let mut sent = self.sent.lock();
         sent.retain(|_, s| !gone(&s.regarding));
         shrink(&mut sent);
     }
@@ -90,7 +92,7 @@ impl EventRecorder {
         (&regarding.uid, &regarding.namespace, &regarding.name).hash(&mut hasher);
         let key = hasher.finish();
         let now = Instant::now();
-        let mut sent = self.sent.lock().expect("lock poisoned");
+        let mut sent = self.sent.lock();
         sent.retain(|_, s| now.duration_since(s.at) < SERIES_WINDOW);
         shrink(&mut sent);
         let repeat = sent.get(&key).map(|s| (s.name.clone(), s.count + 1));
@@ -98,7 +100,7 @@ impl EventRecorder {
     }
 
     fn remember(&self, key: u64, name: String, regarding: &ObjectReference, count: i32) {
-        let mut sent = self.sent.lock().expect("lock poisoned");
+        let mut sent = self.sent.lock();
         if sent.len() >= MAX_REMEMBERED
             && !sent.contains_key(&key)
             && let Some(oldest) = sent.iter().min_by_key(|(_, s)| s.at).map(|(k, _)| *k)
@@ -141,12 +143,45 @@ impl EventRecorder {
         action: &str,
         note: String,
     ) {
+        self.publish_inner(client, regarding, type_, reason, action, note, None);
+    }
+
+    /// An Event that states a fact about an object (its volume deleted, its claim provisioned):
+    /// published once per (object uid, reason), even when a retried reconcile or a restarted agent
+    /// reaches the same point again. Its name is derived from both, so the API server refuses a
+    /// second create (409), which is taken as "already said".
+    pub fn publish_fact(
+        self: &Arc<Self>,
+        client: &Client,
+        regarding: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let name = fact_event_name(regarding, reason);
+        self.publish_inner(client, regarding, type_, reason, action, note, Some(name));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn publish_inner(
+        self: &Arc<Self>,
+        client: &Client,
+        regarding: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+        fact: Option<String>,
+    ) {
         let regarding = regarding.clone();
         if regarding.namespace.as_deref().unwrap_or("").is_empty() {
-            self.publish_core(client, regarding, type_, reason, note);
+            self.publish_core(client, regarding, type_, reason, note, fact);
             return;
         }
         let (key, repeat) = self.next(type_, reason, action, &regarding);
+        // A fact is never a series: it is said once.
+        let repeat = if fact.is_some() { None } else { repeat };
         let client = client.clone();
         let ctx_events = Arc::clone(self);
         let reporter = self.reporter.clone();
@@ -167,10 +202,12 @@ impl EventRecorder {
                         .map(|_| (name, count))
                 }
                 None => {
-                    let name = naming::event_name(
-                        regarding.name.as_deref().unwrap_or(&reporter.controller),
-                        now.0.as_nanosecond(),
-                    );
+                    let name = fact.clone().unwrap_or_else(|| {
+                        naming::event_name(
+                            regarding.name.as_deref().unwrap_or(&reporter.controller),
+                            now.0.as_nanosecond(),
+                        )
+                    });
                     let event = K8sEvent {
                         metadata: kube::api::ObjectMeta {
                             name: Some(name.clone()),
@@ -194,6 +231,9 @@ impl EventRecorder {
             };
             match result {
                 Ok((name, count)) => ctx_events.remember(key, name, &regarding, count),
+                Err(kube::Error::Api(status)) if status.code == 409 && fact.is_some() => {
+                    debug!(%reason, "Event already published for this fact")
+                }
                 Err(error) => warn!(%error, %reason, "could not publish Event"),
             }
         });
@@ -208,6 +248,7 @@ impl EventRecorder {
         type_: EventType,
         reason: &str,
         note: String,
+        fact: Option<String>,
     ) {
         let client = client.clone();
         let (node, provisioner) = (self.reporter.node.clone(), self.reporter.controller.clone());
@@ -218,7 +259,10 @@ impl EventRecorder {
             );
             let event = k8s_openapi::api::core::v1::Event {
                 metadata: kube::api::ObjectMeta {
-                    generate_name: Some(format!("{}.", regarding.name.clone().unwrap_or_default())),
+                    generate_name: fact
+                        .is_none()
+                        .then(|| format!("{}.", regarding.name.clone().unwrap_or_default())),
+                    name: fact.clone(),
                     namespace: Some("default".into()),
                     ..Default::default()
                 },
@@ -238,11 +282,28 @@ impl EventRecorder {
                 ..Default::default()
             };
             let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client, "default");
-            if let Err(error) = events.create(&PostParams::default(), &event).await {
-                warn!(%error, %reason, "could not publish Event");
+            match events.create(&PostParams::default(), &event).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 409 && fact.is_some() => {
+                    debug!(%reason, "Event already published for this fact")
+                }
+                Err(error) => warn!(%error, %reason, "could not publish Event"),
             }
         });
     }
+}
+
+/// The name of the one Event stating `reason` about this object (this very object: its uid).
+fn fact_event_name(regarding: &ObjectReference, reason: &str) -> String {
+    // FNV-1a: stable across processes and versions (std's hasher is not).
+    let fact = format!("{}/{reason}", regarding.uid.as_deref().unwrap_or_default());
+    let hash = fact.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    naming::event_name(
+        regarding.name.as_deref().unwrap_or("hostvol"),
+        i128::from(hash),
+    )
 }
 
 fn event_type(type_: EventType) -> &'static str {
@@ -271,6 +332,18 @@ mod tests {
             instance: "i".into(),
             node: "n".into(),
         })
+    }
+
+    #[test]
+    fn a_fact_has_one_name_per_object_and_reason() {
+        let a = object("ns", "a");
+        let name = fact_event_name(&a, "VolumeDeleted");
+        assert_eq!(name, fact_event_name(&a, "VolumeDeleted"), "stable");
+        assert_ne!(name, fact_event_name(&a, "ProvisioningSucceeded"));
+        let mut again = object("ns", "a");
+        again.uid = Some("another-uid".into());
+        assert_ne!(name, fact_event_name(&again, "VolumeDeleted"), "a new object of the same name");
+        assert!(name.starts_with("a.") && name.len() <= 253);
     }
 
     #[test]

@@ -30,6 +30,12 @@ pub struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabels {
+    /// The supervised task's name (README, "Staying up").
+    pub task: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExpansionLabels {
     /// succeeded | refused | failed
     pub outcome: &'static str,
@@ -67,6 +73,8 @@ pub struct Metrics {
     provision_duration: Histogram,
     reclaims: Family<OutcomeLabels, Counter>,
     reconcile_errors: Counter,
+    task_restarts: Family<TaskLabels, Counter>,
+    reconcile_panics: Counter,
     pub allocatable_bytes: Gauge,
     /// Optimistic-concurrency conflicts while placing claims on this node.
     pub placement_conflicts: Counter,
@@ -103,6 +111,18 @@ impl Default for Metrics {
             "reconcile_errors",
             "Transient errors that caused a retry with backoff",
             reconcile_errors.clone(),
+        );
+        let task_restarts = Family::<TaskLabels, Counter>::default();
+        registry.register(
+            "task_restarts",
+            "Background tasks that ended or panicked and were restarted, by task",
+            task_restarts.clone(),
+        );
+        let reconcile_panics = Counter::default();
+        registry.register(
+            "reconcile_panics",
+            "Reconciles of one object that panicked (an error for that object, retried with backoff)",
+            reconcile_panics.clone(),
         );
         let allocatable_bytes = Gauge::default();
         registry.register(
@@ -191,6 +211,8 @@ impl Default for Metrics {
             provision_duration,
             reclaims,
             reconcile_errors,
+            task_restarts,
+            reconcile_panics,
             allocatable_bytes,
             placement_conflicts,
             placements,
@@ -231,6 +253,20 @@ impl Metrics {
     }
 
     /// A released volume's reclaim failed and will be retried: not a provisioning failure.
+    pub fn task_restarted(&self, task: &'static str) {
+        self.task_restarts.get_or_create(&TaskLabels { task }).inc();
+    }
+
+    /// Restarts of `task` so far (for tests).
+    pub fn task_restarts(&self, task: &'static str) -> u64 {
+        self.task_restarts.get_or_create(&TaskLabels { task }).get()
+    }
+
+    pub fn reconcile_panicked(&self) {
+        self.reconcile_panics.inc();
+        self.reconcile_errors.inc();
+    }
+
     pub fn reclaim_failed(&self, reason: &'static str) {
         self.reclaims
             .get_or_create(&OutcomeLabels {

@@ -22,6 +22,8 @@ pub mod pv;
 pub mod reclaim;
 pub mod storage_capacity;
 pub mod store;
+pub mod supervisor;
 pub mod usage_refresh;
 pub mod volume_locks;
+pub mod watch_backoff;
 pub mod watches;

@@ -168,11 +168,13 @@ pub async fn run(ctx: Arc<Context>, namespace: String, shutdown: CancellationTok
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &namespace);
     let me = ctx.settings.node.clone();
     let (nodes, writer) = reflector::store();
-    let events = watcher(
-        Api::<PartialObjectMeta<Node>>::all(ctx.client.clone()),
-        watcher::Config::default(),
+    let events = crate::controller::watch_backoff::probed(
+        watcher(
+            Api::<PartialObjectMeta<Node>>::all(ctx.client.clone()),
+            watcher::Config::default(),
+        ),
+        ctx.api.clone(),
     )
-    .default_backoff()
     .modify(|n| {
         // Only the name is needed: a Node's labels and annotations are most of its metadata.
         let name = n.metadata.name.take();

@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::controller::claim::{claim_key, claim_spec};
 use crate::controller::clone_source::{self, Source};
-use crate::controller::context::{Context, Error, Result};
+use crate::controller::context::{self, Context, Error, Result};
 use crate::controller::pv::VolumeDescription;
 use crate::controller::store::store_ready;
 use crate::controller::{expansion, placement, pv, reclaim};
@@ -149,7 +149,7 @@ async fn provision(
     // Counted as created before the reservation goes, so the bytes never drop out in between.
     ctx.remember_created(&order.pv_name, &root.name, order.request.capacity_bytes);
     drop(reservation);
-    ctx.publish(
+    ctx.publish_fact(
         &order.claim_ref,
         EventType::Normal,
         "ProvisioningSucceeded",
@@ -377,10 +377,11 @@ async fn make_volume(ctx: &Context, order: &Order, root: &Arc<Root>) -> Result<O
             .store
             .ensure_clone(source, &target, &params, &root.quotas, bytes),
     })
-    .await
-    .expect("volume task does not panic")
-    .map_err(Error::from)
-    .map(|(outcome, limit)| {
+    .await;
+    // A panic in the blocking work is an error for this claim, not the end of the agent.
+    let made = context::joined(made)
+        .and_then(|made| made.map_err(Error::from))
+        .map(|(outcome, limit)| {
         let clone_of = order.clone_from.as_deref().unwrap_or("");
         debug!(directory = %order.directory, ?outcome, ?limit, clone_of, "volume directory ready");
         limit

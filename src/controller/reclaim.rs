@@ -149,8 +149,9 @@ async fn dispose_of_directory(
             data_root.quotas.remove_volume(root.as_fd(), &dir, recorded)
         }
     })
-    .await
-    .expect("removal task does not panic");
+    .await;
+    // A panic in the removal is an error for this PV (retried), not the end of the agent.
+    let outcome = crate::controller::context::joined(outcome)?;
     match outcome {
         Ok(Removed::QgroupBusy(id)) => {
             // The PV (and its record of the qgroup) stays until the qgroup is gone too.
@@ -159,7 +160,8 @@ async fn dispose_of_directory(
         }
         Ok(Removed::Done(done)) => {
             info!(%directory, %done, "volume directory cleaned up");
-            ctx.publish(
+            // Once per volume: a retry after a failed PV update finds the directory gone again.
+            ctx.publish_fact(
                 &reference,
                 EventType::Normal,
                 "VolumeDeleted",

@@ -154,6 +154,11 @@ pub async fn run(
     };
     let mut retry = Duration::from_secs(1);
     loop {
+        // While the API server is away, no write of our own: the shared probe says when it is back.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ctx.api.until_api_answers() => {}
+        }
         let figures = reports.borrow_and_update().clone();
         let owner_ref = owner.borrow_and_update().clone();
         publisher.check(&published, &ctx.capacity_changes);
@@ -167,17 +172,21 @@ pub async fn run(
         // Only a failed write waits on a timer (with backoff); otherwise nothing happens until an
         // event says the figures, the classes or our objects changed.
         let wait = retry;
+        let api = ctx.api.clone();
         let backoff = async move {
             if ok {
                 std::future::pending::<()>().await
             } else {
-                tokio::time::sleep(wait).await
+                // A failed write: tell the shared probe, then wait for it (never retry on our own
+                // while the API server is away) and for the backoff.
+                api.failed();
+                tokio::join!(tokio::time::sleep(wait), api.until_api_answers());
             }
         };
         retry = if ok {
             Duration::from_secs(1)
         } else {
-            (retry * 2).min(Duration::from_secs(30))
+            (retry * 2).min(crate::controller::watch_backoff::MAX_BACKOFF)
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,

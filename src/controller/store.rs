@@ -27,7 +27,7 @@ where
 #[derive(Default)]
 pub struct Changes {
     /// Names of our objects added, changed or deleted since the publisher last looked.
-    touched: std::sync::Mutex<HashSet<String>>,
+    touched: parking_lot::Mutex<HashSet<String>>,
     /// The watch listed again: objects deleted meanwhile left the cache without an event.
     relisted: AtomicBool,
     wake: tokio::sync::Notify,
@@ -36,7 +36,7 @@ pub struct Changes {
 impl Changes {
     /// Called by the watch (after the cache took the event) for every object of this node.
     pub fn touched(&self, name: String) {
-        self.touched.lock().expect("lock poisoned").insert(name);
+        self.touched.lock().insert(name);
         self.wake.notify_one();
     }
 
@@ -51,7 +51,7 @@ impl Changes {
     }
 
     pub fn take(&self) -> (HashSet<String>, bool) {
-        let touched = std::mem::take(&mut *self.touched.lock().expect("lock poisoned"));
+        let touched = std::mem::take(&mut *self.touched.lock());
         (touched, self.relisted.swap(false, Ordering::AcqRel))
     }
 }

@@ -3,7 +3,9 @@
 //! arithmetic alone (see `Context::reserve`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 
 use tokio::sync::OwnedMutexGuard;
 
@@ -18,8 +20,7 @@ impl VolumeLocks {
     /// Waits for volume `name`'s lock; it is held until the guard is dropped.
     pub async fn lock(&self, name: &str) -> OwnedMutexGuard<()> {
         let lock = {
-            // Never poisoned in effect: nothing here panics while holding it.
-            let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut locks = self.locks.lock();
             locks.retain(|_, lock| lock.strong_count() > 0);
             match locks.get(name).and_then(Weak::upgrade) {
                 Some(lock) => lock,
@@ -35,7 +36,7 @@ impl VolumeLocks {
 
     /// Volumes whose lock is held or awaited now.
     pub fn in_use(&self) -> usize {
-        let locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+        let locks = self.locks.lock();
         locks
             .values()
             .filter(|lock| lock.strong_count() > 0)
@@ -75,7 +76,7 @@ mod tests {
         );
         let _again = locks.lock("pvc-c").await;
         assert_eq!(
-            locks.locks.lock().unwrap().len(),
+            locks.locks.lock().len(),
             1,
             "released locks are dropped"
         );

@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
@@ -10,19 +12,21 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DynamicObject};
 use kube::core::PartialObjectMeta;
 use kube::discovery::ApiResource;
-use kube::runtime::controller::Controller;
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::controller::context::{Context, Settings};
+use crate::controller::context::{self, Context, Settings};
 use crate::controller::events::EventRecorder;
 use crate::controller::metrics::Metrics;
 use crate::controller::storage_capacity;
 use crate::controller::store::Changes;
 use crate::controller::store::store_ready;
+use crate::controller::supervisor::{Rule, Supervisor, panic_message};
+use crate::controller::watch_backoff::{ApiProbe, probed};
 use crate::controller::{placement, provision, pv, reclaim};
 use crate::domain::admission::{self, Interest};
 use crate::domain::naming;
@@ -52,33 +56,51 @@ impl Watches {
     }
 }
 
-/// Starts the supporting watches and returns the controllers' future, which ends on `shutdown`.
+/// What the watches are started with besides the client and settings.
+pub struct Wiring {
+    pub events: Arc<EventRecorder>,
+    pub metrics: Arc<Metrics>,
+    pub api: Arc<ApiProbe>,
+    pub supervisor: Arc<Supervisor>,
+}
+
+/// Starts the supporting watches (supervised) and returns the controllers' future, which ends on
+/// `shutdown`.
 pub fn start(
     client: Client,
     settings: Settings,
     capacity_api: Option<(ApiResource, String)>,
     roots: RootSet,
-    events: Arc<EventRecorder>,
-    metrics: Arc<Metrics>,
+    wiring: Wiring,
     shutdown: CancellationToken,
 ) -> (Watches, Arc<Context>, impl std::future::Future<Output = ()>) {
+    let Wiring {
+        events,
+        metrics,
+        api,
+        supervisor,
+    } = wiring;
+    let sup = &supervisor;
     let classes_changed = Arc::new(tokio::sync::Notify::new());
-    let classes = watch_classes(&client, classes_changed.clone());
-    let nodes = watch_own_node(&client, &settings.node, classes_changed.clone());
+    let classes = watch_classes(sup, &client, &api, classes_changed.clone());
+    let nodes = watch_own_node(sup, &client, &api, &settings.node, classes_changed.clone());
     let volumes_changed = Arc::new(tokio::sync::Notify::new());
     // Woken when claims or PVs go (or a watch relisted): per-object state is dropped then.
     let gone = Arc::new(tokio::sync::Notify::new());
     let (volumes, volume_events) = watch_own_volumes(
         &client,
+        &api,
         &settings.node,
         volumes_changed.clone(),
         gone.clone(),
     );
-    let (claims, claim_events) = watch_claims(&client, &settings, volumes.clone(), gone.clone());
+    let (claims, claim_events) = watch_claims(&client, &api, &settings, volumes.clone(), gone.clone());
     let capacity_changes = Arc::new(Changes::default());
     let capacities = capacity_api.map(|(resource, namespace)| {
         watch_published_capacities(
+            sup,
             &client,
+            &api,
             resource,
             &namespace,
             &settings.node,
@@ -88,7 +110,7 @@ pub fn start(
     let ctx = Arc::new(Context {
         client,
         settings,
-        roots: std::sync::RwLock::new(Arc::new(roots)),
+        roots: parking_lot::RwLock::new(Arc::new(roots)),
         classes: classes.clone(),
         nodes: nodes.clone(),
         volumes: volumes.clone(),
@@ -96,6 +118,7 @@ pub fn start(
         capacities,
         events,
         metrics,
+        api,
         volumes_changed,
         classes_changed,
         capacity_changes,
@@ -108,13 +131,23 @@ pub fn start(
         recent_growth: Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),
     });
-    tokio::spawn(place_claims_of_pods(ctx.clone()));
-    tokio::spawn(forget_gone(ctx.clone(), gone));
+    supervisor.spawn("pod-placement", Rule::Restart, {
+        let ctx = ctx.clone();
+        move || place_claims_of_pods(ctx.clone())
+    });
+    supervisor.spawn("forget-gone", Rule::Restart, {
+        let ctx = ctx.clone();
+        move || forget_gone(ctx.clone(), gone.clone())
+    });
 
     // Reclaim: this node's PVs once their claims are gone.
     let reclaimer = Controller::for_stream(volume_events, volumes.clone())
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-        .run(reclaim::reconcile, reclaim::error_policy, ctx.clone())
+        .run(
+            |pv, ctx| guarded("reclaim", pv, ctx, reclaim::reconcile),
+            reclaim::error_policy,
+            ctx.clone(),
+        )
         .for_each(|result| {
             if let Err(kube::runtime::controller::Error::QueueError(error)) = result {
                 warn!(watch = "persistentvolumes", %error, "watch failed; retrying with backoff");
@@ -123,7 +156,11 @@ pub fn start(
         });
     let provisioner = Controller::for_stream(claim_events, claims.clone())
         .graceful_shutdown_on(shutdown.cancelled_owned())
-        .run(provision::reconcile, provision::error_policy, ctx.clone())
+        .run(
+            |claim, ctx| guarded("provision", claim, ctx, provision::reconcile),
+            provision::error_policy,
+            ctx.clone(),
+        )
         .for_each(|result| {
             match result {
                 Err(kube::runtime::controller::Error::ObjectNotFound(_)) => {}
@@ -147,60 +184,183 @@ pub fn start(
     (watches, ctx, controllers)
 }
 
-/// Drives a watch that only feeds a store, logging its errors (the watcher retries with backoff).
-fn drive<T, S>(what: &'static str, stream: S)
+/// Runs one reconcile as an error for its own object if it panics: a Warning Event on the object,
+/// then the controller's retry with backoff; the agent serves the others meanwhile. Waits first while
+/// the API server is unreachable (a retry then would only knock on a closed door).
+async fn guarded<K, F, Fut>(
+    what: &'static str,
+    object: Arc<K>,
+    ctx: Arc<Context>,
+    reconcile: F,
+) -> context::Result<Action>
 where
+    K: kube::Resource<DynamicType = ()> + Send + Sync + 'static,
+    F: FnOnce(Arc<K>, Arc<Context>) -> Fut,
+    Fut: std::future::Future<Output = context::Result<Action>>,
+{
+    use futures::FutureExt;
+    ctx.api.until_api_answers().await;
+    let reference = object.object_ref(&());
+    let outcome = std::panic::AssertUnwindSafe(async {
+        fail_for_object(what, &*object);
+        reconcile(object.clone(), ctx.clone()).await
+    })
+    .catch_unwind()
+    .await;
+    let result = match outcome {
+        Ok(result) => result,
+        Err(panic) => {
+            let why = panic_message(&*panic);
+            tracing::error!(
+                reconcile = what,
+                object = %reference.name.as_deref().unwrap_or_default(),
+                panic = %why,
+                "reconcile panicked; an error for this object only, retried with backoff"
+            );
+            ctx.metrics.reconcile_panicked();
+            ctx.publish(
+                &reference,
+                kube::runtime::events::EventType::Warning,
+                "InternalError",
+                "Reconcile",
+                format!(
+                    "hostvol hit an internal error handling this object and will retry with backoff: {why}; \
+                     this is a bug, please report it with the agent's log"
+                ),
+            );
+            Err(context::Error::Panicked(why))
+        }
+    };
+    if let Err(context::Error::Kube(kube::Error::HyperError(_) | kube::Error::Service(_))) = &result {
+        // Could not reach the API server: the next retry waits for the probe.
+        ctx.api.failed();
+    }
+    result
+}
+
+/// Failpoint `<what>_panic_for=return(NAME)`: the reconcile of the object named NAME panics (tests).
+fn fail_for_object<K: kube::Resource>(what: &'static str, object: &K) {
+    let name = object.meta().name.as_deref().unwrap_or_default();
+    let target: Option<String> = match what {
+        "provision" => (|| {
+            fail::fail_point!("provision_panic_for", |arg| arg);
+            None
+        })(),
+        _ => (|| {
+            fail::fail_point!("reclaim_panic_for", |arg| arg);
+            None
+        })(),
+    };
+    if target.is_some_and(|t| t == name) {
+        panic!("failpoint {what}_panic_for: {name}");
+    }
+}
+
+/// Applies a watch's events to a store it does not own, so that a restarted watch (a new stream)
+/// keeps feeding the same store.
+type SharedWriter<K> = Arc<Mutex<reflector::store::Writer<K>>>;
+
+fn reflect_shared<K, S>(
+    stream: S,
+    writer: SharedWriter<K>,
+) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + use<K, S>
+where
+    K: kube::runtime::reflector::Lookup + Clone + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+{
+    stream.inspect(move |event| {
+        if let Ok(event) = event {
+            writer.lock().apply_watcher_event(event);
+        }
+    })
+}
+
+/// Drives a watch that only feeds a store, logging its errors, as supervised task `what`: `make`
+/// builds the stream again for each (re)start.
+fn drive<T, S, F>(supervisor: &Supervisor, what: &'static str, mut make: F)
+where
+    F: FnMut() -> S + Send + 'static,
     S: futures::Stream<Item = Result<T, watcher::Error>> + Send + 'static,
 {
-    tokio::spawn(stream.for_each(move |item| {
-        if let Err(error) = item {
-            warn!(watch = what, %error, "watch failed; retrying with backoff");
-        }
-        futures::future::ready(())
-    }));
+    supervisor.spawn(what, Rule::Vital, move || {
+        make().for_each(move |item| {
+            if let Err(error) = item {
+                warn!(watch = what, %error, "watch failed; retrying when the API server answers");
+            }
+            futures::future::ready(())
+        })
+    });
 }
 
 /// StorageClasses: few and small; kept whole. `changed` gets a permit on every event.
-fn watch_classes(client: &Client, changed: Arc<tokio::sync::Notify>) -> Store<StorageClass> {
+fn watch_classes(
+    supervisor: &Supervisor,
+    client: &Client,
+    api: &Arc<ApiProbe>,
+    changed: Arc<tokio::sync::Notify>,
+) -> Store<StorageClass> {
     let (classes, writer) = reflector::store();
-    drive(
-        "storageclasses",
-        watcher(
-            Api::<StorageClass>::all(client.clone()),
-            watcher::Config::default(),
+    let writer = Arc::new(Mutex::new(writer));
+    let (client, api) = (client.clone(), api.clone());
+    drive(supervisor, "storageclasses", move || {
+        let changed = changed.clone();
+        reflect_shared(
+            probed(
+                watcher(
+                    Api::<StorageClass>::all(client.clone()),
+                    watcher::Config::default(),
+                ),
+                api.clone(),
+            ),
+            writer.clone(),
         )
-        .default_backoff()
-        .reflect(writer)
-        .inspect(move |_| changed.notify_one()),
-    );
+        .inspect(move |_| changed.notify_one())
+    });
     classes
 }
 
 /// Our own Node, metadata only (a Node's status with its image list is large). Its labels decide which
 /// classes' `allowedTopologies` allow the node, so a change wakes the capacity publisher (`changed`).
 fn watch_own_node(
+    supervisor: &Supervisor,
     client: &Client,
+    api: &Arc<ApiProbe>,
     node: &str,
     changed: Arc<tokio::sync::Notify>,
 ) -> Store<PartialObjectMeta<Node>> {
     let (nodes, writer) = reflector::store();
-    drive(
-        "node",
-        watcher(
-            Api::<PartialObjectMeta<Node>>::all(client.clone()),
-            watcher::Config::default().fields(&format!("metadata.name={node}")),
-        )
-        .default_backoff()
-        .modify(|n| n.managed_fields_mut().clear())
-        .reflect(writer)
-        .inspect(move |_| changed.notify_one()),
+    let writer = Arc::new(Mutex::new(writer));
+    let (client, api, fields) = (
+        client.clone(),
+        api.clone(),
+        format!("metadata.name={node}"),
     );
+    drive(supervisor, "node", move || {
+        reflect_shared(
+            probed(
+                watcher(
+                    Api::<PartialObjectMeta<Node>>::all(client.clone()),
+                    watcher::Config::default().fields(&fields),
+                ),
+                api.clone(),
+            )
+            .modify(|n| n.managed_fields_mut().clear()),
+            writer.clone(),
+        )
+        // After the store took the event, so the woken publisher reads the new labels.
+        .inspect({
+            let changed = changed.clone();
+            move |_| changed.notify_one()
+        })
+    });
     nodes
 }
 
 /// hostvol PVs of this node only (label-selected); `changed` is woken on every event.
 fn watch_own_volumes(
     client: &Client,
+    api: &Arc<ApiProbe>,
     node: &str,
     changed: Arc<tokio::sync::Notify>,
     gone: Arc<tokio::sync::Notify>,
@@ -210,11 +370,13 @@ fn watch_own_volumes(
 ) {
     let (volumes, writer) = reflector::store();
     let label = format!("{}={}", pv::LABEL_NODE, naming::node_label_value(node));
-    let events = watcher(
-        Api::<PersistentVolume>::all(client.clone()),
-        watcher::Config::default().labels(&label),
+    let events = probed(
+        watcher(
+            Api::<PersistentVolume>::all(client.clone()),
+            watcher::Config::default().labels(&label),
+        ),
+        api.clone(),
     )
-    .default_backoff()
     .modify(slim_volume)
     .reflect(writer)
     .inspect(move |event| {
@@ -236,6 +398,7 @@ fn watch_own_volumes(
 /// claims this agent may have to act on (to provision, to place, or bound to its volumes, to grow).
 fn watch_claims(
     client: &Client,
+    api: &Arc<ApiProbe>,
     settings: &Settings,
     own_volumes: Store<PersistentVolume>,
     gone: Arc<tokio::sync::Notify>,
@@ -276,11 +439,13 @@ fn watch_claims(
             admission::concerns(c.annotations(), &provisioner, bound_to_ours)
         }
     };
-    let events = watcher(
-        Api::<PartialObjectMeta<PersistentVolumeClaim>>::all(client.clone()),
-        watcher::Config::default(),
+    let events = probed(
+        watcher(
+            Api::<PartialObjectMeta<PersistentVolumeClaim>>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+        api.clone(),
     )
-    .default_backoff()
     .modify(slim_claim)
     .try_filter_map(move |event| {
         let event = match event {
@@ -317,7 +482,9 @@ fn watch_claims(
 
 /// The capacities every agent publishes, for placing Immediate claims.
 fn watch_published_capacities(
+    supervisor: &Supervisor,
     client: &Client,
+    api: &Arc<ApiProbe>,
     resource: ApiResource,
     namespace: &str,
     node: &str,
@@ -325,31 +492,37 @@ fn watch_published_capacities(
 ) -> Store<DynamicObject> {
     let writer = reflector::store::Writer::new(resource.clone());
     let reader = writer.as_reader();
-    drive(
-        "csistoragecapacities",
-        watcher(
-            Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &resource),
-            watcher::Config::default().labels("app.kubernetes.io/managed-by=hostvol"),
-        )
-        .default_backoff()
-        .modify(|o| {
-            o.managed_fields_mut().clear();
-            o.labels_mut().clear();
-        })
-        .reflect(writer)
-        .inspect({
-            let node = node.to_string();
-            move |event| match event {
-                Ok(
-                    watcher::Event::Apply(o)
-                    | watcher::Event::InitApply(o)
-                    | watcher::Event::Delete(o),
-                ) if storage_capacity::is_of_node(o, &node) => changes.touched(o.name_any()),
-                Ok(watcher::Event::InitDone) => changes.relisted(),
-                _ => {}
-            }
-        }),
+    let writer = Arc::new(Mutex::new(writer));
+    let (client, api, namespace, node) = (
+        client.clone(),
+        api.clone(),
+        namespace.to_string(),
+        node.to_string(),
     );
+    drive(supervisor, "csistoragecapacities", move || {
+        let (changes, node) = (changes.clone(), node.clone());
+        reflect_shared(
+            probed(
+                watcher(
+                    Api::<DynamicObject>::namespaced_with(client.clone(), &namespace, &resource),
+                    watcher::Config::default().labels("app.kubernetes.io/managed-by=hostvol"),
+                ),
+                api.clone(),
+            )
+            .modify(|o| {
+                o.managed_fields_mut().clear();
+                o.labels_mut().clear();
+            }),
+            writer.clone(),
+        )
+        .inspect(move |event| match event {
+            Ok(
+                watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o),
+            ) if storage_capacity::is_of_node(o, &node) => changes.touched(o.name_any()),
+            Ok(watcher::Event::InitDone) => changes.relisted(),
+            _ => {}
+        })
+    });
     reader
 }
 
@@ -396,11 +569,13 @@ async fn forget_gone(ctx: Arc<Context>, gone: Arc<tokio::sync::Notify>) {
 
 /// Pods bound to this node, streamed (not stored), for pods that set spec.nodeName themselves.
 async fn place_claims_of_pods(ctx: Arc<Context>) {
-    let pods = watcher(
-        Api::<Pod>::all(ctx.client.clone()),
-        watcher::Config::default().fields(&format!("spec.nodeName={}", ctx.settings.node)),
+    let pods = probed(
+        watcher(
+            Api::<Pod>::all(ctx.client.clone()),
+            watcher::Config::default().fields(&format!("spec.nodeName={}", ctx.settings.node)),
+        ),
+        ctx.api.clone(),
     )
-    .default_backoff()
     .applied_objects();
     let mut pods = std::pin::pin!(pods);
     while let Some(item) = pods.next().await {

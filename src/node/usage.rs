@@ -6,7 +6,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::{Duration, SystemTime};
 
 use nix::dir::Dir;
@@ -102,7 +104,6 @@ impl UsageCache {
     pub fn get(&self, directory: &str) -> Option<Usage> {
         self.inner
             .read()
-            .expect("lock poisoned")
             .get(directory)
             .copied()
     }
@@ -110,7 +111,6 @@ impl UsageCache {
     pub fn insert(&self, directory: &str, usage: Usage) {
         self.inner
             .write()
-            .expect("lock poisoned")
             .insert(directory.to_string(), usage);
     }
 
@@ -118,14 +118,12 @@ impl UsageCache {
     pub fn retain(&self, keep: &HashSet<String>) {
         self.inner
             .write()
-            .expect("lock poisoned")
             .retain(|k, _| keep.contains(k));
     }
 
     pub fn total_bytes(&self) -> u64 {
         self.inner
             .read()
-            .expect("lock poisoned")
             .values()
             .map(|u| u.bytes)
             .sum()

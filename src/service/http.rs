@@ -10,25 +10,33 @@ use axum::{
 use tokio_util::sync::CancellationToken;
 
 use crate::controller::metrics::Metrics;
+use crate::controller::supervisor::Health;
 
 #[derive(Clone)]
 struct HttpState {
     ready: Arc<AtomicBool>,
+    health: Arc<Health>,
     metrics: Arc<Metrics>,
 }
 
-/// Serves until `shutdown` is cancelled. `ready` turns true once the agent's watches have synced.
+/// Serves until `shutdown` is cancelled. `ready` turns true once the agent's watches have synced;
+/// `/healthz` fails while a vital task is down (the supervisor says which).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     ready: Arc<AtomicBool>,
+    health: Arc<Health>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(HttpState { ready, metrics });
+        .with_state(HttpState {
+            ready,
+            health,
+            metrics,
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -36,6 +44,16 @@ pub async fn serve(
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
+    match state.health.check() {
+        Ok(()) => (StatusCode::OK, "ok".to_string()),
+        Err(down) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("vital task down: {down}"),
+        ),
+    }
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {

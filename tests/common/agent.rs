@@ -24,6 +24,8 @@ pub struct Agent {
     pub grpc_socket: PathBuf,
     /// Full argument list (after the binary).
     pub args: Vec<String>,
+    /// Extra environment (e.g. FAILPOINTS), kept across restarts.
+    pub env: Vec<(String, String)>,
     kubeconfig: PathBuf,
     log_path: PathBuf,
     cluster_dir: PathBuf,
@@ -72,7 +74,8 @@ impl Agent {
         }
         cmd.args(&self.args)
             .env("KUBECONFIG", &self.kubeconfig)
-            .env("RUST_LOG", "hostvol=debug,info");
+            .env("RUST_LOG", "hostvol=debug,info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = process::spawn_logged(cmd, &self.cluster_dir, &self.log_path)
             .unwrap_or_else(|e| panic!("spawn {}: {e}", hostvol_bin().display()));
         self.registry
@@ -263,7 +266,31 @@ impl Cluster {
         extra_args: &[&str],
         kubeconfig: &Path,
     ) -> Agent {
+        self.start_agent_with_env(node, extra_args, kubeconfig, &[])
+            .await
+    }
+
+    /// `start_agent` with failpoints set (`FAILPOINTS`, the `fail` crate's syntax; the binary is built
+    /// with the default `failpoints` feature).
+    pub async fn start_agent_with_failpoints(&self, node: &str, failpoints: &str) -> Agent {
+        let kubeconfig = self.agent_kubeconfig.clone();
+        self.start_agent_with_env(node, &[], &kubeconfig, &[("FAILPOINTS", failpoints)])
+            .await
+    }
+
+    /// `start_agent_with_kubeconfig` with extra environment, e.g. `FAILPOINTS` (tests/supervision.rs).
+    pub async fn start_agent_with_env(
+        &self,
+        node: &str,
+        extra_args: &[&str],
+        kubeconfig: &Path,
+        env: &[(&str, &str)],
+    ) -> Agent {
         let mut agent = self.new_agent(node, kubeconfig);
+        agent.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         for attempt in 0..2 {
             agent.set_args(extra_args);
             match agent.try_spawn_and_wait_ready().await {
@@ -328,6 +355,7 @@ impl Cluster {
             grpc_addr: "127.0.0.1:0".parse().unwrap(),
             grpc_socket,
             args: Vec::new(),
+            env: Vec::new(),
             kubeconfig: kubeconfig.to_path_buf(),
             log_path: log,
             cluster_dir: self.path.clone(),

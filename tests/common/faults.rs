@@ -191,5 +191,11 @@ pub async fn readiness_timeline(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // One last look: the caller stops us right after it saw a change (e.g. ready again), which the
+    // 200 ms sampling may not have caught yet.
+    let ready = matches!(http::get(addr, "/readyz").await, Ok((200, _)));
+    if changes.last().map(|(_, r)| *r) != Some(ready) {
+        changes.push((t0.elapsed(), ready));
+    }
     changes
 }
