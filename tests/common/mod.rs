@@ -22,6 +22,8 @@
 //! * `wait.rs`: `wait_for`, `poll_until`, waiting for pods, claims and Events.
 //! * `inspect.rs`: reading state for assertions: Events, hostvol's PVs, CSIStorageCapacity objects,
 //!   metrics, directories in a data root.
+//! * `memory_cgroup.rs`: `MemoryCgroup`, a cgroup v1 memory limit an agent is moved into, and a
+//!   process's peak RSS (`VmHWM`).
 //! * `kubelet.rs` (the played kubelet), `process.rs` (child processes), `http.rs` (plain GET),
 //!   `person.rs` (commands as people run them).
 //! * `faults.rs`: control-plane faults (kill, pause, restart etcd and kube-apiserver with the same
@@ -43,6 +45,7 @@ mod fixtures;
 pub mod http;
 mod inspect;
 mod kubectl;
+pub mod memory_cgroup;
 pub mod kubelet;
 pub mod loop_btrfs;
 mod nodes;
