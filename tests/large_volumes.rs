@@ -144,6 +144,14 @@ async fn millions_of_files_under_the_daemonset_memory_limit() {
     cluster.add_node("n1").await;
     // tmpfs: making millions of inodes is quick, and the figures do not depend on this machine's disk.
     cluster.give_disk("n1", "64g");
+    // tmpfs allows half of RAM's pages as inodes (3M here): the source and its copy need 4M.
+    let root = cluster.dir().join("n1-root");
+    let remount = std::process::Command::new("mount")
+        .args(["-o", "remount,nr_inodes=8m"])
+        .arg(&root)
+        .status()
+        .expect("run mount");
+    assert!(remount.success(), "remount {} with room for 8M inodes", root.display());
     let mut agent = cluster
         .start_agent("n1", &["--usage-refresh-seconds", "5"])
         .await;

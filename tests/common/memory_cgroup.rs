@@ -37,8 +37,10 @@ impl MemoryCgroup {
         self.write("memory.limit_in_bytes", &bytes.to_string());
     }
 
-    /// Moves process `pid` (all its threads) into this cgroup.
+    /// Moves process `pid` (all its threads) into this cgroup, with the memory it already holds, so
+    /// the limit counts all of it and not only what it allocates from now on.
     pub fn add(&self, pid: u32) {
+        self.write("memory.move_charge_at_immigrate", "3");
         self.write("cgroup.procs", &pid.to_string());
     }
 
