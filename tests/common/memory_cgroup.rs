@@ -37,10 +37,9 @@ impl MemoryCgroup {
         self.write("memory.limit_in_bytes", &bytes.to_string());
     }
 
-    /// Moves process `pid` (all its threads) into this cgroup, with the memory it already holds, so
-    /// the limit counts all of it and not only what it allocates from now on.
+    /// Moves process `pid` (all its threads) into this cgroup. Only what it allocates from now on is
+    /// charged here (this kernel cannot move charges): limit it to its budget minus its RSS now.
     pub fn add(&self, pid: u32) {
-        self.write("memory.move_charge_at_immigrate", "3");
         self.write("cgroup.procs", &pid.to_string());
     }
 
