@@ -186,6 +186,7 @@ async fn millions_of_files_under_the_daemonset_memory_limit() {
 
     // Usage refresh: the walk counts every file (2,000,000 files and the volume directory).
     reset_peak_rss(agent.pid());
+    cgroup.reset_max_usage();
     let started = Instant::now();
     let mut client = connect(&agent.grpc_tcp(), Duration::from_secs(5))
         .await
@@ -215,6 +216,7 @@ async fn millions_of_files_under_the_daemonset_memory_limit() {
     // room for those, while its own memory is held to the limit by the peak RSS check.
     cgroup.set_limit(budget + 4096 * MIB);
     reset_peak_rss(agent.pid());
+    cgroup.reset_max_usage();
     let started = Instant::now();
     cluster.kubectl_apply_yaml(&claim_yaml_with(
         "big",
@@ -235,6 +237,7 @@ async fn millions_of_files_under_the_daemonset_memory_limit() {
     wait_removed(&copy, &mut agent, "the clone").await;
     cgroup.set_limit(budget);
     reset_peak_rss(agent.pid());
+    cgroup.reset_max_usage();
     let started = Instant::now();
     cluster.kubectl(&["delete", "pvc", "-n", "big", "flat", "--wait=false"]);
     wait_removed(&flat, &mut agent, "the volume of 2,000,000 files in one directory").await;
@@ -247,6 +250,7 @@ async fn millions_of_files_under_the_daemonset_memory_limit() {
         started.elapsed().as_secs_f64()
     );
     reset_peak_rss(agent.pid());
+    cgroup.reset_max_usage();
     let started = Instant::now();
     cluster.kubectl(&["delete", "pvc", "-n", "big", "deep", "--wait=false"]);
     wait_removed(&deep, &mut agent, "the volume of 2,000,000 files in a deep tree").await;
