@@ -217,6 +217,39 @@ mod tests {
     }
 
     #[test]
+    fn deep_trees_use_a_constant_number_of_fds() {
+        // An fd per level would run out at about 60 of the 300 levels.
+        if !crate::node::walk::tests::in_child_with_few_fds(concat!(
+            module_path!(),
+            "::deep_trees_use_a_constant_number_of_fds"
+        )) {
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let fd = open(root.path());
+        nix::sys::stat::mkdirat(fd.as_fd(), "pvc-3_ns_c", Mode::from_bits_truncate(0o700)).unwrap();
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY;
+        let mut cur = nix::fcntl::openat(fd.as_fd(), "pvc-3_ns_c", flags, Mode::empty()).unwrap();
+        for _ in 0..300 {
+            nix::sys::stat::mkdirat(cur.as_fd(), "d", Mode::from_bits_truncate(0o700)).unwrap();
+            std::fs::File::from(
+                nix::fcntl::openat(
+                    cur.as_fd(),
+                    "f",
+                    OFlag::O_CREAT | OFlag::O_WRONLY,
+                    Mode::from_bits_truncate(0o600),
+                )
+                .unwrap(),
+            );
+            cur = nix::fcntl::openat(cur.as_fd(), "d", flags, Mode::empty()).unwrap();
+        }
+        drop(cur);
+        let usage = measure(fd.as_fd(), "pvc-3_ns_c").unwrap();
+        // The volume, and a directory and a file per level.
+        assert_eq!(usage.inodes, Some(1 + 2 * 300), "{usage:?}");
+    }
+
+    #[test]
     fn refuses_a_symlinked_volume() {
         let root = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink("/", root.path().join("pvc-2_ns_c")).unwrap();
