@@ -79,7 +79,12 @@ fn make_deep_tree(top: &Path, levels: u64) {
     for level in 0..levels {
         make_files(&dir, level * per_level, per_level);
         let name = CString::new(format!("d{level}")).unwrap();
-        mkdirat(dir.as_fd(), name.as_c_str(), Mode::from_bits_truncate(0o755)).unwrap();
+        mkdirat(
+            dir.as_fd(),
+            name.as_c_str(),
+            Mode::from_bits_truncate(0o755),
+        )
+        .unwrap();
         dir = openat(
             dir.as_fd(),
             name.as_c_str(),
@@ -109,7 +114,11 @@ fn report(phase: &str, started: Instant, agent: &mut Agent, cgroup: &MemoryCgrou
         cgroup.failcnt(),
         cgroup.oom_kills(),
     );
-    assert_eq!(cgroup.oom_kills(), 0, "{phase}: the agent's cgroup ran out of memory");
+    assert_eq!(
+        cgroup.oom_kills(),
+        0,
+        "{phase}: the agent's cgroup ran out of memory"
+    );
     assert!(
         peak_rss(pid) < limit(),
         "{phase}: the agent's peak RSS {} B is over its limit of {} B",
@@ -153,7 +162,11 @@ async fn millions_of_files_under_the_daemonset_memory_limit() {
         .arg(&root)
         .status()
         .expect("run mount");
-    assert!(remount.success(), "remount {} with room for 8M inodes", root.display());
+    assert!(
+        remount.success(),
+        "remount {} with room for 8M inodes",
+        root.display()
+    );
     let mut agent = cluster
         .start_agent("n1", &["--usage-refresh-seconds", "5"])
         .await;
@@ -210,7 +223,12 @@ async fn millions_of_files_under_the_daemonset_memory_limit() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    report("usage refresh of 2,000,000 files", started, &mut agent, &cgroup);
+    report(
+        "usage refresh of 2,000,000 files",
+        started,
+        &mut agent,
+        &cgroup,
+    );
 
     // Copy clone: the agent creates 2,000,000 inodes, whose kernel memory the cgroup charges to it;
     // room for those, while its own memory is held to the limit by the peak RSS check.
@@ -228,7 +246,12 @@ async fn millions_of_files_under_the_daemonset_memory_limit() {
     ));
     let copy_pv = cluster.hostvol_pv_of_claim("big", "copy", LONG).await;
     let copy = agent.root.join(pv_dir_name(&copy_pv));
-    report("copy clone of 2,000,000 files", started, &mut agent, &cgroup);
+    report(
+        "copy clone of 2,000,000 files",
+        started,
+        &mut agent,
+        &cgroup,
+    );
     let copied = std::fs::read_dir(&copy).unwrap().count() as u64;
     assert_eq!(copied, FILES, "the clone holds every file");
 
@@ -240,8 +263,18 @@ async fn millions_of_files_under_the_daemonset_memory_limit() {
     cgroup.reset_max_usage();
     let started = Instant::now();
     cluster.kubectl(&["delete", "pvc", "-n", "big", "flat", "--wait=false"]);
-    wait_removed(&flat, &mut agent, "the volume of 2,000,000 files in one directory").await;
-    report("Delete of 2,000,000 files in one directory", started, &mut agent, &cgroup);
+    wait_removed(
+        &flat,
+        &mut agent,
+        "the volume of 2,000,000 files in one directory",
+    )
+    .await;
+    report(
+        "Delete of 2,000,000 files in one directory",
+        started,
+        &mut agent,
+        &cgroup,
+    );
 
     let started = Instant::now();
     make_deep_tree(&deep, 1000);
@@ -253,6 +286,16 @@ async fn millions_of_files_under_the_daemonset_memory_limit() {
     cgroup.reset_max_usage();
     let started = Instant::now();
     cluster.kubectl(&["delete", "pvc", "-n", "big", "deep", "--wait=false"]);
-    wait_removed(&deep, &mut agent, "the volume of 2,000,000 files in a deep tree").await;
-    report("Delete of 2,000,000 files over 1000 nested directories", started, &mut agent, &cgroup);
+    wait_removed(
+        &deep,
+        &mut agent,
+        "the volume of 2,000,000 files in a deep tree",
+    )
+    .await;
+    report(
+        "Delete of 2,000,000 files over 1000 nested directories",
+        started,
+        &mut agent,
+        &cgroup,
+    );
 }

@@ -18,6 +18,9 @@ use crate::node::walk::{Entries, START, id, open_beneath, reopen_parent};
 /// Deepest directory nesting we walk into; deeper trees are counted up to here.
 const MAX_DEPTH: usize = 512;
 
+/// Hard-linked inodes remembered per walk (about 2 MiB), so a tenant's millions of links cannot grow it.
+const MAX_SEEN_LINKS: usize = 100_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
     /// Allocated bytes (st_blocks * 512), as `du` reports.
@@ -81,13 +84,20 @@ fn walk(
                 continue; // a mount inside the volume: not ours to count or enter
             }
             let is_dir = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
-            if !is_dir && st.st_nlink > 1 && !seen_links.insert(st.st_ino) {
-                continue;
+            if !is_dir && st.st_nlink > 1 {
+                if seen_links.contains(&st.st_ino) {
+                    continue;
+                }
+                // Bounded too: past this many, further hard-linked files are counted once per link.
+                if seen_links.len() < MAX_SEEN_LINKS {
+                    seen_links.insert(st.st_ino);
+                }
             }
             totals.0 += st.st_blocks as u64 * 512;
             totals.1 += 1;
             if is_dir && depth <= MAX_DEPTH {
-                let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+                let flags =
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
                 let Ok(child) = open_beneath(cur.as_fd(), entry.name, flags) else {
                     continue; // gone, replaced, or a bind mount: not ours to enter
                 };
@@ -232,7 +242,7 @@ mod tests {
         let mut cur = nix::fcntl::openat(fd.as_fd(), "pvc-3_ns_c", flags, Mode::empty()).unwrap();
         for _ in 0..300 {
             nix::sys::stat::mkdirat(cur.as_fd(), "d", Mode::from_bits_truncate(0o700)).unwrap();
-            std::fs::File::from(
+            drop(
                 nix::fcntl::openat(
                     cur.as_fd(),
                     "f",

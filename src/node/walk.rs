@@ -105,7 +105,8 @@ impl Entries {
                 continue;
             }
             // Re-borrow through self.buf so the entry lends from the buffer only.
-            let name = CStr::from_bytes_until_nul(&self.buf[at + 19..at + reclen]).expect("checked");
+            let name =
+                CStr::from_bytes_until_nul(&self.buf[at + 19..at + reclen]).expect("checked");
             return Some(Ok(Entry { name, next }));
         }
     }
@@ -237,8 +238,12 @@ pub(crate) mod tests {
         let mut entries = Entries::open(fd.as_fd(), START).unwrap();
         while let Some(entry) = entries.next() {
             let entry = entry.unwrap();
-            nix::unistd::unlinkat(fd.as_fd(), entry.name, nix::unistd::UnlinkatFlags::NoRemoveDir)
-                .unwrap();
+            nix::unistd::unlinkat(
+                fd.as_fd(),
+                entry.name,
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            )
+            .unwrap();
             removed += 1;
         }
         assert_eq!(removed, 10_000);

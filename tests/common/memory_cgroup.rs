@@ -17,10 +17,8 @@ impl MemoryCgroup {
     /// Creates `hostvol-e2e-<name>-<pid>` limited to `limit` bytes; fails the test saying what is
     /// needed (root and the cgroup v1 memory controller) when it cannot.
     pub fn new(name: &str, limit: u64) -> Self {
-        let path = PathBuf::from(MEMORY_CGROUPS).join(format!(
-            "hostvol-e2e-{name}-{}",
-            std::process::id()
-        ));
+        let path = PathBuf::from(MEMORY_CGROUPS)
+            .join(format!("hostvol-e2e-{name}-{}", std::process::id()));
         if let Err(e) = std::fs::create_dir(&path) {
             panic!(
                 "cannot create memory cgroup {} ({e}): this test needs root and the cgroup v1 memory \
@@ -59,7 +57,10 @@ impl MemoryCgroup {
 
     /// Peak charge (process and kernel memory) since creation or the last `reset_max_usage`.
     pub fn max_usage(&self) -> u64 {
-        self.read("memory.max_usage_in_bytes").trim().parse().unwrap_or(0)
+        self.read("memory.max_usage_in_bytes")
+            .trim()
+            .parse()
+            .unwrap_or(0)
     }
 
     pub fn reset_max_usage(&self) {
@@ -103,8 +104,7 @@ pub fn reset_peak_rss(pid: u32) {
 
 fn status_kib(pid: u32, field: &str) -> u64 {
     let path = format!("/proc/{pid}/status");
-    let status =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    let status = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
     status
         .lines()
         .find_map(|l| l.strip_prefix(field))
