@@ -47,7 +47,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use nix::dir::Dir;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat, readlinkat};
 use nix::sys::stat::{
@@ -61,7 +60,7 @@ use nix::unistd::{
 use crate::domain::naming::{self, NameError};
 use crate::node::abi::iow;
 use crate::node::quota::btrfs;
-use crate::node::walk::{id, open_beneath, reopen_parent};
+use crate::node::walk::{Entries, START, id, open_beneath, reopen_parent};
 
 /// `FICLONE` (`_IOW(0x94, 9, int)`): makes the destination share all the source's extents. Built
 /// from the generic encoding (`node::abi`) with the argument's size on this target.
@@ -235,13 +234,14 @@ pub fn copy_into(root: BorrowedFd<'_>, source: &str, target: &str) -> Result<Clo
             name: source.to_string(),
         });
     }
-    let empty = list(dst.as_fd())
+    // One entry is enough to know: the target is never listed whole.
+    let empty = Entries::open(dst.as_fd(), START)
+        .and_then(|mut entries| entries.next().transpose().map(|first| first.is_none()))
         .map_err(|source| Error::Io {
             op: "read",
             path: PathBuf::from(target),
             source,
-        })?
-        .is_empty();
+        })?;
     if !empty {
         return Err(Error::TargetNotEmpty {
             name: target.to_string(),
@@ -336,8 +336,9 @@ struct Frame {
     src: FileStat,
     /// (st_dev, st_ino) of the copy.
     dst_id: (u64, u64),
-    /// Subdirectories still to copy; `None` until the directory has been read.
-    pending: Option<Vec<CString>>,
+    /// Where to go on reading the source directory: right after the subdirectory the walk went down
+    /// into; all the walk keeps of a directory, whatever its size.
+    resume: i64,
 }
 
 impl Frame {
@@ -346,7 +347,7 @@ impl Frame {
             name,
             src,
             dst_id,
-            pending: None,
+            resume: START,
         }
     }
 }
@@ -382,47 +383,48 @@ struct Walk<'n> {
 
 impl Walk<'_> {
     fn copy_all(&mut self) -> Result<(), Error> {
-        while let Some(frame) = self.stack.last_mut() {
-            match frame.pending.as_mut().map(Vec::pop) {
-                None => self.read_current()?,
-                Some(Some(child)) => self.descend(child)?,
+        while !self.stack.is_empty() {
+            match self.read_current()? {
+                Some(child) => self.descend(child)?,
                 // Everything below is copied.
-                Some(None) => self.finish_current()?,
+                None => self.finish_current()?,
             }
         }
         Ok(())
     }
 
-    /// Copies the non-directories of the current directory and notes its subdirectories as pending.
-    fn read_current(&mut self) -> Result<(), Error> {
-        let names = list(self.src.as_fd()).map_err(|e| self.io(Side::Source, "read", None, e))?;
-        let mut subdirs = Vec::new();
-        for name in names {
-            let st = match fstatat(
-                self.src.as_fd(),
-                name.as_c_str(),
-                AtFlags::AT_SYMLINK_NOFOLLOW,
-            ) {
+    /// Reads the current source directory from where it was left, copying each non-directory as it
+    /// comes, up to its next subdirectory, which it returns (the frame resumes after it); `None` at
+    /// the end of the directory.
+    fn read_current(&mut self) -> Result<Option<CString>, Error> {
+        let from = self.stack.last().expect("stack is not empty").resume;
+        let mut entries = Entries::open(self.src.as_fd(), from)
+            .map_err(|e| self.io(Side::Source, "read", None, e))?;
+        while let Some(entry) = entries.next() {
+            let entry = entry.map_err(|e| self.io(Side::Source, "read", None, e))?;
+            let name = entry.name;
+            let st = match fstatat(self.src.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
                 Ok(st) => st,
                 Err(Errno::ENOENT) => continue, // removed meanwhile
-                Err(e) => return Err(self.io(Side::Source, "stat", Some(&name), e)),
+                Err(e) => return Err(self.io(Side::Source, "stat", Some(name), e)),
             };
             if st.st_dev != self.src_dev {
                 self.stats.mount_points += 1;
                 continue;
             }
             match kind(&st) {
-                SFlag::S_IFDIR => subdirs.push(name),
-                SFlag::S_IFREG => self.copy_file(&name)?,
-                SFlag::S_IFLNK => self.copy_symlink(&name, &st)?,
-                SFlag::S_IFIFO => self.copy_fifo(&name, &st)?,
+                SFlag::S_IFDIR => {
+                    self.stack.last_mut().expect("stack is not empty").resume = entry.next;
+                    return Ok(Some(name.to_owned()));
+                }
+                SFlag::S_IFREG => self.copy_file(name)?,
+                SFlag::S_IFLNK => self.copy_symlink(name, &st)?,
+                SFlag::S_IFIFO => self.copy_fifo(name, &st)?,
                 // Device nodes and sockets.
                 _ => self.stats.skipped += 1,
             }
         }
-        let frame = self.stack.last_mut().expect("stack is not empty");
-        frame.pending = Some(subdirs);
-        Ok(())
+        Ok(None)
     }
 
     /// Creates the copy of the subdirectory `child` and moves into both.
@@ -769,26 +771,6 @@ fn times(st: &FileStat) -> (TimeSpec, TimeSpec) {
         TimeSpec::new(st.st_atime, st.st_atime_nsec),
         TimeSpec::new(st.st_mtime, st.st_mtime_nsec),
     )
-}
-
-/// The names in the open directory `dir`, `.` and `..` left out. Uses a second fd for the stream,
-/// closed before returning.
-fn list(dir: BorrowedFd<'_>) -> Result<Vec<CString>, Errno> {
-    let mut stream = Dir::openat(
-        dir,
-        c".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut names = Vec::new();
-    for entry in stream.iter() {
-        let entry = entry?;
-        let name = entry.file_name();
-        if name != c"." && name != c".." {
-            names.push(name.to_owned());
-        }
-    }
-    Ok(names)
 }
 
 fn kind(st: &FileStat) -> SFlag {

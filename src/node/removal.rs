@@ -12,14 +12,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
-use nix::dir::Dir;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat};
 use nix::sys::stat::{FchmodatFlags, FileStat, Mode, SFlag, fchmod, fchmodat, fstat, fstatat};
 use nix::unistd::{UnlinkatFlags, fsync, unlinkat};
 
 use crate::domain::naming::{self, NameError};
-use crate::node::walk::{id, open_beneath, reopen_parent};
+use crate::node::walk::{Entries, START, id, open_beneath, reopen_parent};
 
 /// Prefix of archived directories.
 pub const ARCHIVE_PREFIX: &str = "archived-";
@@ -91,9 +90,11 @@ struct Frame {
     /// (st_dev, st_ino), to recognise it again when climbing back through `..`.
     id: (u64, u64),
     blocks: u64,
-    /// Subdirectories still to empty and remove; `None` until the directory has been read.
-    pending: Option<Vec<CString>>,
-    scans: u8,
+    /// Where to go on reading it: right after the subdirectory the walk went down into. Entries before
+    /// it are gone (unlinked as read), so this is all the walk keeps of a directory, whatever its size.
+    resume: i64,
+    /// Times it was read again because entries appeared while it was emptied.
+    rescans: u8,
 }
 
 impl Frame {
@@ -102,8 +103,8 @@ impl Frame {
             name,
             id: id(st),
             blocks: blocks(st),
-            pending: None,
-            scans: 0,
+            resume: START,
+            rescans: 0,
         }
     }
 }
@@ -181,23 +182,13 @@ struct Walk<'r> {
 impl Walk<'_> {
     /// Empties and removes the volume directory, going down into each subdirectory and back up.
     fn remove_all(&mut self) -> Result<(), Error> {
-        while let Some(frame) = self.stack.last_mut() {
-            match frame.pending.as_mut().map(Vec::pop) {
-                None => self.read_current()?,
-                Some(Some(child)) => self.descend(child)?,
+        while !self.stack.is_empty() {
+            match empty_files(self.cur.as_fd(), self.dev, &mut self.stack, &mut self.stats)? {
+                Some(child) => self.descend(child)?,
                 // Everything below is gone.
-                Some(None) => self.remove_current()?,
+                None => self.remove_current()?,
             }
         }
-        Ok(())
-    }
-
-    /// Unlinks the files of the current directory and notes its subdirectories as pending.
-    fn read_current(&mut self) -> Result<(), Error> {
-        let subdirs = empty_files(self.cur.as_fd(), self.dev, &self.stack, &mut self.stats)?;
-        let frame = self.stack.last_mut().expect("stack is not empty");
-        frame.pending = Some(subdirs);
-        frame.scans += 1;
         Ok(())
     }
 
@@ -237,9 +228,10 @@ impl Walk<'_> {
                 self.stats.bytes += frame.blocks;
             }
             Err(Errno::ENOENT) => {}
-            Err(Errno::ENOTEMPTY | Errno::EEXIST) if frame.scans < MAX_SCANS => {
+            Err(Errno::ENOTEMPTY | Errno::EEXIST) if frame.rescans < MAX_SCANS => {
                 // Something was created meanwhile: read the directory again (cur is still on it).
-                frame.pending = None;
+                frame.resume = START;
+                frame.rescans += 1;
                 return Ok(());
             }
             Err(Errno::EBUSY) => {
@@ -341,77 +333,64 @@ pub fn archive_volume_dir(root: BorrowedFd<'_>, name: &str) -> Result<String, Er
     })
 }
 
-/// Reads the open directory `dir`, unlinks every non-directory in it, and returns its subdirectories.
-/// Everything is checked before anything is unlinked, so a mount point here leaves this directory whole.
+/// Reads the open directory `dir` (the top of `stack`) from where it was left, unlinking each
+/// non-directory as it comes, up to its next subdirectory, which it returns (the frame resumes after
+/// it); `None` once the directory holds nothing more. A mount point stops the walk there: what was
+/// unlinked before it stays unlinked, and a retry once it is unmounted finishes.
 fn empty_files(
     dir: BorrowedFd<'_>,
     dev: u64,
-    stack: &[Frame],
+    stack: &mut [Frame],
     stats: &mut RemovalStats,
-) -> Result<Vec<CString>, Error> {
-    let io = |op, child: Option<&CStr>, source| Error::Io {
+) -> Result<Option<CString>, Error> {
+    let io = |stack: &[Frame], op, child: Option<&CStr>, source| Error::Io {
         op,
         path: path_of(stack, child),
         source,
     };
-    // A second fd for the stream, closed before we go deeper.
-    let mut stream = Dir::openat(
-        dir,
-        c".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| io("read", None, e))?;
-    let mut names = Vec::new();
-    for entry in stream.iter() {
-        let entry = entry.map_err(|e| io("read", None, e))?;
-        let name = entry.file_name();
-        if name != c"." && name != c".." {
-            names.push(name.to_owned());
-        }
-    }
-    drop(stream);
-
-    let mut entries = Vec::with_capacity(names.len());
-    for name in names {
-        let st = match fstatat(dir, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+    let from = stack.last().expect("stack is not empty").resume;
+    let mut entries = Entries::open(dir, from).map_err(|e| io(stack, "read", None, e))?;
+    while let Some(entry) = entries.next() {
+        let entry = entry.map_err(|e| io(stack, "read", None, e))?;
+        let name = entry.name;
+        let st = match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(Errno::ENOENT) => continue,
-            Err(e) => return Err(io("stat", Some(&name), e)),
+            Err(e) => return Err(io(stack, "stat", Some(name), e)),
         };
         if st.st_dev != dev {
             return Err(Error::MountPoint {
-                path: path_of(stack, Some(&name)),
+                path: path_of(stack, Some(name)),
             });
         }
-        entries.push((name, st));
-    }
-
-    let mut subdirs = Vec::new();
-    for (name, st) in entries {
-        if is_dir(&st) {
-            subdirs.push(name);
-            continue;
-        }
-        // The file's own permissions and owner do not matter for unlink; the parent is writable (open_dir).
-        match unlinkat(dir, name.as_c_str(), UnlinkatFlags::NoRemoveDir) {
-            Ok(()) => {
-                stats.files += 1;
-                if st.st_nlink <= 1 {
-                    stats.bytes += blocks(&st);
+        let subdir = if is_dir(&st) {
+            true
+        } else {
+            // The file's own permissions and owner do not matter for unlink; the parent is writable (open_dir).
+            match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
+                Ok(()) => {
+                    stats.files += 1;
+                    if st.st_nlink <= 1 {
+                        stats.bytes += blocks(&st);
+                    }
+                    false
                 }
+                Err(Errno::ENOENT) => false,
+                Err(Errno::EBUSY) => {
+                    return Err(Error::MountPoint {
+                        path: path_of(stack, Some(name)),
+                    });
+                }
+                Err(Errno::EISDIR) => true, // replaced by a directory meanwhile
+                Err(e) => return Err(io(stack, "remove", Some(name), e)),
             }
-            Err(Errno::ENOENT) => {}
-            Err(Errno::EBUSY) => {
-                return Err(Error::MountPoint {
-                    path: path_of(stack, Some(&name)),
-                });
-            }
-            Err(Errno::EISDIR) => subdirs.push(name), // replaced by a directory meanwhile
-            Err(e) => return Err(io("remove", Some(&name), e)),
+        };
+        if subdir {
+            stack.last_mut().expect("stack is not empty").resume = entry.next;
+            return Ok(Some(name.to_owned()));
         }
     }
-    Ok(subdirs)
+    Ok(None)
 }
 
 /// Opens the directory `name` in `parent` without following a symlink or crossing a mount, and makes

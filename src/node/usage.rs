@@ -11,13 +11,17 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use std::time::{Duration, SystemTime};
 
-use nix::dir::Dir;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{Mode, SFlag, fstat, fstatat};
 
+use crate::node::walk::{Entries, START, id, open_beneath, reopen_parent};
+
 /// Deepest directory nesting we walk into; deeper trees are counted up to here.
 const MAX_DEPTH: usize = 512;
+
+/// Hard-linked inodes remembered per walk (about 2 MiB), so a tenant's millions of links cannot grow it.
+const MAX_SEEN_LINKS: usize = 100_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
@@ -29,6 +33,9 @@ pub struct Usage {
 }
 
 /// Measures the directory `name` under the open root `root`.
+///
+/// Depth first with one directory open at a time: each level keeps only its identity and where to
+/// resume reading it, so memory depends on neither the number of entries nor the depth's fds.
 pub fn measure(root: BorrowedFd<'_>, name: &str) -> Result<Usage, Errno> {
     let top = nix::fcntl::openat(
         root,
@@ -40,7 +47,7 @@ pub fn measure(root: BorrowedFd<'_>, name: &str) -> Result<Usage, Errno> {
     let device = st.st_dev;
     let mut totals = (st.st_blocks as u64 * 512, 1u64);
     let mut seen_links = HashSet::new();
-    walk(top, device, 0, &mut totals, &mut seen_links)?;
+    walk(top, id(&st), device, &mut totals, &mut seen_links)?;
     Ok(Usage {
         bytes: totals.0,
         inodes: Some(totals.1),
@@ -48,47 +55,71 @@ pub fn measure(root: BorrowedFd<'_>, name: &str) -> Result<Usage, Errno> {
     })
 }
 
+/// A directory on the path from the volume to the current one: its identity, to check `..` against
+/// when climbing back, and where to go on reading it.
+struct Level {
+    id: (u64, u64),
+    resume: i64,
+}
+
 fn walk(
-    dir: OwnedFd,
+    top: OwnedFd,
+    top_id: (u64, u64),
     device: u64,
-    depth: usize,
     totals: &mut (u64, u64),
     seen_links: &mut HashSet<u64>,
 ) -> Result<(), Errno> {
-    let mut handle = Dir::from_fd(dir)?;
-    let names: Vec<std::ffi::CString> = handle
-        .iter()
-        .filter_map(Result::ok)
-        .map(|entry| entry.file_name().to_owned())
-        .filter(|name| name.to_bytes() != b"." && name.to_bytes() != b"..")
-        .collect();
-    let mut subdirs = Vec::new();
-    for name in names {
-        let Ok(st) = fstatat(
-            handle.as_fd(),
-            name.as_c_str(),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        ) else {
-            continue;
-        };
-        if st.st_dev != device {
-            continue; // a mount inside the volume: not ours to count or enter
+    let mut cur = top;
+    let mut stack = vec![Level {
+        id: top_id,
+        resume: START,
+    }];
+    'levels: while let Some(level) = stack.last() {
+        let depth = stack.len();
+        let mut entries = Entries::open(cur.as_fd(), level.resume)?;
+        while let Some(entry) = entries.next() {
+            let entry = entry?;
+            let Ok(st) = fstatat(cur.as_fd(), entry.name, AtFlags::AT_SYMLINK_NOFOLLOW) else {
+                continue; // removed meanwhile
+            };
+            if st.st_dev != device {
+                continue; // a mount inside the volume: not ours to count or enter
+            }
+            let is_dir = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
+            if !is_dir && st.st_nlink > 1 {
+                if seen_links.contains(&st.st_ino) {
+                    continue;
+                }
+                // Bounded too: past this many, further hard-linked files are counted once per link.
+                if seen_links.len() < MAX_SEEN_LINKS {
+                    seen_links.insert(st.st_ino);
+                }
+            }
+            totals.0 += st.st_blocks as u64 * 512;
+            totals.1 += 1;
+            if is_dir && depth <= MAX_DEPTH {
+                let flags =
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+                let Ok(child) = open_beneath(cur.as_fd(), entry.name, flags) else {
+                    continue; // gone, replaced, or a bind mount: not ours to enter
+                };
+                let child_st = fstat(child.as_fd())?;
+                if child_st.st_dev != device {
+                    continue;
+                }
+                stack[depth - 1].resume = entry.next;
+                stack.push(Level {
+                    id: id(&child_st),
+                    resume: START,
+                });
+                cur = child;
+                continue 'levels;
+            }
         }
-        let is_dir = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
-        if !is_dir && st.st_nlink > 1 && !seen_links.insert(st.st_ino) {
-            continue;
-        }
-        totals.0 += st.st_blocks as u64 * 512;
-        totals.1 += 1;
-        if is_dir && depth < MAX_DEPTH {
-            subdirs.push(name);
-        }
-    }
-    for name in subdirs {
-        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        if let Ok(child) = nix::fcntl::openat(handle.as_fd(), name.as_c_str(), flags, Mode::empty())
-        {
-            walk(child, device, depth + 1, totals, seen_links)?;
+        stack.pop();
+        if let Some(parent) = stack.last() {
+            // A parent moved meanwhile could lead us outside the volume: stop, the next refresh retries.
+            cur = reopen_parent(cur.as_fd(), parent.id).map_err(|e| e.unwrap_or(Errno::ESTALE))?;
         }
     }
     Ok(())
@@ -191,6 +222,39 @@ mod tests {
         );
         // top, a, b, data (once despite the hard link), escape
         assert_eq!(usage.inodes, Some(5), "{usage:?}");
+    }
+
+    #[test]
+    fn deep_trees_use_a_constant_number_of_fds() {
+        // An fd per level would run out at about 60 of the 300 levels.
+        if !crate::node::walk::tests::in_child_with_few_fds(concat!(
+            module_path!(),
+            "::deep_trees_use_a_constant_number_of_fds"
+        )) {
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let fd = open(root.path());
+        nix::sys::stat::mkdirat(fd.as_fd(), "pvc-3_ns_c", Mode::from_bits_truncate(0o700)).unwrap();
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY;
+        let mut cur = nix::fcntl::openat(fd.as_fd(), "pvc-3_ns_c", flags, Mode::empty()).unwrap();
+        for _ in 0..300 {
+            nix::sys::stat::mkdirat(cur.as_fd(), "d", Mode::from_bits_truncate(0o700)).unwrap();
+            drop(
+                nix::fcntl::openat(
+                    cur.as_fd(),
+                    "f",
+                    OFlag::O_CREAT | OFlag::O_WRONLY,
+                    Mode::from_bits_truncate(0o600),
+                )
+                .unwrap(),
+            );
+            cur = nix::fcntl::openat(cur.as_fd(), "d", flags, Mode::empty()).unwrap();
+        }
+        drop(cur);
+        let usage = measure(fd.as_fd(), "pvc-3_ns_c").unwrap();
+        // The volume, and a directory and a file per level.
+        assert_eq!(usage.inodes, Some(1 + 2 * 300), "{usage:?}");
     }
 
     #[test]

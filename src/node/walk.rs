@@ -1,13 +1,116 @@
-//! What every walk over a volume's tree shares (removal, copies): opening a child without crossing a
-//! mount or following a symlink, and climbing back to a parent that is still the one we came from.
+//! What every walk over a volume's tree shares (removal, usage, copies): reading a directory in
+//! bounded batches, opening a child without crossing a mount or following a symlink, and climbing back
+//! to a parent that is still the one we came from.
+//!
+//! Memory is independent of what a tenant wrote: a directory is read one `getdents64` buffer at a time
+//! (`Entries`), the caller acts on each entry as it comes, and a walk that goes down into a
+//! subdirectory keeps only the position to resume its parent at (the entry's `d_off`), not its names.
 
 use std::ffi::CStr;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, openat};
 use nix::sys::stat::{FileStat, Mode, fstat};
+use nix::unistd::{Whence, lseek};
+
+/// Bytes read per `getdents64` call: a batch of about a thousand typical names (some 2,000 short ones),
+/// the most a walk holds of any one directory.
+pub const BATCH_BYTES: usize = 32 * 1024;
+
+/// A directory's entries, read in batches of at most `BATCH_BYTES` through a stream fd of its own
+/// (`.` reopened), `.` and `..` left out. Entries unlinked while reading simply leave the listing.
+pub struct Entries {
+    fd: OwnedFd,
+    buf: Box<[u8]>,
+    pos: usize,
+    len: usize,
+    done: bool,
+}
+
+/// One directory entry; `next` is where a new `Entries` resumes right after it.
+pub struct Entry<'a> {
+    pub name: &'a CStr,
+    pub next: i64,
+}
+
+/// Where a fresh read of a directory starts.
+pub const START: i64 = 0;
+
+impl Entries {
+    /// Reads the open directory `dir` from `from` (`START`, or the `next` of an entry read before).
+    pub fn open(dir: BorrowedFd<'_>, from: i64) -> Result<Self, Errno> {
+        let fd = openat(
+            dir,
+            c".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        if from != START {
+            lseek(&fd, from, Whence::SeekSet)?;
+        }
+        Ok(Entries {
+            fd,
+            buf: vec![0u8; BATCH_BYTES].into_boxed_slice(),
+            pos: 0,
+            len: 0,
+            done: false,
+        })
+    }
+
+    /// The next entry, reading the next batch when this one is used up; `None` at the end.
+    #[allow(clippy::should_implement_trait)] // lends from its buffer: not an Iterator
+    pub fn next(&mut self) -> Option<Result<Entry<'_>, Errno>> {
+        loop {
+            if self.pos >= self.len {
+                if self.done {
+                    return None;
+                }
+                // SAFETY: the buffer is valid for writes of its length; the kernel writes at most that.
+                let n = unsafe {
+                    libc::syscall(
+                        libc::SYS_getdents64,
+                        self.fd.as_raw_fd(),
+                        self.buf.as_mut_ptr(),
+                        self.buf.len(),
+                    )
+                };
+                if n < 0 {
+                    self.done = true;
+                    return Some(Err(Errno::last()));
+                }
+                if n == 0 {
+                    self.done = true;
+                    return None;
+                }
+                self.pos = 0;
+                self.len = n as usize;
+            }
+            // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+            let at = self.pos;
+            let rec = &self.buf[at..self.len];
+            let reclen = u16::from_ne_bytes([rec[16], rec[17]]) as usize;
+            if reclen < 20 || reclen > rec.len() {
+                self.done = true;
+                self.len = 0;
+                return Some(Err(Errno::EIO));
+            }
+            self.pos += reclen;
+            let next = i64::from_ne_bytes(rec[8..16].try_into().expect("8 bytes"));
+            let Ok(name) = CStr::from_bytes_until_nul(&rec[19..reclen]) else {
+                continue;
+            };
+            if name == c"." || name == c".." {
+                continue;
+            }
+            // Re-borrow through self.buf so the entry lends from the buffer only.
+            let name =
+                CStr::from_bytes_until_nul(&self.buf[at + 19..at + reclen]).expect("checked");
+            return Some(Ok(Entry { name, next }));
+        }
+    }
+}
 
 static OPENAT2_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
 
@@ -78,6 +181,73 @@ pub(crate) mod tests {
         fn drop(&mut self) {
             let _ = Command::new("umount").arg("-l").arg(&self.0).status();
         }
+    }
+
+    use super::{Entries, START};
+    use std::collections::HashSet;
+    use std::os::fd::{AsFd, OwnedFd};
+
+    fn open_dir(dir: &Path) -> OwnedFd {
+        nix::fcntl::open(
+            dir,
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap()
+    }
+
+    /// 10,000 names fill many batches.
+    fn many_files(dir: &Path) {
+        for i in 0..10_000 {
+            std::fs::write(dir.join(format!("a-file-with-a-longer-name-{i}")), b"").unwrap();
+        }
+    }
+
+    #[test]
+    fn entries_are_read_in_batches_and_resume_after_any_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        many_files(dir.path());
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let fd = open_dir(dir.path());
+        let mut seen = HashSet::new();
+        let mut half = None;
+        let mut entries = Entries::open(fd.as_fd(), START).unwrap();
+        while let Some(entry) = entries.next() {
+            let entry = entry.unwrap();
+            assert!(seen.insert(entry.name.to_owned()), "{:?} twice", entry.name);
+            if seen.len() == 5_000 {
+                half = Some(entry.next);
+            }
+        }
+        assert_eq!(seen.len(), 10_001, "every name once, `.` and `..` left out");
+        let mut rest = 0;
+        let mut entries = Entries::open(fd.as_fd(), half.unwrap()).unwrap();
+        while let Some(entry) = entries.next() {
+            entry.unwrap();
+            rest += 1;
+        }
+        assert_eq!(rest, 5_001, "a new reader resumes right after the entry");
+    }
+
+    #[test]
+    fn entries_unlinked_while_reading_leave_the_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        many_files(dir.path());
+        let fd = open_dir(dir.path());
+        let mut removed = 0;
+        let mut entries = Entries::open(fd.as_fd(), START).unwrap();
+        while let Some(entry) = entries.next() {
+            let entry = entry.unwrap();
+            nix::unistd::unlinkat(
+                fd.as_fd(),
+                entry.name,
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            )
+            .unwrap();
+            removed += 1;
+        }
+        assert_eq!(removed, 10_000);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     const CHILD: &str = "HOSTVOL_FEW_FDS_CHILD";

@@ -22,6 +22,8 @@
 //! * `wait.rs`: `wait_for`, `poll_until`, waiting for pods, claims and Events.
 //! * `inspect.rs`: reading state for assertions: Events, hostvol's PVs, CSIStorageCapacity objects,
 //!   metrics, directories in a data root.
+//! * `memory_cgroup.rs`: `MemoryCgroup`, a cgroup v1 memory limit an agent is moved into, and a
+//!   process's peak RSS (`VmHWM`).
 //! * `kubelet.rs` (the played kubelet), `process.rs` (child processes), `http.rs` (plain GET),
 //!   `person.rs` (commands as people run them).
 //! * `disk_fill.rs`: filling a data root at a steady rate, as something other than hostvol would.
@@ -47,6 +49,7 @@ mod inspect;
 mod kubectl;
 pub mod kubelet;
 pub mod loop_btrfs;
+pub mod memory_cgroup;
 mod nodes;
 mod person;
 pub mod process;
