@@ -18,8 +18,16 @@ const CLASS: &str = "supervised";
 async fn cluster_with_failpoints(failpoints: &str) -> (Cluster, Agent) {
     let cluster = Cluster::start().await;
     cluster.add_node("node-a").await;
+    // Node-loss clean-up is opt-in: on, with its component's RBAC, so its task is supervised too.
+    cluster.grant_node_loss_cleanup().await;
+    let kubeconfig = cluster.agent_kubeconfig().to_path_buf();
     let agent = cluster
-        .start_agent_with_failpoints("node-a", failpoints)
+        .start_agent_with_env(
+            "node-a",
+            &["--node-loss-cleanup"],
+            &kubeconfig,
+            &[("FAILPOINTS", failpoints)],
+        )
         .await;
     cluster.kubectl_apply_yaml(&class_yaml(CLASS, "WaitForFirstConsumer", "Delete", &[]));
     (cluster, agent)
