@@ -270,6 +270,58 @@ fn walkthrough() {
         let served = get_page(&rc, "pod/nginx-statefulset-0").await;
         assert_eq!(served.trim(), page, "page served by the new pod");
 
+        // The shipped class grows volumes: replica 0's claim from 1Gi to 2Gi, online, the pod
+        // untouched and its page still there.
+        let allows = rc.kubectl_ok(&[
+            "get",
+            "storageclass",
+            "hostvol",
+            "-o",
+            "jsonpath={.allowVolumeExpansion}",
+        ]);
+        assert_eq!(allows.trim(), "true", "kubectl get storageclass hostvol: allowVolumeExpansion");
+        let t = Instant::now();
+        rc.kubectl_ok(&[
+            "patch",
+            "pvc",
+            "nginx-storage-nginx-statefulset-0",
+            "-p",
+            r#"{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}"#,
+        ]);
+        let capacity_of = |c: PersistentVolumeClaim| {
+            c.status
+                .and_then(|s| s.capacity)
+                .and_then(|c| c.get("storage").map(|q| q.0.clone()))
+        };
+        wait_for(
+            || async {
+                claims
+                    .get("nginx-storage-nginx-statefulset-0")
+                    .await
+                    .ok()
+                    .and_then(capacity_of)
+                    .as_deref()
+                    == Some("2Gi")
+            },
+            Duration::from_secs(60),
+            "nginx-storage-nginx-statefulset-0 grown to 2Gi",
+        )
+        .await;
+        let t_grow = t.elapsed();
+        let pv_capacity = pvs
+            .get(&pv0)
+            .await
+            .unwrap()
+            .spec
+            .and_then(|s| s.capacity)
+            .and_then(|c| c.get("storage").map(|q| q.0.clone()));
+        assert_eq!(pv_capacity.as_deref(), Some("2Gi"), "{pv0}'s capacity");
+        let grown = pods.get("nginx-statefulset-0").await.unwrap();
+        assert_eq!(grown.uid(), again.uid(), "the pod kept running while its volume grew");
+        let served = get_page(&rc, "pod/nginx-statefulset-0").await;
+        assert_eq!(served.trim(), page, "page served after the volume grew");
+        eprintln!("[real] replica 0's volume grown 1Gi -> 2Gi online in {}", secs(t_grow));
+
         // The walkthrough's clean-up.
         let t = Instant::now();
         rc.kubectl_ok(&["delete", "-f", &manifest("nginx-statefulset.yaml")]);
