@@ -215,11 +215,11 @@ fn persistent_volume() -> impl Strategy<Value = PersistentVolume> {
                     name: Some("pvc-1".into()),
                     annotations: Some(annotations),
                     finalizers: finalizer.then(|| vec![FINALIZER.to_string()]),
-                    deletion_timestamp: deleting.then(|| {
+                    deletion_timestamp: deleting.then_some(
                         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                             k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
-                        )
-                    }),
+                        ),
+                    ),
                     ..Default::default()
                 },
                 spec: Some(k8s_openapi::api::core::v1::PersistentVolumeSpec {

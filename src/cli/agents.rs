@@ -58,7 +58,8 @@ pub enum Route {
     Direct(Address),
     /// A port of an agent pod, through the API server and the pod's kubelet.
     PortForward {
-        pods: Api<Pod>,
+        // Boxed: a client is much larger than an address, and routes are kept per agent.
+        pods: Box<Api<Pod>>,
         pod: String,
         port: u16,
     },
@@ -93,7 +94,7 @@ impl Target {
         match self.route.as_ref().map_err(Clone::clone)? {
             Route::Direct(address) => connect(address, timeout).await,
             Route::PortForward { pods, pod, port } => {
-                connect_forwarded(pods.clone(), pod.clone(), *port, timeout).await
+                connect_forwarded((**pods).clone(), pod.clone(), *port, timeout).await
             }
         }
     }
@@ -223,7 +224,7 @@ fn route_to(pod: &Pod, pods: &Api<Pod>, via: Via) -> Result<Route, String> {
     let port = grpc_port(pod);
     match via {
         Via::PortForward => Ok(Route::PortForward {
-            pods: pods.clone(),
+            pods: Box::new(pods.clone()),
             pod: pod.name_any(),
             port,
         }),
