@@ -34,21 +34,42 @@ const FIELD_MANAGER: &str = "hostvol-agent";
 /// Newest first: the API moved from v1alpha1 (1.19-1.20) to v1beta1 (1.21-1.23) to v1 (1.24+).
 const VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha1"];
 
-/// Finds which version of CSIStorageCapacity the server serves, if any.
+/// Finds which version of CSIStorageCapacity the server serves, if any: asks for each version's
+/// resource list (a version the server does not serve answers 404) and lets [`pick_version`] choose.
 pub async fn discover(client: &Client) -> Option<ApiResource> {
-    let group = match kube::discovery::group(client, "storage.k8s.io").await {
-        Ok(group) => group,
-        Err(error) => {
-            warn!(%error, "cannot discover storage.k8s.io");
-            return None;
+    let mut served = Vec::new();
+    for version in VERSIONS {
+        match client
+            .list_api_group_resources(&format!("{GROUP}/{version}"))
+            .await
+        {
+            Ok(list) => served.push(list),
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(error) => warn!(%error, version, "cannot discover {GROUP}"),
         }
-    };
+    }
+    pick_version(&served)
+}
+
+const GROUP: &str = "storage.k8s.io";
+
+/// The newest CSIStorageCapacity version among the server's `storage.k8s.io` resource lists: `v1`
+/// wherever it is served (1.24+, the only one from 1.27), else `v1beta1` (1.21-1.23), else `v1alpha1`
+/// (1.19-1.20, behind a feature gate). `None` when no list has it.
+pub fn pick_version(
+    served: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::APIResourceList],
+) -> Option<ApiResource> {
     VERSIONS.iter().find_map(|version| {
-        group
-            .versioned_resources(version)
-            .into_iter()
-            .find(|(resource, _)| resource.kind == "CSIStorageCapacity")
-            .map(|(resource, _)| resource)
+        let group_version = format!("{GROUP}/{version}");
+        served
+            .iter()
+            .filter(|list| list.group_version == group_version)
+            .flat_map(|list| &list.resources)
+            .find(|r| r.kind == "CSIStorageCapacity" && r.name == "csistoragecapacities")
+            .map(|r| {
+                let gvk = kube::api::GroupVersionKind::gvk(GROUP, version, &r.kind);
+                ApiResource::from_gvk_with_plural(&gvk, &r.name)
+            })
     })
 }
 
@@ -477,5 +498,116 @@ mod tests {
                 && a.bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         );
+    }
+
+    /// `storage.k8s.io/<version>` resource lists as the API servers of each release answer
+    /// `GET /apis/storage.k8s.io/<version>` (trimmed to a few resources; verbs as served).
+    fn recorded(
+        version: &str,
+        resources: &[(&str, &str)],
+    ) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::APIResourceList {
+        let resources: Vec<serde_json::Value> = resources
+            .iter()
+            .map(|(name, kind)| {
+                serde_json::json!({
+                    "name": name, "singularName": "", "namespaced": *kind == "CSIStorageCapacity",
+                    "kind": kind,
+                    "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
+                    "storageVersionHash": "x"
+                })
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "kind": "APIResourceList", "apiVersion": "v1",
+            "groupVersion": format!("storage.k8s.io/{version}"),
+            "resources": resources,
+        }))
+        .expect("an APIResourceList")
+    }
+
+    const V1_BASE: &[(&str, &str)] = &[
+        ("csidrivers", "CSIDriver"),
+        ("csinodes", "CSINode"),
+        ("storageclasses", "StorageClass"),
+        ("volumeattachments", "VolumeAttachment"),
+        ("volumeattachments/status", "VolumeAttachment"),
+    ];
+
+    fn with_capacity(base: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+        let mut all = base.to_vec();
+        all.push(("csistoragecapacities", "CSIStorageCapacity"));
+        all
+    }
+
+    #[test]
+    fn discovery_picks_the_newest_served_csistoragecapacity() {
+        let v1_with = with_capacity(V1_BASE);
+        let alpha_beta = with_capacity(&[("volumeattachments", "VolumeAttachment")]);
+        let cases: [(&str, Vec<_>, Option<&str>); 5] = [
+            // 1.20 without the alpha API enabled: no capacity objects at all.
+            (
+                "1.20",
+                vec![recorded("v1", V1_BASE), recorded("v1beta1", V1_BASE)],
+                None,
+            ),
+            // 1.20 with --runtime-config=storage.k8s.io/v1alpha1=true (as CI runs it).
+            (
+                "1.20+alpha",
+                vec![
+                    recorded("v1", V1_BASE),
+                    recorded("v1beta1", V1_BASE),
+                    recorded("v1alpha1", &alpha_beta),
+                ],
+                Some("storage.k8s.io/v1alpha1"),
+            ),
+            // 1.21-1.23: beta only.
+            (
+                "1.23",
+                vec![recorded("v1", V1_BASE), recorded("v1beta1", &alpha_beta)],
+                Some("storage.k8s.io/v1beta1"),
+            ),
+            // 1.24-1.26: v1 and the deprecated v1beta1 side by side; v1 wins.
+            (
+                "1.26",
+                vec![recorded("v1beta1", &alpha_beta), recorded("v1", &v1_with)],
+                Some("storage.k8s.io/v1"),
+            ),
+            // 1.27+: v1beta1 removed (its list 404s, so it is absent); v1 only.
+            (
+                "1.27",
+                vec![recorded("v1", &v1_with)],
+                Some("storage.k8s.io/v1"),
+            ),
+        ];
+        for (release, served, want) in cases {
+            let got = pick_version(&served);
+            assert_eq!(
+                got.as_ref().map(|r| r.api_version.as_str()),
+                want,
+                "{release}"
+            );
+            if let Some(r) = got {
+                assert_eq!(
+                    (r.group.as_str(), r.kind.as_str(), r.plural.as_str()),
+                    (
+                        "storage.k8s.io",
+                        "CSIStorageCapacity",
+                        "csistoragecapacities"
+                    ),
+                    "{release}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn discovery_ignores_a_subresource_or_another_group_of_the_same_kind() {
+        let mut other = recorded("v1", &[("csistoragecapacities", "CSIStorageCapacity")]);
+        other.group_version = "example.com/v1".into();
+        let sub = recorded(
+            "v1",
+            &[("csistoragecapacities/status", "CSIStorageCapacity")],
+        );
+        assert!(pick_version(&[other, sub]).is_none());
     }
 }
