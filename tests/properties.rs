@@ -126,6 +126,7 @@ fn claim_spec() -> impl Strategy<Value = ClaimSpec> {
             api_group,
             kind,
             name,
+            namespace: None,
         });
     (
         prop::option::of(prop_oneof![

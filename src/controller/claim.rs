@@ -33,20 +33,24 @@ pub fn claim_spec(pvc: &PersistentVolumeClaim) -> ClaimSpec {
     }
 }
 
-/// `dataSourceRef` (newer clusters mirror `dataSource` into it), else `dataSource`.
+/// `dataSourceRef` (1.24+ mirrors `dataSource` into it, and a claim may set only it), else
+/// `dataSource`. A `dataSourceRef.namespace` naming the claim's own namespace is the same as none.
 pub fn data_source(pvc: &PersistentVolumeClaim) -> Option<DataSource> {
     let spec = pvc.spec.as_ref()?;
     if let Some(r) = &spec.data_source_ref {
+        let own = pvc.metadata.namespace.as_deref().unwrap_or_default();
         return Some(DataSource {
             api_group: r.api_group.clone(),
             kind: r.kind.clone(),
             name: r.name.clone(),
+            namespace: r.namespace.clone().filter(|ns| !ns.is_empty() && ns != own),
         });
     }
     spec.data_source.as_ref().map(|r| DataSource {
         api_group: r.api_group.clone(),
         kind: r.kind.clone(),
         name: r.name.clone(),
+        namespace: None,
     })
 }
 
@@ -95,5 +99,155 @@ pub async fn select_node(
             Ok(false)
         }
         Err(error) => Err(error.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::admission::admit;
+    use k8s_openapi::api::core::v1::{
+        PersistentVolumeClaimSpec, TypedLocalObjectReference, TypedObjectReference,
+        VolumeResourceRequirements,
+    };
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    fn local(group: Option<&str>, kind: &str, name: &str) -> TypedLocalObjectReference {
+        TypedLocalObjectReference {
+            api_group: group.map(Into::into),
+            kind: kind.into(),
+            name: name.into(),
+        }
+    }
+
+    fn typed(
+        group: Option<&str>,
+        kind: &str,
+        name: &str,
+        ns: Option<&str>,
+    ) -> TypedObjectReference {
+        TypedObjectReference {
+            api_group: group.map(Into::into),
+            kind: kind.into(),
+            name: name.into(),
+            namespace: ns.map(Into::into),
+        }
+    }
+
+    /// A claim in namespace "team" as each server version stores it.
+    fn claim(
+        source: Option<TypedLocalObjectReference>,
+        source_ref: Option<TypedObjectReference>,
+    ) -> PersistentVolumeClaim {
+        PersistentVolumeClaim {
+            metadata: kube::api::ObjectMeta {
+                name: Some("copy".into()),
+                namespace: Some("team".into()),
+                ..Default::default()
+            },
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".into()]),
+                data_source: source,
+                data_source_ref: source_ref,
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some([("storage".to_string(), Quantity("1Gi".into()))].into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn clones_honour_data_source_ref_as_each_version_stores_it() {
+        let pvc = |name: &str| local(None, "PersistentVolumeClaim", name);
+        let pvc_ref = |name: &str, ns: Option<&str>| typed(None, "PersistentVolumeClaim", name, ns);
+        let cases = [
+            // 1.20: dataSource only.
+            (
+                "dataSource only",
+                claim(Some(pvc("a")), None),
+                Ok(Some("a")),
+            ),
+            // 1.24+: the server mirrors dataSource into dataSourceRef.
+            (
+                "both, mirrored",
+                claim(Some(pvc("a")), Some(pvc_ref("a", None))),
+                Ok(Some("a")),
+            ),
+            // A claim may set only dataSourceRef (the server leaves dataSource empty for it).
+            (
+                "dataSourceRef only",
+                claim(None, Some(pvc_ref("b", None))),
+                Ok(Some("b")),
+            ),
+            (
+                "dataSourceRef, own namespace",
+                claim(None, Some(pvc_ref("b", Some("team")))),
+                Ok(Some("b")),
+            ),
+            // 1.26+ cross-namespace sources: not a clone hostvol can make.
+            (
+                "dataSourceRef, other namespace",
+                claim(None, Some(pvc_ref("b", Some("prod")))),
+                Err("\"prod\""),
+            ),
+            (
+                "dataSourceRef to a snapshot",
+                claim(
+                    None,
+                    Some(typed(
+                        Some("snapshot.storage.k8s.io"),
+                        "VolumeSnapshot",
+                        "s",
+                        None,
+                    )),
+                ),
+                Err("VolumeSnapshot"),
+            ),
+            (
+                "dataSourceRef to a populator",
+                claim(
+                    None,
+                    Some(typed(Some("hello.example.com"), "Hello", "h", None)),
+                ),
+                Err("hello.example.com/Hello"),
+            ),
+            ("no source", claim(None, None), Ok(None)),
+        ];
+        for (case, pvc, want) in cases {
+            let got = admit(&claim_spec(&pvc));
+            match want {
+                Ok(clone_of) => {
+                    assert_eq!(got.expect(case).clone_of.as_deref(), clone_of, "{case}")
+                }
+                Err(names) => {
+                    let refusal = got.expect_err(case);
+                    // The same Warning (reason and wording) as for a dataSource of another kind.
+                    assert_eq!(refusal.reason(), "data_source", "{case}");
+                    assert!(
+                        refusal.message().contains(names),
+                        "{case}: {}",
+                        refusal.message()
+                    );
+                    assert!(
+                        refusal.message().starts_with("dataSource/dataSourceRef"),
+                        "{case}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn placement_follows_the_same_source() {
+        let only_ref = claim(None, Some(typed(None, "PersistentVolumeClaim", "b", None)));
+        assert!(data_source(&only_ref).is_some_and(|s| s.is_claim() && s.name == "b"));
+        let elsewhere = claim(
+            None,
+            Some(typed(None, "PersistentVolumeClaim", "b", Some("prod"))),
+        );
+        assert!(data_source(&elsewhere).is_some_and(|s| !s.is_claim()));
     }
 }

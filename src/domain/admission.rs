@@ -86,12 +86,17 @@ pub struct DataSource {
     pub api_group: Option<String>,
     pub kind: String,
     pub name: String,
+    /// Another namespace than the claim's, which only `dataSourceRef` can name (1.26+, behind the
+    /// `CrossNamespaceVolumeDataSource` gate); `None` for the claim's own namespace.
+    pub namespace: Option<String>,
 }
 
 impl DataSource {
     /// A claim of the same namespace (the only source hostvol serves: a clone).
     pub fn is_claim(&self) -> bool {
-        self.kind == "PersistentVolumeClaim" && self.api_group.as_deref().unwrap_or("").is_empty()
+        self.kind == "PersistentVolumeClaim"
+            && self.api_group.as_deref().unwrap_or("").is_empty()
+            && self.namespace.is_none()
     }
 }
 
@@ -220,13 +225,17 @@ pub fn admit(spec: &ClaimSpec) -> Result<VolumeRequest, Refusal> {
         Some(source) if source.is_claim() => Some(source.name.clone()),
         Some(source) => {
             return Err(Refusal::DataSource(format!(
-                "{}{} {:?}",
+                "{}{} {:?}{}",
                 source
                     .api_group
                     .as_deref()
                     .map_or(String::new(), |g| format!("{g}/")),
                 source.kind,
-                source.name
+                source.name,
+                source
+                    .namespace
+                    .as_deref()
+                    .map_or(String::new(), |ns| format!(" in namespace {ns:?}"))
             )));
         }
     };
@@ -402,6 +411,7 @@ mod tests {
                 api_group: None,
                 kind: "PersistentVolumeClaim".into(),
                 name: "source".into(),
+                namespace: None,
             }),
             ..valid()
         };
@@ -443,6 +453,7 @@ mod tests {
                         api_group: Some("snapshot.storage.k8s.io".into()),
                         kind: "VolumeSnapshot".into(),
                         name: "snap".into(),
+                        namespace: None,
                     }),
                     ..valid()
                 },
