@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
@@ -19,7 +20,7 @@ use tracing::{info, warn};
 use crate::controller::context::{Context, Error, Result};
 use crate::controller::store::store_ready;
 use crate::controller::{ownership, pv};
-use crate::domain::expansion::{self, Expansion};
+use crate::domain::expansion::{self, ClaimStatus, Expansion};
 use crate::domain::{naming, quantity};
 
 /// Our PV for a bound claim, if this agent owns it.
@@ -61,7 +62,7 @@ pub async fn reconcile(
             return Ok(Action::requeue(Duration::from_secs(60)));
         }
     }
-    if status_capacity(&pvc) < requested {
+    if expansion::status_behind(requested, &claim_status(&pvc)) {
         finish(ctx, &pvc, &volume, &request).await?;
     }
     Ok(Action::await_change())
@@ -83,13 +84,24 @@ fn storage_request(pvc: &PersistentVolumeClaim) -> Option<(String, u64)> {
     Some((request, bytes))
 }
 
-fn status_capacity(pvc: &PersistentVolumeClaim) -> u64 {
-    pvc.status
-        .as_ref()
-        .and_then(|s| s.capacity.as_ref())
-        .and_then(|c| c.get("storage"))
-        .and_then(|q| quantity::parse_bytes(&q.0).ok())
-        .unwrap_or(0)
+/// The claim's status as far as resizing goes; the fields newer servers add are `None` on older ones.
+fn claim_status(pvc: &PersistentVolumeClaim) -> ClaimStatus {
+    let Some(status) = pvc.status.as_ref() else {
+        return ClaimStatus::default();
+    };
+    let storage = |map: &Option<std::collections::BTreeMap<String, Quantity>>| {
+        map.as_ref()
+            .and_then(|m| m.get("storage"))
+            .and_then(|q| quantity::parse_bytes(&q.0).ok())
+    };
+    ClaimStatus {
+        capacity: storage(&status.capacity).unwrap_or(0),
+        allocated: storage(&status.allocated_resources),
+        resize_status: status
+            .allocated_resource_statuses
+            .as_ref()
+            .and_then(|m| m.get("storage").cloned()),
+    }
 }
 
 /// Checks the room, raises the limit and the PV's capacity. `false` when the node has no room.
@@ -128,6 +140,15 @@ async fn grow(
             Expansion::NotNeeded => return Ok(true),
             Expansion::NoRoom(why) => {
                 fail(ctx, pvc, why);
+                // Says so on the claim too (1.32+ keeps it), so the user knows to lower the request.
+                patch_status(
+                    ctx,
+                    pvc,
+                    serde_json::json!({
+                        "allocatedResourceStatuses": {"storage": expansion::RESIZE_INFEASIBLE},
+                    }),
+                )
+                .await?;
                 ctx.metrics.expansion("refused");
                 return Ok(false);
             }
@@ -182,8 +203,8 @@ async fn grow(
     Ok(true)
 }
 
-/// The claim shows the new size, as resizers mark it (and as newer Kubernetes reads
-/// `allocatedResources`); the Resizing condition goes.
+/// The claim shows the size being grown to, as resizers mark it (1.32+ reads `allocatedResources`
+/// and `allocatedResourceStatuses`; older servers drop both), with a Resizing condition.
 async fn mark_resizing(ctx: &Context, pvc: &PersistentVolumeClaim, request: &str) -> Result<()> {
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     patch_status(
@@ -191,6 +212,7 @@ async fn mark_resizing(ctx: &Context, pvc: &PersistentVolumeClaim, request: &str
         pvc,
         serde_json::json!({
             "allocatedResources": {"storage": request},
+            "allocatedResourceStatuses": {"storage": expansion::RESIZE_IN_PROGRESS},
             "conditions": [{"type": "Resizing", "status": "True", "lastTransitionTime": now}],
         }),
     )
@@ -215,7 +237,8 @@ async fn patch_status(
     Ok(())
 }
 
-/// Called once the PV is at least the requested size.
+/// Called once the PV is at least the requested size: also after a recovery, when the user lowered
+/// a failed request. The Resizing condition and the resize status go.
 async fn finish(
     ctx: &Context,
     pvc: &PersistentVolumeClaim,
@@ -228,6 +251,7 @@ async fn finish(
         serde_json::json!({
             "capacity": {"storage": request},
             "allocatedResources": {"storage": request},
+            "allocatedResourceStatuses": {"storage": null},
             "conditions": null,
         }),
     )
@@ -253,4 +277,66 @@ fn fail(ctx: &Context, pvc: &PersistentVolumeClaim, why: String) {
         "Resize",
         why,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A claim as the API server returns it: `status` from a 1.20 server, or from a 1.32+ one after a
+    /// failed expansion to 100Gi that the user then lowered to 15Gi.
+    fn claim(request: &str, status: serde_json::Value) -> PersistentVolumeClaim {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "data", "namespace": "team", "uid": "u"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": request}},
+                     "storageClassName": "hostvol", "volumeName": "pvc-u"},
+            "status": status,
+        }))
+        .expect("a PersistentVolumeClaim")
+    }
+
+    #[test]
+    fn reads_the_resize_fields_of_each_version() {
+        let gi = 1u64 << 30;
+        let old = claim(
+            "20Gi",
+            serde_json::json!({"phase": "Bound", "accessModes": ["ReadWriteOnce"], "capacity": {"storage": "10Gi"}}),
+        );
+        assert_eq!(
+            claim_status(&old),
+            ClaimStatus {
+                capacity: 10 * gi,
+                allocated: None,
+                resize_status: None
+            }
+        );
+        let recovering = claim(
+            "15Gi",
+            serde_json::json!({
+                "phase": "Bound", "accessModes": ["ReadWriteOnce"], "capacity": {"storage": "10Gi"},
+                "allocatedResources": {"storage": "100Gi"},
+                "allocatedResourceStatuses": {"storage": "ControllerResizeInfeasible"},
+            }),
+        );
+        let status = claim_status(&recovering);
+        assert_eq!(
+            status,
+            ClaimStatus {
+                capacity: 10 * gi,
+                allocated: Some(100 * gi),
+                resize_status: Some(expansion::RESIZE_INFEASIBLE.into()),
+            }
+        );
+        assert_eq!(storage_request(&recovering), Some(("15Gi".into(), 15 * gi)));
+        // 15Gi fits where 100Gi did not: grow by 5Gi, then level the status.
+        assert_eq!(
+            expansion::decide(10 * gi, 15 * gi, 6 * gi, "n"),
+            Expansion::Grow {
+                to: 15 * gi,
+                extra: 5 * gi
+            }
+        );
+        assert!(expansion::status_behind(15 * gi, &status));
+    }
 }

@@ -36,9 +36,108 @@ pub fn decide(current: u64, requested: u64, allocatable: u64, node: &str) -> Exp
     }
 }
 
+/// `allocatedResourceStatuses["storage"]` while a resize is under way (or failed and will be retried),
+/// as external resizers write it (1.32+ servers keep the field; older ones drop it on write).
+pub const RESIZE_IN_PROGRESS: &str = "ControllerResizeInProgress";
+/// ... and when it cannot be done as asked: the user may lower the request again (1.32+), down to
+/// `status.capacity`, to recover.
+pub const RESIZE_INFEASIBLE: &str = "ControllerResizeInfeasible";
+
+/// What a claim's status says of its size and of a resize.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimStatus {
+    /// `status.capacity.storage`, 0 when absent.
+    pub capacity: u64,
+    /// `status.allocatedResources.storage` (1.23+ with RecoverVolumeExpansionFailure, on by default from 1.32).
+    pub allocated: Option<u64>,
+    /// `status.allocatedResourceStatuses.storage` (same versions).
+    pub resize_status: Option<String>,
+}
+
+/// Once the volume is at least `requested` bytes: whether the claim's status still has to be brought
+/// level with it. True when it shows less than the request, and also when an earlier resize left its
+/// marks (a resize status, or an allocated size other than the request): that is the recovery from a
+/// failed expansion on 1.32+, where the user lowered the request to what the node can hold (or back to
+/// the volume's size) and the claim must stop showing the failed size.
+pub fn status_behind(requested: u64, status: &ClaimStatus) -> bool {
+    status.capacity < requested
+        || status.resize_status.is_some()
+        || status
+            .allocated
+            .is_some_and(|allocated| allocated != requested)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_status_is_levelled_after_growth_and_after_recovery() {
+        let gi = 1u64 << 30;
+        let settled = |size| ClaimStatus {
+            capacity: size,
+            allocated: Some(size),
+            resize_status: None,
+        };
+        let cases = [
+            // 1.20: no allocatedResources / allocatedResourceStatuses at all.
+            (
+                "1.20, grown",
+                20 * gi,
+                ClaimStatus {
+                    capacity: 10 * gi,
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                "1.20, level",
+                10 * gi,
+                ClaimStatus {
+                    capacity: 10 * gi,
+                    ..Default::default()
+                },
+                false,
+            ),
+            // 1.32+: a settled claim is left alone (no write loop).
+            ("1.32, level", 10 * gi, settled(10 * gi), false),
+            (
+                "1.32, mid-resize",
+                20 * gi,
+                ClaimStatus {
+                    capacity: 10 * gi,
+                    allocated: Some(20 * gi),
+                    resize_status: Some(RESIZE_IN_PROGRESS.into()),
+                },
+                true,
+            ),
+            // 100Gi was infeasible; the user lowered the request back to the volume's 10Gi.
+            (
+                "1.32, recovered to the old size",
+                10 * gi,
+                ClaimStatus {
+                    capacity: 10 * gi,
+                    allocated: None,
+                    resize_status: Some(RESIZE_INFEASIBLE.into()),
+                },
+                true,
+            ),
+            // 100Gi failed after the claim was marked; lowered to 15Gi, which the volume now has.
+            (
+                "1.32, recovered to a smaller growth",
+                15 * gi,
+                ClaimStatus {
+                    capacity: 15 * gi,
+                    allocated: Some(100 * gi),
+                    resize_status: Some(RESIZE_IN_PROGRESS.into()),
+                },
+                true,
+            ),
+        ];
+        for (case, requested, status, want) in cases {
+            assert_eq!(status_behind(requested, &status), want, "{case}");
+        }
+    }
 
     #[test]
     fn grows_only_within_the_room_left() {
