@@ -175,7 +175,7 @@ impl EventRecorder {
         fact: Option<String>,
     ) {
         let regarding = regarding.clone();
-        if regarding.namespace.as_deref().unwrap_or("").is_empty() {
+        if needs_core_event(&regarding) {
             self.publish_core(client, regarding, type_, reason, note, fact);
             return;
         }
@@ -208,22 +208,9 @@ impl EventRecorder {
                             now.0.as_nanosecond(),
                         )
                     });
-                    let event = K8sEvent {
-                        metadata: kube::api::ObjectMeta {
-                            name: Some(name.clone()),
-                            namespace: Some(namespace.clone()),
-                            ..Default::default()
-                        },
-                        action: Some(action),
-                        reason: Some(reason.clone()),
-                        note: Some(note),
-                        event_time: Some(now),
-                        regarding: Some(regarding.clone()),
-                        reporting_controller: Some(reporter.controller.clone()),
-                        reporting_instance: Some(reporter.instance.clone()),
-                        type_: Some(event_type(type_).into()),
-                        ..Default::default()
-                    };
+                    let event = new_event(
+                        &reporter, &name, &regarding, type_, &reason, &action, &note, now,
+                    );
                     api.create(&PostParams::default(), &event)
                         .await
                         .map(|_| (name, 1))
@@ -268,7 +255,7 @@ impl EventRecorder {
                 },
                 involved_object: regarding,
                 reason: Some(reason.clone()),
-                message: Some(note),
+                message: Some(bounded_note(&note).to_string()),
                 type_: Some(event_type(type_).into()),
                 source: Some(k8s_openapi::api::core::v1::EventSource {
                     component: Some(provisioner.clone()),
@@ -290,6 +277,59 @@ impl EventRecorder {
                 Err(error) => warn!(%error, %reason, "could not publish Event"),
             }
         });
+    }
+}
+
+/// Cluster-scoped objects (no namespace) get a core/v1 Event instead: see `publish_core`.
+fn needs_core_event(regarding: &ObjectReference) -> bool {
+    regarding.namespace.as_deref().unwrap_or("").is_empty()
+}
+
+/// The most of a note the API server takes (`events.k8s.io/v1` validation: at most 1 kB).
+const NOTE_LIMIT: usize = 1024;
+
+/// `note` cut to [`NOTE_LIMIT`] bytes at a character boundary, so a long message (many data roots,
+/// a long path) never costs the whole Event a 422.
+fn bounded_note(note: &str) -> &str {
+    if note.len() <= NOTE_LIMIT {
+        return note;
+    }
+    let mut end = NOTE_LIMIT;
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    &note[..end]
+}
+
+/// A new `events.k8s.io/v1` Event about a namespaced object, in that object's namespace, with every
+/// field the v1 API requires (`eventTime`, `reportingController`, `reportingInstance`, `action`,
+/// `reason`, `type`) and a bounded note.
+#[allow(clippy::too_many_arguments)]
+fn new_event(
+    reporter: &Reporter,
+    name: &str,
+    regarding: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+    now: MicroTime,
+) -> K8sEvent {
+    K8sEvent {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: regarding.namespace.clone(),
+            ..Default::default()
+        },
+        action: Some(action.to_string()),
+        reason: Some(reason.to_string()),
+        note: Some(bounded_note(note).to_string()),
+        event_time: Some(now),
+        regarding: Some(regarding.clone()),
+        reporting_controller: Some(reporter.controller.clone()),
+        reporting_instance: Some(reporter.instance.clone()),
+        type_: Some(event_type(type_).into()),
+        ..Default::default()
     }
 }
 
@@ -374,5 +414,80 @@ mod tests {
         assert_eq!(r.remembered(), MAX_REMEMBERED);
         r.forget(|regarding| regarding.starts_with("ns/"));
         assert_eq!(r.remembered(), 0);
+    }
+
+    #[test]
+    fn a_new_event_is_a_valid_events_k8s_io_v1_event() {
+        let reporter = Reporter {
+            controller: "hostvol.io/hostvol".into(),
+            instance: "hostvol-node-a".into(),
+            node: "node-a".into(),
+        };
+        let now = MicroTime(k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap());
+        let claim = object("team", "data");
+        let long = "é".repeat(700); // 1,400 bytes
+        let event = new_event(
+            &reporter,
+            "data.1",
+            &claim,
+            EventType::Warning,
+            "ProvisioningFailed",
+            "Provision",
+            &long,
+            now,
+        );
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["apiVersion"], "events.k8s.io/v1");
+        assert_eq!(json["kind"], "Event");
+        // The fields v1 validation requires, with the Event in its object's namespace.
+        for field in [
+            "eventTime",
+            "reportingController",
+            "reportingInstance",
+            "action",
+            "reason",
+            "type",
+        ] {
+            assert!(
+                json[field].as_str().is_some_and(|v| !v.is_empty()),
+                "{field}: {json}"
+            );
+        }
+        assert_eq!(json["metadata"]["namespace"], "team");
+        assert_eq!(json["regarding"]["namespace"], "team");
+        assert_eq!(json["type"], "Warning");
+        // MicroTime: RFC 3339 with microseconds, as the server stores eventTime.
+        assert_eq!(json["eventTime"], "2023-11-14T22:13:20.000000Z");
+        let note = json["note"].as_str().unwrap();
+        assert!(
+            note.len() <= NOTE_LIMIT && long.starts_with(note),
+            "{}",
+            note.len()
+        );
+        // What a 1.20 server returns for it reads back.
+        let back: K8sEvent = serde_json::from_value(json).unwrap();
+        assert_eq!(back.reason.as_deref(), Some("ProvisioningFailed"));
+    }
+
+    #[test]
+    fn a_repeat_is_a_series_patch_and_a_volume_gets_a_core_event() {
+        let series = EventSeries {
+            count: 2,
+            last_observed_time: MicroTime(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        };
+        let patch = serde_json::json!({ "series": series });
+        assert_eq!(patch["series"]["count"], 2);
+        assert_eq!(
+            patch["series"]["lastObservedTime"],
+            "1970-01-01T00:00:00.000000Z"
+        );
+        let pv = ObjectReference {
+            kind: Some("PersistentVolume".into()),
+            name: Some("pvc-1".into()),
+            ..Default::default()
+        };
+        assert!(needs_core_event(&pv));
+        assert!(!needs_core_event(&object("team", "data")));
+        assert_eq!(bounded_note("short"), "short");
     }
 }
