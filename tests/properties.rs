@@ -121,12 +121,14 @@ fn claim_spec() -> impl Strategy<Value = ClaimSpec> {
             "[A-Za-z]{0,12}",
         ],
         DNS_LABEL,
+        // dataSourceRef.namespace (1.26+): another namespace than the claim's.
+        prop::option::of(DNS_LABEL),
     )
-        .prop_map(|(api_group, kind, name)| DataSource {
+        .prop_map(|(api_group, kind, name, namespace)| DataSource {
             api_group,
             kind,
             name,
-            namespace: None,
+            namespace,
         });
     (
         prop::option::of(prop_oneof![
@@ -552,6 +554,8 @@ proptest! {
                 prop_assert_eq!(Ok(request.capacity_bytes), parse_bytes(text));
                 prop_assert!(request.capacity_bytes > 0);
                 prop_assert_eq!(request.clone_of.is_some(), spec.data_source.is_some());
+                // Only a claim of the claim's own namespace is cloned.
+                prop_assert!(spec.data_source.as_ref().is_none_or(|s| s.namespace.is_none()));
             }
             Err(refusal) => {
                 prop_assert!(!refusal.reason().is_empty());
