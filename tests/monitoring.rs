@@ -36,7 +36,11 @@ fn documents(text: &str) -> Vec<Value> {
 }
 
 fn promtool(args: &[&str]) -> Output {
-    match Command::new("promtool").args(args).current_dir(ROOT).output() {
+    match Command::new("promtool")
+        .args(args)
+        .current_dir(ROOT)
+        .output()
+    {
         Ok(out) => out,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
             "promtool not found: run scripts/setup-monitoring.sh (installs Debian's `prometheus` \
@@ -62,7 +66,10 @@ fn unit_test_files() -> Vec<PathBuf> {
         .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
         .collect();
     files.sort();
-    assert!(!files.is_empty(), "no rule tests in deploy/monitoring/tests");
+    assert!(
+        !files.is_empty(),
+        "no rule tests in deploy/monitoring/tests"
+    );
     files
 }
 
@@ -72,8 +79,14 @@ fn alerts() -> Vec<(String, String, Value)> {
     let mut out = Vec::new();
     for group in rules["groups"].as_sequence().expect("groups") {
         for rule in group["rules"].as_sequence().expect("rules") {
-            let name = rule["alert"].as_str().expect("only alerting rules").to_string();
-            let severity = rule["labels"]["severity"].as_str().unwrap_or_default().to_string();
+            let name = rule["alert"]
+                .as_str()
+                .expect("only alerting rules")
+                .to_string();
+            let severity = rule["labels"]["severity"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             out.push((name, severity, rule.clone()));
         }
     }
@@ -129,7 +142,10 @@ fn every_alert_has_firing_and_quiet_cases() {
                     quiet.insert(name.clone());
                 }
                 for alert in expected {
-                    let severity = alert["exp_labels"]["severity"].as_str().unwrap().to_string();
+                    let severity = alert["exp_labels"]["severity"]
+                        .as_str()
+                        .unwrap()
+                        .to_string();
                     fired.insert((name.clone(), severity));
                 }
             }
@@ -140,7 +156,10 @@ fn every_alert_has_firing_and_quiet_cases() {
             fired.contains(&(name.clone(), severity.clone())),
             "no unit test shows {name} ({severity}) firing"
         );
-        assert!(quiet.contains(&name), "no unit test shows {name} not firing");
+        assert!(
+            quiet.contains(&name),
+            "no unit test shows {name} not firing"
+        );
     }
 }
 
@@ -252,7 +271,9 @@ fn pod_monitor_scrapes_the_agents() {
     let monitor = yaml("deploy/monitoring/podmonitor.yaml");
     let daemonset = yaml("deploy/daemonset.yaml");
     let pod_labels = &daemonset["spec"]["template"]["metadata"]["labels"];
-    let selector = monitor["spec"]["selector"]["matchLabels"].as_mapping().unwrap();
+    let selector = monitor["spec"]["selector"]["matchLabels"]
+        .as_mapping()
+        .unwrap();
     assert!(!selector.is_empty());
     for (k, v) in selector {
         assert_eq!(&pod_labels[k], v, "pod label {k:?}");
@@ -266,8 +287,15 @@ fn pod_monitor_scrapes_the_agents() {
         .iter()
         .find(|p| p["name"].as_str() == Some(port))
         .unwrap_or_else(|| panic!("the DaemonSet has no port named {port}"));
-    assert_eq!(container["readinessProbe"]["httpGet"]["port"].as_str(), Some(port));
-    assert_eq!(http["containerPort"].as_u64(), Some(9808), "--http-addr's port");
+    assert_eq!(
+        container["readinessProbe"]["httpGet"]["port"].as_str(),
+        Some(port)
+    );
+    assert_eq!(
+        http["containerPort"].as_u64(),
+        Some(9808),
+        "--http-addr's port"
+    );
     assert_eq!(endpoint["path"].as_str(), Some("/metrics"));
     assert_eq!(
         endpoint["honorLabels"].as_bool(),
@@ -278,7 +306,9 @@ fn pod_monitor_scrapes_the_agents() {
         .as_sequence()
         .unwrap()
         .iter()
-        .any(|r| r["targetLabel"].as_str() == Some("job") && r["replacement"].as_str() == Some("hostvol"));
+        .any(|r| {
+            r["targetLabel"].as_str() == Some("job") && r["replacement"].as_str() == Some("hostvol")
+        });
     assert!(sets_job, "the rules select job=\"hostvol\"");
 }
 
@@ -305,7 +335,12 @@ fn component_renders_with_kustomize() {
             .arg(dir)
             .output()
             .expect("kubectl (scripts/ensure-tools.sh installs it)");
-        assert!(out.status.success(), "kubectl kustomize {}: {}", dir.display(), text(&out));
+        assert!(
+            out.status.success(),
+            "kubectl kustomize {}: {}",
+            dir.display(),
+            text(&out)
+        );
         documents(&String::from_utf8(out.stdout).unwrap())
     };
     let with = render(overlay.path());
@@ -317,7 +352,11 @@ fn component_renders_with_kustomize() {
         .iter()
         .filter(|d| !["PodMonitor", "PrometheusRule"].contains(&d["kind"].as_str().unwrap()))
         .collect();
-    assert_eq!(rest, base.iter().collect::<Vec<_>>(), "the component changes only its own objects");
+    assert_eq!(
+        rest,
+        base.iter().collect::<Vec<_>>(),
+        "the component changes only its own objects"
+    );
     let rule = with.iter().find(|d| d["kind"] == "PrometheusRule").unwrap();
     assert_eq!(rule["spec"], yaml("deploy/monitoring/rules.yaml"));
 }
