@@ -452,8 +452,8 @@ impl Drop for Server {
 }
 
 /// Monitoring as people run it (README "Monitoring"): Debian's Prometheus server, inside the cluster's
-/// network namespace, discovers the agents' pods through the API server as the PodMonitor of
-/// `deploy/monitoring` does (same labels, port name, `job`, `honor_labels`), loads
+/// network namespace, scrapes the agents' pods as the PodMonitor of `deploy/monitoring` asks (pods
+/// by the DaemonSet's labels, port `http`, `job="hostvol"`, `honor_labels`), loads
 /// `deploy/monitoring/rules.yaml`, and serves the claim's `hostvol_volume_used_bytes` back from its
 /// query API once the pod wrote a file: labelled with the claim's own namespace, not the agent's.
 #[test]
@@ -477,6 +477,38 @@ fn prometheus_scrapes_the_agents() {
         .local_addr()
         .unwrap()
         .port();
+    // Debian builds Prometheus without Kubernetes service discovery (client-go is not packaged), so
+    // the targets are what the Prometheus Operator's pod discovery makes of the PodMonitor: the pods
+    // with the DaemonSet's labels, at their port named `http`, labelled with namespace, pod and node.
+    let selector = "app.kubernetes.io/name=hostvol,app.kubernetes.io/component=agent";
+    let listed = rc.kubectl_ok(&[
+        "-n",
+        AGENT_NAMESPACE,
+        "get",
+        "pods",
+        "-l",
+        selector,
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name} {.status.podIP} {.spec.nodeName} \
+         {.spec.containers[0].ports[?(@.name==\"http\")].containerPort}{\"\\n\"}{end}",
+    ]);
+    let targets: Vec<serde_json::Value> = listed
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f.len(), 4, "pod, IP, node and port `http`: {l:?}");
+            serde_json::json!({
+                "targets": [format!("{}:{}", f[1], f[3])],
+                "labels": {"namespace": AGENT_NAMESPACE, "pod": f[0], "node": f[2]},
+            })
+        })
+        .collect();
+    assert_eq!(targets.len(), 1, "one agent per node: {listed}");
+    std::fs::write(
+        dir.join("targets.json"),
+        serde_json::to_string(&targets).unwrap(),
+    )
+    .unwrap();
     let config = format!(
         r#"global:
   scrape_interval: 5s
@@ -484,31 +516,15 @@ fn prometheus_scrapes_the_agents() {
 rule_files:
   - {rules}
 scrape_configs:
-  # What deploy/monitoring/podmonitor.yaml asks the Prometheus Operator to generate.
+  # The scrape deploy/monitoring/podmonitor.yaml asks for: job hostvol, /metrics, honor_labels.
   - job_name: hostvol
     honor_labels: true
     metrics_path: /metrics
-    kubernetes_sd_configs:
-      - role: pod
-        kubeconfig_file: {kubeconfig}
-        namespaces:
-          names: [{AGENT_NAMESPACE}]
-    relabel_configs:
-      - action: keep
-        source_labels:
-          - __meta_kubernetes_pod_label_app_kubernetes_io_name
-          - __meta_kubernetes_pod_label_app_kubernetes_io_component
-          - __meta_kubernetes_pod_container_port_name
-        regex: hostvol;agent;http
-      - source_labels: [__meta_kubernetes_namespace]
-        target_label: namespace
-      - source_labels: [__meta_kubernetes_pod_name]
-        target_label: pod
-      - source_labels: [__meta_kubernetes_pod_node_name]
-        target_label: node
+    file_sd_configs:
+      - files: [{targets}]
 "#,
         rules = root.join("deploy/monitoring/rules.yaml").display(),
-        kubeconfig = rc.kubeconfig().display(),
+        targets = dir.join("targets.json").display(),
     );
     std::fs::write(dir.join("prometheus.yml"), config).unwrap();
     let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
