@@ -10,8 +10,11 @@ if ! command -v promtool >/dev/null; then
   _policy=/usr/sbin/policy-rc.d
   _had_policy=false
   [[ -e $_policy ]] && _had_policy=true
-  $_had_policy || { printf '#!/bin/sh\nexit 101\n' >"$_policy"; chmod +x "$_policy"; }
+  if ! $_had_policy; then
+    printf '#!/bin/sh\nexit 101\n' >"$_policy"
+    chmod +x "$_policy"
+    trap 'rm -f "$_policy"' EXIT
+  fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-  $_had_policy || rm -f "$_policy"
 fi
 promtool --version 2>&1 | head -1 >&2
