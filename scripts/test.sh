@@ -10,6 +10,7 @@ source scripts/ensure-tools.sh  # cargo, kubectl, a C linker
 scripts/setup-control-plane.sh >/dev/null  # etcd + Kubernetes 1.20.2 control-plane binaries
 scripts/setup-quotas.sh >/dev/null         # btrfs-progs (loop-mounted btrfs tests) and the XFS/ext4 quota VM
 scripts/setup-real-nodes.sh >/dev/null     # containerd, kubelet, kube-proxy and node images (tests/real_nodes.rs)
+scripts/setup-monitoring.sh >/dev/null     # promtool (tests/monitoring.rs)
 scripts/build-image.sh >/dev/null          # the hostvol image tests/real_nodes.rs installs from deploy/
 
 cargo build --all-targets

@@ -440,3 +440,199 @@ fn node_loss_component() {
         secs(ds_ready)
     );
 }
+
+/// Kills the Prometheus server this test started (by its pid) when the test ends.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Monitoring as people run it (README "Monitoring"): Debian's Prometheus server, inside the cluster's
+/// network namespace, scrapes the agents' pods as the PodMonitor of `deploy/monitoring` asks (pods
+/// by the DaemonSet's labels, port `http`, `job="hostvol"`, `honor_labels`), loads
+/// `deploy/monitoring/rules.yaml`, and serves the claim's `hostvol_volume_used_bytes` back from its
+/// query API once the pod wrote a file: labelled with the claim's own namespace, not the agent's.
+#[test]
+fn prometheus_scrapes_the_agents() {
+    let rc = RealCluster::start(1);
+    if rc.is_external() {
+        eprintln!(
+            "[real] prometheus: skipped on an external cluster (run your own Prometheus there)"
+        );
+        return;
+    }
+    let ds_ready = rc.install_hostvol();
+    rc.kubectl_ok(&["apply", "-f", "deploy/examples/statefulset.yaml"]);
+    rc.kubectl_ok(&["scale", "statefulset", "nginx-statefulset", "--replicas=1"]);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = rc.dir().join("prometheus");
+    std::fs::create_dir_all(&dir).unwrap();
+    // A free port in the cluster's network namespace (this thread is in it).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Debian builds Prometheus without Kubernetes service discovery (client-go is not packaged), so
+    // the targets are what the Prometheus Operator's pod discovery makes of the PodMonitor: the pods
+    // with the DaemonSet's labels, at their port named `http`, labelled with namespace, pod and node.
+    let selector = "app.kubernetes.io/name=hostvol,app.kubernetes.io/component=agent";
+    let listed = rc.kubectl_ok(&[
+        "-n",
+        AGENT_NAMESPACE,
+        "get",
+        "pods",
+        "-l",
+        selector,
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name} {.status.podIP} {.spec.nodeName} \
+         {.spec.containers[0].ports[?(@.name==\"http\")].containerPort}{\"\\n\"}{end}",
+    ]);
+    let targets: Vec<serde_json::Value> = listed
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f.len(), 4, "pod, IP, node and port `http`: {l:?}");
+            serde_json::json!({
+                "targets": [format!("{}:{}", f[1], f[3])],
+                "labels": {"namespace": AGENT_NAMESPACE, "pod": f[0], "node": f[2]},
+            })
+        })
+        .collect();
+    assert_eq!(targets.len(), 1, "one agent per node: {listed}");
+    std::fs::write(
+        dir.join("targets.json"),
+        serde_json::to_string(&targets).unwrap(),
+    )
+    .unwrap();
+    let config = format!(
+        r#"global:
+  scrape_interval: 5s
+  evaluation_interval: 5s
+rule_files:
+  - {rules}
+scrape_configs:
+  # The scrape deploy/monitoring/podmonitor.yaml asks for: job hostvol, /metrics, honor_labels.
+  - job_name: hostvol
+    honor_labels: true
+    metrics_path: /metrics
+    file_sd_configs:
+      - files: [{targets}]
+"#,
+        rules = root.join("deploy/monitoring/rules.yaml").display(),
+        targets = dir.join("targets.json").display(),
+    );
+    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    let server = Server(
+        std::process::Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("prometheus: {e} (Debian's `prometheus`: run scripts/setup-monitoring.sh)")
+            }),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let server_log = || std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default();
+    let query = |q: &'static str| async move {
+        match http::get(addr, &format!("/api/v1/query?query={q}")).await {
+            Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body).ok(),
+            _ => None,
+        }
+    };
+    rc.block_on(async {
+        let client = rc.client().await;
+        let pods: Api<Pod> = Api::namespaced(client, "default");
+        wait_for(
+            || async {
+                pods.get_opt("nginx-statefulset-0")
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|p| is_ready(&p))
+            },
+            Duration::from_secs(180),
+            "nginx-statefulset-0 Running and Ready",
+        )
+        .await;
+        // 3 MiB written by the pod into its hostvol volume.
+        let written = 3 * 1024 * 1024;
+        rc.kubectl_ok(&[
+            "exec",
+            "nginx-statefulset-0",
+            "--",
+            "/bin/sh",
+            "-c",
+            "head -c 3145728 /dev/zero > /usr/share/nginx/html/blob && sync",
+        ]);
+        let t = Instant::now();
+        // The agent measures usage every 60 s (--usage-refresh-seconds), Prometheus scrapes every 5 s.
+        let used = "hostvol_volume_used_bytes%7Bpersistentvolumeclaim%3D%22nginx-storage-nginx-statefulset-0%22%7D";
+        let series = loop {
+            let got = query(used).await;
+            let result = got.as_ref().and_then(|v| v["data"]["result"].as_array().cloned());
+            if let Some(s) = result.as_ref().and_then(|r| r.first()) {
+                let value: f64 = s["value"][1].as_str().unwrap_or("0").parse().unwrap_or(0.0);
+                if value >= written as f64 {
+                    break s.clone();
+                }
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(180),
+                "Prometheus never served {written} bytes used for the claim; last answer {got:?}\n\
+                 prometheus log:\n{}\nagent logs:\n{}",
+                server_log(),
+                rc.agent_logs()
+            );
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        };
+        let labels = &series["metric"];
+        eprintln!(
+            "[real] prometheus: {} bytes used by default/nginx-storage-nginx-statefulset-0 {} after the \
+             write (DaemonSet Ready {} after apply); labels {labels}",
+            series["value"][1],
+            secs(t.elapsed()),
+            secs(ds_ready)
+        );
+        assert_eq!(labels["job"], "hostvol", "{labels}");
+        assert_eq!(labels["namespace"], "default", "the claim's namespace (honor_labels): {labels}");
+        assert!(labels["persistentvolume"].as_str().is_some_and(|pv| !pv.is_empty()), "{labels}");
+        assert_eq!(labels["node"], rc.nodes()[0].name.as_str(), "{labels}");
+        // The agent's target is up, and every rule of rules.yaml is loaded and evaluates without error.
+        let up = query("up%7Bjob%3D%22hostvol%22%7D").await.unwrap();
+        assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up}");
+        let (code, body) = http::get(addr, "/api/v1/rules").await.unwrap();
+        assert_eq!(code, 200, "{body}");
+        let rules: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let all: Vec<&serde_json::Value> = rules["data"]["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["rules"].as_array().unwrap())
+            .collect();
+        let shipped = std::fs::read_to_string(root.join("deploy/monitoring/rules.yaml"))
+            .unwrap()
+            .matches("- alert:")
+            .count();
+        assert_eq!(all.len(), shipped, "{body}");
+        for rule in all {
+            assert_eq!(rule["health"], "ok", "{rule}");
+        }
+    });
+    drop(server);
+}
