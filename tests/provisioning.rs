@@ -408,7 +408,9 @@ async fn bad_input_is_refused_and_explained() {
                 "clone",
                 "hostvol",
                 "1Gi",
-                "  dataSource:\n    kind: PersistentVolumeClaim\n    name: valid\n",
+                // A source that never exists: naming `valid` (applied in the same batch) raced its
+                // creation and binding ("not bound yet" instead of "fix dataSource").
+                "  dataSource:\n    kind: PersistentVolumeClaim\n    name: absent\n",
             ),
             "dataSource",
         ),
