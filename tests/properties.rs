@@ -25,7 +25,7 @@ use hostvol::domain::admission::{
 use hostvol::domain::naming::{
     MAX_DIRECTORY_NAME, directory_name, node_label_value, pv_name, validate_directory_name,
 };
-use hostvol::domain::params::{ClassParameters, VALID_PARAMETERS, parse_duration};
+use hostvol::domain::params::{ClassParameters, VALID_PARAMETERS, VolumeType, parse_duration};
 use hostvol::domain::quantity::{format_bytes, parse_bytes, to_quantity};
 use hostvol::node::quota::Limit;
 use hostvol::node::roots::parse_config;
@@ -329,6 +329,7 @@ proptest! {
         grace in 0u64..100_000,
         unit in prop::sample::select(&[("s", 1u64), ("m", 60), ("h", 3600)][..]),
         root in "[a-z0-9-]{1,63}",
+        volume_type in prop::sample::select(&[VolumeType::HostPath, VolumeType::Local][..]),
     ) {
         let parameters: BTreeMap<String, String> = [
             ("mode", format!("{mode:04o}")),
@@ -338,6 +339,7 @@ proptest! {
             ("nodeLossCleanup", cleanup.to_string()),
             ("nodeLossGracePeriod", format!("{grace}{}", unit.0)),
             ("dataRoot", root.clone()),
+            ("volumeType", volume_type.as_str().to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -351,6 +353,7 @@ proptest! {
             node_loss_cleanup: cleanup,
             node_loss_grace: Duration::from_secs(grace * unit.1),
             data_root: root,
+            volume_type,
         });
     }
 

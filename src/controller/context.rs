@@ -211,7 +211,7 @@ impl Context {
         }
     }
 
-    /// The data root and directory name of one of our PVs: from its immutable `spec.hostPath.path`,
+    /// The data root and directory name of one of our PVs: from its immutable source path,
     /// directly inside one of this node's data roots, and named for this PV (`pv::volume_directory`);
     /// None otherwise. Warns once per edit when the directory annotation says something else.
     pub fn volume_directory(&self, pv: &PersistentVolume) -> Option<(Arc<Root>, String)> {
@@ -225,7 +225,7 @@ impl Context {
     /// A Warning Event on the PV, once per edited value, when its `hostvol.io/directory` annotation no
     /// longer says where its directory is: the agent goes on using the real one, people should know.
     pub fn check_directory_annotation(&self, pv: &PersistentVolume) {
-        let Some(real) = pv::host_path_of(pv) else {
+        let Some(real) = pv::source_path(pv) else {
             return;
         };
         let name = pv.name_any();
@@ -255,9 +255,10 @@ impl Context {
             "Verify",
             format!(
                 "annotation {} says {annotated:?}, but this volume's directory is {real} \
-                 (spec.hostPath.path, which cannot change); hostvol reads and limits {real} only \
+                 ({}, which cannot change); hostvol reads and limits {real} only \
                  and ignores the annotation: set it back to {real}",
-                pv::ANN_DIRECTORY
+                pv::ANN_DIRECTORY,
+                pv::source_field(pv)
             ),
         );
     }

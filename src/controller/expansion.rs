@@ -127,7 +127,7 @@ async fn grow(
             format!(
                 "node {node}: the directory of volume {pv_name} ({}) is not in any of this node's data \
                  roots ({}); restore its data root in hostvol-config to grow the volume",
-                pv::host_path_of(volume).unwrap_or("no hostPath"),
+                pv::source_path(volume).unwrap_or("no path"),
                 ctx.roots().names().join(", ")
             ),
         );

@@ -94,11 +94,11 @@ pub async fn run(ctx: Arc<Context>, every: Duration, shutdown: CancellationToken
                     let Some(pv) = ctx.volumes.get(&ObjectRef::new(name)) else {
                         continue;
                     };
-                    let path = pv::host_path_of(&pv).unwrap_or_default().to_string();
+                    let path = pv::source_path(&pv).unwrap_or_default().to_string();
                     warn!(pv = %name, %path, "volume directory is missing");
                     ctx.publish(&pv.object_ref(&()), EventType::Warning, "VolumeDirectoryMissing", "Check", format!(
                         "directory {path} of this volume is missing on node {}; pods using it will fail to start \
-                         (hostPath type Directory); restore it from a backup or delete the claim and the PV",
+                         (the kubelet refuses a missing directory); restore it from a backup or delete the claim and the PV",
                         ctx.settings.node));
                 }
                 warned.retain(|n| findings.lost.contains(n));

@@ -422,7 +422,7 @@ async fn create_pv(
     }
 }
 
-/// The PV for an order: the hostPath volume, plus what reclaim needs to find and dispose of it.
+/// The PV for an order: the hostPath or local volume, plus what reclaim needs to find and dispose of it.
 fn volume_object(
     ctx: &Context,
     order: &Order,
@@ -443,6 +443,7 @@ fn volume_object(
         capacity: order.request.capacity.clone(),
         access_modes: order.request.access_modes.clone(),
         reclaim_policy: order.reclaim_policy.clone(),
+        volume_type: order.params.volume_type,
     });
     let annotations = volume.metadata.annotations.get_or_insert_default();
     annotations.insert(pv::ANN_DATA_ROOT.to_string(), root.name.clone());

@@ -3,13 +3,14 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    HostPathVolumeSource, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectReference,
-    PersistentVolume, PersistentVolumeSpec, VolumeNodeAffinity,
+    HostPathVolumeSource, LocalVolumeSource, NodeSelector, NodeSelectorRequirement,
+    NodeSelectorTerm, ObjectReference, PersistentVolume, PersistentVolumeSpec, VolumeNodeAffinity,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::ResourceExt;
 use kube::api::ObjectMeta;
 
+use crate::domain::params::VolumeType;
 use crate::domain::{naming, params, quantity};
 
 pub const ANN_PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
@@ -41,6 +42,8 @@ pub struct VolumeDescription {
     pub capacity: String,
     pub access_modes: Vec<String>,
     pub reclaim_policy: String,
+    /// The volume source the PV carries (the class's `volumeType`).
+    pub volume_type: VolumeType,
 }
 
 pub fn build(volume: &VolumeDescription) -> PersistentVolume {
@@ -71,9 +74,14 @@ pub fn build(volume: &VolumeDescription) -> PersistentVolume {
             persistent_volume_reclaim_policy: Some(volume.reclaim_policy.clone()),
             // Directory, never DirectoryOrCreate: a missing directory (say, a disk that did not mount)
             // must fail the pod instead of silently writing to the node's root filesystem.
-            host_path: Some(HostPathVolumeSource {
+            host_path: (volume.volume_type == VolumeType::HostPath).then(|| HostPathVolumeSource {
                 path: volume.host_path.clone(),
                 type_: Some("Directory".into()),
+            }),
+            // A local volume has no type: the kubelet always refuses a path that does not exist.
+            local: (volume.volume_type == VolumeType::Local).then(|| LocalVolumeSource {
+                path: volume.host_path.clone(),
+                fs_type: None,
             }),
             node_affinity: Some(VolumeNodeAffinity {
                 required: Some(NodeSelector {
@@ -136,12 +144,12 @@ pub fn root_holds<'a>(host_root: &str, path: &'a str) -> Option<&'a str> {
     Some(name)
 }
 
-/// The directory one of our PVs was made for, from its `spec.hostPath.path` (the API server refuses
-/// any change to a PV's source, unlike the `hostvol.io/directory` annotation anyone allowed to patch
+/// The directory one of our PVs was made for, from its source's path (the API server refuses any
+/// change to a PV's source, unlike the `hostvol.io/directory` annotation anyone allowed to patch
 /// PVs can edit), and only if it is this PV's own (`<pv name>_...`, made from the claim's uid), so
 /// no PV can point the agent at another volume's data.
 pub fn directory_of(pv: &PersistentVolume) -> Option<String> {
-    let path = &pv.spec.as_ref()?.host_path.as_ref()?.path;
+    let path = source_path(pv)?;
     let (_, name) = path.rsplit_once('/')?;
     naming::validate_directory_name(name).ok()?;
     let rest = name.strip_prefix(pv.metadata.name.as_deref()?)?;
@@ -150,23 +158,36 @@ pub fn directory_of(pv: &PersistentVolume) -> Option<String> {
 
 /// `directory_of`, checked to be directly inside the data root the kubelet sees as `host_root`.
 pub fn volume_directory(pv: &PersistentVolume, host_root: &str) -> Option<String> {
-    let path = &pv.spec.as_ref()?.host_path.as_ref()?.path;
-    root_holds(host_root, path)?;
+    root_holds(host_root, source_path(pv)?)?;
     directory_of(pv)
 }
 
-/// The PV's `spec.hostPath.path`, if any.
-pub fn host_path_of(pv: &PersistentVolume) -> Option<&str> {
-    Some(pv.spec.as_ref()?.host_path.as_ref()?.path.as_str())
+/// The field `source_path` reads, for messages: `spec.local.path` or `spec.hostPath.path`.
+pub fn source_field(pv: &PersistentVolume) -> &'static str {
+    match pv.spec.as_ref().map(|spec| (&spec.host_path, &spec.local)) {
+        Some((None, Some(_))) => "spec.local.path",
+        _ => "spec.hostPath.path",
+    }
+}
+
+/// The path of the PV's source: `spec.hostPath.path` or `spec.local.path`, whichever it has (both
+/// immutable). Every reader of a PV's directory goes through here.
+pub fn source_path(pv: &PersistentVolume) -> Option<&str> {
+    let spec = pv.spec.as_ref()?;
+    let path = match (&spec.host_path, &spec.local) {
+        (Some(host_path), _) => &host_path.path,
+        (None, Some(local)) => &local.path,
+        (None, None) => return None,
+    };
+    Some(path.as_str())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn pv_is_pinned_prebound_and_never_creates_directories() {
-        let v = VolumeDescription {
+    fn description(volume_type: VolumeType) -> VolumeDescription {
+        VolumeDescription {
             pv_name: "pvc-u1".into(),
             provisioner: "hostpath.hostvol.io".into(),
             node: "node-a".into(),
@@ -179,37 +200,79 @@ mod tests {
             capacity: "1Gi".into(),
             access_modes: vec!["ReadWriteOnce".into()],
             reclaim_policy: "Retain".into(),
-        };
-        let pv = build(&v);
-        let json = serde_json::to_value(&pv).unwrap();
-        assert_eq!(
-            json["spec"]["hostPath"],
-            serde_json::json!({"path": "/mnt/data/pvc-u1_ns_c", "type": "Directory"})
-        );
-        assert_eq!(
-            json["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]
-                ["values"][0],
-            "host-a"
-        );
-        assert_eq!(json["spec"]["claimRef"]["uid"], "u1");
-        assert_eq!(json["spec"]["persistentVolumeReclaimPolicy"], "Retain");
-        assert_eq!(json["spec"]["capacity"]["storage"], "1Gi");
-        assert_eq!(
-            json["metadata"]["annotations"][ANN_PROVISIONED_BY],
-            "hostpath.hostvol.io"
-        );
-        assert_eq!(json["metadata"]["labels"][LABEL_NODE], "node-a");
+            volume_type,
+        }
     }
 
-    fn volume(name: &str, host_path: &str, annotation: &str) -> PersistentVolume {
+    #[test]
+    fn pv_is_pinned_prebound_and_never_creates_directories() {
+        // (volume type, source field it fills, the source, the field it leaves empty)
+        let cases = [
+            (
+                VolumeType::HostPath,
+                "hostPath",
+                serde_json::json!({"path": "/mnt/data/pvc-u1_ns_c", "type": "Directory"}),
+                "local",
+            ),
+            (
+                VolumeType::Local,
+                "local",
+                serde_json::json!({"path": "/mnt/data/pvc-u1_ns_c"}),
+                "hostPath",
+            ),
+        ];
+        for (volume_type, field, source, absent) in cases {
+            let pv = build(&description(volume_type));
+            let json = serde_json::to_value(&pv).unwrap();
+            assert_eq!(json["spec"][field], source, "{volume_type:?}");
+            assert!(json["spec"].get(absent).is_none(), "{volume_type:?}");
+            // Everything else is the same for both types.
+            assert_eq!(
+                json["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"]
+                    [0]["values"][0],
+                "host-a"
+            );
+            assert_eq!(json["spec"]["claimRef"]["uid"], "u1");
+            assert_eq!(json["spec"]["persistentVolumeReclaimPolicy"], "Retain");
+            assert_eq!(json["spec"]["capacity"]["storage"], "1Gi");
+            assert_eq!(json["spec"]["volumeMode"], "Filesystem");
+            assert_eq!(
+                json["metadata"]["annotations"][ANN_PROVISIONED_BY],
+                "hostpath.hostvol.io"
+            );
+            assert_eq!(
+                json["metadata"]["annotations"][ANN_DIRECTORY],
+                "/mnt/data/pvc-u1_ns_c"
+            );
+            assert_eq!(json["metadata"]["labels"][LABEL_NODE], "node-a");
+            assert_eq!(source_path(&pv), Some("/mnt/data/pvc-u1_ns_c"));
+            assert_eq!(source_field(&pv), format!("spec.{field}.path"));
+            assert_eq!(
+                volume_directory(&pv, "/mnt/data").as_deref(),
+                Some("pvc-u1_ns_c")
+            );
+        }
+    }
+
+    fn volume(
+        volume_type: VolumeType,
+        name: &str,
+        path: &str,
+        annotation: &str,
+    ) -> PersistentVolume {
         let mut pv = PersistentVolume::default();
         pv.metadata.name = Some(name.into());
         pv.metadata.annotations =
             Some([(ANN_DIRECTORY.to_string(), annotation.to_string())].into());
+        let path = path.to_string();
         pv.spec = Some(PersistentVolumeSpec {
-            host_path: Some(HostPathVolumeSource {
-                path: host_path.into(),
+            host_path: (volume_type == VolumeType::HostPath).then(|| HostPathVolumeSource {
+                path: path.clone(),
                 type_: None,
+            }),
+            local: (volume_type == VolumeType::Local).then(|| LocalVolumeSource {
+                path: path.clone(),
+                fs_type: None,
             }),
             ..Default::default()
         });
@@ -217,7 +280,7 @@ mod tests {
     }
 
     #[test]
-    fn the_directory_comes_from_the_host_path_inside_the_root() {
+    fn the_directory_comes_from_the_source_path_inside_the_root() {
         let own = "/mnt/data/pvc-1_ns_c";
         // (pv name, hostPath, root, expected directory)
         let cases = [
@@ -234,16 +297,21 @@ mod tests {
             ("pvc-1", "/mnt/data/pvc-1", "/mnt/data", None),
             ("pvc-1", "/mnt/data/", "/mnt/data", None),
         ];
-        for (name, path, root, expected) in cases {
-            // The annotation says something else: it decides nothing.
-            let pv = volume(name, path, "/mnt/data/pvc-2_ns_c");
-            assert_eq!(
-                volume_directory(&pv, root).as_deref(),
-                expected,
-                "{name} {path} in {root}"
-            );
+        for volume_type in [VolumeType::HostPath, VolumeType::Local] {
+            for (name, path, root, expected) in cases {
+                // The annotation says something else: it decides nothing.
+                let pv = volume(volume_type, name, path, "/mnt/data/pvc-2_ns_c");
+                assert_eq!(
+                    volume_directory(&pv, root).as_deref(),
+                    expected,
+                    "{volume_type:?} {name} {path} in {root}"
+                );
+            }
         }
-        let mut no_path = volume("pvc-1", own, own);
+        let mut no_path = volume(VolumeType::Local, "pvc-1", own, own);
+        no_path.spec.as_mut().unwrap().local = None;
+        assert_eq!(source_path(&no_path), None);
+        assert_eq!(volume_directory(&no_path, "/mnt/data"), None);
         no_path.spec = None;
         assert_eq!(volume_directory(&no_path, "/mnt/data"), None);
         assert_eq!(directory_of(&no_path), None);

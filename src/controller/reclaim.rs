@@ -71,7 +71,7 @@ pub fn disposal(pv: &PersistentVolume) -> Disposal {
 /// The volume's directory name, only if it is the one this PV's name says it must be (an edited
 /// annotation can never point the agent at another volume's data).
 pub fn own_directory(pv: &PersistentVolume) -> Option<String> {
-    pv::directory_of(pv) // from the immutable hostPath, never the editable annotation
+    pv::directory_of(pv) // from the immutable source path, never the editable annotation
 }
 
 pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action> {
@@ -112,8 +112,8 @@ async fn dispose_of_directory(
     let reference = pv.object_ref(&());
     let Some(directory) = own_directory(pv) else {
         ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(
-            "spec.hostPath.path {:?} does not name this volume's directory ({}_... directly in a data root); hostvol will not remove anything",
-            pv::host_path_of(pv).unwrap_or_default(), pv.name_any()));
+            "{} {:?} does not name this volume's directory ({}_... directly in a data root); hostvol will not remove anything",
+            pv::source_field(pv), pv::source_path(pv).unwrap_or_default(), pv.name_any()));
         return Ok(Some(Action::requeue(Duration::from_secs(300))));
     };
     let root_name = pv::data_root(pv).to_string();

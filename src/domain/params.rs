@@ -11,6 +11,7 @@ pub const VALID_PARAMETERS: &[&str] = &[
     "nodeLossCleanup",
     "nodeLossGracePeriod",
     "dataRoot",
+    "volumeType",
 ];
 
 /// How long a deleted node may stay gone before its volumes are cleaned up (classes that opt in).
@@ -22,6 +23,36 @@ pub const DEFAULT_NODE_LOSS_GRACE: std::time::Duration = std::time::Duration::fr
 pub const DEFAULT_MODE: u32 = 0o777;
 /// The data root a class uses when it names none (and of PVs made before named roots).
 pub const DEFAULT_ROOT: &str = "default";
+
+/// Which volume source the class's PVs carry. Both name the same directory; what differs is what
+/// the kubelet does with it: a `local` volume gets `kubelet_volume_stats_*` (statfs) and ownership by
+/// the pod's `fsGroup` (a recursive chown on every mount), a `hostPath` volume neither.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VolumeType {
+    #[default]
+    HostPath,
+    Local,
+}
+
+impl VolumeType {
+    /// The value of the `volumeType` parameter, as users write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HostPath => "hostPath",
+            Self::Local => "local",
+        }
+    }
+
+    fn parse(value: &str) -> Result<Self, String> {
+        match value.trim() {
+            "hostPath" => Ok(Self::HostPath),
+            "local" => Ok(Self::Local),
+            other => Err(format!(
+                "StorageClass parameter volumeType={other:?} must be \"hostPath\" or \"local\""
+            )),
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClassParameters {
@@ -36,6 +67,8 @@ pub struct ClassParameters {
     pub node_loss_grace: std::time::Duration,
     /// Which of a node's data roots holds the volumes (see the `hostvol-config` ConfigMap).
     pub data_root: String,
+    /// The source of the PVs: `hostPath` (default) or `local`.
+    pub volume_type: VolumeType,
 }
 
 impl Default for ClassParameters {
@@ -48,6 +81,7 @@ impl Default for ClassParameters {
             node_loss_cleanup: false,
             node_loss_grace: DEFAULT_NODE_LOSS_GRACE,
             data_root: DEFAULT_ROOT.to_string(),
+            volume_type: VolumeType::default(),
         }
     }
 }
@@ -111,6 +145,9 @@ impl ClassParameters {
                 ));
             }
             parsed.data_root = root.clone();
+        }
+        if let Some(volume_type) = parameters.get("volumeType") {
+            parsed.volume_type = VolumeType::parse(volume_type)?;
         }
         if let Some(grace) = parameters.get("nodeLossGracePeriod") {
             parsed.node_loss_grace = parse_duration(grace).ok_or_else(|| {
@@ -216,13 +253,29 @@ mod tests {
     }
 
     #[test]
+    fn volume_type_is_host_path_unless_the_class_says_local() {
+        // (parameters, expected volume type)
+        let cases: [(&[(&str, &str)], VolumeType); 4] = [
+            (&[], VolumeType::HostPath),
+            (&[("volumeType", "hostPath")], VolumeType::HostPath),
+            (&[("volumeType", "local")], VolumeType::Local),
+            (&[("volumeType", " local ")], VolumeType::Local),
+        ];
+        for (pairs, expected) in cases {
+            let parsed = ClassParameters::parse(&params(pairs)).unwrap();
+            assert_eq!(parsed.volume_type, expected, "{pairs:?}");
+            assert_eq!(VolumeType::parse(expected.as_str()), Ok(expected));
+        }
+    }
+
+    #[test]
     fn unknown_parameters_list_the_valid_ones() {
         let e =
             ClassParameters::parse(&params(&[("nodePath", "/x"), ("mode", "0777")])).unwrap_err();
         assert!(
             e.contains("nodePath")
                 && e.contains(
-                    "mode, uid, gid, onDelete, nodeLossCleanup, nodeLossGracePeriod, dataRoot"
+                    "mode, uid, gid, onDelete, nodeLossCleanup, nodeLossGracePeriod, dataRoot, volumeType"
                 ),
             "{e}"
         );
@@ -232,6 +285,10 @@ mod tests {
     fn malformed_values_are_explained() {
         for (k, v) in [
             ("dataRoot", "Fast/x"),
+            ("volumeType", "Local"),
+            ("volumeType", "hostpath"),
+            ("volumeType", "csi"),
+            ("volumeType", ""),
             ("nodeLossGracePeriod", "soon"),
             ("nodeLossCleanup", "yes"),
             ("onDelete", "shred"),

@@ -98,7 +98,7 @@ fn describe_volume(pv: &PersistentVolume, usage: &UsageCache) -> Volume {
         pv_name: pv.name_any(),
         claim_namespace: claim.namespace.unwrap_or_default(),
         claim_name: claim.name.unwrap_or_default(),
-        directory: pv::host_path_of(pv).unwrap_or_default().to_string(),
+        directory: pv::source_path(pv).unwrap_or_default().to_string(),
         capacity_bytes: spec
             .capacity
             .and_then(|c| {
