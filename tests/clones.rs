@@ -164,6 +164,43 @@ async fn clones_are_copies_made_on_the_source_node() {
         3,
         "source, copy, moved: nothing for the refused claims"
     );
+
+    // Cloning reads the source's directory from its PV's source: a `local` source clones the same
+    // way, into a `local` PV.
+    cluster.kubectl_apply_yaml(&format!(
+        "{}---\n{}",
+        typed_class_yaml(
+            "cloneable-local",
+            "WaitForFirstConsumer",
+            "Delete",
+            "local",
+            &[]
+        ),
+        claim_yaml("cl", "local-source", "cloneable-local", "10Mi", Some("n1"))
+    ));
+    let (_, local_source) = volume_dir(&cluster, &n1, "cl", "local-source").await;
+    std::fs::write(
+        local_source.join("index.html"),
+        "hello from a local volume\n",
+    )
+    .unwrap();
+    cluster.kubectl_apply_yaml(&claim_yaml_with(
+        "cl",
+        "local-copy",
+        "cloneable-local",
+        "10Mi",
+        Some("n2"),
+        "  dataSource:\n    kind: PersistentVolumeClaim\n    name: local-source\n",
+    ));
+    let (pv, local_copy) = volume_dir(&cluster, &n1, "cl", "local-copy").await;
+    assert_eq!(
+        (pv_node(&pv).as_str(), pv_volume_type(&pv)),
+        ("n1", "local")
+    );
+    assert_eq!(
+        std::fs::read_to_string(local_copy.join("index.html")).unwrap(),
+        "hello from a local volume\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use common::grpc::GetCapacityRequest;
 use common::{
-    Agent, Cluster, capacity_report, claim_yaml, class_yaml, connect, dirs_in, fmt_events,
-    hostvol_pvs, metric_value, pod_yaml, pv_claim, pv_dir_name, pv_host_path, pv_node,
+    Agent, Cluster, VOLUME_TYPES, capacity_report, claim_yaml, class_yaml, connect, dirs_in,
+    fmt_events, hostvol_pvs, metric_value, pod_yaml, pv_claim, pv_dir_name, pv_host_path, pv_node,
+    pv_volume_type, typed_class_yaml,
 };
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::ResourceExt;
@@ -208,7 +209,8 @@ fn volume_dir(agent: &Agent, pv: &PersistentVolume) -> std::path::PathBuf {
 }
 
 /// Scenario 4: Delete removes the directory (read-only files, nested directories, a symlink out of the
-/// root whose target survives), then the PV; `kubectl delete pv` on a bound volume ends the same way.
+/// root whose target survives), then the PV, for both volume types; `kubectl delete pv` on a bound
+/// volume ends the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_policy_cleans_up_without_following_symlinks() {
     use std::os::unix::fs::PermissionsExt;
@@ -221,57 +223,62 @@ async fn delete_policy_cleans_up_without_following_symlinks() {
         &[],
     ));
     cluster.create_namespace("del").await;
-    cluster.kubectl_apply_yaml(&claim_yaml(
-        "del",
-        "scratch",
-        "hostvol-delete",
-        "1Gi",
-        Some("node-a"),
-    ));
-    let pv = cluster.hostvol_pv_of_claim("del", "scratch", T).await;
-    assert!(
-        pv.finalizers().iter().any(|f| f == "hostvol.io/cleanup"),
-        "Delete volumes carry the cleanup finalizer"
-    );
-    let dir = volume_dir(agent, &pv);
-    let outside = cluster.dir().join("precious.txt");
-    std::fs::write(&outside, "do not touch").unwrap();
-    std::fs::create_dir_all(dir.join("a/b/c")).unwrap();
-    std::fs::write(dir.join("a/b/c/deep.txt"), "x").unwrap();
-    std::fs::write(dir.join("readonly.txt"), "x").unwrap();
-    std::fs::set_permissions(
-        dir.join("readonly.txt"),
-        std::fs::Permissions::from_mode(0o444),
-    )
-    .unwrap();
-    std::fs::create_dir(dir.join("locked")).unwrap();
-    std::fs::write(dir.join("locked/inside.txt"), "x").unwrap();
-    std::fs::set_permissions(dir.join("locked"), std::fs::Permissions::from_mode(0o555)).unwrap();
-    std::os::unix::fs::symlink(&outside, dir.join("escape")).unwrap();
-
-    cluster.kubectl_ok(&[
-        "delete",
-        "-n",
-        "del",
-        "pvc",
-        "scratch",
-        "--wait=true",
-        "--timeout=60s",
-    ]);
     let pvs: Api<PersistentVolume> = Api::all(cluster.client());
-    cluster
-        .wait_for(
-            || async { pvs.get_opt(&pv.name_any()).await.unwrap().is_none() },
-            T,
-            "Delete PV removed",
+    // Reclaim reads the directory from the PV's source: once per volume type.
+    for volume_type in VOLUME_TYPES {
+        let class = format!("hostvol-delete-{}", volume_type.to_lowercase());
+        let claim = format!("scratch-{}", volume_type.to_lowercase());
+        cluster.kubectl_apply_yaml(&format!(
+            "{}---\n{}",
+            typed_class_yaml(&class, "WaitForFirstConsumer", "Delete", volume_type, &[]),
+            claim_yaml("del", &claim, &class, "1Gi", Some("node-a"))
+        ));
+        let pv = cluster.hostvol_pv_of_claim("del", &claim, T).await;
+        assert_eq!(pv_volume_type(&pv), volume_type);
+        assert!(
+            pv.finalizers().iter().any(|f| f == "hostvol.io/cleanup"),
+            "Delete volumes carry the cleanup finalizer"
+        );
+        let dir = volume_dir(agent, &pv);
+        let outside = cluster.dir().join("precious.txt");
+        std::fs::write(&outside, "do not touch").unwrap();
+        std::fs::create_dir_all(dir.join("a/b/c")).unwrap();
+        std::fs::write(dir.join("a/b/c/deep.txt"), "x").unwrap();
+        std::fs::write(dir.join("readonly.txt"), "x").unwrap();
+        std::fs::set_permissions(
+            dir.join("readonly.txt"),
+            std::fs::Permissions::from_mode(0o444),
         )
-        .await;
-    assert!(!dir.exists(), "directory removed");
-    assert_eq!(
-        std::fs::read_to_string(&outside).unwrap(),
-        "do not touch",
-        "symlink target untouched"
-    );
+        .unwrap();
+        std::fs::create_dir(dir.join("locked")).unwrap();
+        std::fs::write(dir.join("locked/inside.txt"), "x").unwrap();
+        std::fs::set_permissions(dir.join("locked"), std::fs::Permissions::from_mode(0o555))
+            .unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("escape")).unwrap();
+
+        cluster.kubectl_ok(&[
+            "delete",
+            "-n",
+            "del",
+            "pvc",
+            &claim,
+            "--wait=true",
+            "--timeout=60s",
+        ]);
+        cluster
+            .wait_for(
+                || async { pvs.get_opt(&pv.name_any()).await.unwrap().is_none() },
+                T,
+                &format!("Delete PV removed ({volume_type})"),
+            )
+            .await;
+        assert!(!dir.exists(), "directory removed ({volume_type})");
+        assert_eq!(
+            std::fs::read_to_string(&outside).unwrap(),
+            "do not touch",
+            "symlink target untouched"
+        );
+    }
 
     // kubectl delete pv on a bound Delete volume: held until the claim goes, then cleaned the same way.
     cluster.kubectl_apply_yaml(&claim_yaml(
@@ -431,8 +438,23 @@ async fn doctor_reports_orphans_and_lost_volumes() {
     cluster.apply_repo_manifest("deploy/storageclass.yaml");
     cluster.create_namespace("doc").await;
     cluster.kubectl_apply_yaml(&claim_yaml("doc", "gone", "hostvol", "1Gi", Some("node-b")));
+    // The directory check reads the PV's source: a lost `local` volume is found the same way.
+    cluster.kubectl_apply_yaml(&format!(
+        "{}---\n{}",
+        typed_class_yaml(
+            "hostvol-local",
+            "WaitForFirstConsumer",
+            "Retain",
+            "local",
+            &[]
+        ),
+        claim_yaml("doc", "gone-local", "hostvol-local", "1Gi", Some("node-b"))
+    ));
     let lost_pv = cluster.hostvol_pv_of_claim("doc", "gone", T).await;
-    std::fs::remove_dir(volume_dir(&agents[1], &lost_pv)).unwrap();
+    let lost_local = cluster.hostvol_pv_of_claim("doc", "gone-local", T).await;
+    for pv in [&lost_pv, &lost_local] {
+        std::fs::remove_dir(volume_dir(&agents[1], pv)).unwrap();
+    }
     let orphan = agents[0]
         .root
         .join("pvc-00000000-0000-0000-0000-000000000000_old_data");
@@ -460,25 +482,30 @@ async fn doctor_reports_orphans_and_lost_volumes() {
     cluster
         .wait_for(
             || async {
-                metric_value(&agents[1].metrics().await, "hostvol_lost_volumes", &[]) == Some(1.0)
+                metric_value(&agents[1].metrics().await, "hostvol_lost_volumes", &[]) == Some(2.0)
             },
             T,
-            "lost metric on node-b",
+            "lost metric on node-b (hostPath and local)",
         )
         .await;
-    cluster
-        .wait_for(
-            || async {
-                cluster
-                    .object_events("", "PersistentVolume", &lost_pv.name_any())
-                    .await
-                    .iter()
-                    .any(|(t, r, _)| t == "Warning" && r == "VolumeDirectoryMissing")
-            },
-            T,
-            "Warning VolumeDirectoryMissing on the lost PV",
-        )
-        .await;
+    for pv in [&lost_pv, &lost_local] {
+        cluster
+            .wait_for(
+                || async {
+                    cluster
+                        .object_events("", "PersistentVolume", &pv.name_any())
+                        .await
+                        .iter()
+                        .any(|(t, r, _)| t == "Warning" && r == "VolumeDirectoryMissing")
+                },
+                T,
+                &format!(
+                    "Warning VolumeDirectoryMissing on lost PV {}",
+                    pv.name_any()
+                ),
+            )
+            .await;
+    }
     let (code, out, err) = hostvol_cli(&cluster, &["doctor"], "");
     assert_eq!(code, 0, "{out}{err}");
     assert!(
@@ -486,13 +513,15 @@ async fn doctor_reports_orphans_and_lost_volumes() {
             .any(|l| l.starts_with("node-a") && l.contains("orphan") && l.contains("_old_data")),
         "{out}"
     );
-    assert!(
-        out.lines().any(|l| l.starts_with("node-b")
-            && l.contains("lost")
-            && l.contains(&lost_pv.name_any())
-            && l.contains("doc/gone")),
-        "{out}"
-    );
+    for (pv, claim) in [(&lost_pv, "doc/gone"), (&lost_local, "doc/gone-local")] {
+        assert!(
+            out.lines().any(|l| l.starts_with("node-b")
+                && l.contains("lost")
+                && l.contains(&pv.name_any())
+                && l.contains(claim)),
+            "{out}"
+        );
+    }
     assert!(out.contains("nothing was deleted"), "{out}");
     assert_eq!(
         std::fs::read_to_string(orphan.join("file")).unwrap(),
@@ -534,10 +563,12 @@ async fn node_loss_cleanup_is_opt_in() {
     let mut agents = cluster
         .add_nodes_with_agents(&[("doomed", on), ("survivor", on)])
         .await;
-    cluster.kubectl_apply_yaml(&class_yaml(
+    // The opted-in class makes `local` PVs, the shipped one `hostPath`: node loss for both types.
+    cluster.kubectl_apply_yaml(&typed_class_yaml(
         "hostvol-heal",
         "WaitForFirstConsumer",
         "Retain",
+        "local",
         &[("nodeLossCleanup", "true"), ("nodeLossGracePeriod", "3s")],
     ));
     cluster.apply_repo_manifest("deploy/storageclass.yaml");
@@ -595,7 +626,10 @@ async fn node_loss_cleanup_is_opt_in() {
         .get(claim.spec.as_ref().unwrap().volume_name.as_ref().unwrap())
         .await
         .unwrap();
-    assert_eq!(pv_node(&pv), "survivor");
+    assert_eq!(
+        (pv_node(&pv).as_str(), pv_volume_type(&pv)),
+        ("survivor", "local")
+    );
     let pod = cluster.wait_pod_running("loss", "healing-0", T).await;
     assert_eq!(pod.spec.unwrap().node_name.as_deref(), Some("survivor"));
     let pvs: Api<PersistentVolume> = Api::all(cluster.client());

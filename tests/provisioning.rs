@@ -377,6 +377,7 @@ async fn bad_input_is_refused_and_explained() {
         ("hostvol-typo", ("nodePath", "/x")),
         ("hostvol-badmode", ("mode", "rwx")),
         ("hostvol-baduid", ("uid", "root")),
+        ("hostvol-badtype", ("volumeType", "Local")),
     ] {
         cluster.kubectl_apply_yaml(&class_yaml(
             class,
@@ -439,6 +440,11 @@ async fn bad_input_is_refused_and_explained() {
             "baduid",
             claim("baduid", "hostvol-baduid", "1Gi", ""),
             "uid=\"root\"",
+        ),
+        (
+            "badtype",
+            claim("badtype", "hostvol-badtype", "1Gi", ""),
+            "volumeType=\"Local\" must be \"hostPath\" or \"local\"",
         ),
     ];
     let mut all = cases.iter().map(|(_, y, _)| y.clone()).collect::<Vec<_>>();

@@ -696,6 +696,17 @@ fn statfs_size(path: &Path) -> (u64, u64) {
     (st.blocks() * bsize, st.blocks_available() * bsize)
 }
 
+/// What the kubelet reports for a `local` volume at `path` (its statfs metrics provider):
+/// `kubelet_volume_stats_capacity_bytes` (blocks) and `_used_bytes` (blocks - free).
+fn kubelet_volume_stats(path: &Path) -> (u64, u64) {
+    let st = nix::sys::statfs::statfs(path).unwrap();
+    let bsize = st.block_size() as u64;
+    (
+        st.blocks() * bsize,
+        (st.blocks() - st.blocks_free()) * bsize,
+    )
+}
+
 fn check_limits(fs: Filesystem, mount: &Path, fs_fd: BorrowedFd<'_>) {
     let limit_errno = match fs {
         Filesystem::Xfs => libc::ENOSPC,
@@ -739,6 +750,18 @@ fn check_limits(fs: Filesystem, mount: &Path, fs_fd: BorrowedFd<'_>) {
         w1.written
     );
     assert_eq!(u.inodes, 2);
+    // A `local` PV of this volume: the kubelet's figures are the volume's, not the filesystem's.
+    let (capacity, used) = kubelet_volume_stats(&vol);
+    println!(
+        "kubelet_volume_stats of a local PV here: capacity {capacity} bytes, used {used} bytes (quota usage {})",
+        u.used_bytes
+    );
+    assert_eq!(capacity, 10 * MIB, "capacity_bytes is the limit");
+    assert!(
+        used.abs_diff(u.used_bytes) <= 256 * 1024,
+        "used_bytes {used} is the project's usage {}",
+        u.used_bytes
+    );
 
     // Expand: 30 MiB.
     set_limit(fs_fd, id, Some(30 * MIB)).unwrap();

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use common::loop_btrfs::*;
 use common::{
     Agent, Cluster, claim_yaml, claim_yaml_with, class_yaml, dirs_in, fmt_events, hostvol_pvs,
-    pv_host_path,
+    pv_host_path, pv_volume_type, typed_class_yaml,
 };
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::ResourceExt;
@@ -56,10 +56,13 @@ async fn btrfs_limits_are_enforced() {
     let (cluster, fs) = node_a_on_btrfs(Quotas::On, IMAGE_BYTES).await;
     let agent = start_agent_on(&cluster, "node-a", &fs, &["--quota-mode", "auto"]).await;
     check_enforcement_logged(&agent, "btrfs-qgroup");
-    cluster.kubectl_apply_yaml(&class_yaml(
+    // A `local` class: the limit does not depend on the type (the other btrfs scenarios use
+    // hostPath); what the kubelet would report for a local PV here is checked below.
+    cluster.kubectl_apply_yaml(&typed_class_yaml(
         "hostvol-quota",
         "WaitForFirstConsumer",
         "Retain",
+        "local",
         &[],
     ));
     cluster.create_namespace("quota").await;
@@ -72,6 +75,7 @@ async fn btrfs_limits_are_enforced() {
     ));
 
     let pv = cluster.hostvol_pv_of_claim("quota", "data", T).await;
+    assert_eq!(pv_volume_type(&pv), "local");
     let id = qgroup_annotation(&pv);
     let dir = volume_dir(&fs, &pv);
     let meta = std::fs::metadata(&dir).unwrap_or_else(|e| {
@@ -103,6 +107,33 @@ async fn btrfs_limits_are_enforced() {
         Some(CLAIM_BYTES),
         "qgroup 0/{id} is limited to the claim's {CLAIM_SIZE}\n{}",
         fs.qgroup_table()
+    );
+
+    // The kubelet's figures for a local PV come from statfs, which on btrfs describes the whole
+    // filesystem, not the subvolume's qgroup: capacity_bytes is the filesystem's size.
+    let (in_volume, filesystem) = (
+        nix::sys::statfs::statfs(&dir).unwrap(),
+        nix::sys::statfs::statfs(fs.mnt()).unwrap(),
+    );
+    let figures = |st: &nix::sys::statfs::Statfs| {
+        let bsize = st.block_size() as u64;
+        (
+            st.blocks() * bsize,
+            (st.blocks() - st.blocks_free()) * bsize,
+        )
+    };
+    let ((capacity, used), (fs_size, fs_used)) = (figures(&in_volume), figures(&filesystem));
+    eprintln!(
+        "[quotas] statfs in a {CLAIM_SIZE} btrfs volume: capacity {capacity} bytes, used {used} bytes; \
+         the filesystem: {fs_size} bytes, {fs_used} used"
+    );
+    assert_eq!(
+        capacity, fs_size,
+        "statfs in a subvolume reports the filesystem's size"
+    );
+    assert!(
+        capacity > CLAIM_BYTES,
+        "not the qgroup limit {CLAIM_BYTES}: {capacity}"
     );
 
     // A non-root writer (as a pod's user would be) is stopped at the limit.

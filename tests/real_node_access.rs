@@ -11,7 +11,9 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{AGENT_NAMESPACE, RealCluster, hostvol_as_person, run_as_person};
+use common::{
+    AGENT_NAMESPACE, RealCluster, hostvol_as_person, metric_value, run_as_person, typed_class_yaml,
+};
 
 const T: &str = "--timeout=120s";
 
@@ -31,16 +33,16 @@ fn agent_pod_ip(rc: &RealCluster, node: &str) -> String {
     ])
 }
 
-/// Runs `script` with `sh -c` in a busybox pod on `node` (optionally mounting claim `claim` at
-/// /data, with `security` as the pod's securityContext) until it ends; returns (succeeded, logs).
-fn run_pod(
+/// Starts `script` with `sh -c` in a busybox pod on `node` (optionally mounting claim `claim` at
+/// /data, with `security` as the pod's securityContext).
+fn apply_pod(
     rc: &RealCluster,
     name: &str,
     node: &str,
     claim: Option<&str>,
     security: serde_json::Value,
     script: &str,
-) -> (bool, String) {
+) {
     let mut spec = serde_json::json!({
         "nodeSelector": {"kubernetes.io/hostname": node}, "restartPolicy": "Never", "securityContext": security,
         "containers": [{"name": "c", "image": "busybox:1.35", "command": ["sh", "-c", script]}],
@@ -56,6 +58,18 @@ fn run_pod(
     let file = rc.dir().join(format!("{name}.json"));
     std::fs::write(&file, pod.to_string()).unwrap();
     rc.kubectl_ok(&["apply", "-f", file.to_str().unwrap()]);
+}
+
+/// `apply_pod`, then waits until the pod ends; returns (succeeded, logs).
+fn run_pod(
+    rc: &RealCluster,
+    name: &str,
+    node: &str,
+    claim: Option<&str>,
+    security: serde_json::Value,
+    script: &str,
+) -> (bool, String) {
+    apply_pod(rc, name, node, claim, security, script);
     let deadline = Instant::now() + Duration::from_secs(120);
     let phase = loop {
         let phase = rc.kubectl_ok(&["get", "pod", name, "-o", "jsonpath={.status.phase}"]);
@@ -361,4 +375,137 @@ fn non_root_pods_write_where_the_class_lets_them() {
             dir.display()
         );
     }
+}
+
+/// One sample of the kubelet's `/metrics` on `node`, read through the API server's node proxy as
+/// the test's admin (the agent's RBAC is not involved): `kubelet_volume_stats_<stat>` of claim
+/// default/`claim`, if the kubelet reports it.
+fn kubelet_volume_stat(rc: &RealCluster, node: &str, stat: &str, claim: &str) -> Option<f64> {
+    let metrics = rc.kubectl_ok(&[
+        "get",
+        "--raw",
+        &format!("/api/v1/nodes/{node}/proxy/metrics"),
+    ]);
+    metric_value(
+        &metrics,
+        &format!("kubelet_volume_stats_{stat}"),
+        &[("namespace", "default"), ("persistentvolumeclaim", claim)],
+    )
+}
+
+/// Issue 16, volumeType local: the same pod (uid 3000, fsGroup 1000) on a fresh `local` volume and
+/// on a `hostPath` volume of the default class. On `local` the kubelet gives the volume to group
+/// 1000 (setgid directory), so the pod's files carry group 1000, and it reports
+/// `kubelet_volume_stats_*` for the claim, whose used bytes grow after the pod writes 20 MiB. On
+/// `hostPath` the files carry the pod's own group 3000 and the kubelet reports no figures at all.
+#[test]
+fn local_volumes_get_fs_group_ownership_and_kubelet_volume_stats() {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let rc = RealCluster::start(1);
+    rc.install_hostvol();
+    let node = rc.nodes()[0].name.clone();
+    let class = rc.dir().join("local-class.yaml");
+    std::fs::write(
+        &class,
+        typed_class_yaml(
+            "hostvol-local",
+            "WaitForFirstConsumer",
+            "Delete",
+            "local",
+            &[],
+        ),
+    )
+    .unwrap();
+    rc.kubectl_ok(&["apply", "-f", class.to_str().unwrap()]);
+    let security = serde_json::json!({"runAsUser": 3000, "runAsGroup": 3000, "fsGroup": 1000});
+    // (claim, class, group of the pod's files)
+    let cases = [
+        ("local", "hostvol-local", "1000"),
+        ("plain", "hostvol", "3000"),
+    ];
+    for (claim_name, class, _) in cases {
+        claim(&rc, claim_name, class);
+        apply_pod(
+            &rc,
+            claim_name,
+            &node,
+            Some(claim_name),
+            security.clone(),
+            "sleep 3600",
+        );
+    }
+    for (claim_name, _, group) in cases {
+        rc.kubectl_ok(&[
+            "wait",
+            "--for=condition=Ready",
+            &format!("pod/{claim_name}"),
+            T,
+        ]);
+        let pv = rc.kubectl_ok(&[
+            "get",
+            "pvc",
+            claim_name,
+            "-o",
+            "jsonpath={.spec.volumeName}",
+        ]);
+        let source = rc.kubectl_ok(&["get", "pv", &pv, "-o", "jsonpath={.spec}"]);
+        let out = rc.kubectl_ok(&[
+            "exec", claim_name, "--", "sh", "-c",
+            "id; echo hi > /data/file; stat -c 'file %u:%g' /data/file; stat -c 'dir %u:%g %a' /data",
+        ]);
+        println!("[real] pod uid 3000 fsGroup 1000 on claim {claim_name} ({source}):\n{out}");
+        assert!(
+            out.contains(&format!("file 3000:{group}")),
+            "{claim_name}: {out}"
+        );
+    }
+    // The kubelet computes volume figures every minute (volumeStatsAggPeriod), per pod.
+    let wait_stat = |what: &str, ok: &dyn Fn(f64) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            if let Some(value) =
+                kubelet_volume_stat(&rc, &node, "used_bytes", "local").filter(|v| ok(*v))
+            {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kubelet_volume_stats_used_bytes of claim local: {what} after 240 s"
+            );
+            std::thread::sleep(Duration::from_secs(5));
+        }
+    };
+    let t = Instant::now();
+    let before = wait_stat("never reported", &|_| true);
+    let capacity = kubelet_volume_stat(&rc, &node, "capacity_bytes", "local")
+        .expect("kubelet_volume_stats_capacity_bytes of claim local");
+    println!(
+        "[real] claim local: used {before} bytes, capacity {capacity} bytes, first reported {:.0} s after the pod was Ready",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        capacity >= before && capacity > 0.0,
+        "capacity {capacity}, used {before}"
+    );
+    assert_eq!(
+        kubelet_volume_stat(&rc, &node, "used_bytes", "plain"),
+        None,
+        "the kubelet reports no figures for hostPath volumes"
+    );
+    rc.kubectl_ok(&[
+        "exec",
+        "local",
+        "--",
+        "sh",
+        "-c",
+        "dd if=/dev/urandom of=/data/blob bs=1048576 count=20 && sync",
+    ]);
+    let t = Instant::now();
+    let after = wait_stat("not 20 MiB more", &|v| v - before >= 20.0 * MIB);
+    println!(
+        "[real] claim local after writing 20 MiB: used {after} bytes (+{:.1} MiB), seen {:.0} s after the write",
+        (after - before) / MIB,
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(kubelet_volume_stat(&rc, &node, "used_bytes", "plain"), None);
 }

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{AGENT_NAMESPACE, RealCluster, http, wait_for};
+use common::{AGENT_NAMESPACE, RealCluster, http, pv_volume_type, wait_for};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DynamicObject, ListParams};
@@ -153,10 +153,26 @@ fn install() {
 /// directory and file stays on the node.
 #[test]
 fn walkthrough() {
+    walkthrough_with("hostPath");
+}
+
+/// The walkthrough with a default class of `volumeType: local` (the shipped class, renamed, with
+/// that one parameter added): the same steps, on `local` PVs.
+#[test]
+fn walkthrough_local() {
+    walkthrough_with("local");
+}
+
+/// The walkthrough, its default class making PVs of `volume_type`.
+fn walkthrough_with(volume_type: &str) {
     let t_test = Instant::now();
     let rc = RealCluster::start(2);
     rc.block_on(async {
         let ds_ready = rc.install_hostvol();
+        let default_class = match volume_type {
+            "hostPath" => "hostvol".to_string(),
+            other => apply_shipped_class_of_type(&rc, other),
+        };
         let client = rc.client().await;
         let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
@@ -164,7 +180,7 @@ fn walkthrough() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(WALKTHROUGH);
         let manifest = |f: &str| dir.join(f).to_str().unwrap().to_string();
 
-        rc.make_default_class("hostvol");
+        rc.make_default_class(&default_class);
         let t0 = Instant::now();
         for f in ["nginx-pv.yaml", "nginx-pvc.yaml", "nginx-statefulset.yaml"] {
             rc.kubectl_ok(&["apply", "-f", &manifest(f)]);
@@ -190,8 +206,9 @@ fn walkthrough() {
             let p = pods.get(r).await.unwrap();
             let claim = claims.get(&format!("nginx-storage-{r}")).await.unwrap();
             let spec = claim.spec.unwrap();
-            assert_eq!(spec.storage_class_name.as_deref(), Some("hostvol"), "{r}'s claim");
+            assert_eq!(spec.storage_class_name.as_deref(), Some(default_class.as_str()), "{r}'s claim");
             let pv = spec.volume_name.unwrap();
+            assert_eq!(pv_volume_type(&pvs.get(&pv).await.unwrap()), volume_type, "{pv}");
             placed.push((r, node_of(&p), pv));
         }
         for (r, node, pv) in &placed {
@@ -212,7 +229,7 @@ fn walkthrough() {
         eprintln!(
             "[real] nginx-pvc: class {class:?}, {phase:?} (waits for a first pod); nginx-pv: {static_phase:?}"
         );
-        assert_eq!(class.as_deref(), Some("hostvol"));
+        assert_eq!(class.as_deref(), Some(default_class.as_str()));
         assert_eq!(phase.as_deref(), Some("Pending"));
         assert_eq!(static_phase.as_deref(), Some("Available"));
 
@@ -275,11 +292,11 @@ fn walkthrough() {
         let allows = rc.kubectl_ok(&[
             "get",
             "storageclass",
-            "hostvol",
+            &default_class,
             "-o",
             "jsonpath={.allowVolumeExpansion}",
         ]);
-        assert_eq!(allows.trim(), "true", "kubectl get storageclass hostvol: allowVolumeExpansion");
+        assert_eq!(allows.trim(), "true", "kubectl get storageclass {default_class}: allowVolumeExpansion");
         let t = Instant::now();
         rc.kubectl_ok(&[
             "patch",
@@ -374,7 +391,29 @@ fn walkthrough() {
         );
     });
     drop(rc);
-    eprintln!("[real] walkthrough: {} in all", secs(t_test.elapsed()));
+    eprintln!(
+        "[real] walkthrough ({volume_type}): {} in all",
+        secs(t_test.elapsed())
+    );
+}
+
+/// Applies the shipped class `hostvol` as `hostvol-<type>` with `volumeType: <type>` added; its name.
+fn apply_shipped_class_of_type(rc: &RealCluster, volume_type: &str) -> String {
+    let name = format!("hostvol-{}", volume_type.to_lowercase());
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/storageclass.yaml"),
+    )
+    .unwrap();
+    assert!(
+        shipped.contains("\n  name: hostvol\n") && !shipped.contains("\nparameters:"),
+        "{shipped}"
+    );
+    let class = shipped.replace("\n  name: hostvol\n", &format!("\n  name: {name}\n"))
+        + &format!("parameters:\n  volumeType: {volume_type}\n");
+    let file = rc.dir().join(format!("{name}.yaml"));
+    std::fs::write(&file, class).unwrap();
+    rc.kubectl_ok(&["apply", "-f", file.to_str().unwrap()]);
+    name
 }
 
 /// GET `path` of agent pod `pod` on port 9808 through the API server's pod proxy: (200, body) or

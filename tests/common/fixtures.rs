@@ -52,6 +52,23 @@ pub fn class_yaml(name: &str, binding: &str, reclaim: &str, parameters: &[(&str,
     )
 }
 
+/// The values of the class parameter `volumeType`: the suites run the scenarios where the type
+/// matters (the PV's source, and every reader of its directory) once for each.
+pub const VOLUME_TYPES: [&str; 2] = ["hostPath", "local"];
+
+/// `class_yaml` of a class whose PVs carry `volume_type` (`hostPath` or `local`) as their source.
+pub fn typed_class_yaml(
+    name: &str,
+    binding: &str,
+    reclaim: &str,
+    volume_type: &str,
+    parameters: &[(&str, &str)],
+) -> String {
+    let mut parameters = parameters.to_vec();
+    parameters.push(("volumeType", volume_type));
+    class_yaml(name, binding, reclaim, &parameters)
+}
+
 /// A ReadWriteOnce claim; with `selected_node` it is already placed there, as the scheduler leaves a
 /// claim of a WaitForFirstConsumer class.
 pub fn claim_yaml(

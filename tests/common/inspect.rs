@@ -286,9 +286,20 @@ pub fn pv_node(pv: &PersistentVolume) -> String {
         .unwrap_or_default()
 }
 
-/// The hostPath of a hostvol PV (its directory on the node).
+/// The directory of a hostvol PV on the node: its `hostPath` or `local` path, whichever it has.
 pub fn pv_host_path(pv: &PersistentVolume) -> &str {
-    &pv.spec.as_ref().unwrap().host_path.as_ref().unwrap().path
+    super::pv::source_path(pv)
+        .unwrap_or_else(|| panic!("PV {} has no hostPath or local path", pv.name_any()))
+}
+
+/// The volume source a hostvol PV carries: `hostPath` or `local` (the class's `volumeType`).
+pub fn pv_volume_type(pv: &PersistentVolume) -> &'static str {
+    let spec = pv.spec.as_ref().unwrap();
+    match (&spec.host_path, &spec.local) {
+        (Some(_), None) => "hostPath",
+        (None, Some(_)) => "local",
+        other => panic!("PV {} has sources {other:?}", pv.name_any()),
+    }
 }
 
 /// The name of a hostvol PV's directory in its data root (last component of its hostPath).

@@ -63,10 +63,12 @@ pub use control_plane::{
     AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, Cluster, ClusterOptions, DEPLOY_RBAC_MANIFESTS,
     NODE_LOSS_COMPONENT_RBAC, client_from_kubeconfig, free_port,
 };
-pub use fixtures::{PROVISIONER, claim_yaml, claim_yaml_with, class_yaml, pod_yaml};
+pub use fixtures::{
+    PROVISIONER, VOLUME_TYPES, claim_yaml, claim_yaml_with, class_yaml, pod_yaml, typed_class_yaml,
+};
 pub use inspect::{
     dirs_in, fmt_events, hostvol_pvs, metric_value, pv_claim, pv_dir_name, pv_host_path, pv_node,
-    to_yaml_ish,
+    pv_volume_type, to_yaml_ish,
 };
 pub use kubelet::FakeKubelet;
 pub use person::{Ran, hostvol_as_person, run_as_person};
@@ -79,5 +81,6 @@ pub use wait::{poll_until, wait_for};
 // The library items tests and benches use, named only here: when src/ moves a module, change these
 // lines and nothing else.
 pub use hostvol::cli::agents::{Address, connect};
+pub use hostvol::controller::pv;
 pub use hostvol::node::usage;
 pub use hostvol::service::grpc::v1 as grpc;
