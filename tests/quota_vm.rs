@@ -727,6 +727,15 @@ fn check_limits(fs: Filesystem, mount: &Path, fs_fd: BorrowedFd<'_>) {
         "statfs inside the volume reports its limit as the size"
     );
     assert!((9 * MIB..=10 * MIB).contains(&avail), "avail {avail}");
+    let (capacity, used) = kubelet_volume_stats(&vol);
+    println!(
+        "kubelet_volume_stats of a fresh local PV here: capacity {capacity} bytes, used {used} bytes"
+    );
+    assert_eq!(
+        (capacity, used < MIB),
+        (10 * MIB, true),
+        "a fresh volume's own figures"
+    );
 
     let data = vol.join("data");
     let w1 = write_as(Some(NOBODY), &data, 40 * MIB);
