@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::domain::pattern::DirectoryPattern;
+
 /// Every parameter a hostvol StorageClass may set; anything else is refused so typos do not pass silently.
 pub const VALID_PARAMETERS: &[&str] = &[
     "mode",
@@ -11,6 +13,7 @@ pub const VALID_PARAMETERS: &[&str] = &[
     "nodeLossCleanup",
     "nodeLossGracePeriod",
     "dataRoot",
+    "directoryPattern",
 ];
 
 /// How long a deleted node may stay gone before its volumes are cleaned up (classes that opt in).
@@ -36,6 +39,9 @@ pub struct ClassParameters {
     pub node_loss_grace: std::time::Duration,
     /// Which of a node's data roots holds the volumes (see the `hostvol-config` ConfigMap).
     pub data_root: String,
+    /// How new volumes' directories are named (see [`crate::domain::pattern`]); existing volumes
+    /// keep the path their PV records.
+    pub directory_pattern: DirectoryPattern,
 }
 
 impl Default for ClassParameters {
@@ -48,6 +54,7 @@ impl Default for ClassParameters {
             node_loss_cleanup: false,
             node_loss_grace: DEFAULT_NODE_LOSS_GRACE,
             data_root: DEFAULT_ROOT.to_string(),
+            directory_pattern: DirectoryPattern::default(),
         }
     }
 }
@@ -111,6 +118,9 @@ impl ClassParameters {
                 ));
             }
             parsed.data_root = root.clone();
+        }
+        if let Some(pattern) = parameters.get("directoryPattern") {
+            parsed.directory_pattern = DirectoryPattern::parse(pattern)?;
         }
         if let Some(grace) = parameters.get("nodeLossGracePeriod") {
             parsed.node_loss_grace = parse_duration(grace).ok_or_else(|| {
@@ -222,7 +232,7 @@ mod tests {
         assert!(
             e.contains("nodePath")
                 && e.contains(
-                    "mode, uid, gid, onDelete, nodeLossCleanup, nodeLossGracePeriod, dataRoot"
+                    "mode, uid, gid, onDelete, nodeLossCleanup, nodeLossGracePeriod, dataRoot, directoryPattern"
                 ),
             "{e}"
         );
@@ -242,6 +252,8 @@ mod tests {
             ("uid", "-1"),
             ("gid", "root"),
             ("uid", "4294967295"),
+            ("directoryPattern", "{namespace}"),
+            ("directoryPattern", "../{pv}"),
         ] {
             let e = ClassParameters::parse(&params(&[(k, v)])).unwrap_err();
             assert!(e.contains(k), "{k}={v}: {e}");
