@@ -336,7 +336,9 @@ impl Context {
 
     /// Whether this agent created the PV moments ago (its watch may not have delivered it yet).
     pub fn recently_created(&self, pv_name: &str) -> bool {
-        self.recent_volumes.lock().contains_key(pv_name)
+        self.recent_volumes
+            .lock()
+            .contains_key(pv_name)
     }
 
     /// Counts a PV just created until the watch delivers it, so the next admission sees its bytes.
@@ -410,10 +412,22 @@ impl Context {
     /// and PV is gone (the usage cache and the volume gauges follow the PV cache on their own).
     pub fn state_entries(&self) -> [(&'static str, usize); 5] {
         [
-            ("failures", self.failures.lock().len()),
-            ("recent_volumes", self.recent_volumes.lock().len()),
-            ("recent_growth", self.recent_growth.lock().len()),
-            ("directory_edits", self.directory_edits.lock().len()),
+            (
+                "failures",
+                self.failures.lock().len(),
+            ),
+            (
+                "recent_volumes",
+                self.recent_volumes.lock().len(),
+            ),
+            (
+                "recent_growth",
+                self.recent_growth.lock().len(),
+            ),
+            (
+                "directory_edits",
+                self.directory_edits.lock().len(),
+            ),
             ("events", self.events.remembered()),
         ]
     }
@@ -437,7 +451,10 @@ pub struct Reservation<'a> {
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        self.ctx.reserved.lock().remove(&self.key);
+        self.ctx
+            .reserved
+            .lock()
+            .remove(&self.key);
     }
 }
 
@@ -610,3 +627,4 @@ mod tests {
         }
     }
 }
+

@@ -133,20 +133,31 @@ pub struct UsageCache {
 
 impl UsageCache {
     pub fn get(&self, directory: &str) -> Option<Usage> {
-        self.inner.read().get(directory).copied()
+        self.inner
+            .read()
+            .get(directory)
+            .copied()
     }
 
     pub fn insert(&self, directory: &str, usage: Usage) {
-        self.inner.write().insert(directory.to_string(), usage);
+        self.inner
+            .write()
+            .insert(directory.to_string(), usage);
     }
 
     /// Drops entries for directories that are no longer volumes.
     pub fn retain(&self, keep: &HashSet<String>) {
-        self.inner.write().retain(|k, _| keep.contains(k));
+        self.inner
+            .write()
+            .retain(|k, _| keep.contains(k));
     }
 
     pub fn total_bytes(&self) -> u64 {
-        self.inner.read().values().map(|u| u.bytes).sum()
+        self.inner
+            .read()
+            .values()
+            .map(|u| u.bytes)
+            .sum()
     }
 }
 
