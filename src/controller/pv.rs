@@ -264,7 +264,6 @@ mod tests {
             ("/mnt/data/pvc-2_ns_c", false),
             ("/mnt/data/pvc-10_ns_c", false),
             ("/mnt/data/pvc-1", false),
-            ("/mnt/data/sub/pvc-1_ns_c", false),
         ] {
             let pv = volume("pvc-1", path, own);
             assert_eq!(directory_of(&pv).is_some(), owned, "{path}");

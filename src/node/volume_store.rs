@@ -562,6 +562,81 @@ mod tests {
     }
 
     #[test]
+    fn patterned_volumes_are_nested_marked_never_shared_and_removed_alone() {
+        use crate::node::parents::{self, Ownership};
+        use crate::node::quota::Removed;
+        let (dir, store) = store();
+        let (params, quotas) = (ClassParameters::default(), Quotas::none());
+        let make = |path: &str, pv: &str| store.ensure_volume(path, pv, &params, &quotas, 0);
+        assert_eq!(make("team-a/web", "pvc-1").unwrap().0, Outcome::Created);
+        assert_eq!(make("team-a/db", "pvc-2").unwrap().0, Outcome::Created);
+        // The same claim again (a retry): found, not made twice.
+        assert_eq!(make("team-a/web", "pvc-1").unwrap().0, Outcome::Reused);
+        let meta = std::fs::metadata(dir.path().join("team-a/web")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o777);
+        // Another claim mapped to the same path: refused, naming the owner.
+        match make("team-a/web", "pvc-3").unwrap_err() {
+            Error::Taken { owner, path, .. } => {
+                assert_eq!((owner.as_deref(), path.as_str()), (Some("pvc-1"), "team-a/web"))
+            }
+            other => panic!("{other}"),
+        }
+        // A directory nobody made (or retained data without a mark) is not taken over either.
+        std::fs::create_dir_all(dir.path().join("team-b/kept")).unwrap();
+        std::fs::write(dir.path().join("team-b/kept/data"), b"old").unwrap();
+        assert!(matches!(
+            make("team-b/kept", "pvc-4").unwrap_err(),
+            Error::Taken { owner: None, .. }
+        ));
+        assert_eq!(
+            std::fs::read(dir.path().join("team-b/kept/data")).unwrap(),
+            b"old"
+        );
+        // No staging directory is left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("team-a"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        let root = store.root_handle();
+        let web = VolumePath::parse("team-a/web").unwrap();
+        assert_eq!(
+            parents::ownership(root.as_fd(), &web, "pvc-1").unwrap(),
+            Ownership::Owned
+        );
+        // A PV naming another volume's directory removes nothing.
+        let err = quotas
+            .dispose_volume(root.as_fd(), "team-a/web", "pvc-9", false, None)
+            .unwrap_err();
+        assert_eq!(err.category(), "not_ours", "{err}");
+        assert!(dir.path().join("team-a/web").is_dir());
+        // Delete of one of two siblings: the other and the shared parent stay.
+        std::fs::write(dir.path().join("team-a/web/f"), b"x").unwrap();
+        assert!(matches!(
+            quotas
+                .dispose_volume(root.as_fd(), "team-a/web", "pvc-1", false, None)
+                .unwrap(),
+            Removed::Done(_)
+        ));
+        assert!(!dir.path().join("team-a/web").exists());
+        assert!(dir.path().join("team-a/db").is_dir());
+        // The last one takes the parent it leaves empty with it; again is a no-op.
+        for _ in 0..2 {
+            quotas
+                .dispose_volume(root.as_fd(), "team-a/db", "pvc-2", false, None)
+                .unwrap();
+        }
+        assert!(!dir.path().join("team-a").exists());
+        assert!(dir.path().join("team-b/kept").is_dir());
+        // Archive keeps the data next to where it was.
+        make("team-c/app", "pvc-5").unwrap();
+        quotas
+            .dispose_volume(root.as_fd(), "team-c/app", "pvc-5", true, None)
+            .unwrap();
+        assert!(dir.path().join("team-c/archived-app").is_dir());
+    }
+
+    #[test]
     fn never_follows_or_escapes() {
         let (dir, store) = store();
         let outside = tempfile::tempdir().unwrap();
@@ -578,7 +653,7 @@ mod tests {
             .mode()
             & 0o7777;
         assert_ne!(mode, 0o777);
-        for bad in ["..", "../x", "a/b", ".", ""] {
+        for bad in ["..", "../x", "a/../b", "a//b", "/a", ".", ""] {
             assert_eq!(
                 store
                     .ensure_volume_dir(bad, &ClassParameters::default())
@@ -587,6 +662,13 @@ mod tests {
                 "unsafe_name"
             );
         }
+        // Nor through a parent that is a symlink.
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("ns")).unwrap();
+        let err = store
+            .ensure_volume("ns/c", "pvc-5", &ClassParameters::default(), &Quotas::none(), 0)
+            .unwrap_err();
+        assert_eq!(err.category(), "not_a_directory", "{err}");
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
         std::fs::write(dir.path().join("pvc-4_ns_c"), b"").unwrap();
         assert_eq!(
             store
