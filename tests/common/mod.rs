@@ -65,8 +65,8 @@ pub use control_plane::{
 };
 pub use fixtures::{PROVISIONER, claim_yaml, claim_yaml_with, class_yaml, pod_yaml};
 pub use inspect::{
-    dirs_in, fmt_events, hostvol_pvs, metric_value, pv_claim, pv_dir_name, pv_host_path, pv_node,
-    to_yaml_ish,
+    cluster_scoped_events, dirs_in, fmt_events, hostvol_pvs, metric_value, pv_claim, pv_dir_name,
+    pv_host_path, pv_node, to_yaml_ish,
 };
 pub use kubelet::FakeKubelet;
 pub use person::{Ran, hostvol_as_person, run_as_person};
