@@ -26,11 +26,36 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
 
 const T: Duration = Duration::from_secs(120);
+const MIB: usize = 1 << 20;
+
+/// Makes a directory look an hour old (orphans younger than the scan's grace are not reported).
+fn age(dir: &Path) {
+    let an_hour_ago = nix::sys::time::TimeSpec::from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            - Duration::from_secs(3600),
+    );
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        dir,
+        &an_hour_ago,
+        &an_hour_ago,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
+}
 
 async fn node_a() -> (Cluster, Agent) {
     let cluster = Cluster::start().await;
     cluster.add_node("node-a").await;
-    let agent = cluster.start_agent("node-a", &[]).await;
+    // Usage and orphan passes every second, so their figures come within the test's time.
+    let agent = cluster
+        .start_agent(
+            "node-a",
+            &["--orphan-scan-seconds", "1", "--usage-refresh-seconds", "1"],
+        )
+        .await;
     (cluster, agent)
 }
 
@@ -122,6 +147,36 @@ async fn a_nested_pattern_provisions_and_delete_of_one_sibling_leaves_the_other(
         succeeded.2.contains(&web_dir.display().to_string()),
         "{succeeded:?}"
     );
+
+    // Usage is measured in the nested directory; the orphan scan looks into the shared parent:
+    // the parent is not an orphan, a directory with no PV next to the volumes is.
+    std::fs::write(web_dir.join("big"), vec![7u8; MIB]).unwrap();
+    let kept = agent.root.join("team-a/kept");
+    std::fs::create_dir(&kept).unwrap();
+    for old in [&kept, &agent.root.join("team-a")] {
+        age(old);
+    }
+    let figure = |metrics: &str, name: &str, labels: &[(&str, &str)]| {
+        common::metric_value(metrics, name, labels).unwrap_or(-1.0)
+    };
+    let web_name = web.name_any();
+    cluster
+        .wait_for(
+            || async {
+                let m = agent.metrics().await;
+                figure(
+                    &m,
+                    "hostvol_volume_used_bytes",
+                    &[("persistentvolume", &web_name)],
+                ) >= MIB as f64
+                    && figure(&m, "hostvol_orphan_directories", &[]) == 1.0
+                    && figure(&m, "hostvol_lost_volumes", &[]) == 0.0
+            },
+            T,
+            "usage of team-a/web >= 1 MiB, one orphan (team-a/kept), no lost volume",
+        )
+        .await;
+    std::fs::remove_dir(&kept).unwrap();
 
     delete_claim(&cluster, "team-a", "web").await;
     wait_pv_gone(&cluster, &web.name_any()).await;

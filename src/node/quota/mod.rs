@@ -368,7 +368,10 @@ impl Quotas {
         if mechanism == Mechanism::BtrfsQgroup {
             let groups = btrfs::qgroups(root)?;
             for name in names {
-                let Ok(volume) = btrfs::open_subvolume(root, name) else {
+                let Ok(at) = locate(root, name) else {
+                    continue;
+                };
+                let Ok(volume) = btrfs::open_subvolume(at.parent(root), &at.leaf) else {
                     continue;
                 };
                 let Ok(id) = btrfs::subvolume_id(volume.as_fd()) else {
@@ -388,7 +391,10 @@ impl Quotas {
         } else {
             let root_project = project::project_of(root)?.0;
             for name in names {
-                let Ok(volume) = open_volume(root, name) else {
+                let Ok(at) = locate(root, name) else {
+                    continue;
+                };
+                let Ok(volume) = open_volume(at.parent(root), &at.leaf) else {
                     continue;
                 };
                 let Ok((id, _)) = project::project_of(volume.as_fd()) else {
@@ -457,6 +463,12 @@ fn offer(root: BorrowedFd<'_>) -> Offer {
         Ok(state) => Offer::Unavailable(state.to_string()),
         Err(e) => Offer::Unavailable(format!("cannot read the {filesystem} quota state: {e}")),
     }
+}
+
+/// The parent of the volume `path` (flat or below parents), opened without following symlinks.
+fn locate(root: BorrowedFd<'_>, path: &str) -> io::Result<parents::Located> {
+    let path = VolumePath::parse(path).map_err(invalid)?;
+    Ok(parents::locate(root, &path)?)
 }
 
 fn open_volume(root: BorrowedFd<'_>, name: &str) -> io::Result<OwnedFd> {
