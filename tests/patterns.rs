@@ -10,6 +10,9 @@
 //!    volume is refused the same way.
 //! 3. A class's pattern changed: existing volumes stay where they are and are still deleted there;
 //!    new claims use the new pattern.
+//! 5. On btrfs with quotas: a patterned volume is a subvolume with its own qgroup limit, which an
+//!    expansion raises (the size limit is set only after the mark says the directory is the PV's).
+//!    Needs root and btrfs-progs (`scripts/setup-quotas.sh`): fails, never skips, without them.
 //! 4. A hand-made PV (provisioned-by hostvol, this node, reclaim Delete) whose hostPath names another
 //!    claim's patterned directory: released, it is left alone: the directory and its data stay.
 
@@ -367,4 +370,53 @@ async fn warning_mentioning(cluster: &Cluster, ns: &str, claim: &str, words: &st
         )
         .await;
     found.into_inner().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patterned_volume_on_btrfs_gets_and_grows_its_own_limit() {
+    use common::loop_btrfs::{IMAGE_BYTES, LoopBtrfs, Quotas, preflight};
+    preflight();
+    let cluster = Cluster::start().await;
+    cluster.add_node("node-a").await;
+    let fs = LoopBtrfs::create_sized(&cluster.dir().join("node-a-root"), Quotas::On, IMAGE_BYTES);
+    let agent = cluster.start_agent("node-a", &[]).await;
+    assert_eq!(agent.root, fs.mnt(), "the agent's root is the btrfs");
+    cluster.kubectl_apply_yaml(&format!(
+        "{}allowVolumeExpansion: true\n",
+        patterned_class("quota", "Delete", "{namespace}/{claim}")
+    ));
+    cluster.create_namespace("sized").await;
+    cluster.kubectl_apply_yaml(&claim_yaml(
+        "sized",
+        "data",
+        "quota",
+        "10Mi",
+        Some("node-a"),
+    ));
+    let pv = cluster.hostvol_pv_of_claim("sized", "data", T).await;
+    assert_eq!(relative(&agent, &pv), "sized/data");
+    let dir = PathBuf::from(pv_host_path(&pv));
+    let id = fs.subvolume_id(&dir);
+    let limit = || fs.qgroup(id).and_then(|q| q.max_referenced);
+    assert_eq!(limit(), Some(10 * MIB as u64), "{}", fs.qgroup_table());
+    assert_eq!(mark_of(&dir), Some(pv.name_any()));
+
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client(), "sized");
+    let grow = serde_json::json!({"spec": {"resources": {"requests": {"storage": "30Mi"}}}});
+    claims
+        .patch(
+            "data",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&grow),
+        )
+        .await
+        .unwrap();
+    cluster
+        .wait_event("sized", "data", "VolumeResizeSuccessful", T)
+        .await;
+    assert_eq!(limit(), Some(30 * MIB as u64), "{}", fs.qgroup_table());
+
+    delete_claim(&cluster, "sized", "data").await;
+    wait_pv_gone(&cluster, &pv.name_any()).await;
+    assert!(!dir.exists() && !agent.root.join("sized").exists());
 }

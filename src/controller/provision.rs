@@ -401,7 +401,7 @@ async fn make_volume(ctx: &Context, order: &Order, root: &Arc<Root>) -> Result<O
     let made = tokio::task::spawn_blocking(move || match &source {
         None => root
             .store
-            .ensure_volume(&target, &pv_name, &params, &root.quotas, bytes),
+            .ensure_owned_volume(&target, &pv_name, &params, &root.quotas, bytes),
         Some(source) => root
             .store
             .ensure_clone(source, &target, &params, &root.quotas, bytes),

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 use crate::domain::pattern::VolumePath;
 use crate::node::parents;
 use crate::node::removal::ARCHIVE_PREFIX;
-use crate::node::walk::open_beneath;
 use crate::node::roots::Root;
+use crate::node::walk::open_beneath;
 use nix::dir::Dir;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{Mode, SFlag, fstatat};
@@ -184,11 +184,11 @@ mod tests {
     fn parents_of_volumes_are_not_orphans_but_what_else_they_hold_is() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let entries = vec![
-            entry("team-a", true, 9999, now),            // holds web
-            entry("team-a/web", true, 9999, now),        // has a PV
-            entry("team-a/kept", true, 9999, now),       // no PV: orphan
+            entry("team-a", true, 9999, now),             // holds web
+            entry("team-a/web", true, 9999, now),         // has a PV
+            entry("team-a/kept", true, 9999, now),        // no PV: orphan
             entry("team-a/archived-db", true, 9999, now), // orphan, archived
-            entry("team-b", true, 9999, now),            // no volume left in it: orphan
+            entry("team-b", true, 9999, now),             // no volume left in it: orphan
             entry("deep", true, 9999, now),
             entry("deep/er", true, 9999, now),
         ];

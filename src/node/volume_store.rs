@@ -140,12 +140,25 @@ impl VolumeStore {
             .map(|(outcome, _)| outcome)
     }
 
-    /// Makes (or finds) the volume of PV `pv` at `path` under the root as the quota backend needs it,
-    /// with the class's mode and owner and, where the root enforces sizes, a hard limit of `bytes`.
-    /// Every step is idempotent, so a pass interrupted anywhere is finished by the next one. A path
-    /// that is not named for the PV (`directoryPattern`) gets its parents made and the ownership
-    /// mark, and must not be another's: [`Error::Taken`] when it is.
+    /// Makes (or finds) the volume `name` directly under the root as the quota backend needs it, with
+    /// the class's mode and owner and, where the root enforces sizes, a hard limit of `bytes`. Every
+    /// step is idempotent, so a pass interrupted anywhere is finished by the next one. For names that
+    /// prove their PV themselves (`<pv>_...`); provisioning goes through [`Self::ensure_owned_volume`].
     pub fn ensure_volume(
+        &self,
+        name: &str,
+        params: &ClassParameters,
+        quotas: &Quotas,
+        bytes: u64,
+    ) -> Result<(Outcome, Option<Limit>)> {
+        naming::validate_directory_name(name)?;
+        self.make_volume(&VolumePath::parse(name)?, None, params, quotas, bytes)
+    }
+
+    /// [`Self::ensure_volume`] for the volume of PV `pv` at `path`. A path not named for the PV
+    /// (`directoryPattern`) gets its parents made and the ownership mark, and must not be another's:
+    /// [`Error::Taken`] when it is.
+    pub fn ensure_owned_volume(
         &self,
         path: &str,
         pv: &str,
@@ -567,7 +580,7 @@ mod tests {
         use crate::node::quota::Removed;
         let (dir, store) = store();
         let (params, quotas) = (ClassParameters::default(), Quotas::none());
-        let make = |path: &str, pv: &str| store.ensure_volume(path, pv, &params, &quotas, 0);
+        let make = |path: &str, pv: &str| store.ensure_owned_volume(path, pv, &params, &quotas, 0);
         assert_eq!(make("team-a/web", "pvc-1").unwrap().0, Outcome::Created);
         assert_eq!(make("team-a/db", "pvc-2").unwrap().0, Outcome::Created);
         // The same claim again (a retry): found, not made twice.
@@ -577,7 +590,10 @@ mod tests {
         // Another claim mapped to the same path: refused, naming the owner.
         match make("team-a/web", "pvc-3").unwrap_err() {
             Error::Taken { owner, path, .. } => {
-                assert_eq!((owner.as_deref(), path.as_str()), (Some("pvc-1"), "team-a/web"))
+                assert_eq!(
+                    (owner.as_deref(), path.as_str()),
+                    (Some("pvc-1"), "team-a/web")
+                )
             }
             other => panic!("{other}"),
         }
@@ -665,7 +681,13 @@ mod tests {
         // Nor through a parent that is a symlink.
         std::os::unix::fs::symlink(outside.path(), dir.path().join("ns")).unwrap();
         let err = store
-            .ensure_volume("ns/c", "pvc-5", &ClassParameters::default(), &Quotas::none(), 0)
+            .ensure_owned_volume(
+                "ns/c",
+                "pvc-5",
+                &ClassParameters::default(),
+                &Quotas::none(),
+                0,
+            )
             .unwrap_err();
         assert_eq!(err.category(), "not_a_directory", "{err}");
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
