@@ -436,10 +436,17 @@ async fn make_volume(ctx: &Context, order: &Order, root: &Arc<Root>) -> Result<O
 /// the directory names a PV; a PV at that path names its claim), and what to do.
 fn taken_message(ctx: &Context, root: &Root, path: &str, owner: Option<String>) -> String {
     let host_path = pv::host_path(&root.host_path, path);
-    let holder = ctx.volumes.state().into_iter().find(|v| {
-        pv::host_path_of(v) == Some(host_path.as_str())
-            || owner.as_deref() == v.metadata.name.as_deref()
-    });
+    // The PV the mark names first: a PV anyone made by hand may point at the path too.
+    let volumes = ctx.volumes.state();
+    let holder = volumes
+        .iter()
+        .find(|v| owner.is_some() && owner.as_deref() == v.metadata.name.as_deref())
+        .or_else(|| {
+            volumes
+                .iter()
+                .find(|v| pv::host_path_of(v) == Some(host_path.as_str()))
+        })
+        .cloned();
     let whose = match holder
         .as_ref()
         .and_then(|v| v.spec.as_ref()?.claim_ref.clone())
