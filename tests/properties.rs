@@ -26,6 +26,7 @@ use hostvol::domain::naming::{
     MAX_DIRECTORY_NAME, directory_name, node_label_value, pv_name, validate_directory_name,
 };
 use hostvol::domain::params::{ClassParameters, VALID_PARAMETERS, VolumeType, parse_duration};
+use hostvol::domain::pattern::{ClaimFacts, DirectoryPattern, MAX_PATH, VolumePath};
 use hostvol::domain::quantity::{format_bytes, parse_bytes, to_quantity};
 use hostvol::node::quota::Limit;
 use hostvol::node::roots::parse_config;
@@ -354,6 +355,7 @@ proptest! {
             node_loss_grace: Duration::from_secs(grace * unit.1),
             data_root: root,
             volume_type,
+            directory_pattern: DirectoryPattern::default(),
         });
     }
 
@@ -469,6 +471,68 @@ proptest! {
         let (a_long, b_long) = ((a.0.clone(), a.1.clone(), long_claim.clone()), (b.0.clone(), a.1.clone(), long_claim));
         if a_long.0 != b_long.0 {
             prop_assert_ne!(dir(&a_long), dir(&b_long));
+        }
+    }
+
+    // --- directoryPattern ------------------------------------------------------------------------
+
+    #[test]
+    fn no_pattern_expansion_ever_escapes_the_root(
+        pattern in prop_oneof![any::<String>(), pattern_strategy()],
+        uid in prop_oneof![UID.boxed(), any::<String>().boxed()],
+        ns in prop_oneof![DNS_LABEL.boxed(), any::<String>().boxed()],
+        claim in prop_oneof![DNS_SUBDOMAIN.boxed(), any::<String>().boxed()],
+        app in prop_oneof!["[a-z0-9.-]{1,12}".boxed(), any::<String>().boxed(), Just("..".to_string()).boxed()],
+    ) {
+        let Ok(pattern) = DirectoryPattern::parse(&pattern) else { return Ok(()) };
+        let Ok(pv) = pv_name(&uid) else { return Ok(()) };
+        let labels = BTreeMap::from([("app".to_string(), app.clone())]);
+        let annotations = BTreeMap::from([("team".to_string(), app)]);
+        let facts = ClaimFacts { pv: &pv, namespace: &ns, claim: &claim, labels: &labels, annotations: &annotations };
+        if let Ok(path) = pattern.expand(&facts) {
+            let path = path.as_str();
+            prop_assert!(VolumePath::parse(path).is_ok(), "{:?}", path);
+            prop_assert!(path.len() <= MAX_PATH && !path.starts_with('/') && !path.ends_with('/') && !path.contains("//"), "{:?}", path);
+            prop_assert!(Path::new(path).components().all(|c| matches!(c, Component::Normal(_))), "{:?}", path);
+            prop_assert!(path.split('/').all(|s| !s.is_empty() && !s.starts_with('.') && s.len() <= MAX_DIRECTORY_NAME), "{:?}", path);
+            prop_assert!(Path::new("/mnt/data").join(path).starts_with("/mnt/data"));
+        }
+    }
+
+    #[test]
+    fn distinct_claims_never_share_a_patterned_directory(
+        pattern in pattern_strategy(),
+        a in (UID, DNS_LABEL, DNS_SUBDOMAIN, "[a-z0-9.-]{1,8}"),
+        b in (UID, DNS_LABEL, DNS_SUBDOMAIN, "[a-z0-9.-]{1,8}"),
+        same_namespace in any::<bool>(),
+    ) {
+        // Two claims that exist at once differ in uid and in namespace/name (the API server's rule).
+        let mut b = b;
+        if same_namespace {
+            b.1 = a.1.clone();
+        }
+        prop_assume!(a.0 != b.0 && (a.1 != b.1 || a.2 != b.2));
+        let Ok(pattern) = DirectoryPattern::parse(&pattern) else { return Ok(()) };
+        let expand = |(uid, ns, claim, app): &(String, String, String, String)| {
+            let pv = pv_name(uid).unwrap();
+            let labels = BTreeMap::from([("app".to_string(), app.clone())]);
+            let annotations = BTreeMap::from([("team".to_string(), app.clone())]);
+            pattern.expand(&ClaimFacts { pv: &pv, namespace: ns, claim, labels: &labels, annotations: &annotations })
+        };
+        if let (Ok(pa), Ok(pb)) = (expand(&a), expand(&b)) {
+            prop_assert_ne!(pa, pb, "pattern {:?}", pattern.as_str());
+        }
+    }
+
+    #[test]
+    fn patterns_that_cannot_tell_claims_apart_are_refused(pattern in pattern_strategy()) {
+        let identifies = |p: &str| {
+            let t = format!("/{p}/");
+            ["{pv}"].iter().any(|x| ["/", "_"].iter().any(|l| ["/", "_"].iter().any(|r| t.contains(&format!("{l}{x}{r}")))))
+                || ["{namespace}", "{claim}"].iter().all(|x| ["/", "_"].iter().any(|l| ["/", "_"].iter().any(|r| t.contains(&format!("{l}{x}{r}")))))
+        };
+        if DirectoryPattern::parse(&pattern).is_ok() {
+            prop_assert!(identifies(&pattern), "{:?} accepted", pattern);
         }
     }
 
@@ -668,12 +732,19 @@ proptest! {
             ..Default::default()
         };
         if let Some(name) = pv::volume_directory(&pv, &root) {
-            // One safe name, this volume's own, directly inside the root: nothing else is named,
-            // whatever the annotation says.
-            prop_assert!(validate_directory_name(&name).is_ok(), "{:?} -> {:?}", path, name);
-            prop_assert!(!name.contains('/') && name != "." && name != "..");
-            prop_assert!(name.starts_with("pvc-1_"), "{:?} -> {:?}", path, name);
-            prop_assert_eq!(path, pv::host_path(&root, &name));
+            // A safe relative path inside the root, whatever the annotation says: safe segments, no
+            // `..`, nothing outside. Only a name made for this PV proves it is this volume's; any
+            // other path (directoryPattern) is acted on only after the node reads its mark.
+            prop_assert!(VolumePath::parse(&name).is_ok(), "{:?} -> {:?}", path, name);
+            prop_assert!(name.split('/').all(|s| validate_directory_name(s).is_ok()), "{:?} -> {:?}", path, name);
+            prop_assert!(Path::new(&name).components().all(|c| matches!(c, Component::Normal(_))));
+            prop_assert_eq!(&path, &pv::host_path(&root, &name));
+            if !name.contains('/') && name.starts_with("pvc-1_") {
+                prop_assert!(VolumePath::parse(&name).unwrap().is_named_for("pvc-1"));
+            }
+        }
+        if let Some(own) = pv::directory_of(&pv) {
+            prop_assert!(own.starts_with("pvc-1_") && !own.contains('/'), "{:?} -> {:?}", path, own);
         }
     }
 
@@ -755,4 +826,21 @@ mod regressions {
             .collect();
         assert_eq!(set.len(), 3);
     }
+}
+
+/// Patterns built from what patterns are made of: placeholders, separators and text.
+fn pattern_strategy() -> impl Strategy<Value = String> {
+    let token = prop_oneof![
+        Just("{namespace}"),
+        Just("{claim}"),
+        Just("{pv}"),
+        Just("{label:app}"),
+        Just("{annotation:team}"),
+        Just("/"),
+        Just("_"),
+        Just("-"),
+        Just("."),
+        Just("k8s"),
+    ];
+    proptest::collection::vec(token, 1..9).prop_map(|tokens| tokens.concat())
 }

@@ -509,3 +509,61 @@ fn local_volumes_get_fs_group_ownership_and_kubelet_volume_stats() {
     );
     assert_eq!(kubelet_volume_stat(&rc, &node, "used_bytes", "plain"), None);
 }
+
+/// `directoryPattern` (issue 16 part 2) on a real kubelet: a pod of a `{namespace}/{claim}` class
+/// writes into its volume and the file is at `/mnt/data/<namespace>/<claim>/` on the node; Delete of
+/// one of two sibling claims removes that directory only, the other and the shared parent stay.
+#[test]
+fn a_patterned_class_mounts_the_readable_directory() {
+    let rc = RealCluster::start(1);
+    rc.install_hostvol();
+    let node = rc.nodes()[0].name.clone();
+    let class = rc.dir().join("readable-class.yaml");
+    std::fs::write(
+        &class,
+        "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: hostvol-readable\n\
+         provisioner: hostpath.hostvol.io\nvolumeBindingMode: WaitForFirstConsumer\n\
+         reclaimPolicy: Delete\nparameters:\n  directoryPattern: \"{namespace}/{claim}\"\n",
+    )
+    .unwrap();
+    rc.kubectl_ok(&["apply", "-f", class.to_str().unwrap()]);
+    for name in ["web", "db"] {
+        claim(&rc, name, "hostvol-readable");
+        let script = format!("echo {name}-data > /data/file && echo WROTE");
+        let (ok, logs) = run_pod(
+            &rc,
+            &format!("writer-{name}"),
+            &node,
+            Some(name),
+            serde_json::json!({}),
+            &script,
+        );
+        assert!(ok && logs.contains("WROTE"), "{logs}");
+        rc.kubectl_ok(&["delete", "pod", &format!("writer-{name}"), "--wait"]);
+        assert_eq!(
+            rc.node_data_read(&node, &format!("default/{name}/file"))
+                .as_deref(),
+            Some(format!("{name}-data\n").as_str()),
+            "the pod's file is in /mnt/data/default/{name} on the node"
+        );
+    }
+    println!(
+        "[real] {{namespace}}/{{claim}}: pods wrote /mnt/data/default/web/file and /mnt/data/default/db/file"
+    );
+    rc.kubectl_ok(&["delete", "pvc", "web", "--wait", T]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while rc.node_data_ls(&node, "default") != ["db"] {
+        assert!(
+            Instant::now() < deadline,
+            "after deleting claim web, /mnt/data/default holds {:?}, wanted [\"db\"]\n{}",
+            rc.node_data_ls(&node, "default"),
+            rc.diag()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(
+        rc.node_data_read(&node, "default/db/file").as_deref(),
+        Some("db-data\n"),
+        "the sibling is untouched"
+    );
+}

@@ -211,15 +211,13 @@ impl Context {
         }
     }
 
-    /// The data root and directory name of one of our PVs: from its immutable source path,
-    /// directly inside one of this node's data roots, and named for this PV (`pv::volume_directory`);
-    /// None otherwise. Warns once per edit when the directory annotation says something else.
+    /// The data root and directory of one of our PVs: from its immutable source path (`spec.hostPath.path` or `spec.local.path`),
+    /// inside one of this node's data roots (`pv::volume_directory`); None otherwise. A directory not
+    /// named for the PV (`directoryPattern`) is acted on only after the node checks its mark. Warns
+    /// once per edit when the directory annotation says something else.
     pub fn volume_directory(&self, pv: &PersistentVolume) -> Option<(Arc<Root>, String)> {
         self.check_directory_annotation(pv);
-        self.roots().all().find_map(|root| {
-            let directory = pv::volume_directory(pv, &root.host_path)?;
-            Some((root.clone(), directory))
-        })
+        holding_root(&self.roots(), pv)
     }
 
     /// A Warning Event on the PV, once per edited value, when its `hostvol.io/directory` annotation no
@@ -438,10 +436,16 @@ impl Context {
 /// its editable annotation names only when none does (a root whose host path was reconfigured), so an
 /// edit cannot move a volume's bytes out of the root that really holds them.
 pub fn volume_root(roots: &RootSet, pv: &PersistentVolume) -> String {
+    holding_root(roots, pv).map_or_else(|| pv::data_root(pv).to_string(), |(root, _)| root.name.clone())
+}
+
+/// The root holding a PV's immutable hostPath and the directory relative to it; the innermost one
+/// should a root's host path lie inside another's (a path below parents fits both).
+pub fn holding_root(roots: &RootSet, pv: &PersistentVolume) -> Option<(Arc<Root>, String)> {
     roots
         .all()
-        .find(|root| pv::volume_directory(pv, &root.host_path).is_some())
-        .map_or_else(|| pv::data_root(pv).to_string(), |root| root.name.clone())
+        .filter_map(|root| Some((root.clone(), pv::volume_directory(pv, &root.host_path)?)))
+        .max_by_key(|(root, _)| root.host_path.len())
 }
 
 /// Bytes counted as taken while the work that needs them runs; given back when dropped.

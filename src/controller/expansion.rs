@@ -171,10 +171,11 @@ async fn grow(
     mark_resizing(ctx, pvc, request).await?;
     // quotactl and the qgroup ioctls block: on the blocking pool, never on an async worker.
     let limit = {
-        let (root, directory) = (root.clone(), directory.clone());
+        let (root, directory, pv_name) = (root.clone(), directory.clone(), pv_name.clone());
         tokio::task::spawn_blocking(move || {
             let handle = root.store.root_handle();
-            root.quotas.limit(handle.as_fd(), &directory, to)
+            root.quotas
+                .limit_volume(handle.as_fd(), &directory, &pv_name, to)
         })
         .await
         .unwrap_or_else(|panicked| Err(std::io::Error::other(panicked.to_string())))

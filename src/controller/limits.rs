@@ -57,10 +57,11 @@ async fn put_back(ctx: &Context, name: &str) -> bool {
         return false;
     };
     let bytes = ctx.volume_bytes(&volume);
+    let pv_name = name.to_string();
     let reapplied = tokio::task::spawn_blocking(move || {
         let handle = root.store.root_handle();
         root.quotas
-            .reapply(handle.as_fd(), &directory, bytes)
+            .reapply_volume(handle.as_fd(), &directory, &pv_name, bytes)
             .map_err(|error| (root.name.clone(), directory, error))
     })
     .await;

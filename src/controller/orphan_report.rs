@@ -19,10 +19,15 @@ use crate::controller::{pv, reclaim};
 use crate::node::orphans::{Findings, classify, read_root};
 use crate::node::roots::{Root, RootSet};
 
-pub fn expected_directories(volumes: &[Arc<PersistentVolume>]) -> HashMap<String, String> {
+/// Each PV's directory relative to the root the kubelet sees as `host_root` (below parents too,
+/// for `directoryPattern` volumes).
+pub fn expected_directories(
+    volumes: &[Arc<PersistentVolume>],
+    host_root: &str,
+) -> HashMap<String, String> {
     volumes
         .iter()
-        .filter_map(|pv| Some((pv.name_any(), reclaim::own_directory(pv)?)))
+        .filter_map(|pv| Some((pv.name_any(), pv::volume_directory(pv, host_root)?)))
         .collect()
 }
 
@@ -44,13 +49,14 @@ fn scan_roots(
 ) -> std::io::Result<Vec<(Arc<Root>, Findings)>> {
     let mut out = Vec::new();
     for root in roots.all() {
-        let entries = read_root(root)?;
         let here: Vec<Arc<PersistentVolume>> = volumes
             .iter()
             .filter(|pv| context::volume_root(roots, pv) == root.name)
             .cloned()
             .collect();
-        let mut findings = classify(&entries, &expected_directories(&here), SystemTime::now());
+        let expected = expected_directories(&here, &root.host_path);
+        let entries = read_root(root, &expected)?;
+        let mut findings = classify(&entries, &expected, SystemTime::now());
         // A volume being removed has no directory on purpose: it is not lost.
         findings.lost.retain(|name| {
             here.iter()

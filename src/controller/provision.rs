@@ -23,8 +23,10 @@ use crate::controller::{expansion, placement, pv, reclaim};
 use crate::domain::admission::{self, Interest, Refusal, VolumeRequest};
 use crate::domain::naming;
 use crate::domain::params::ClassParameters;
+use crate::domain::pattern::ClaimFacts;
 use crate::node::quota::Limit;
 use crate::node::roots::Root;
+use crate::node::volume_store;
 
 /// Outcome of one pass over a claim that is not an API or disk error.
 enum Step {
@@ -142,7 +144,14 @@ async fn provision(
         Ok(admitted) => admitted,
         Err(refusal) => return hand_back(ctx, &pvc, refusal).await,
     };
-    let limit = make_volume(ctx, &order, &root).await?;
+    let limit = match make_volume(ctx, &order, &root).await {
+        Ok(limit) => limit,
+        Err(Error::Disk(volume_store::Error::Taken { path, owner, .. })) => {
+            let refusal = Refusal::DirectoryTaken(taken_message(ctx, &root, &path, owner));
+            return Ok(refuse(ctx, &pvc, refusal));
+        }
+        Err(error) => return Err(error),
+    };
     if !create_pv(ctx, &order, &root, limit).await? {
         return Ok(Step::AlreadyDone);
     }
@@ -248,7 +257,26 @@ fn admit(pvc: &PersistentVolumeClaim, pv_name: String, ctx: &Context) -> Result<
         Err(refusal) => return Ok(Admitted::Refused(refusal)),
     };
     let namespace = pvc.namespace().unwrap_or_default();
-    let directory = naming::directory_name(&pv_name, &namespace, &pvc.name_any())?;
+    let facts = ClaimFacts {
+        pv: &pv_name,
+        namespace: &namespace,
+        claim: &pvc.name_any(),
+        labels: pvc.labels(),
+        annotations: pvc.annotations(),
+    };
+    let directory = match params.directory_pattern.expand(&facts) {
+        Ok(path) => path.as_str().to_string(),
+        Err(why) => {
+            return Ok(Admitted::Refused(Refusal::DirectoryName(format!(
+                "StorageClass {class_name}: {why}"
+            ))));
+        }
+    };
+    if request.clone_of.is_some() && !params.directory_pattern.is_default() {
+        return Ok(Admitted::Refused(Refusal::CloneSource(format!(
+            "StorageClass {class_name} sets directoryPattern, and hostvol does not clone into patterned directories yet; clone with a class without directoryPattern"
+        ))));
+    }
     Ok(Admitted::Order(Box::new(Order {
         claim_ref: pvc.object_ref(&()),
         namespace,
@@ -364,15 +392,16 @@ async fn hand_back(ctx: &Context, pvc: &PersistentVolumeClaim, refusal: Refusal)
 async fn make_volume(ctx: &Context, order: &Order, root: &Arc<Root>) -> Result<Option<Limit>> {
     // Blocking work (mkdir or copy, and the fsync that commits it) off the async workers.
     let (root, source) = (root.clone(), order.clone_from.clone());
-    let (target, params, bytes) = (
+    let (target, pv_name, params, bytes) = (
         order.directory.clone(),
+        order.pv_name.clone(),
         order.params.clone(),
         order.request.capacity_bytes,
     );
     let made = tokio::task::spawn_blocking(move || match &source {
         None => root
             .store
-            .ensure_volume(&target, &params, &root.quotas, bytes),
+            .ensure_owned_volume(&target, &pv_name, &params, &root.quotas, bytes),
         Some(source) => root
             .store
             .ensure_clone(source, &target, &params, &root.quotas, bytes),
@@ -387,6 +416,9 @@ async fn make_volume(ctx: &Context, order: &Order, root: &Arc<Root>) -> Result<O
         limit
     });
     made.inspect_err(|error| {
+        if matches!(error, Error::Disk(volume_store::Error::Taken { .. })) {
+            return; // the caller names the other claim
+        }
         ctx.publish(
             &order.claim_ref,
             EventType::Warning,
@@ -398,6 +430,45 @@ async fn make_volume(ctx: &Context, order: &Order, root: &Arc<Root>) -> Result<O
             ),
         );
     })
+}
+
+/// Why a claim's directory cannot be used: whose it is, from the PVs this agent knows (the mark on
+/// the directory names a PV; a PV at that path names its claim), and what to do.
+fn taken_message(ctx: &Context, root: &Root, path: &str, owner: Option<String>) -> String {
+    let host_path = pv::host_path(&root.host_path, path);
+    // The PV the mark names first: a PV anyone made by hand may point at the path too.
+    let volumes = ctx.volumes.state();
+    let holder = volumes
+        .iter()
+        .find(|v| owner.is_some() && owner.as_deref() == v.metadata.name.as_deref())
+        .or_else(|| {
+            volumes
+                .iter()
+                .find(|v| pv::source_path(v) == Some(host_path.as_str()))
+        })
+        .cloned();
+    let whose = match holder
+        .as_ref()
+        .and_then(|v| v.spec.as_ref()?.claim_ref.clone())
+    {
+        Some(claim) => format!(
+            "it is the volume of claim {}/{} (PV {})",
+            claim.namespace.unwrap_or_default(),
+            claim.name.unwrap_or_default(),
+            holder.as_ref().map(|v| v.name_any()).unwrap_or_default()
+        ),
+        None => match owner {
+            Some(pv) => format!(
+                "it holds the data of volume {pv}, whose PV is gone (kept by reclaim policy Retain?)"
+            ),
+            None => "it is not a hostvol volume (made by hand, or kept from earlier)".to_string(),
+        },
+    };
+    format!(
+        "node {}: directory {host_path} exists already: {whose}; hostvol will not share or take it over. \
+         Rename the claim, change the StorageClass's directoryPattern, or move that directory away",
+        ctx.settings.node
+    )
 }
 
 /// Creates the PV, pre-bound to the claim. `false` if it already exists (an earlier pass made it).

@@ -11,6 +11,7 @@ use kube::ResourceExt;
 use kube::api::ObjectMeta;
 
 use crate::domain::params::VolumeType;
+use crate::domain::pattern::VolumePath;
 use crate::domain::{naming, params, quantity};
 
 pub const ANN_PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
@@ -132,34 +133,36 @@ pub fn capacity_bytes(pv: &PersistentVolume) -> u64 {
         .unwrap_or(0)
 }
 
-/// The name `path` gives directly inside the root `host_root` (`<host_root>/<name>`, a safe directory
-/// name: no `/`, no `..`, no leading dot), or None for anything else, so nothing outside the root or
-/// deeper in it is ever named. Symlinks are never followed below the root: the node opens names
-/// relative to the root's handle with `O_NOFOLLOW`.
+/// The volume path `path` gives inside the root `host_root` (`<host_root>/<path>`, a [`VolumePath`]:
+/// relative, no `..`, no empty or hidden segment), or None for anything else, so nothing outside the
+/// root is ever named. Symlinks are never followed below the root: the node opens each segment
+/// relative to the previous one's handle with `O_NOFOLLOW`.
 pub fn root_holds<'a>(host_root: &str, path: &'a str) -> Option<&'a str> {
-    let name = path
+    let relative = path
         .strip_prefix(host_root.trim_end_matches('/'))?
         .strip_prefix('/')?;
-    naming::validate_directory_name(name).ok()?;
-    Some(name)
+    VolumePath::parse(relative).ok()?;
+    Some(relative)
 }
 
-/// The directory one of our PVs was made for, from its source's path (the API server refuses any
-/// change to a PV's source, unlike the `hostvol.io/directory` annotation anyone allowed to patch
+/// The directory name of one of our flat PVs, from its source path (the API server refuses
+/// any change to a PV's source, unlike the `hostvol.io/directory` annotation anyone allowed to patch
 /// PVs can edit), and only if it is this PV's own (`<pv name>_...`, made from the claim's uid), so
-/// no PV can point the agent at another volume's data.
+/// no PV can point the agent at another volume's data. Patterned volumes (`directoryPattern`) are
+/// found with [`volume_directory`] and proven on disk by their mark.
 pub fn directory_of(pv: &PersistentVolume) -> Option<String> {
     let path = source_path(pv)?;
     let (_, name) = path.rsplit_once('/')?;
-    naming::validate_directory_name(name).ok()?;
-    let rest = name.strip_prefix(pv.metadata.name.as_deref()?)?;
-    rest.starts_with('_').then(|| name.to_string())
+    let name = VolumePath::parse(name).ok()?;
+    name.is_named_for(pv.metadata.name.as_deref()?)
+        .then(|| name.as_str().to_string())
 }
 
-/// `directory_of`, checked to be directly inside the data root the kubelet sees as `host_root`.
+/// The volume path inside the data root the kubelet sees as `host_root`, from the PV's immutable
+/// `spec.hostPath.path`. A path not named for the PV (`directoryPattern`) is only a candidate: the
+/// node acts on it only after checking the directory's ownership mark (`node::parents::ownership`).
 pub fn volume_directory(pv: &PersistentVolume, host_root: &str) -> Option<String> {
-    root_holds(host_root, source_path(pv)?)?;
-    directory_of(pv)
+    root_holds(host_root, source_path(pv)?).map(str::to_string)
 }
 
 /// The field `source_path` reads, for messages: `spec.local.path` or `spec.hostPath.path`.
@@ -289,12 +292,25 @@ mod tests {
             ("pvc-1", "/pvc-1_ns_c", "/", Some("pvc-1_ns_c")),
             ("pvc-1", own, "/mnt/other", None),
             ("pvc-1", own, "/mnt/dat", None),
-            ("pvc-1", "/mnt/data/sub/pvc-1_ns_c", "/mnt/data", None),
+            // Below parents (directoryPattern): a candidate, proven by its mark on disk.
+            (
+                "pvc-1",
+                "/mnt/data/sub/pvc-1_ns_c",
+                "/mnt/data",
+                Some("sub/pvc-1_ns_c"),
+            ),
+            ("pvc-1", "/mnt/data/ns/c", "/mnt/data", Some("ns/c")),
+            ("pvc-1", "/mnt/data/ns//c", "/mnt/data", None),
+            ("pvc-1", "/mnt/data/ns/../c", "/mnt/data", None),
+            ("pvc-1", "/mnt/data/ns/.c", "/mnt/data", None),
             ("pvc-1", "/mnt/data/../etc/pvc-1_ns_c", "/mnt/data", None),
             ("pvc-1", "/mnt/data/..", "/mnt/data", None),
-            ("pvc-1", "/mnt/data/pvc-2_ns_c", "/mnt/data", None),
-            ("pvc-1", "/mnt/data/pvc-10_ns_c", "/mnt/data", None),
-            ("pvc-1", "/mnt/data/pvc-1", "/mnt/data", None),
+            (
+                "pvc-1",
+                "/mnt/data/pvc-2_ns_c",
+                "/mnt/data",
+                Some("pvc-2_ns_c"),
+            ),
             ("pvc-1", "/mnt/data/", "/mnt/data", None),
         ];
         for volume_type in [VolumeType::HostPath, VolumeType::Local] {
@@ -307,6 +323,16 @@ mod tests {
                     "{volume_type:?} {name} {path} in {root}"
                 );
             }
+        }
+        // Only names made for the PV prove ownership without a look at the disk.
+        for (path, owned) in [
+            (own, true),
+            ("/mnt/data/pvc-2_ns_c", false),
+            ("/mnt/data/pvc-10_ns_c", false),
+            ("/mnt/data/pvc-1", false),
+        ] {
+            let pv = volume(VolumeType::HostPath, "pvc-1", path, own);
+            assert_eq!(directory_of(&pv).is_some(), owned, "{path}");
         }
         let mut no_path = volume(VolumeType::Local, "pvc-1", own, own);
         no_path.spec.as_mut().unwrap().local = None;

@@ -110,21 +110,22 @@ async fn dispose_of_directory(
     ctx: &Context,
 ) -> Result<Option<Action>> {
     let reference = pv.object_ref(&());
-    let Some(directory) = own_directory(pv) else {
-        ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(
-            "{} {:?} does not name this volume's directory ({}_... directly in a data root); hostvol will not remove anything",
-            pv::source_field(pv), pv::source_path(pv).unwrap_or_default(), pv.name_any()));
-        return Ok(Some(Action::requeue(Duration::from_secs(300))));
-    };
     let root_name = pv::data_root(pv).to_string();
     // The root holding the PV's immutable hostPath: an edited data-root annotation must not make a
     // removal in another root find nothing and release the PV with its data left behind.
     let holder = ctx
         .roots()
         .all()
-        .find(|root| pv::volume_directory(pv, &root.host_path).is_some())
+        .filter(|root| pv::volume_directory(pv, &root.host_path).is_some())
+        .max_by_key(|root| root.host_path.len()) // the innermost, should one root hold another
         .cloned();
     let Some(data_root) = holder else {
+        if pv::root_holds("/", pv::source_path(pv).unwrap_or_default()).is_none() {
+            ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(
+                "{} {:?} is not a safe path in a data root; hostvol will not remove anything",
+                pv::source_field(pv), pv::source_path(pv).unwrap_or_default()));
+            return Ok(Some(Action::requeue(Duration::from_secs(300))));
+        }
         ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(
             "node {} no longer has data root {root_name:?} (hostvol-config); the directory is kept; \
              restore the root in the configuration to let hostvol remove it", ctx.settings.node));
@@ -134,20 +135,14 @@ async fn dispose_of_directory(
         .annotations()
         .get(pv::ANN_QUOTA)
         .and_then(|r| Limit::parse(r));
-    let dir = directory.clone();
+    let directory = pv::volume_directory(pv, &data_root.host_path).unwrap_or_default();
+    let (dir, pv_name) = (directory.clone(), pv.name_any());
     let outcome = tokio::task::spawn_blocking(move || {
         let root = data_root.store.root_handle();
-        if archive {
-            match removal::archive_volume_dir(root.as_fd(), &dir) {
-                Ok(new_name) => Ok(Removed::Done(format!("archived as {new_name}"))),
-                Err(removal::Error::NotFound { .. }) => {
-                    Ok(Removed::Done("directory already gone".to_string()))
-                }
-                Err(e) => Err(e),
-            }
-        } else {
-            data_root.quotas.remove_volume(root.as_fd(), &dir, recorded)
-        }
+        // Checks the directory is this PV's (by name, or by its mark) before touching anything.
+        data_root
+            .quotas
+            .dispose_volume(root.as_fd(), &dir, &pv_name, archive, recorded)
     })
     .await;
     // A panic in the removal is an error for this PV (retried), not the end of the agent.
@@ -169,6 +164,19 @@ async fn dispose_of_directory(
                 format!("{directory} on node {}: {done}", ctx.settings.node),
             );
             Ok(None)
+        }
+        Err(error @ removal::Error::NotOurs { .. }) => {
+            ctx.publish(
+                &reference,
+                EventType::Warning,
+                "VolumeFailedDelete",
+                "Delete",
+                format!(
+                    "node {}: {error}; the PV is kept and nothing is removed",
+                    ctx.settings.node
+                ),
+            );
+            Ok(Some(Action::requeue(Duration::from_secs(300))))
         }
         Err(error) => {
             ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(

@@ -11,7 +11,7 @@ use kube::ResourceExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::controller::context::Context;
+use crate::controller::context::{Context, holding_root};
 use crate::controller::metrics::{QuotaLabels, VolumeFigures, VolumeLabels};
 use crate::controller::pv;
 use crate::node::quota::btrfs;
@@ -33,9 +33,10 @@ pub async fn run(
         for pv in &volumes {
             ctx.check_directory_annotation(pv); // one Warning per edit, as soon as it is seen
         }
+        let roots = ctx.roots();
         let keep: HashSet<String> = volumes
             .iter()
-            .filter_map(|pv| pv::directory_of(pv))
+            .filter_map(|pv| holding_root(&roots, pv).map(|(_, directory)| directory))
             .collect();
         let full = tokio::time::Instant::now() >= next_full;
         if full {
@@ -125,7 +126,7 @@ fn publish_metrics(ctx: &Context, volumes: &[Arc<PersistentVolume>], cache: &Usa
                 .as_ref()
                 .and_then(|s| s.claim_ref.clone())
                 .unwrap_or_default();
-            let usage = pv::directory_of(volume).and_then(|d| cache.get(&d));
+            let usage = holding_root(&ctx.roots(), volume).and_then(|(_, d)| cache.get(&d));
             VolumeFigures {
                 labels: VolumeLabels {
                     namespace: claim.namespace.unwrap_or_default(),

@@ -133,6 +133,10 @@ pub enum Refusal {
     },
     /// The node's data root cannot take volumes now (missing, read-only, not mounted).
     NodeCannotServe(String),
+    /// The class's `directoryPattern` gives no usable directory for this claim.
+    DirectoryName(String),
+    /// The claim's directory exists already (another claim's volume, or data kept from one).
+    DirectoryTaken(String),
 }
 
 impl Refusal {
@@ -150,6 +154,8 @@ impl Refusal {
             Refusal::InvalidParameters(_) => "invalid_parameters",
             Refusal::InsufficientCapacity { .. } => "insufficient_capacity",
             Refusal::NodeCannotServe(_) => "node_cannot_serve",
+            Refusal::DirectoryName(_) => "directory_name",
+            Refusal::DirectoryTaken(_) => "directory_taken",
         }
     }
 
@@ -189,7 +195,8 @@ impl Refusal {
             Refusal::InvalidParameters(why) => {
                 format!("{why}; fix the StorageClass and re-create the claim")
             }
-            Refusal::NodeCannotServe(why) => why.clone(),
+            Refusal::NodeCannotServe(why) | Refusal::DirectoryName(why) => why.clone(),
+            Refusal::DirectoryTaken(why) => why.clone(),
             Refusal::InsufficientCapacity {
                 requested,
                 allocatable,

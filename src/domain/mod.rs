@@ -7,6 +7,7 @@ pub mod capacity;
 pub mod expansion;
 pub mod naming;
 pub mod params;
+pub mod pattern;
 pub mod placement;
 pub mod quantity;
 pub mod quota;

@@ -38,6 +38,14 @@ pub fn clone_staging_name(target: &str) -> String {
     name
 }
 
+/// Where a patterned volume of PV `pv` is made and marked before it is renamed to its final name:
+/// visible, like a clone's staging directory, so one left by a crash is seen, never silently kept.
+pub fn creation_staging_name(pv: &str) -> String {
+    let mut name = format!("creating-{pv}");
+    name.truncate(MAX_DIRECTORY_NAME); // ASCII only
+    name
+}
+
 /// Longest object name the API server accepts (a DNS subdomain).
 pub const MAX_OBJECT_NAME: usize = 253;
 

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::domain::pattern::DirectoryPattern;
+
 /// Every parameter a hostvol StorageClass may set; anything else is refused so typos do not pass silently.
 pub const VALID_PARAMETERS: &[&str] = &[
     "mode",
@@ -12,6 +14,7 @@ pub const VALID_PARAMETERS: &[&str] = &[
     "nodeLossGracePeriod",
     "dataRoot",
     "volumeType",
+    "directoryPattern",
 ];
 
 /// How long a deleted node may stay gone before its volumes are cleaned up (classes that opt in).
@@ -69,6 +72,9 @@ pub struct ClassParameters {
     pub data_root: String,
     /// The source of the PVs: `hostPath` (default) or `local`.
     pub volume_type: VolumeType,
+    /// How new volumes' directories are named (see [`crate::domain::pattern`]); existing volumes
+    /// keep the path their PV records.
+    pub directory_pattern: DirectoryPattern,
 }
 
 impl Default for ClassParameters {
@@ -82,6 +88,7 @@ impl Default for ClassParameters {
             node_loss_grace: DEFAULT_NODE_LOSS_GRACE,
             data_root: DEFAULT_ROOT.to_string(),
             volume_type: VolumeType::default(),
+            directory_pattern: DirectoryPattern::default(),
         }
     }
 }
@@ -146,7 +153,7 @@ impl ClassParameters {
             }
             parsed.data_root = root.clone();
         }
-        if let Some(volume_type) = parameters.get("volumeType") {
+        if let Some(volume_type) = parameters.get("volumeType, directoryPattern") {
             parsed.volume_type = VolumeType::parse(volume_type)?;
         }
         if let Some(grace) = parameters.get("nodeLossGracePeriod") {
@@ -275,7 +282,7 @@ mod tests {
         assert!(
             e.contains("nodePath")
                 && e.contains(
-                    "mode, uid, gid, onDelete, nodeLossCleanup, nodeLossGracePeriod, dataRoot, volumeType"
+                    "mode, uid, gid, onDelete, nodeLossCleanup, nodeLossGracePeriod, dataRoot, volumeType, directoryPattern"
                 ),
             "{e}"
         );
@@ -299,6 +306,8 @@ mod tests {
             ("uid", "-1"),
             ("gid", "root"),
             ("uid", "4294967295"),
+            ("directoryPattern", "{namespace}"),
+            ("directoryPattern", "../{pv}"),
         ] {
             let e = ClassParameters::parse(&params(&[(k, v)])).unwrap_err();
             assert!(e.contains(k), "{k}={v}: {e}");

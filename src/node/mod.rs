@@ -6,6 +6,7 @@ pub mod abi;
 pub mod clone;
 pub mod memory;
 pub mod orphans;
+pub mod parents;
 pub mod quota;
 pub mod removal;
 pub mod roots;

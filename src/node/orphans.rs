@@ -1,12 +1,15 @@
 //! Directories with no PV (orphans) and PVs whose directory is gone (lost): found here, reported by the
 //! controller's orphan report, never deleted.
 
-use std::collections::{HashMap, HashSet};
-use std::os::fd::AsFd;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, SystemTime};
 
+use crate::domain::pattern::VolumePath;
+use crate::node::parents;
 use crate::node::removal::ARCHIVE_PREFIX;
 use crate::node::roots::Root;
+use crate::node::walk::open_beneath;
 use nix::dir::Dir;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{Mode, SFlag, fstatat};
@@ -32,7 +35,9 @@ pub struct Findings {
     pub lost: Vec<String>,
 }
 
-/// `expected` maps each of this node's PV names to its directory name.
+/// `expected` maps each of this node's PV names to its directory (relative to the root, below
+/// parents for `directoryPattern` volumes). A parent holding volumes is not an orphan; what else it
+/// holds is judged like the root's own entries.
 pub fn classify(
     entries: &[Entry],
     expected: &HashMap<String, String>,
@@ -43,11 +48,13 @@ pub fn classify(
         .filter(|e| e.is_dir)
         .map(|e| e.name.as_str())
         .collect();
-    let wanted: HashSet<&str> = expected.values().map(String::as_str).collect();
+    let mut wanted: HashSet<&str> = expected.values().map(String::as_str).collect();
+    wanted.extend(expected.values().flat_map(|path| parent_paths(path)));
     let mut orphans: Vec<Entry> = entries
         .iter()
         .filter(|e| {
-            e.is_dir && !e.name.starts_with('.') && !SYSTEM_ENTRIES.contains(&e.name.as_str())
+            let leaf = e.name.rsplit('/').next().unwrap_or_default();
+            e.is_dir && !leaf.starts_with('.') && !SYSTEM_ENTRIES.contains(&e.name.as_str())
         })
         .filter(|e| !wanted.contains(e.name.as_str()))
         .filter(|e| now.duration_since(e.modified).unwrap_or_default() >= GRACE)
@@ -64,12 +71,49 @@ pub fn classify(
 }
 
 pub fn is_archived(name: &str) -> bool {
-    name.starts_with(ARCHIVE_PREFIX)
+    name.rsplit('/')
+        .next()
+        .is_some_and(|leaf| leaf.starts_with(ARCHIVE_PREFIX))
 }
 
-/// Lists a data root (one level, no symlinks followed).
-pub fn read_root(root: &Root) -> std::io::Result<Vec<Entry>> {
-    let root = root.store.root_handle();
+/// `a/b/c` gives `a`, `a/b`.
+fn parent_paths(path: &str) -> impl Iterator<Item = &str> {
+    path.match_indices('/').map(move |(at, _)| &path[..at])
+}
+
+/// Lists a data root, and the parents of the `expected` volumes (`directoryPattern`), so a volume
+/// with no PV next to other volumes is found too. Only directories PVs name are entered, at most
+/// [`crate::domain::pattern::MAX_SEGMENTS`] deep: the scan reads no more than one level per parent, whatever the tenants
+/// put in their volumes. No symlinks followed. Names below the root are `parent/child`.
+pub fn read_root(root: &Root, expected: &HashMap<String, String>) -> std::io::Result<Vec<Entry>> {
+    let handle = root.store.root_handle();
+    let mut entries = read_dir(handle.as_fd(), "")?;
+    let parents: BTreeSet<&str> = expected
+        .values()
+        .flat_map(|path| parent_paths(path))
+        .collect();
+    for parent in parents {
+        let Ok(path) = VolumePath::parse(parent) else {
+            continue;
+        };
+        let Ok(at) = parents::locate(handle.as_fd(), &path) else {
+            continue; // gone, or not a plain directory: the root's listing shows what is there
+        };
+        let Ok(dir) = open_beneath(
+            at.parent(handle.as_fd()),
+            &std::ffi::CString::new(at.leaf.as_str()).unwrap_or_default(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        ) else {
+            continue;
+        };
+        entries.extend(read_dir(dir.as_fd(), parent)?);
+    }
+    Ok(entries)
+}
+
+/// One level of the open directory `at`, names prefixed with `prefix/` (none for the root).
+fn read_dir(at: BorrowedFd<'_>, prefix: &str) -> std::io::Result<Vec<Entry>> {
+    let root = at;
     let mut dir = Dir::openat(
         root.as_fd(),
         ".",
@@ -86,8 +130,13 @@ pub fn read_root(root: &Root) -> std::io::Result<Vec<Entry>> {
         .into_iter()
         .filter_map(|name| {
             let st = fstatat(root.as_fd(), name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
+            let name = name.to_string_lossy();
             Some(Entry {
-                name: name.to_string_lossy().into_owned(),
+                name: if prefix.is_empty() {
+                    name.into_owned()
+                } else {
+                    format!("{prefix}/{name}")
+                },
                 is_dir: SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR,
                 modified: SystemTime::UNIX_EPOCH + Duration::from_secs(st.st_mtime.max(0) as u64),
             })
@@ -128,5 +177,28 @@ mod tests {
         assert_eq!(names, vec!["pvc-2_ns_b", "archived-pvc-3_ns_c"]);
         assert_eq!(f.lost, vec!["pvc-9".to_string()]);
         assert!(is_archived("archived-pvc-3_ns_c") && !is_archived("pvc-2_ns_b"));
+        assert!(is_archived("team/archived-web"));
+    }
+
+    #[test]
+    fn parents_of_volumes_are_not_orphans_but_what_else_they_hold_is() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let entries = vec![
+            entry("team-a", true, 9999, now),             // holds web
+            entry("team-a/web", true, 9999, now),         // has a PV
+            entry("team-a/kept", true, 9999, now),        // no PV: orphan
+            entry("team-a/archived-db", true, 9999, now), // orphan, archived
+            entry("team-b", true, 9999, now),             // no volume left in it: orphan
+            entry("deep", true, 9999, now),
+            entry("deep/er", true, 9999, now),
+        ];
+        let expected = HashMap::from([
+            ("pvc-1".to_string(), "team-a/web".to_string()),
+            ("pvc-2".to_string(), "deep/er/vol".to_string()),
+        ]);
+        let f = classify(&entries, &expected, now);
+        let names: Vec<&str> = f.orphans.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, vec!["team-a/kept", "team-a/archived-db", "team-b"]);
+        assert_eq!(f.lost, vec!["pvc-2".to_string()]);
     }
 }

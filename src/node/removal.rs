@@ -43,6 +43,11 @@ pub enum Error {
     MountPoint { path: PathBuf },
     #[error("{path} (under the data root) was moved or replaced while being removed; retry")]
     Changed { path: PathBuf },
+    #[error(
+        "{path} is not this volume's directory (it is marked for {}); hostvol leaves it alone",
+        owner.as_deref().unwrap_or("no volume")
+    )]
+    NotOurs { path: String, owner: Option<String> },
     #[error("{name} is not in the data root (already archived or removed?)")]
     NotFound { name: String },
     #[error(
@@ -66,6 +71,7 @@ impl Error {
             Error::MountPoint { .. } => "mount_point",
             Error::Changed { .. } => "concurrent_change",
             Error::NotFound { .. } => "not_found",
+            Error::NotOurs { .. } => "not_ours",
             Error::ArchiveNamesTaken { .. } => "archive_name_taken",
             Error::Io { .. } => "io",
         }
@@ -441,7 +447,7 @@ fn open_dir(
     Ok((fd, st))
 }
 
-fn rename_noreplace(root: BorrowedFd<'_>, from: &str, to: &str) -> Result<(), Errno> {
+pub(crate) fn rename_noreplace(root: BorrowedFd<'_>, from: &str, to: &str) -> Result<(), Errno> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     match nix::fcntl::renameat2(
         root,

@@ -15,6 +15,8 @@ use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{Mode, SFlag, fstat, fstatat};
 
+use crate::domain::pattern::VolumePath;
+use crate::node::parents;
 use crate::node::walk::{Entries, START, id, open_beneath, reopen_parent};
 
 /// Deepest directory nesting we walk into; deeper trees are counted up to here.
@@ -37,9 +39,12 @@ pub struct Usage {
 /// Depth first with one directory open at a time: each level keeps only its identity and where to
 /// resume reading it, so memory depends on neither the number of entries nor the depth's fds.
 pub fn measure(root: BorrowedFd<'_>, name: &str) -> Result<Usage, Errno> {
+    // A volume below parents (directoryPattern): each parent opened without following symlinks.
+    let path = VolumePath::parse(name).map_err(|_| Errno::EINVAL)?;
+    let at = parents::locate(root, &path)?;
     let top = nix::fcntl::openat(
-        root,
-        name,
+        at.parent(root),
+        at.leaf.as_str(),
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::empty(),
     )?;

@@ -1,7 +1,7 @@
 //! Volume directories on disk. Every operation goes through an open handle on the data root and a
 //! single validated name, never a joined path, and never follows a symlink.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,8 +12,9 @@ use nix::unistd::{Gid, Uid, fchown, fsync};
 
 use crate::domain::naming::{self, NameError};
 use crate::domain::params::ClassParameters;
-use crate::node::clone;
+use crate::domain::pattern::VolumePath;
 use crate::node::quota::{self, Limit, Quotas};
+use crate::node::{clone, parents, removal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -27,6 +28,19 @@ pub enum Error {
         "{name} in {root} exists but is not a plain directory (a file or a symlink?); hostvol will not use or follow it; move it away"
     )]
     NotADirectory { root: PathBuf, name: String },
+    #[error(
+        "{path} in {root} exists already{}; hostvol leaves it as it is and will not share it",
+        owner.as_ref().map_or(String::new(), |o| format!(" and belongs to volume {o}"))
+    )]
+    Taken {
+        root: PathBuf,
+        path: String,
+        owner: Option<String>,
+    },
+    #[error(
+        "cannot mark a volume in {root} as hostvol's ({source}): directoryPattern needs the agent to set trusted.* extended attributes (CAP_SYS_ADMIN, as deploy/daemonset.yaml grants) on a filesystem that keeps them"
+    )]
+    Unmarkable { root: PathBuf, source: Errno },
     #[error("cannot set the size limit of {name} in {root}: {source}")]
     Quota {
         root: PathBuf,
@@ -60,6 +74,8 @@ impl Error {
             }
             Error::UnsafeName(_) => "unsafe_name",
             Error::NotADirectory { .. } => "not_a_directory",
+            Error::Taken { .. } => "directory_taken",
+            Error::Unmarkable { .. } => "unmarkable",
             Error::Quota { .. } => "quota",
             Error::Clone { error, .. } => error.category(),
             Error::Io { .. } => "io",
@@ -120,13 +136,14 @@ impl VolumeStore {
 
     /// Makes (or finds) the directory `name` directly under the root with the class's mode and owner.
     pub fn ensure_volume_dir(&self, name: &str, params: &ClassParameters) -> Result<Outcome> {
-        self.ensure_volume(name, params, &Quotas::none(), 0)
+        self.make_volume(&VolumePath::parse(name)?, None, params, &Quotas::none(), 0)
             .map(|(outcome, _)| outcome)
     }
 
     /// Makes (or finds) the volume `name` directly under the root as the quota backend needs it, with
     /// the class's mode and owner and, where the root enforces sizes, a hard limit of `bytes`. Every
-    /// step is idempotent, so a pass interrupted anywhere is finished by the next one.
+    /// step is idempotent, so a pass interrupted anywhere is finished by the next one. For names that
+    /// prove their PV themselves (`<pv>_...`); provisioning goes through [`Self::ensure_owned_volume`].
     pub fn ensure_volume(
         &self,
         name: &str,
@@ -135,6 +152,36 @@ impl VolumeStore {
         bytes: u64,
     ) -> Result<(Outcome, Option<Limit>)> {
         naming::validate_directory_name(name)?;
+        self.make_volume(&VolumePath::parse(name)?, None, params, quotas, bytes)
+    }
+
+    /// [`Self::ensure_volume`] for the volume of PV `pv` at `path`. A path not named for the PV
+    /// (`directoryPattern`) gets its parents made and the ownership mark, and must not be another's:
+    /// [`Error::Taken`] when it is.
+    pub fn ensure_owned_volume(
+        &self,
+        path: &str,
+        pv: &str,
+        params: &ClassParameters,
+        quotas: &Quotas,
+        bytes: u64,
+    ) -> Result<(Outcome, Option<Limit>)> {
+        let path = VolumePath::parse(path)?;
+        let marked = (!path.is_named_for(pv)).then_some(pv);
+        self.make_volume(&path, marked, params, quotas, bytes)
+    }
+
+    /// `marked`: the PV whose mark the directory carries (patterned), or None (named for its PV, or a
+    /// clone's staging directory).
+    fn make_volume(
+        &self,
+        path: &VolumePath,
+        marked: Option<&str>,
+        params: &ClassParameters,
+        quotas: &Quotas,
+        bytes: u64,
+    ) -> Result<(Outcome, Option<Limit>)> {
+        let name = path.as_str();
         let io = |op: &'static str| {
             let root = self.root_path.clone();
             let name = name.to_string();
@@ -145,15 +192,27 @@ impl VolumeStore {
                 source,
             }
         };
-        let outcome = match quotas.create_volume(self.root.as_fd(), name) {
-            Ok(true) => Outcome::Created,
-            Ok(false) => Outcome::Reused,
-            Err(source) => return Err(io("create")(errno_of(&source))),
+        let at = parents::make_parents(self.root.as_fd(), path).map_err(|source| match source {
+            Errno::ENOTDIR | Errno::ELOOP => Error::NotADirectory {
+                root: self.root_path.clone(),
+                name: name.to_string(),
+            },
+            source => io("make the parents of")(source),
+        })?;
+        let parent = at.parent(self.root.as_fd());
+        let leaf = at.leaf.as_str();
+        let outcome = match marked {
+            None => match quotas.create_volume(parent, leaf) {
+                Ok(true) => Outcome::Created,
+                Ok(false) => Outcome::Reused,
+                Err(source) => return Err(io("create")(errno_of(&source))),
+            },
+            Some(pv) => self.make_marked(parent, leaf, path, pv, quotas)?,
         };
         // O_NOFOLLOW: if something swapped the name for a symlink, the open fails instead of leaving the root.
         let dir = openat(
-            self.root.as_fd(),
-            name,
+            parent,
+            leaf,
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
@@ -175,7 +234,7 @@ impl VolumeStore {
         // After chown (which clears setgid) and explicitly, because mkdir's mode is filtered by the umask.
         fchmod(dir.as_fd(), Mode::from_bits_truncate(params.mode)).map_err(io("chmod"))?;
         let limit = quotas
-            .limit(self.root.as_fd(), name, bytes)
+            .limit(parent, leaf, bytes)
             .map_err(|source| Error::Quota {
                 root: self.root_path.clone(),
                 name: name.to_string(),
@@ -183,9 +242,105 @@ impl VolumeStore {
             })?;
         if outcome == Outcome::Created {
             // Make the new entry durable before a PV points at it.
-            fsync(self.root.as_fd()).map_err(io("sync"))?;
+            fsync(parent).map_err(io("sync"))?;
         }
         Ok((outcome, limit))
+    }
+
+    /// Makes the patterned volume `leaf` in `parent` for PV `pv`: in a staging directory
+    /// `creating-<pv>` that gets the mark first, then renamed into place without replacing anything,
+    /// so the final name never exists unmarked and an existing directory is never taken over.
+    fn make_marked(
+        &self,
+        parent: BorrowedFd<'_>,
+        leaf: &str,
+        path: &VolumePath,
+        pv: &str,
+        quotas: &Quotas,
+    ) -> Result<Outcome> {
+        let io = |op: &'static str| {
+            let root = self.root_path.clone();
+            let name = path.to_string();
+            move |source| Error::Io {
+                op,
+                root,
+                name,
+                source,
+            }
+        };
+        if let Some(outcome) = self.existing_marked(parent, leaf, path, pv)? {
+            return Ok(outcome);
+        }
+        let staging = naming::creation_staging_name(pv);
+        quotas
+            .create_volume(parent, &staging)
+            .map_err(|e| io("create")(errno_of(&e)))?;
+        let made = openat(
+            parent,
+            staging.as_str(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io("open"))?;
+        parents::set_owner(made.as_fd(), pv).map_err(|source| match source {
+            Errno::EPERM | Errno::EOPNOTSUPP => Error::Unmarkable {
+                root: self.root_path.clone(),
+                source,
+            },
+            source => io("mark")(source),
+        })?;
+        match removal::rename_noreplace(parent, &staging, leaf) {
+            Ok(()) => Ok(Outcome::Created),
+            Err(Errno::EEXIST | Errno::ENOTEMPTY) => {
+                // Made by someone else in between: give up ours (empty, just made), report theirs.
+                let _ = quotas.remove_volume(parent, &staging, None);
+                self.existing_marked(parent, leaf, path, pv)?
+                    .ok_or_else(|| io("rename")(Errno::EEXIST))
+            }
+            Err(source) => Err(io("rename")(source)),
+        }
+    }
+
+    /// `Some(Reused)` if the volume exists and is marked for `pv`; [`Error::Taken`] if it exists and
+    /// is not; `None` if it does not exist.
+    fn existing_marked(
+        &self,
+        parent: BorrowedFd<'_>,
+        leaf: &str,
+        path: &VolumePath,
+        pv: &str,
+    ) -> Result<Option<Outcome>> {
+        let existing = openat(
+            parent,
+            leaf,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        );
+        let taken = |owner| Error::Taken {
+            root: self.root_path.clone(),
+            path: path.to_string(),
+            owner,
+        };
+        match existing {
+            Ok(dir) => match parents::owner_of(dir.as_fd()) {
+                Ok(Some(owner)) if owner == pv => Ok(Some(Outcome::Reused)),
+                Ok(owner) => Err(taken(owner)),
+                Err(source) => Err(Error::Io {
+                    op: "read the mark of",
+                    root: self.root_path.clone(),
+                    name: path.to_string(),
+                    source,
+                }),
+            },
+            Err(Errno::ENOENT) => Ok(None),
+            Err(Errno::ENOTDIR | Errno::ELOOP) => Err(taken(None)),
+            Err(source) => Err(Error::Io {
+                op: "open",
+                root: self.root_path.clone(),
+                name: path.to_string(),
+                source,
+            }),
+        }
     }
 
     /// Makes (or finishes from an earlier pass) the clone `target` of the volume `source`, then gives
@@ -231,7 +386,7 @@ impl VolumeStore {
                             source: Errno::EIO,
                         })?;
                 }
-                self.ensure_volume(&staging, params, quotas, bytes)?;
+                self.make_volume(&VolumePath::parse(&staging)?, None, params, quotas, bytes)?;
                 clone::copy_into(self.root.as_fd(), source, &staging).map_err(failed(&staging))?;
                 nix::fcntl::renameat(
                     self.root.as_fd(),
@@ -253,7 +408,8 @@ impl VolumeStore {
                 })?;
             }
         }
-        let (outcome, limit) = self.ensure_volume(target, params, quotas, bytes)?;
+        let (outcome, limit) =
+            self.make_volume(&VolumePath::parse(target)?, None, params, quotas, bytes)?;
         Ok((if made { Outcome::Created } else { outcome }, limit))
     }
 
@@ -419,6 +575,84 @@ mod tests {
     }
 
     #[test]
+    fn patterned_volumes_are_nested_marked_never_shared_and_removed_alone() {
+        use crate::node::parents::{self, Ownership};
+        use crate::node::quota::Removed;
+        let (dir, store) = store();
+        let (params, quotas) = (ClassParameters::default(), Quotas::none());
+        let make = |path: &str, pv: &str| store.ensure_owned_volume(path, pv, &params, &quotas, 0);
+        assert_eq!(make("team-a/web", "pvc-1").unwrap().0, Outcome::Created);
+        assert_eq!(make("team-a/db", "pvc-2").unwrap().0, Outcome::Created);
+        // The same claim again (a retry): found, not made twice.
+        assert_eq!(make("team-a/web", "pvc-1").unwrap().0, Outcome::Reused);
+        let meta = std::fs::metadata(dir.path().join("team-a/web")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o777);
+        // Another claim mapped to the same path: refused, naming the owner.
+        match make("team-a/web", "pvc-3").unwrap_err() {
+            Error::Taken { owner, path, .. } => {
+                assert_eq!(
+                    (owner.as_deref(), path.as_str()),
+                    (Some("pvc-1"), "team-a/web")
+                )
+            }
+            other => panic!("{other}"),
+        }
+        // A directory nobody made (or retained data without a mark) is not taken over either.
+        std::fs::create_dir_all(dir.path().join("team-b/kept")).unwrap();
+        std::fs::write(dir.path().join("team-b/kept/data"), b"old").unwrap();
+        assert!(matches!(
+            make("team-b/kept", "pvc-4").unwrap_err(),
+            Error::Taken { owner: None, .. }
+        ));
+        assert_eq!(
+            std::fs::read(dir.path().join("team-b/kept/data")).unwrap(),
+            b"old"
+        );
+        // No staging directory is left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("team-a"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        let root = store.root_handle();
+        let web = VolumePath::parse("team-a/web").unwrap();
+        assert_eq!(
+            parents::ownership(root.as_fd(), &web, "pvc-1").unwrap(),
+            Ownership::Owned
+        );
+        // A PV naming another volume's directory removes nothing.
+        let err = quotas
+            .dispose_volume(root.as_fd(), "team-a/web", "pvc-9", false, None)
+            .unwrap_err();
+        assert_eq!(err.category(), "not_ours", "{err}");
+        assert!(dir.path().join("team-a/web").is_dir());
+        // Delete of one of two siblings: the other and the shared parent stay.
+        std::fs::write(dir.path().join("team-a/web/f"), b"x").unwrap();
+        assert!(matches!(
+            quotas
+                .dispose_volume(root.as_fd(), "team-a/web", "pvc-1", false, None)
+                .unwrap(),
+            Removed::Done(_)
+        ));
+        assert!(!dir.path().join("team-a/web").exists());
+        assert!(dir.path().join("team-a/db").is_dir());
+        // The last one takes the parent it leaves empty with it; again is a no-op.
+        for _ in 0..2 {
+            quotas
+                .dispose_volume(root.as_fd(), "team-a/db", "pvc-2", false, None)
+                .unwrap();
+        }
+        assert!(!dir.path().join("team-a").exists());
+        assert!(dir.path().join("team-b/kept").is_dir());
+        // Archive keeps the data next to where it was.
+        make("team-c/app", "pvc-5").unwrap();
+        quotas
+            .dispose_volume(root.as_fd(), "team-c/app", "pvc-5", true, None)
+            .unwrap();
+        assert!(dir.path().join("team-c/archived-app").is_dir());
+    }
+
+    #[test]
     fn never_follows_or_escapes() {
         let (dir, store) = store();
         let outside = tempfile::tempdir().unwrap();
@@ -435,7 +669,7 @@ mod tests {
             .mode()
             & 0o7777;
         assert_ne!(mode, 0o777);
-        for bad in ["..", "../x", "a/b", ".", ""] {
+        for bad in ["..", "../x", "a/../b", "a//b", "/a", ".", ""] {
             assert_eq!(
                 store
                     .ensure_volume_dir(bad, &ClassParameters::default())
@@ -444,6 +678,19 @@ mod tests {
                 "unsafe_name"
             );
         }
+        // Nor through a parent that is a symlink.
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("ns")).unwrap();
+        let err = store
+            .ensure_owned_volume(
+                "ns/c",
+                "pvc-5",
+                &ClassParameters::default(),
+                &Quotas::none(),
+                0,
+            )
+            .unwrap_err();
+        assert_eq!(err.category(), "not_a_directory", "{err}");
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
         std::fs::write(dir.path().join("pvc-4_ns_c"), b"").unwrap();
         assert_eq!(
             store

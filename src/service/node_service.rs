@@ -16,10 +16,11 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::controller::capacity::{self, NodeFigures, RootFigures};
-use crate::controller::context::Context;
+use crate::controller::context::{Context, holding_root};
 use crate::controller::{orphan_report, pv};
 use crate::domain::quantity;
 use crate::node::orphans;
+use crate::node::roots::RootSet;
 use crate::node::usage::UsageCache;
 use crate::service::grpc::v1::node_server::{Node, NodeServer};
 use crate::service::grpc::v1::{
@@ -90,10 +91,10 @@ fn current_report(ctx: &Context) -> CapacityReport {
     capacity_report(&capacity::node_figures(ctx))
 }
 
-fn describe_volume(pv: &PersistentVolume, usage: &UsageCache) -> Volume {
+fn describe_volume(pv: &PersistentVolume, usage: &UsageCache, roots: &RootSet) -> Volume {
     let spec = pv.spec.clone().unwrap_or_default();
     let claim = spec.claim_ref.unwrap_or_default();
-    let measured = pv::directory_of(pv).and_then(|d| usage.get(&d));
+    let measured = holding_root(roots, pv).and_then(|(_, d)| usage.get(&d));
     Volume {
         pv_name: pv.name_any(),
         claim_namespace: claim.namespace.unwrap_or_default(),
@@ -180,7 +181,7 @@ impl Node for NodeService {
             .volumes
             .state()
             .iter()
-            .map(|pv| describe_volume(pv, &self.usage))
+            .map(|pv| describe_volume(pv, &self.usage, &self.ctx.roots()))
             .collect();
         volumes.sort_by(|a, b| a.pv_name.cmp(&b.pv_name));
         Ok(Response::new(ListVolumesResponse { volumes }))
@@ -195,7 +196,7 @@ impl Node for NodeService {
         self.ctx
             .volumes
             .get(&kube::runtime::reflector::ObjectRef::new(&name))
-            .map(|pv| Response::new(describe_volume(&pv, &self.usage)))
+            .map(|pv| Response::new(describe_volume(&pv, &self.usage, &self.ctx.roots())))
             .ok_or_else(|| {
                 Status::not_found(format!(
                     "node {} has no hostvol volume {name}",
@@ -231,7 +232,7 @@ impl Node for NodeService {
                             .get(&kube::runtime::reflector::ObjectRef::new(name))
                     })
                     .map(|pv| {
-                        let v = describe_volume(&pv, &self.usage);
+                        let v = describe_volume(&pv, &self.usage, &self.ctx.roots());
                         LostVolume {
                             pv_name: v.pv_name,
                             claim_namespace: v.claim_namespace,

@@ -247,6 +247,27 @@ pub fn dirs_in(root: &Path) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
+/// core/v1 Events about the cluster-scoped object `name` (a PV): (type, reason, message).
+pub async fn cluster_scoped_events(cluster: &Cluster, name: &str) -> Vec<(String, String, String)> {
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::all(cluster.client());
+    events
+        .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+        .await
+        .map(|list| {
+            list.items
+                .into_iter()
+                .map(|e| {
+                    (
+                        e.type_.unwrap_or_default(),
+                        e.reason.unwrap_or_default(),
+                        e.message.unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Every PV hostvol provisioned in the cluster.
 pub async fn hostvol_pvs(cluster: &Cluster) -> Vec<PersistentVolume> {
     let pvs: Api<PersistentVolume> = Api::all(cluster.client());

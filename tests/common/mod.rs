@@ -67,8 +67,8 @@ pub use fixtures::{
     PROVISIONER, VOLUME_TYPES, claim_yaml, claim_yaml_with, class_yaml, pod_yaml, typed_class_yaml,
 };
 pub use inspect::{
-    dirs_in, fmt_events, hostvol_pvs, metric_value, pv_claim, pv_dir_name, pv_host_path, pv_node,
-    pv_volume_type, to_yaml_ish,
+    cluster_scoped_events, dirs_in, fmt_events, hostvol_pvs, metric_value, pv_claim, pv_dir_name,
+    pv_host_path, pv_node, pv_volume_type, to_yaml_ish,
 };
 pub use kubelet::FakeKubelet;
 pub use person::{Ran, hostvol_as_person, run_as_person};

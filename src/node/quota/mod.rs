@@ -14,7 +14,9 @@ use nix::fcntl::{OFlag, openat};
 use nix::sys::stat::Mode;
 
 use crate::domain::naming;
+use crate::domain::pattern::VolumePath;
 use crate::domain::quota::{Enforcement, Mechanism, Offer, QuotaMode, decide};
+use crate::node::parents::{self, Ownership};
 use crate::node::removal;
 
 /// What one data root does about sizes.
@@ -231,6 +233,100 @@ impl Quotas {
         }
     }
 
+    /// Removes (or, with `archive`, renames to `archived-<leaf>` next to it) the volume of PV `pv` at
+    /// `path`, flat or below parents, only if it is that PV's ([`parents::ownership`]); then removes
+    /// the parents that removal left empty, stopping at the first that holds anything (siblings stay).
+    pub fn dispose_volume(
+        &self,
+        root: BorrowedFd<'_>,
+        path: &str,
+        pv: &str,
+        archive: bool,
+        recorded: Option<Limit>,
+    ) -> Result<Removed, removal::Error> {
+        let path = VolumePath::parse(path)?;
+        let io = |op: &'static str| {
+            let path = std::path::PathBuf::from(path.as_str());
+            move |source| removal::Error::Io { op, path, source }
+        };
+        let owned = parents::ownership(root, &path, pv).map_err(io("check the owner of"))?;
+        if let Ownership::Foreign(owner) = owned {
+            return Err(removal::Error::NotOurs {
+                path: path.to_string(),
+                owner,
+            });
+        }
+        let at = match parents::locate(root, &path) {
+            Ok(at) => at,
+            // Parents gone, so the volume is too (an earlier pass removed them).
+            Err(nix::errno::Errno::ENOENT) => {
+                return Ok(Removed::Done("directory already gone".to_string()));
+            }
+            Err(e) => return Err(io("open the parents of")(e)),
+        };
+        let parent = at.parent(root);
+        let removed = if archive {
+            match removal::archive_volume_dir(parent, &at.leaf) {
+                Ok(new_name) => Removed::Done(format!("archived as {new_name}")),
+                Err(removal::Error::NotFound { .. }) => {
+                    Removed::Done("directory already gone".to_string())
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            self.remove_volume(parent, &at.leaf, recorded)?
+        };
+        if !archive && matches!(removed, Removed::Done(_)) {
+            parents::remove_empty_parents(root, &path)
+                .map_err(io("remove the empty parents of"))?;
+        }
+        Ok(removed)
+    }
+
+    /// [`Quotas::limit`] for the volume of PV `pv` at `path` (flat or below parents), only if it is
+    /// that PV's ([`parents::ownership`]): a PV naming another volume's directory changes nothing.
+    pub fn limit_volume(
+        &self,
+        root: BorrowedFd<'_>,
+        path: &str,
+        pv: &str,
+        bytes: u64,
+    ) -> io::Result<Option<Limit>> {
+        let path = VolumePath::parse(path).map_err(invalid)?;
+        match parents::ownership(root, &path, pv)? {
+            Ownership::Owned => {}
+            Ownership::Gone => return Err(io::ErrorKind::NotFound.into()),
+            Ownership::Foreign(owner) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{path} is not the directory of volume {pv} (marked for {}); hostvol leaves it alone",
+                        owner.as_deref().unwrap_or("no volume")
+                    ),
+                ));
+            }
+        }
+        let at = parents::locate(root, &path)?;
+        self.limit(at.parent(root), &at.leaf, bytes)
+    }
+
+    /// [`Quotas::reapply`] through [`Quotas::limit_volume`].
+    pub fn reapply_volume(
+        &self,
+        root: BorrowedFd<'_>,
+        path: &str,
+        pv: &str,
+        bytes: u64,
+    ) -> io::Result<Option<Limit>> {
+        if self.mechanism().is_none() {
+            return Ok(None);
+        }
+        match self.limit_volume(root, path, pv, bytes) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            other => other,
+        }
+    }
+
     /// Sets the limit recorded for an existing volume again (after a crash the filesystem may not have
     /// committed it); nothing for roots without enforcement or volumes that are gone.
     pub fn reapply(
@@ -272,7 +368,10 @@ impl Quotas {
         if mechanism == Mechanism::BtrfsQgroup {
             let groups = btrfs::qgroups(root)?;
             for name in names {
-                let Ok(volume) = btrfs::open_subvolume(root, name) else {
+                let Ok(at) = locate(root, name) else {
+                    continue;
+                };
+                let Ok(volume) = btrfs::open_subvolume(at.parent(root), &at.leaf) else {
                     continue;
                 };
                 let Ok(id) = btrfs::subvolume_id(volume.as_fd()) else {
@@ -292,7 +391,10 @@ impl Quotas {
         } else {
             let root_project = project::project_of(root)?.0;
             for name in names {
-                let Ok(volume) = open_volume(root, name) else {
+                let Ok(at) = locate(root, name) else {
+                    continue;
+                };
+                let Ok(volume) = open_volume(at.parent(root), &at.leaf) else {
                     continue;
                 };
                 let Ok((id, _)) = project::project_of(volume.as_fd()) else {
@@ -361,6 +463,12 @@ fn offer(root: BorrowedFd<'_>) -> Offer {
         Ok(state) => Offer::Unavailable(state.to_string()),
         Err(e) => Offer::Unavailable(format!("cannot read the {filesystem} quota state: {e}")),
     }
+}
+
+/// The parent of the volume `path` (flat or below parents), opened without following symlinks.
+fn locate(root: BorrowedFd<'_>, path: &str) -> io::Result<parents::Located> {
+    let path = VolumePath::parse(path).map_err(invalid)?;
+    Ok(parents::locate(root, &path)?)
 }
 
 fn open_volume(root: BorrowedFd<'_>, name: &str) -> io::Result<OwnedFd> {
