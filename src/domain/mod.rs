@@ -10,3 +10,4 @@ pub mod params;
 pub mod placement;
 pub mod quantity;
 pub mod quota;
+pub mod reuse;
