@@ -41,7 +41,15 @@ async fn retained_volume(cluster: &Cluster, agent: &Agent, name: &str) -> Persis
     cluster.kubectl_apply_yaml(&claim_yaml(NS, name, "hostvol", "1Gi", Some("node-a")));
     let pv = cluster.hostvol_pv_of_claim(NS, name, T).await;
     std::fs::write(agent.root.join(pv_dir_name(&pv)).join("index.html"), name).unwrap();
-    cluster.kubectl_ok(&["delete", "-n", NS, "pvc", name, "--wait=true", "--timeout=60s"]);
+    cluster.kubectl_ok(&[
+        "delete",
+        "-n",
+        NS,
+        "pvc",
+        name,
+        "--wait=true",
+        "--timeout=60s",
+    ]);
     cluster.wait_pv_phase(&pv.name_any(), "Released", T).await;
     pv
 }
@@ -55,7 +63,14 @@ async fn recreate_claim(cluster: &Cluster, name: &str, size: &str) -> Persistent
 
 fn reuse(kubeconfig: &std::path::Path, pv: &str, claim: &str, timeout: &str) -> Ran {
     hostvol_as_person(
-        &["reuse", pv, "--for", &format!("{NS}/{claim}"), "--timeout", timeout],
+        &[
+            "reuse",
+            pv,
+            "--for",
+            &format!("{NS}/{claim}"),
+            "--timeout",
+            timeout,
+        ],
         kubeconfig,
     )
 }
@@ -101,47 +116,114 @@ async fn retained_data_goes_to_a_recreated_claim_and_refusals_are_one_line() {
     // Without the hostvol-purger role: forbidden, naming the role.
     let alice = cluster.person_kubeconfig("alice").await;
     let claim = recreate_claim(&cluster, "data", "1Gi").await;
-    assert_refused(&reuse(&alice, &old.name_any(), "data", "5"), "forbidden: you may not read PersistentVolumes (bind the hostvol-purger ClusterRole");
+    assert_refused(
+        &reuse(&alice, &old.name_any(), "data", "5"),
+        "forbidden: you may not read PersistentVolumes (bind the hostvol-purger ClusterRole",
+    );
     // A PV in use, a claim already bound, a claim of another size, one scheduled elsewhere.
-    assert_refused(&reuse(&admin, &busy.name_any(), "data", "5"), "is Bound to claim web/busy: its directory is in use");
-    assert_refused(&reuse(&admin, &old.name_any(), "busy", "5"), &format!("claim web/busy is bound to {} already", busy.name_any()));
+    assert_refused(
+        &reuse(&admin, &busy.name_any(), "data", "5"),
+        "is Bound to claim web/busy: its directory is in use",
+    );
+    assert_refused(
+        &reuse(&admin, &old.name_any(), "busy", "5"),
+        &format!("claim web/busy is bound to {} already", busy.name_any()),
+    );
     recreate_claim(&cluster, "small", "512Mi").await;
-    assert_refused(&reuse(&admin, &old.name_any(), "small", "5"), "asks for 512Mi, less than the data's limit 1Gi");
-    cluster.kubectl_apply_yaml(&claim_yaml(NS, "elsewhere", "hostvol", "1Gi", Some("node-b")));
-    assert_refused(&reuse(&admin, &old.name_any(), "elsewhere", "5"), "scheduled to node node-b, the data is on node node-a");
+    assert_refused(
+        &reuse(&admin, &old.name_any(), "small", "5"),
+        "asks for 512Mi, less than the data's limit 1Gi",
+    );
+    cluster.kubectl_apply_yaml(&claim_yaml(
+        NS,
+        "elsewhere",
+        "hostvol",
+        "1Gi",
+        Some("node-b"),
+    ));
+    assert_refused(
+        &reuse(&admin, &old.name_any(), "elsewhere", "5"),
+        "scheduled to node node-b, the data is on node node-a",
+    );
     // A PV hostvol did not make, then one that is not Released.
     cluster.kubectl_apply_yaml(
         "apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: static\nspec:\n  capacity:\n    storage: 1Gi\n  \
          accessModes: [ReadWriteOnce]\n  storageClassName: hostvol\n  hostPath:\n    path: /tmp/static\n",
     );
-    assert_refused(&reuse(&admin, "static", "data", "5"), "static was not provisioned by hostvol");
-    cluster.kubectl_ok(&["annotate", "pv", "static", "pv.kubernetes.io/provisioned-by=hostpath.hostvol.io"]);
+    assert_refused(
+        &reuse(&admin, "static", "data", "5"),
+        "static was not provisioned by hostvol",
+    );
+    cluster.kubectl_ok(&[
+        "annotate",
+        "pv",
+        "static",
+        "pv.kubernetes.io/provisioned-by=hostpath.hostvol.io",
+    ]);
     cluster.wait_pv_phase("static", "Available", T).await;
-    assert_refused(&reuse(&admin, "static", "data", "5"), "static is Available, not Released");
-    assert_refused(&reuse(&admin, "missing", "data", "5"), "PV missing not found");
-    assert!(old_dir.join("index.html").exists(), "refusals touch nothing");
+    assert_refused(
+        &reuse(&admin, "static", "data", "5"),
+        "static is Available, not Released",
+    );
+    assert_refused(
+        &reuse(&admin, "missing", "data", "5"),
+        "PV missing not found",
+    );
+    assert!(
+        old_dir.join("index.html").exists(),
+        "refusals touch nothing"
+    );
     assert!(pv_exists(&cluster, &old.name_any()).await);
 
     // With the shipped role, alice may: the claim gets its own PV over the same data.
-    cluster.kubectl_ok(&["create", "clusterrolebinding", "alice-purger", "--clusterrole", "hostvol-purger", "--serviceaccount", "default:alice"]);
+    cluster.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "alice-purger",
+        "--clusterrole",
+        "hostvol-purger",
+        "--serviceaccount",
+        "default:alice",
+    ]);
     let ran = reuse(&alice, &old.name_any(), "data", "60");
     let new_pv = format!("pvc-{}", claim.uid().unwrap());
     assert!(ran.ok() && ran.stdout.contains(&new_pv), "{}", ran.output());
     let bound = cluster.wait_pvc_bound(NS, "data", T).await;
-    assert_eq!(bound.spec.unwrap().volume_name.as_deref(), Some(new_pv.as_str()));
-    assert_eq!(std::fs::read_to_string(new_dir(&agent, &claim).join("index.html")).unwrap(), "data");
+    assert_eq!(
+        bound.spec.unwrap().volume_name.as_deref(),
+        Some(new_pv.as_str())
+    );
+    assert_eq!(
+        std::fs::read_to_string(new_dir(&agent, &claim).join("index.html")).unwrap(),
+        "data"
+    );
     assert!(!old_dir.exists(), "renamed, not copied");
-    assert!(!pv_exists(&cluster, &old.name_any()).await, "old PV removed");
+    assert!(
+        !pv_exists(&cluster, &old.name_any()).await,
+        "old PV removed"
+    );
     let pvs: Api<PersistentVolume> = Api::all(cluster.client());
     let new = pvs.get(&new_pv).await.unwrap();
     let spec = new.spec.clone().unwrap();
-    assert_eq!(spec.persistent_volume_reclaim_policy.as_deref(), Some("Retain"));
+    assert_eq!(
+        spec.persistent_volume_reclaim_policy.as_deref(),
+        Some("Retain")
+    );
     assert_eq!(spec.capacity.unwrap()["storage"].0, "1Gi");
     assert!(spec.node_affinity.is_some(), "pinned to the node");
-    assert_eq!(new.annotations().get("hostvol.io/node").map(String::as_str), Some("node-a"));
-    assert_eq!(new.annotations().get("hostvol.io/reused-from"), Some(&old.name_any()));
+    assert_eq!(
+        new.annotations().get("hostvol.io/node").map(String::as_str),
+        Some("node-a")
+    );
+    assert_eq!(
+        new.annotations().get("hostvol.io/reused-from"),
+        Some(&old.name_any())
+    );
     // Bound now: reusing it again is refused.
-    assert_refused(&reuse(&admin, &new_pv, "small", "5"), "its directory is in use");
+    assert_refused(
+        &reuse(&admin, &new_pv, "small", "5"),
+        "its directory is in use",
+    );
     assert!(busy.name_any() != new_pv);
 }
 
@@ -156,16 +238,30 @@ async fn a_reuse_interrupted_between_steps_is_finished_by_a_restart() {
     let new_pv = format!("pvc-{}", claim.uid().unwrap());
 
     let ran = reuse(&admin, &old.name_any(), "data", "3");
-    assert!(!ran.ok() && ran.stderr.contains("is marked for reuse"), "{}", ran.output());
-    cluster.wait_for(|| pv_exists(&cluster, &new_pv), T, "the new PV").await;
+    assert!(
+        !ran.ok() && ran.stderr.contains("is marked for reuse"),
+        "{}",
+        ran.output()
+    );
+    cluster
+        .wait_for(|| pv_exists(&cluster, &new_pv), T, "the new PV")
+        .await;
     agent.kill(); // between the new PV and the rename
     assert!(old_dir.join("index.html").exists() && !new_dir(&agent, &claim).exists());
-    assert!(pv_exists(&cluster, &old.name_any()).await, "the old PV goes last");
+    assert!(
+        pv_exists(&cluster, &old.name_any()).await,
+        "the old PV goes last"
+    );
 
-    agent.env = vec![("FAILPOINTS".into(), "reuse_after_rename=sleep(600000)".into())];
+    agent.env = vec![(
+        "FAILPOINTS".into(),
+        "reuse_after_rename=sleep(600000)".into(),
+    )];
     agent.restart().await;
     let moved = new_dir(&agent, &claim).join("index.html");
-    cluster.wait_for(|| async { moved.exists() }, T, "the rename").await;
+    cluster
+        .wait_for(|| async { moved.exists() }, T, "the rename")
+        .await;
     agent.kill(); // between the rename and the old PV's deletion
     assert!(!old_dir.exists() && pv_exists(&cluster, &old.name_any()).await);
 
@@ -174,7 +270,10 @@ async fn a_reuse_interrupted_between_steps_is_finished_by_a_restart() {
     let gone = || async { !pv_exists(&cluster, &old.name_any()).await };
     cluster.wait_for(gone, T, "the old PV deleted").await;
     let bound = cluster.wait_pvc_bound(NS, "data", T).await;
-    assert_eq!(bound.spec.unwrap().volume_name.as_deref(), Some(new_pv.as_str()));
+    assert_eq!(
+        bound.spec.unwrap().volume_name.as_deref(),
+        Some(new_pv.as_str())
+    );
     assert_eq!(std::fs::read_to_string(&moved).unwrap(), "data");
     let dirs = common::dirs_in(&agent.root);
     assert_eq!(dirs.len(), 1, "one directory, the data's: {dirs:?}");

@@ -50,7 +50,9 @@ pub async fn run(args: &ReuseArgs) -> Result<bool, String> {
         .await
         .map_err(|e| api_error(e, &format!("read claims in {namespace}")))?
         .ok_or_else(|| {
-            format!("claim {namespace}/{name} not found; create it first (no pod yet, the data's size)")
+            format!(
+                "claim {namespace}/{name} not found; create it first (no pod yet, the data's size)"
+            )
         })?;
     let class_name = claim
         .spec
@@ -85,7 +87,10 @@ pub async fn run(args: &ReuseArgs) -> Result<bool, String> {
         .await
         .map_err(|e| match e {
             kube::Error::Api(s) if s.code == 409 => {
-                format!("{} changed while being checked; run the command again", args.pv)
+                format!(
+                    "{} changed while being checked; run the command again",
+                    args.pv
+                )
             }
             e => api_error(e, "patch PersistentVolumes"),
         })?;

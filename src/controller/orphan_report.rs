@@ -55,7 +55,9 @@ fn scan_roots(
         findings.lost.retain(|name| {
             here.iter()
                 .find(|pv| pv.name_any() == *name)
-                .is_none_or(|pv| reclaim::disposal(pv) == Disposal::Keep && !reuse_pending(pv, &here))
+                .is_none_or(|pv| {
+                    reclaim::disposal(pv) == Disposal::Keep && !reuse_pending(pv, &here)
+                })
         });
         out.push((root.clone(), findings));
     }

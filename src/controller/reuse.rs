@@ -59,7 +59,9 @@ pub fn volume_facts(pv: &PersistentVolume, provisioner: &str) -> reuse::Volume {
         capacity_bytes: pv::capacity_bytes(pv),
         node: annotations.get(pv::ANN_NODE).cloned().unwrap_or_default(),
         purge_requested: annotations.contains_key(reclaim::ANN_PURGE),
-        reuse_for: annotations.get(ANN_REUSE_FOR).and_then(|r| Target::parse(r)),
+        reuse_for: annotations
+            .get(ANN_REUSE_FOR)
+            .and_then(|r| Target::parse(r)),
     }
 }
 
@@ -99,7 +101,11 @@ pub fn targeted(ctx: &Context, claim_uid: &str) -> bool {
 /// Moves the data of `old` (a Released PV of this node marked for reuse) to its target claim.
 pub async fn reconcile(old: &PersistentVolume, ctx: &Context) -> Result<Action> {
     let old_ref = old.object_ref(&());
-    let Some(target) = old.annotations().get(ANN_REUSE_FOR).and_then(|r| Target::parse(r)) else {
+    let Some(target) = old
+        .annotations()
+        .get(ANN_REUSE_FOR)
+        .and_then(|r| Target::parse(r))
+    else {
         ctx.publish_fact(&old_ref, EventType::Warning, "ReuseFailed", "Reuse", format!(
             "annotation {ANN_REUSE_FOR} must be <namespace>/<claim>/<claim uid> (set by `kubectl hostvol reuse`); nothing done"));
         return Ok(Action::await_change());
@@ -138,8 +144,17 @@ pub async fn reconcile(old: &PersistentVolume, ctx: &Context) -> Result<Action> 
                 Err(e) => return Err(e.into()),
             }
             info!(pv = %old.name_any(), new = %new_name, claim = %target.key(), "reuse: new PV created");
-            ctx.publish(&claim_ref, EventType::Normal, "Reusing", "Reuse", format!(
-                "volume {new_name} takes over the retained data of {} on node {}", old.name_any(), ctx.settings.node));
+            ctx.publish(
+                &claim_ref,
+                EventType::Normal,
+                "Reusing",
+                "Reuse",
+                format!(
+                    "volume {new_name} takes over the retained data of {} on node {}",
+                    old.name_any(),
+                    ctx.settings.node
+                ),
+            );
         }
     }
     fail::fail_point!("reuse_after_new_pv");
@@ -155,10 +170,20 @@ pub async fn reconcile(old: &PersistentVolume, ctx: &Context) -> Result<Action> 
     })
     .await;
     match context::joined(moved)? {
-        Ok(moved) => info!(from = %old_dir, to = %new_dir, fresh = (moved == Moved::Now), "reuse: directory renamed"),
+        Ok(moved) => {
+            info!(from = %old_dir, to = %new_dir, fresh = (moved == Moved::Now), "reuse: directory renamed")
+        }
         Err(error) => {
-            ctx.publish(&old_ref, EventType::Warning, "ReuseFailed", "Reuse", format!(
-                "node {}: cannot rename {old_dir} to {new_dir}: {error}; retrying", ctx.settings.node));
+            ctx.publish(
+                &old_ref,
+                EventType::Warning,
+                "ReuseFailed",
+                "Reuse",
+                format!(
+                    "node {}: cannot rename {old_dir} to {new_dir}: {error}; retrying",
+                    ctx.settings.node
+                ),
+            );
             return Err(Error::Removal(error));
         }
     }
@@ -188,24 +213,41 @@ fn is_reuse_of(existing: &PersistentVolume, old: &PersistentVolume, target: &Tar
 
 /// The target claim, if the reuse may go ahead now; otherwise a Warning saying why (on the PV and the
 /// claim) and `None`.
-async fn check(ctx: &Context, old: &PersistentVolume, target: &Target) -> Result<Option<ObjectReference>> {
+async fn check(
+    ctx: &Context,
+    old: &PersistentVolume,
+    target: &Target,
+) -> Result<Option<ObjectReference>> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &target.namespace);
     let old_ref = old.object_ref(&());
-    let claim = claims.get_opt(&target.name).await?.filter(|c| c.uid().as_deref() == Some(target.uid.as_str()));
+    let claim = claims
+        .get_opt(&target.name)
+        .await?
+        .filter(|c| c.uid().as_deref() == Some(target.uid.as_str()));
     let Some(claim) = claim else {
         ctx.publish_fact(&old_ref, EventType::Warning, "ReuseFailed", "Reuse", format!(
             "claim {} (uid {}) no longer exists; remove annotation {ANN_REUSE_FOR} or run `kubectl hostvol reuse` again",
             target.key(), target.uid));
         return Ok(None);
     };
-    let class_name = claim.spec.as_ref().and_then(|s| s.storage_class_name.clone()).unwrap_or_default();
+    let class_name = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.storage_class_name.clone())
+        .unwrap_or_default();
     let class = ctx.classes.get(&ObjectRef::new(&class_name));
     let volume = volume_facts(old, &ctx.settings.provisioner);
     let facts = claim_facts(&claim, class.as_deref(), &ctx.settings.provisioner);
     if let Some(why) = reuse::refusal(&volume, &facts) {
         warn!(pv = %old.name_any(), claim = %target.key(), %why, "reuse refused");
         for regarding in [&old_ref, &claim.object_ref(&())] {
-            ctx.publish(regarding, EventType::Warning, "ReuseFailed", "Reuse", format!("cannot reuse {}: {why}", old.name_any()));
+            ctx.publish(
+                regarding,
+                EventType::Warning,
+                "ReuseFailed",
+                "Reuse",
+                format!("cannot reuse {}: {why}", old.name_any()),
+            );
         }
         return Ok(None);
     }
@@ -223,14 +265,23 @@ async fn new_volume(
 ) -> Result<PersistentVolume> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &target.namespace);
     let claim = claims.get(&target.name).await?;
-    let class_name = claim.spec.as_ref().and_then(|s| s.storage_class_name.clone()).unwrap_or_default();
+    let class_name = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.storage_class_name.clone())
+        .unwrap_or_default();
     let class = ctx.classes.get(&ObjectRef::new(&class_name));
-    let policy = class.as_ref().and_then(|c| c.reclaim_policy.clone()).unwrap_or_else(|| "Delete".into());
+    let policy = class
+        .as_ref()
+        .and_then(|c| c.reclaim_policy.clone())
+        .unwrap_or_else(|| "Delete".into());
     let archive = class
         .as_ref()
         .and_then(|c| ClassParameters::parse(&c.parameters.clone().unwrap_or_default()).ok())
         .is_some_and(|p| p.archive_on_delete);
-    let access_modes = admission::admit(&claim_spec(&claim)).map(|r| r.access_modes).unwrap_or_default();
+    let access_modes = admission::admit(&claim_spec(&claim))
+        .map(|r| r.access_modes)
+        .unwrap_or_default();
     let mut spec = old.spec.clone().unwrap_or_default();
     spec.access_modes = Some(access_modes);
     spec.storage_class_name = Some(class_name);
@@ -254,14 +305,25 @@ async fn new_volume(
         .annotations()
         .iter()
         .filter(|(k, _)| k.starts_with("hostvol.io/") || k.as_str() == pv::ANN_PROVISIONED_BY)
-        .filter(|(k, _)| ![ANN_REUSE_FOR, ANN_REUSED_FROM, reclaim::ANN_PURGE, reclaim::ANN_ON_DELETE].contains(&k.as_str()))
+        .filter(|(k, _)| {
+            ![
+                ANN_REUSE_FOR,
+                ANN_REUSED_FROM,
+                reclaim::ANN_PURGE,
+                reclaim::ANN_ON_DELETE,
+            ]
+            .contains(&k.as_str())
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     annotations.insert(pv::ANN_DIRECTORY.into(), path.to_string());
     annotations.insert(ANN_REUSED_FROM.into(), old.name_any());
     let mut finalizers = None;
     if policy == "Delete" {
-        annotations.insert(reclaim::ANN_ON_DELETE.into(), if archive { "archive" } else { "delete" }.into());
+        annotations.insert(
+            reclaim::ANN_ON_DELETE.into(),
+            if archive { "archive" } else { "delete" }.into(),
+        );
         finalizers = Some(vec![reclaim::FINALIZER.to_string()]);
     }
     Ok(PersistentVolume {

@@ -81,26 +81,66 @@ pub struct Claim {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    NotHostvol { pv: String },
-    InUse { pv: String, claim: String },
-    NotReleased { pv: String, phase: String },
-    PurgeRequested { pv: String },
-    ReuseForAnother { pv: String, other: String },
-    ClaimDeleting { claim: String },
-    ClaimBound { claim: String, volume: String },
-    ClaimUnservable { claim: String, why: String },
-    ClaimClones { claim: String },
-    ClassNotOurs { claim: String, class: String },
-    TooSmall { claim: String, asks: u64, limit: u64 },
-    TooLarge { claim: String, asks: u64, limit: u64 },
-    OtherNode { claim: String, selected: String, node: String },
+    NotHostvol {
+        pv: String,
+    },
+    InUse {
+        pv: String,
+        claim: String,
+    },
+    NotReleased {
+        pv: String,
+        phase: String,
+    },
+    PurgeRequested {
+        pv: String,
+    },
+    ReuseForAnother {
+        pv: String,
+        other: String,
+    },
+    ClaimDeleting {
+        claim: String,
+    },
+    ClaimBound {
+        claim: String,
+        volume: String,
+    },
+    ClaimUnservable {
+        claim: String,
+        why: String,
+    },
+    ClaimClones {
+        claim: String,
+    },
+    ClassNotOurs {
+        claim: String,
+        class: String,
+    },
+    TooSmall {
+        claim: String,
+        asks: u64,
+        limit: u64,
+    },
+    TooLarge {
+        claim: String,
+        asks: u64,
+        limit: u64,
+    },
+    OtherNode {
+        claim: String,
+        selected: String,
+        node: String,
+    },
 }
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let size = |b: &u64| quantity::format_bytes(*b);
         match self {
-            Refusal::NotHostvol { pv } => write!(f, "{pv} was not provisioned by hostvol; nothing done"),
+            Refusal::NotHostvol { pv } => {
+                write!(f, "{pv} was not provisioned by hostvol; nothing done")
+            }
             Refusal::InUse { pv, claim } => write!(
                 f,
                 "{pv} is Bound to claim {claim}: its directory is in use; delete that claim first (Retain keeps the data)"
@@ -285,19 +325,70 @@ mod tests {
     fn each_refusal_in_the_order_a_person_fixes_things() {
         type Edit = fn(&mut Volume, &mut Claim);
         let cases: &[(&str, Edit, &str)] = &[
-            ("foreign", |v, _| v.ours = false, "not provisioned by hostvol"),
-            ("bound pv", |v, _| v.phase = "Bound".into(), "is Bound to claim web/data: its directory is in use"),
-            ("available", |v, _| v.phase = "Available".into(), "is Available, not Released"),
-            ("purging", |v, _| v.purge_requested = true, "marked for purging"),
-            ("other reuse", |v, _| v.reuse_for = Target::parse("web/x/u9"), "already being reused for claim web/x"),
-            ("deleting", |_, c| c.deleting = true, "claim web/data is being deleted"),
-            ("bound claim", |_, c| c.volume_name = Some("pvc-u2".into()), "is bound to pvc-u2 already"),
-            ("block", |_, c| c.unservable = Some("volumeMode Block".into()), "claim web/data: volumeMode Block"),
+            (
+                "foreign",
+                |v, _| v.ours = false,
+                "not provisioned by hostvol",
+            ),
+            (
+                "bound pv",
+                |v, _| v.phase = "Bound".into(),
+                "is Bound to claim web/data: its directory is in use",
+            ),
+            (
+                "available",
+                |v, _| v.phase = "Available".into(),
+                "is Available, not Released",
+            ),
+            (
+                "purging",
+                |v, _| v.purge_requested = true,
+                "marked for purging",
+            ),
+            (
+                "other reuse",
+                |v, _| v.reuse_for = Target::parse("web/x/u9"),
+                "already being reused for claim web/x",
+            ),
+            (
+                "deleting",
+                |_, c| c.deleting = true,
+                "claim web/data is being deleted",
+            ),
+            (
+                "bound claim",
+                |_, c| c.volume_name = Some("pvc-u2".into()),
+                "is bound to pvc-u2 already",
+            ),
+            (
+                "block",
+                |_, c| c.unservable = Some("volumeMode Block".into()),
+                "claim web/data: volumeMode Block",
+            ),
             ("clone", |_, c| c.has_data_source = true, "has a dataSource"),
-            ("class", |_, c| { c.class_ours = false; c.class = "other".into() }, "StorageClass \"other\", which is not a hostvol class"),
-            ("smaller", |_, c| c.requested_bytes = GI / 2, "asks for 512Mi, less than the data's limit 1Gi; ask for 1Gi exactly"),
-            ("larger", |_, c| c.requested_bytes = 2 * GI, "more than the data's limit 1Gi; ask for 1Gi exactly, then grow"),
-            ("elsewhere", |_, c| c.selected_node = Some("node-b".into()), "scheduled to node node-b, the data is on node node-a"),
+            (
+                "class",
+                |_, c| {
+                    c.class_ours = false;
+                    c.class = "other".into()
+                },
+                "StorageClass \"other\", which is not a hostvol class",
+            ),
+            (
+                "smaller",
+                |_, c| c.requested_bytes = GI / 2,
+                "asks for 512Mi, less than the data's limit 1Gi; ask for 1Gi exactly",
+            ),
+            (
+                "larger",
+                |_, c| c.requested_bytes = 2 * GI,
+                "more than the data's limit 1Gi; ask for 1Gi exactly, then grow",
+            ),
+            (
+                "elsewhere",
+                |_, c| c.selected_node = Some("node-b".into()),
+                "scheduled to node node-b, the data is on node node-a",
+            ),
         ];
         for (case, edit, expected) in cases {
             let (mut v, mut c) = (released(), pending());
@@ -321,9 +412,20 @@ mod tests {
     #[test]
     fn targets_round_trip_and_reject_junk() {
         let t = Target::parse("web/data/0b6a-11").unwrap();
-        assert_eq!((t.namespace.as_str(), t.name.as_str(), t.uid.as_str()), ("web", "data", "0b6a-11"));
+        assert_eq!(
+            (t.namespace.as_str(), t.name.as_str(), t.uid.as_str()),
+            ("web", "data", "0b6a-11")
+        );
         assert_eq!(Target::parse(&t.record()), Some(t));
-        for junk in ["", "web", "web/data", "web//u", "/data/u", "web/data/u/x", "web/data/"] {
+        for junk in [
+            "",
+            "web",
+            "web/data",
+            "web//u",
+            "/data/u",
+            "web/data/u/x",
+            "web/data/",
+        ] {
             assert_eq!(Target::parse(junk), None, "{junk:?}");
         }
     }

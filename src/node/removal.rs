@@ -862,7 +862,9 @@ mod tests {
         let fd = open(root.path());
         std::fs::create_dir(root.path().join("pvc-1_ns_a")).unwrap();
         std::fs::write(root.path().join("pvc-1_ns_a/index.html"), "kept").unwrap();
-        let inode = std::fs::metadata(root.path().join("pvc-1_ns_a")).unwrap().ino();
+        let inode = std::fs::metadata(root.path().join("pvc-1_ns_a"))
+            .unwrap()
+            .ino();
         assert_eq!(
             rename_volume_dir(fd.as_fd(), "pvc-1_ns_a", "pvc-2_ns_a").unwrap(),
             Moved::Now
