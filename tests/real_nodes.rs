@@ -706,10 +706,11 @@ fn retained_data_comes_back_with_reuse() {
         rc.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
 
         let t = Instant::now();
-        let ran = common::hostvol_as_person(
-            &["reuse", &old_pv, "--for", &format!("default/{claim}")],
-            rc.kubeconfig(),
-        );
+        // The plugin as people run it (`kubectl hostvol reuse`), with the admin's kubeconfig.
+        let plugin = common::hostvol_bin().with_file_name("kubectl-hostvol");
+        let mut cmd = std::process::Command::new(plugin);
+        cmd.args(["reuse", &old_pv, "--for", &format!("default/{claim}")]);
+        let ran = common::run_as_person(cmd, rc.kubeconfig());
         assert!(ran.ok(), "reuse: {}", ran.output());
         let t_reuse = t.elapsed();
         let new_pv = claims
