@@ -25,6 +25,10 @@ pub async fn run(cli: Cli) -> ExitCode {
             crate::telemetry::init_cli();
             crate::cli::purge::run(&args).await
         }
+        Command::Reuse(args) => {
+            crate::telemetry::init_cli();
+            crate::cli::reuse::run(&args).await
+        }
         Command::Doctor(args) => {
             crate::telemetry::init_cli();
             crate::cli::report::doctor(&args).await

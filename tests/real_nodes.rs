@@ -675,3 +675,115 @@ scrape_configs:
     });
     drop(server);
 }
+
+/// Issue #16 part 4 on a real kubelet: deploy/examples/statefulset.yaml at one replica writes
+/// index.html, is scaled to 0, its claim deleted (the shipped class is Retain) and re-created, and
+/// `kubectl hostvol reuse` gives the retained data to the new claim: scaled back to 1, the pod serves
+/// the same page from the renamed directory.
+#[test]
+fn retained_data_comes_back_with_reuse() {
+    let rc = RealCluster::start(1);
+    rc.install_hostvol();
+    rc.kubectl_ok(&["apply", "-f", "deploy/examples/statefulset.yaml"]);
+    rc.kubectl_ok(&["scale", "statefulset", "nginx-statefulset", "--replicas=1"]);
+    let claim = "nginx-storage-nginx-statefulset-0";
+    rc.block_on(async {
+        let client = rc.client().await;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+        let pvs: Api<PersistentVolume> = Api::all(client.clone());
+        let replica_ready = || async {
+            pods.get_opt("nginx-statefulset-0")
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|p| is_ready(&p))
+        };
+        wait_for(replica_ready, Duration::from_secs(180), "replica 0 Ready").await;
+        let page = "Hello again from retained data";
+        rc.kubectl_ok(&[
+            "exec",
+            "nginx-statefulset-0",
+            "--",
+            "/bin/sh",
+            "-c",
+            &format!("echo '{page}' > /usr/share/nginx/html/index.html"),
+        ]);
+        let node = node_of(&pods.get("nginx-statefulset-0").await.unwrap());
+        let old_pv = claims
+            .get(claim)
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .volume_name
+            .unwrap();
+
+        rc.kubectl_ok(&["scale", "statefulset", "nginx-statefulset", "--replicas=0"]);
+        let gone = || async {
+            pods.get_opt("nginx-statefulset-0")
+                .await
+                .ok()
+                .flatten()
+                .is_none()
+        };
+        wait_for(gone, Duration::from_secs(120), "replica 0 gone").await;
+        rc.kubectl_ok(&["delete", "pvc", claim, "--wait=true", "--timeout=60s"]);
+        let released = || async {
+            pvs.get_opt(&old_pv)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|p| p.status)
+                .and_then(|s| s.phase)
+                == Some("Released".into())
+        };
+        wait_for(released, Duration::from_secs(60), "the old PV Released").await;
+        let claim_yaml = common::claim_yaml("default", claim, "hostvol", "1Gi", None);
+        let path = rc.dir().join("reused-claim.yaml");
+        std::fs::write(&path, claim_yaml).unwrap();
+        rc.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
+
+        let t = Instant::now();
+        // The plugin as people run it (`kubectl hostvol reuse`), with the admin's kubeconfig.
+        let plugin = common::hostvol_bin().with_file_name("kubectl-hostvol");
+        let mut cmd = std::process::Command::new(plugin);
+        cmd.args(["reuse", &old_pv, "--for", &format!("default/{claim}")]);
+        let ran = common::run_as_person(cmd, rc.kubeconfig());
+        assert!(ran.ok(), "reuse: {}", ran.output());
+        let t_reuse = t.elapsed();
+        let new_pv = claims
+            .get(claim)
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .volume_name
+            .unwrap();
+        assert_ne!(new_pv, old_pv);
+        let dirs = rc.node_data_ls(&node, "");
+        assert!(
+            dirs.iter().any(|d| d.starts_with(&new_pv))
+                && !dirs.iter().any(|d| d.starts_with(&old_pv)),
+            "the directory renamed to {new_pv}_...: {dirs:?}"
+        );
+
+        rc.kubectl_ok(&["scale", "statefulset", "nginx-statefulset", "--replicas=1"]);
+        wait_for(
+            replica_ready,
+            Duration::from_secs(180),
+            "replica 0 Ready again",
+        )
+        .await;
+        let served = get_page(&rc, "pod/nginx-statefulset-0").await;
+        assert_eq!(
+            served.trim(),
+            page,
+            "the retained page served by the new pod"
+        );
+        eprintln!(
+            "[real] reuse: {old_pv} -> {new_pv} on {node} in {}; the page is served again",
+            secs(t_reuse)
+        );
+    });
+}

@@ -31,6 +31,8 @@ pub enum Command {
     Volumes(VolumesArgs),
     /// Remove a released (Retain) volume for good: its directory on its node, then its PV.
     Purge(PurgeArgs),
+    /// Give the data of a released (Retain) volume to a new claim: `reuse PV --for NAMESPACE/CLAIM`.
+    Reuse(ReuseArgs),
     /// Orphaned directories and lost volumes on every node. Reports only; deletes nothing.
     Doctor(ReportArgs),
 }
@@ -43,6 +45,20 @@ pub struct PurgeArgs {
     /// Do not ask for confirmation.
     #[arg(long, short = 'y')]
     pub yes: bool,
+
+    /// Seconds to wait for the node's agent to finish.
+    #[arg(long = "timeout", default_value_t = 60)]
+    pub timeout_seconds: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReuseArgs {
+    /// The Released PersistentVolume whose data to reuse.
+    pub pv: String,
+
+    /// The claim (`NAMESPACE/NAME`, Pending, of a hostvol class, asking for the data's size) that gets it.
+    #[arg(long = "for", value_name = "NAMESPACE/CLAIM")]
+    pub claim: String,
 
     /// Seconds to wait for the node's agent to finish.
     #[arg(long = "timeout", default_value_t = 60)]

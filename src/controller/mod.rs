@@ -20,6 +20,7 @@ pub mod placement;
 pub mod provision;
 pub mod pv;
 pub mod reclaim;
+pub mod reuse;
 pub mod storage_capacity;
 pub mod store;
 pub mod supervisor;

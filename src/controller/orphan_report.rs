@@ -61,11 +61,21 @@ fn scan_roots(
         findings.lost.retain(|name| {
             here.iter()
                 .find(|pv| pv.name_any() == *name)
-                .is_none_or(|pv| reclaim::disposal(pv) == Disposal::Keep)
+                .is_none_or(|pv| {
+                    reclaim::disposal(pv) == Disposal::Keep && !reuse_pending(pv, &here)
+                })
         });
         out.push((root.clone(), findings));
     }
     Ok(out)
+}
+
+/// A PV made by `hostvol reuse` whose directory is still under its source PV's name (the source
+/// PV goes last): not lost, the reuse finishes it.
+fn reuse_pending(pv: &PersistentVolume, here: &[Arc<PersistentVolume>]) -> bool {
+    pv.annotations()
+        .get(crate::domain::reuse::ANN_REUSED_FROM)
+        .is_some_and(|source| here.iter().any(|other| other.name_any() == *source))
 }
 
 /// At start-up and every `every`: update the metrics and warn once on each lost PV.

@@ -19,7 +19,7 @@ use crate::controller::clone_source::{self, Source};
 use crate::controller::context::{self, Context, Error, Result};
 use crate::controller::pv::VolumeDescription;
 use crate::controller::store::store_ready;
-use crate::controller::{expansion, placement, pv, reclaim};
+use crate::controller::{expansion, placement, pv, reclaim, reuse};
 use crate::domain::admission::{self, Interest, Refusal, VolumeRequest};
 use crate::domain::naming;
 use crate::domain::params::ClassParameters;
@@ -104,6 +104,11 @@ async fn provision(
     let pv_name = naming::pv_name(&pvc.uid().unwrap_or_default())?;
     tracing::Span::current().record("pv", pv_name.as_str());
     if volume_exists(ctx, &pv_name).await? {
+        return Ok(Step::AlreadyDone);
+    }
+    // Retained data is on its way to this claim (`hostvol reuse`): an empty volume must not win.
+    if reuse::targeted(ctx, &pvc.uid().unwrap_or_default()) {
+        debug!("claim is the target of a reuse; not provisioning");
         return Ok(Step::AlreadyDone);
     }
     let order = match admit(&pvc, pv_name, ctx)? {

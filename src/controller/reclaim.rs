@@ -13,7 +13,8 @@ use kube::{Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::controller::context::{Context, Error, Result};
-use crate::controller::{ownership, pv};
+use crate::controller::{ownership, pv, reuse};
+use crate::domain::reuse::ANN_REUSE_FOR;
 use crate::node::quota::{Limit, Removed};
 use crate::node::removal;
 
@@ -32,6 +33,8 @@ pub enum Disposal {
         archive: bool,
     },
     Purge,
+    /// Marked by `hostvol reuse`: its data goes to a new claim (see `controller::reuse`).
+    Reuse,
     /// Finished cleaning; only our finalizer holds the PV.
     ReleaseFinalizer,
 }
@@ -62,6 +65,9 @@ pub fn disposal(pv: &PersistentVolume) -> Disposal {
     if pv.annotations().contains_key(ANN_PURGE) {
         return Disposal::Purge;
     }
+    if !deleting && pv.annotations().contains_key(ANN_REUSE_FOR) {
+        return Disposal::Reuse;
+    }
     if deleting && pv.finalizers().iter().any(|f| f == FINALIZER) {
         return Disposal::ReleaseFinalizer; // e.g. the class was Delete when made, then edited to Retain
     }
@@ -84,6 +90,9 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
         return Ok(Action::await_change());
     }
     let span = info_span!("reclaim", node = %ctx.settings.node, pv = %pv.name_any(), ?what);
+    if what == Disposal::Reuse {
+        return reuse::reconcile(&pv, &ctx).instrument(span).await;
+    }
     async move {
         // Once our finalizer is gone the directory was dealt with: only the PV's deletion is left.
         let released = !pv.finalizers().iter().any(|f| f == FINALIZER)
@@ -325,6 +334,26 @@ mod tests {
                 &[]
             )),
             Disposal::Purge
+        );
+        assert_eq!(
+            disposal(&pv(
+                "Retain",
+                "Released",
+                &[(ANN_REUSE_FOR, "ns/c/u2")],
+                false,
+                &[]
+            )),
+            Disposal::Reuse
+        );
+        assert_eq!(
+            disposal(&pv(
+                "Retain",
+                "Bound",
+                &[(ANN_REUSE_FOR, "ns/c/u2")],
+                false,
+                &[]
+            )),
+            Disposal::Keep
         );
     }
 

@@ -11,3 +11,4 @@ pub mod pattern;
 pub mod placement;
 pub mod quantity;
 pub mod quota;
+pub mod reuse;

@@ -142,6 +142,31 @@ pub fn owner_of(dir: BorrowedFd<'_>) -> Result<Option<String>, Errno> {
     ))
 }
 
+/// Hands the patterned volume at `path` from PV `from` to PV `to` by rewriting its mark (reuse of
+/// retained data: the directory stays where people know it). True if this call moved the mark, false
+/// if an earlier pass did (a retry after a crash); ENOENT if the directory is gone, EPERM if it is
+/// marked for neither PV, so nothing else's volume is ever handed over.
+pub fn hand_over(
+    root: BorrowedFd<'_>,
+    path: &VolumePath,
+    from: &str,
+    to: &str,
+) -> Result<bool, Errno> {
+    let at = locate(root, path)?;
+    let name = CString::new(at.leaf.as_str()).map_err(|_| Errno::EINVAL)?;
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let dir = open_beneath(at.parent(root), &name, flags)?;
+    match owner_of(dir.as_fd())? {
+        Some(owner) if owner == to => Ok(false),
+        Some(owner) if owner == from => {
+            set_owner(dir.as_fd(), to)?;
+            fsync(dir.as_fd())?;
+            Ok(true)
+        }
+        _ => Err(Errno::EPERM),
+    }
+}
+
 /// Whose a volume directory is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ownership {
@@ -282,6 +307,35 @@ mod tests {
         assert_eq!(
             ownership(root.as_fd(), &path("pvc-1_ns_c"), "pvc-1").unwrap(),
             Ownership::Owned
+        );
+    }
+
+    #[test]
+    fn a_marked_volume_is_handed_over_once_and_only_from_its_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = open(dir.path());
+        std::fs::create_dir_all(dir.path().join("ns/c")).unwrap();
+        let p = path("ns/c");
+        // Unmarked: not ours to hand over.
+        assert_eq!(
+            hand_over(root.as_fd(), &p, "pvc-1", "pvc-2"),
+            Err(Errno::EPERM)
+        );
+        set_owner(open(&dir.path().join("ns/c")).as_fd(), "pvc-1").unwrap();
+        assert_eq!(
+            hand_over(root.as_fd(), &p, "pvc-3", "pvc-2"),
+            Err(Errno::EPERM)
+        );
+        assert_eq!(hand_over(root.as_fd(), &p, "pvc-1", "pvc-2"), Ok(true));
+        // A retry after a crash finds it done.
+        assert_eq!(hand_over(root.as_fd(), &p, "pvc-1", "pvc-2"), Ok(false));
+        assert_eq!(
+            ownership(root.as_fd(), &p, "pvc-2").unwrap(),
+            Ownership::Owned
+        );
+        assert_eq!(
+            hand_over(root.as_fd(), &path("ns/gone"), "pvc-1", "pvc-2"),
+            Err(Errno::ENOENT)
         );
     }
 }

@@ -447,6 +447,48 @@ fn open_dir(
     Ok((fd, st))
 }
 
+/// Where a renamed volume directory is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moved {
+    Now,
+    /// `from` is gone and `to` is there: an earlier pass renamed it (before a crash).
+    Before,
+}
+
+/// Renames the volume directory `from` to `to` in the same data root (reuse of retained data). A
+/// rename in one directory keeps the inode, so the btrfs subvolume (and its qgroup) or the XFS/ext4
+/// project id (and its limit) stay the volume's. Never replaces anything; idempotent for a retry.
+pub fn rename_volume_dir(root: BorrowedFd<'_>, from: &str, to: &str) -> Result<Moved, Error> {
+    naming::validate_directory_name(from)?;
+    naming::validate_directory_name(to)?;
+    let io = |op, source| Error::Io {
+        op,
+        path: PathBuf::from(from),
+        source,
+    };
+    let plain_dir = |name: &str| match fstatat(root, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) if is_dir(&st) => Ok(true),
+        Ok(_) => Err(Error::NotADirectory {
+            name: name.to_string(),
+        }),
+        Err(Errno::ENOENT) => Ok(false),
+        Err(source) => Err(io("stat", source)),
+    };
+    match (plain_dir(from)?, plain_dir(to)?) {
+        (true, false) => {}
+        (false, true) => return Ok(Moved::Before),
+        (false, false) => {
+            return Err(Error::NotFound {
+                name: from.to_string(),
+            });
+        }
+        (true, true) => return Err(io("rename (the new name exists too)", Errno::EEXIST)),
+    }
+    rename_noreplace(root, from, to).map_err(|source| io("rename", source))?;
+    fsync(root).map_err(|source| io("sync data root after renaming", source))?;
+    Ok(Moved::Now)
+}
+
 pub(crate) fn rename_noreplace(root: BorrowedFd<'_>, from: &str, to: &str) -> Result<(), Errno> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     match nix::fcntl::renameat2(
@@ -818,6 +860,46 @@ mod tests {
         assert_eq!(err.category(), "mount_point", "{err}");
         assert!(err.to_string().contains("pvc-12_ns_c/bound-file"), "{err}");
         assert_eq!(std::fs::read(outside.join("data")).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn renames_a_volume_once_keeping_its_inode_and_never_replacing() {
+        let root = tempfile::tempdir().unwrap();
+        let fd = open(root.path());
+        std::fs::create_dir(root.path().join("pvc-1_ns_a")).unwrap();
+        std::fs::write(root.path().join("pvc-1_ns_a/index.html"), "kept").unwrap();
+        let inode = std::fs::metadata(root.path().join("pvc-1_ns_a"))
+            .unwrap()
+            .ino();
+        assert_eq!(
+            rename_volume_dir(fd.as_fd(), "pvc-1_ns_a", "pvc-2_ns_a").unwrap(),
+            Moved::Now
+        );
+        let moved = root.path().join("pvc-2_ns_a");
+        assert_eq!(std::fs::metadata(&moved).unwrap().ino(), inode);
+        assert_eq!(std::fs::read(moved.join("index.html")).unwrap(), b"kept");
+        // A retry after a crash finds it done.
+        assert_eq!(
+            rename_volume_dir(fd.as_fd(), "pvc-1_ns_a", "pvc-2_ns_a").unwrap(),
+            Moved::Before
+        );
+        // Both names there: nothing is replaced.
+        std::fs::create_dir(root.path().join("pvc-1_ns_a")).unwrap();
+        assert!(rename_volume_dir(fd.as_fd(), "pvc-1_ns_a", "pvc-2_ns_a").is_err());
+        assert!(root.path().join("pvc-2_ns_a/index.html").exists());
+        // Neither: an error, not a success.
+        assert!(matches!(
+            rename_volume_dir(fd.as_fd(), "pvc-3_ns_a", "pvc-4_ns_a"),
+            Err(Error::NotFound { .. })
+        ));
+        // A symlink is neither followed nor moved; names leaving the root are refused.
+        symlink(root.path(), root.path().join("pvc-5_ns_a")).unwrap();
+        assert!(matches!(
+            rename_volume_dir(fd.as_fd(), "pvc-5_ns_a", "pvc-6_ns_a"),
+            Err(Error::NotADirectory { .. })
+        ));
+        assert!(rename_volume_dir(fd.as_fd(), "pvc-2_ns_a", "../x").is_err());
+        assert!(rename_volume_dir(fd.as_fd(), "..", "pvc-7_ns_a").is_err());
     }
 
     #[test]
