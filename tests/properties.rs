@@ -329,6 +329,7 @@ proptest! {
         grace in 0u64..100_000,
         unit in prop::sample::select(&[("s", 1u64), ("m", 60), ("h", 3600)][..]),
         root in "[a-z0-9-]{1,63}",
+        key in "([a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?\\.){0,2}[a-z]{1,8}/[A-Za-z0-9]([A-Za-z0-9_.-]{0,20}[A-Za-z0-9])?",
     ) {
         let parameters: BTreeMap<String, String> = [
             ("mode", format!("{mode:04o}")),
@@ -338,6 +339,7 @@ proptest! {
             ("nodeLossCleanup", cleanup.to_string()),
             ("nodeLossGracePeriod", format!("{grace}{}", unit.0)),
             ("dataRoot", root.clone()),
+            ("nodeAffinityKey", key.clone()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -351,6 +353,7 @@ proptest! {
             node_loss_cleanup: cleanup,
             node_loss_grace: Duration::from_secs(grace * unit.1),
             data_root: root,
+            node_affinity_key: key,
         });
     }
 

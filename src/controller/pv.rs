@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::ResourceExt;
 use kube::api::ObjectMeta;
 
-use crate::domain::{naming, params, quantity};
+use crate::domain::{affinity, naming, params, quantity};
 
 pub const ANN_PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
 pub const ANN_NODE: &str = "hostvol.io/node";
@@ -32,6 +32,9 @@ pub struct VolumeDescription {
     pub node: String,
     /// Value of the node's `kubernetes.io/hostname` label (can differ from the node name).
     pub node_hostname: String,
+    /// The class's `nodeAffinityKey` and this node's value of it, when it is not the hostname: the
+    /// volume is then pinned to every node carrying that value (see `domain::affinity`).
+    pub pin: Option<(String, String)>,
     /// The directory as the kubelet sees it on the node.
     pub host_path: String,
     pub claim_namespace: String,
@@ -49,10 +52,21 @@ pub fn build(volume: &VolumeDescription) -> PersistentVolume {
         (ANN_NODE.to_string(), volume.node.clone()),
         (ANN_DIRECTORY.to_string(), volume.host_path.clone()),
     ]);
-    let labels = BTreeMap::from([(
-        LABEL_NODE.to_string(),
-        naming::node_label_value(&volume.node),
-    )]);
+    // The label selects the PV into the watch of every agent that serves it: the node's own, or
+    // that of whichever node carries the pinned value.
+    let (key, value, label) = match &volume.pin {
+        Some((key, value)) => (
+            key.clone(),
+            value.clone(),
+            affinity::pin_label_value(key, value),
+        ),
+        None => (
+            HOSTNAME_LABEL.to_string(),
+            volume.node_hostname.clone(),
+            naming::node_label_value(&volume.node),
+        ),
+    };
+    let labels = BTreeMap::from([(LABEL_NODE.to_string(), label)]);
     PersistentVolume {
         metadata: ObjectMeta {
             name: Some(volume.pv_name.clone()),
@@ -79,9 +93,9 @@ pub fn build(volume: &VolumeDescription) -> PersistentVolume {
                 required: Some(NodeSelector {
                     node_selector_terms: vec![NodeSelectorTerm {
                         match_expressions: Some(vec![NodeSelectorRequirement {
-                            key: HOSTNAME_LABEL.into(),
+                            key,
                             operator: "In".into(),
-                            values: Some(vec![volume.node_hostname.clone()]),
+                            values: Some(vec![value]),
                         }]),
                         match_fields: None,
                     }],
@@ -155,6 +169,21 @@ pub fn volume_directory(pv: &PersistentVolume, host_root: &str) -> Option<String
     directory_of(pv)
 }
 
+/// The label key and values a PV is pinned by when that key is not the hostname (a class with
+/// `nodeAffinityKey`), from its node affinity: part of the spec the API server keeps as written.
+pub fn pin_of(pv: &PersistentVolume) -> Option<(String, Vec<String>)> {
+    pv.spec
+        .as_ref()?
+        .node_affinity
+        .as_ref()?
+        .required
+        .iter()
+        .flat_map(|r| &r.node_selector_terms)
+        .flat_map(|t| t.match_expressions.iter().flatten())
+        .find(|e| e.key != HOSTNAME_LABEL && e.operator == "In")
+        .map(|e| (e.key.clone(), e.values.clone().unwrap_or_default()))
+}
+
 /// The PV's `spec.hostPath.path`, if any.
 pub fn host_path_of(pv: &PersistentVolume) -> Option<&str> {
     Some(pv.spec.as_ref()?.host_path.as_ref()?.path.as_str())
@@ -171,6 +200,7 @@ mod tests {
             provisioner: "hostpath.hostvol.io".into(),
             node: "node-a".into(),
             node_hostname: "host-a".into(),
+            pin: None,
             host_path: host_path("/mnt/data/", "pvc-u1_ns_c"),
             claim_namespace: "ns".into(),
             claim_name: "c".into(),
@@ -199,6 +229,30 @@ mod tests {
             "hostpath.hostvol.io"
         );
         assert_eq!(json["metadata"]["labels"][LABEL_NODE], "node-a");
+        assert_eq!(pin_of(&pv), None, "pinned by hostname");
+
+        // Pinned by a label: the affinity names it, the label selects it for nodes carrying it.
+        let pinned = build(&VolumeDescription {
+            pin: Some(("example.com/disk".into(), "disk-1".into())),
+            ..v
+        });
+        let json = serde_json::to_value(&pinned).unwrap();
+        assert_eq!(
+            json["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0],
+            serde_json::json!({"key": "example.com/disk", "operator": "In", "values": ["disk-1"]})
+        );
+        assert_eq!(
+            json["metadata"]["labels"][LABEL_NODE],
+            affinity::pin_label_value("example.com/disk", "disk-1")
+        );
+        assert_eq!(
+            json["metadata"]["annotations"][ANN_NODE], "node-a",
+            "who made it"
+        );
+        assert_eq!(
+            pin_of(&pinned),
+            Some(("example.com/disk".into(), vec!["disk-1".into()]))
+        );
     }
 
     fn volume(name: &str, host_path: &str, annotation: &str) -> PersistentVolume {

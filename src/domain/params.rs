@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::domain::affinity;
+
 /// Every parameter a hostvol StorageClass may set; anything else is refused so typos do not pass silently.
 pub const VALID_PARAMETERS: &[&str] = &[
     "mode",
@@ -11,6 +13,7 @@ pub const VALID_PARAMETERS: &[&str] = &[
     "nodeLossCleanup",
     "nodeLossGracePeriod",
     "dataRoot",
+    "nodeAffinityKey",
 ];
 
 /// How long a deleted node may stay gone before its volumes are cleaned up (classes that opt in).
@@ -36,6 +39,9 @@ pub struct ClassParameters {
     pub node_loss_grace: std::time::Duration,
     /// Which of a node's data roots holds the volumes (see the `hostvol-config` ConfigMap).
     pub data_root: String,
+    /// The Node label its volumes are pinned by (`kubernetes.io/hostname` unless set): a node rebuilt
+    /// under another name serves them when it carries the same value.
+    pub node_affinity_key: String,
 }
 
 impl Default for ClassParameters {
@@ -48,6 +54,7 @@ impl Default for ClassParameters {
             node_loss_cleanup: false,
             node_loss_grace: DEFAULT_NODE_LOSS_GRACE,
             data_root: DEFAULT_ROOT.to_string(),
+            node_affinity_key: affinity::HOSTNAME_KEY.to_string(),
         }
     }
 }
@@ -111,6 +118,12 @@ impl ClassParameters {
                 ));
             }
             parsed.data_root = root.clone();
+        }
+        if let Some(key) = parameters.get("nodeAffinityKey") {
+            affinity::validate_label_key(key).map_err(|why| {
+                format!("StorageClass parameter nodeAffinityKey={key:?} is not a label key such as \"example.com/disk\": {why}")
+            })?;
+            parsed.node_affinity_key = key.clone();
         }
         if let Some(grace) = parameters.get("nodeLossGracePeriod") {
             parsed.node_loss_grace = parse_duration(grace).ok_or_else(|| {
@@ -201,6 +214,10 @@ mod tests {
         ]))
         .unwrap();
         assert!(p.node_loss_cleanup && p.archive_on_delete && p.node_loss_grace.as_secs() == 600);
+        assert_eq!(p.node_affinity_key, "kubernetes.io/hostname", "the default");
+        let p =
+            ClassParameters::parse(&params(&[("nodeAffinityKey", "example.com/disk")])).unwrap();
+        assert_eq!(p.node_affinity_key, "example.com/disk");
         assert_eq!(
             ClassParameters::parse(&params(&[("mode", "755")]))
                 .unwrap()
@@ -222,7 +239,7 @@ mod tests {
         assert!(
             e.contains("nodePath")
                 && e.contains(
-                    "mode, uid, gid, onDelete, nodeLossCleanup, nodeLossGracePeriod, dataRoot"
+                    "mode, uid, gid, onDelete, nodeLossCleanup, nodeLossGracePeriod, dataRoot, nodeAffinityKey"
                 ),
             "{e}"
         );
@@ -232,6 +249,9 @@ mod tests {
     fn malformed_values_are_explained() {
         for (k, v) in [
             ("dataRoot", "Fast/x"),
+            ("nodeAffinityKey", "example.com/"),
+            ("nodeAffinityKey", "Example.com/disk"),
+            ("nodeAffinityKey", "disk=1"),
             ("nodeLossGracePeriod", "soon"),
             ("nodeLossCleanup", "yes"),
             ("onDelete", "shred"),
