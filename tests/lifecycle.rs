@@ -752,8 +752,8 @@ async fn data_roots_from_the_config_map() {
 }
 
 /// Issue 16 part 3: a class with `nodeAffinityKey` pins its volumes by a label, not by a hostname. A
-/// node is lost (agent killed, Node deleted) and rebuilt under another name with the same label value
-/// and the same disk: node-loss clean-up (on, for this class, with a 3 s grace) deletes nothing,
+/// node is lost (agent killed) and rebuilt under another name with the same label value and the
+/// same disk, and the old Node is deleted: node-loss clean-up (on, for this class, with a 3 s grace) deletes nothing,
 /// because a live node still carries the value; the rebuilt node's agent serves the volume, and the
 /// replica is placed there again with the same claim. A node without the label gets a Warning
 /// naming it when a claim of the class lands there anyway.
@@ -798,14 +798,14 @@ async fn a_rebuilt_node_keeps_the_volumes_pinned_by_its_label() {
     let dir = old.root.join(pv_dir_name(&pv));
     std::fs::write(dir.join("index.html"), "kept across the rebuild\n").unwrap();
 
-    // The node is lost: its agent dies with it, its Node object goes.
+    // The node is lost (its agent dies with it) and rebuilt under another name with the same disk
+    // and label; then the old Node object goes, while the rebuilt one carries the value.
     old.kill();
-    cluster.kubectl_ok(&["delete", "node", "old"]);
-    // Rebuilt under another name with the same disk and label.
     cluster
         .add_node_with_labels("rebuilt", &[(DISK, "d1")])
         .await;
     let rebuilt = cluster.start_agent_on_root("rebuilt", &old.root, on).await;
+    cluster.kubectl_ok(&["delete", "node", "old"]);
 
     // The replica's pod is gone with its node (pod GC) and comes back on the rebuilt node, with the
     // same claim and volume.
