@@ -6,6 +6,11 @@
 #   scripts/real-cluster.sh import DIR ARCHIVE  # imports an OCI archive into every node's containerd
 #   scripts/real-cluster.sh restart-node DIR I  # node I goes down hard (kubelet, containerd, every
 #                                               # container) and comes back, as after a power cut
+#   scripts/real-cluster.sh remove-node DIR I   # node I goes down hard and its Node object is deleted
+#   scripts/real-cluster.sh replace-node DIR I NEWNAME [LABELS]
+#                                               # node I (removed first if still up) is rebuilt as
+#                                               # NEWNAME: same address, disk (/mnt/data) and images,
+#                                               # a new kubelet identity, kubelet --node-labels LABELS
 #   scripts/real-cluster.sh down DIR            # stops and removes everything `up` made
 #
 # Then:  ip netns exec "$NETNS" kubectl --kubeconfig DIR/admin.kubeconfig get nodes   (NETNS from DIR/env)
@@ -50,6 +55,8 @@ node_subnet() { echo "10.244.$1.0/24"; }
 node_bridge() { echo "hv$ID-$1"; }
 node_cgroup() { echo "hostvol-$ID-$(node_name "$1")"; }
 node_dir() { echo "$DIR/nodes/$(node_name "$1")"; }
+# The name node I registers as: node-I, or the NEWNAME of a replace-node.
+node_identity() { cat "$(node_dir "$1")/identity" 2>/dev/null || node_name "$1"; }
 CGROUP_HIERARCHIES="cpu cpuacct cpuset memory devices freezer blkio pids systemd"
 # Paths kubelet 1.20, CNI and the DaemonSet use on "the node"; each node bind-mounts its own over them.
 NODE_MOUNTS="/var/lib/kubelet /var/lib/cni /var/log/pods /var/log/containers /mnt/data /run/hostvol"
@@ -129,19 +136,20 @@ host_setup() {
   flock -u 8
 }
 
+sign() { # NAME SUBJECT EXTENDED_KEY_USAGE [SUBJECT_ALT_NAMES]
+  openssl req -newkey rsa:2048 -nodes -keyout "$PKI/$1.key" -out "$PKI/$1.csr" -subj "$2" 2>/dev/null
+  printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=%s\n%s' \
+    "$3" "${4:+subjectAltName=$4}" >"$PKI/$1.ext"
+  openssl x509 -req -in "$PKI/$1.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial -days 30 \
+    -extfile "$PKI/$1.ext" -out "$PKI/$1.crt" 2>/dev/null
+  rm -f "$PKI/$1.csr" "$PKI/$1.ext"
+}
+
 make_pki() {
   local i
   mkdir -p "$PKI"
   openssl req -x509 -newkey rsa:2048 -nodes -keyout "$PKI/ca.key" -out "$PKI/ca.crt" -days 30 \
     -subj "/CN=hostvol-real-$ID" 2>/dev/null
-  sign() { # NAME SUBJECT EXTENDED_KEY_USAGE [SUBJECT_ALT_NAMES]
-    openssl req -newkey rsa:2048 -nodes -keyout "$PKI/$1.key" -out "$PKI/$1.csr" -subj "$2" 2>/dev/null
-    printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=%s\n%s' \
-      "$3" "${4:+subjectAltName=$4}" >"$PKI/$1.ext"
-    openssl x509 -req -in "$PKI/$1.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial -days 30 \
-      -extfile "$PKI/$1.ext" -out "$PKI/$1.crt" 2>/dev/null
-    rm -f "$PKI/$1.csr" "$PKI/$1.ext"
-  }
   # 10.0.0.1: pods reach the apiserver through the `kubernetes` Service
   sign apiserver /CN=kube-apiserver serverAuth \
     "IP:$API_IP,IP:10.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
@@ -313,8 +321,8 @@ kind: KubeletConfiguration
 address: $(node_ip "$1")
 healthzBindAddress: $(node_ip "$1")
 readOnlyPort: 0
-tlsCertFile: $PKI/kubelet-$(node_name "$1").crt
-tlsPrivateKeyFile: $PKI/kubelet-$(node_name "$1").key
+tlsCertFile: $PKI/kubelet-$(node_identity "$1").crt
+tlsPrivateKeyFile: $PKI/kubelet-$(node_identity "$1").key
 authentication: {anonymous: {enabled: false}, webhook: {enabled: true}, x509: {clientCAFile: $PKI/ca.crt}}
 authorization: {mode: Webhook}
 cgroupDriver: cgroupfs
@@ -368,14 +376,16 @@ node_inner() { # I
   for a in "$IMAGES_DIR"/*.oci.tar; do
     ctr -a "$n/containerd.sock" -n k8s.io images import "$a" >/dev/null
   done
+  local labels=()   # a rebuilt node's (replace-node)
+  [[ -s $n/labels ]] && labels=(--node-labels "$(cat "$n/labels")")
   exec "$K8S_BIN/kubelet" --config "$n/kubelet.yaml" --kubeconfig "$n/kubeconfig" \
-    --hostname-override "$(node_name "$1")" --node-ip "$(node_ip "$1")" --root-dir /var/lib/kubelet \
+    --hostname-override "$(node_identity "$1")" --node-ip "$(node_ip "$1")" --root-dir /var/lib/kubelet \
     --container-runtime remote --container-runtime-endpoint "unix://$n/containerd.sock" \
-    --pod-infra-container-image "$PAUSE_IMAGE" --v 2
+    --pod-infra-container-image "$PAUSE_IMAGE" "${labels[@]}" --v 2
 }
 
 node_ready() { # I
-  [[ $(kc get node "$(node_name "$1")" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}{.spec.taints}') == True ]]
+  [[ $(kc get node "$(node_identity "$1")" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}{.spec.taints}') == True ]]
 }
 
 default_sa_ready() { [[ -n $(kc get sa default -o jsonpath='{.secrets}') ]]; }
@@ -516,6 +526,45 @@ down() {
   log "down after $((SECONDS - t0)) s"
 }
 
+# --- lost and rebuilt nodes ----------------------------------------------------------------------
+remove_node() { # I    the node goes down hard and its Node object is deleted, as when a node is lost
+  local name; name=$(node_identity "$1")
+  stop_node "$1"
+  kc delete node "$name" --ignore-not-found --wait=true >/dev/null
+  touch "$(node_dir "$1")/removed"
+  log "$name removed (kubelet stopped, Node deleted)"
+}
+
+replace_node() { # I NEWNAME LABELS    the node rebuilt under another name with the same disk
+  local n; n=$(node_dir "$1")
+  [[ -f $n/removed ]] || remove_node "$1"
+  # A new identity: the apiserver takes any client certificate of the cluster CA (--client-ca-file),
+  # and NodeRestriction lets system:node:NEWNAME register and label node NEWNAME.
+  sign "kubelet-$2" "/CN=$2" serverAuth "IP:$(node_ip "$1"),DNS:$2"
+  sign "node-$2-client" "/O=system:nodes/CN=system:node:$2" clientAuth
+  cat >"$n/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: $NETNS
+  cluster: {server: "https://$API_IP:$API_PORT", certificate-authority: $PKI/ca.crt}
+users:
+- name: system:node:$2
+  user: {client-certificate: $PKI/node-$2-client.crt, client-key: $PKI/node-$2-client.key}
+contexts:
+- name: $NETNS
+  context: {cluster: $NETNS, user: system:node:$2}
+current-context: $NETNS
+EOF
+  echo "$2" >"$n/identity"
+  echo "$3" >"$n/labels"
+  rm -f "$n/removed"
+  start_node "$1"
+  wait_until "$2 Ready" 120 node_ready "$1"
+  sed -i "s|^NODE_$1=[^ ]* |NODE_$1=$2 |" "$DIR/env"
+  log "node $1 rebuilt as $2 (labels: ${3:-none})"
+}
+
 case $CMD in
 up)
   NODES=${3:-2}
@@ -538,11 +587,19 @@ restart-node)
   wait_until "$(node_name "$I") back" 120 alive "$(node_name "$I")"
   log "$(node_name "$I") restarted"
   ;;
+remove-node)
+  NODES=$(cat "$DIR/nodes-count")
+  remove_node "${3:?node number}"
+  ;;
+replace-node)
+  NODES=$(cat "$DIR/nodes-count")
+  replace_node "${3:?node number}" "${4:?new node name}" "${5:-}"
+  ;;
 _node) # internal: the node's process, started by `up` in a new mount namespace
   NODES=$4
   IMAGES_DIR=$(images_dir)
   mkdir -p "$PIDS" "$LOGS"
   node_inner "$3"
   ;;
-*) die "usage: real-cluster.sh up|down|import|restart-node DIR ..." ;;
+*) die "usage: real-cluster.sh up|down|import|restart-node|remove-node|replace-node DIR ..." ;;
 esac

@@ -784,3 +784,139 @@ async fn data_roots_from_the_config_map() {
             .is_none()
     );
 }
+
+/// Issue 16 part 3: a class with `nodeAffinityKey` pins its volumes by a label, not by a hostname. A
+/// node is lost (agent killed) and rebuilt under another name with the same label value and the
+/// same disk, and the old Node is deleted: node-loss clean-up (on, for this class, with a 3 s grace) deletes nothing,
+/// because a live node still carries the value; the rebuilt node's agent serves the volume, and the
+/// replica is placed there again with the same claim. A node without the label gets a Warning
+/// naming it when a claim of the class lands there anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_node_keeps_the_volumes_pinned_by_its_label() {
+    const DISK: &str = "example.com/disk";
+    let cluster = Cluster::start().await;
+    cluster.apply_repo_manifest("deploy/csidriver.yaml");
+    cluster.grant_node_loss_cleanup().await;
+    let on: &[&str] = &["--node-loss-cleanup"];
+    cluster.add_node_with_labels("old", &[(DISK, "d1")]).await;
+    let mut old = cluster.start_agent("old", on).await;
+    cluster.add_node("unlabelled").await;
+    let unlabelled = cluster.start_agent("unlabelled", on).await;
+    cluster.kubectl_apply_yaml(&class_yaml(
+        "hostvol-disk",
+        "WaitForFirstConsumer",
+        "Retain",
+        &[
+            ("nodeAffinityKey", DISK),
+            ("nodeLossCleanup", "true"),
+            ("nodeLossGracePeriod", "3s"),
+        ],
+    ));
+    cluster.create_namespace("rebuild").await;
+    cluster
+        .wait_csi_storage_capacities(T, "the class on both nodes", |items| items.len() >= 2)
+        .await;
+    cluster.kubectl_apply_yaml(&statefulset_yaml("rebuild", "web", "hostvol-disk", "old"));
+    let pod = cluster.wait_pod_running("rebuild", "web-0", T).await;
+    assert_eq!(pod.spec.unwrap().node_name.as_deref(), Some("old"));
+    let claim = cluster.wait_pvc_bound("rebuild", "data-web-0", T).await;
+    let pv_name = claim.spec.as_ref().unwrap().volume_name.clone().unwrap();
+    let pvs: Api<PersistentVolume> = Api::all(cluster.client());
+    let pv = pvs.get(&pv_name).await.unwrap();
+    let pinned = serde_json::to_value(&pv.spec.as_ref().unwrap().node_affinity).unwrap();
+    assert_eq!(
+        pinned["required"]["nodeSelectorTerms"][0]["matchExpressions"][0],
+        serde_json::json!({"key": DISK, "operator": "In", "values": ["d1"]}),
+        "pinned by the label, not the hostname"
+    );
+    let dir = old.root.join(pv_dir_name(&pv));
+    std::fs::write(dir.join("index.html"), "kept across the rebuild\n").unwrap();
+
+    // The node is lost (its agent dies with it) and rebuilt under another name with the same disk
+    // and label; then the old Node object goes, while the rebuilt one carries the value.
+    old.kill();
+    cluster
+        .add_node_with_labels("rebuilt", &[(DISK, "d1")])
+        .await;
+    let rebuilt = cluster.start_agent_on_root("rebuilt", &old.root, on).await;
+    cluster.kubectl_ok(&["delete", "node", "old"]);
+
+    // The replica's pod is gone with its node (pod GC) and comes back on the rebuilt node, with the
+    // same claim and volume.
+    cluster
+        .wait_for(
+            || async {
+                Api::<k8s_openapi::api::core::v1::Pod>::namespaced(cluster.client(), "rebuild")
+                    .get_opt("web-0")
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|p| p.spec.and_then(|s| s.node_name))
+                    .as_deref()
+                    == Some("rebuilt")
+            },
+            Duration::from_secs(180),
+            "web-0 scheduled on the rebuilt node",
+        )
+        .await;
+    cluster.wait_pod_running("rebuild", "web-0", T).await;
+    let client = connect(&rebuilt.grpc_tcp(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    cluster
+        .wait_for(
+            || async {
+                client
+                    .clone()
+                    .list_volumes(common::grpc::ListVolumesRequest {})
+                    .await
+                    .is_ok_and(|r| r.into_inner().volumes.iter().any(|v| v.pv_name == pv_name))
+            },
+            T,
+            "the rebuilt node's agent lists the volume",
+        )
+        .await;
+    // Well past the grace period, with node-loss clean-up on: nothing was deleted.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client(), "rebuild");
+    let now = claims.get("data-web-0").await.unwrap();
+    assert_eq!(now.uid(), claim.uid(), "the claim was kept");
+    assert!(now.metadata.deletion_timestamp.is_none());
+    assert!(
+        pvs.get_opt(&pv_name).await.unwrap().is_some(),
+        "the PV was kept"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("index.html")).unwrap(),
+        "kept across the rebuild\n"
+    );
+    for agent in [&rebuilt, &unlabelled] {
+        assert!(
+            !agent.log().contains("deleted PV of a lost node"),
+            "{}",
+            agent.log()
+        );
+    }
+
+    // A claim of the class on a node without the label: a Warning naming the label.
+    cluster.kubectl_apply_yaml(&claim_yaml(
+        "rebuild",
+        "astray",
+        "hostvol-disk",
+        "1Mi",
+        Some("unlabelled"),
+    ));
+    cluster
+        .wait_for(
+            || async {
+                cluster
+                    .pvc_events("rebuild", "astray")
+                    .await
+                    .iter()
+                    .any(|(t, _, m)| t == "Warning" && m.contains("has no label example.com/disk"))
+            },
+            T,
+            "a Warning naming the missing label",
+        )
+        .await;
+}

@@ -331,6 +331,7 @@ proptest! {
         unit in prop::sample::select(&[("s", 1u64), ("m", 60), ("h", 3600)][..]),
         root in "[a-z0-9-]{1,63}",
         volume_type in prop::sample::select(&[VolumeType::HostPath, VolumeType::Local][..]),
+        key in "([a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?\\.){0,2}[a-z]{1,8}/[A-Za-z0-9]([A-Za-z0-9_.-]{0,20}[A-Za-z0-9])?",
     ) {
         let parameters: BTreeMap<String, String> = [
             ("mode", format!("{mode:04o}")),
@@ -341,6 +342,7 @@ proptest! {
             ("nodeLossGracePeriod", format!("{grace}{}", unit.0)),
             ("dataRoot", root.clone()),
             ("volumeType", volume_type.as_str().to_string()),
+            ("nodeAffinityKey", key.clone()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -356,6 +358,7 @@ proptest! {
             data_root: root,
             volume_type,
             directory_pattern: DirectoryPattern::default(),
+            node_affinity_key: key,
         });
     }
 

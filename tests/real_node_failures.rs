@@ -247,3 +247,122 @@ fn agents_and_nodes_come_back_and_nothing_is_made_twice() {
         back.as_secs_f64()
     );
 }
+
+/// Issue 16 part 3, a node rebuilt with its disk: the example StatefulSet on a class with
+/// `nodeAffinityKey: example.com/disk` runs on node 1 (the only node carrying the label, so the only
+/// one the class's capacity is published for); its page is written; node 1 is lost (kubelet and
+/// containers stopped, Node object deleted) and comes back as another node, `node-1-rebuilt`, with the
+/// same disk and label value. The replica is scheduled there with the same claim and volume and serves
+/// the page; the rebuilt node's agent lists the volume; nothing was deleted in between.
+#[test]
+fn a_node_rebuilt_under_another_name_serves_its_volumes() {
+    let rc = RealCluster::start(2);
+    assert!(
+        !rc.is_external(),
+        "this scenario rebuilds a node with scripts/real-cluster.sh replace-node: run it on the \
+         harness's own nodes (unset HOSTVOL_E2E_KUBECONFIG)"
+    );
+    rc.install_hostvol();
+    let node = rc.nodes()[0].name.clone();
+    rc.kubectl_ok(&["label", "node", &node, "example.com/disk=d1"]);
+    apply_json(
+        &rc,
+        "class",
+        serde_json::json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+            "metadata": {"name": "hostvol-disk"}, "provisioner": "hostpath.hostvol.io",
+            "volumeBindingMode": "WaitForFirstConsumer", "reclaimPolicy": "Retain",
+            "parameters": {"nodeAffinityKey": "example.com/disk"}}),
+    );
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/examples/statefulset.yaml"
+    ))
+    .unwrap()
+    .replace("replicas: 3", "replicas: 1")
+    .replace(
+        "storageClassName: hostvol",
+        "storageClassName: hostvol-disk",
+    );
+    let file = rc.dir().join("statefulset.yaml");
+    std::fs::write(&file, example).unwrap();
+    rc.kubectl_ok(&["apply", "-f", file.to_str().unwrap()]);
+    let pod = "nginx-statefulset-0";
+    let claim = "nginx-storage-nginx-statefulset-0";
+    rc.kubectl_ok(&["wait", "--for=condition=Ready", &format!("pod/{pod}"), T]);
+    let on = || rc.kubectl_ok(&["get", "pod", pod, "-o", "jsonpath={.spec.nodeName}"]);
+    assert_eq!(on(), node);
+    rc.kubectl_ok(&[
+        "exec",
+        pod,
+        "--",
+        "sh",
+        "-c",
+        "echo 'kept across the rebuild' > /usr/share/nginx/html/index.html",
+    ]);
+    let identity = |kind: &str, name: &str| {
+        rc.kubectl_ok(&["get", kind, name, "-o", "jsonpath={.metadata.uid}"])
+    };
+    let pv = rc.kubectl_ok(&["get", "pvc", claim, "-o", "jsonpath={.spec.volumeName}"]);
+    let affinity = rc.kubectl_ok(&[
+        "get",
+        "pv",
+        &pv,
+        "-o",
+        "jsonpath={.spec.nodeAffinity.required.nodeSelectorTerms[0].matchExpressions[0]}",
+    ]);
+    assert!(
+        affinity.contains("example.com/disk") && affinity.contains("d1"),
+        "{affinity}"
+    );
+    let (claim_uid, pv_uid) = (identity("pvc", claim), identity("pv", &pv));
+
+    let t = Instant::now();
+    let out = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/real-cluster.sh"
+    ))
+    .args([
+        "replace-node",
+        rc.dir().to_str().unwrap(),
+        "1",
+        "node-1-rebuilt",
+        "example.com/disk=d1",
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "replace-node: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let up = t.elapsed();
+    let moved = wait_until("the replica on the rebuilt node", 300, &rc, || {
+        on() == "node-1-rebuilt"
+    });
+    rc.kubectl_ok(&["wait", "--for=condition=Ready", &format!("pod/{pod}"), T]);
+    let serving = t.elapsed();
+    let page = rc.kubectl_ok(&["exec", pod, "--", "cat", "/usr/share/nginx/html/index.html"]);
+    assert_eq!(page.trim(), "kept across the rebuild");
+    let (ok, page) = hostvol_cli(&rc, &["volumes"]);
+    assert!(ok, "{page}");
+    assert!(
+        page.lines()
+            .any(|l| l.starts_with("node-1-rebuilt") && l.contains(&pv)),
+        "the rebuilt node's agent lists {pv}:\n{page}"
+    );
+    assert_eq!(identity("pvc", claim), claim_uid, "the same claim");
+    assert_eq!(identity("pv", &pv), pv_uid, "the same PV");
+    assert!(
+        rc.node_data_ls(&node, "")
+            .iter()
+            .any(|d| d.starts_with(&pv)),
+        "the directory is still on the disk"
+    );
+    println!(
+        "[real] node 1 rebuilt as node-1-rebuilt in {:.1} s; replica scheduled there {:.1} s later, \
+         serving its page {:.1} s after the rebuild started",
+        up.as_secs_f64(),
+        moved.as_secs_f64(),
+        serving.as_secs_f64()
+    );
+}

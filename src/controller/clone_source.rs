@@ -1,14 +1,16 @@
 //! Finding a clone's source: the bound hostvol claim its `dataSource` names, and the node its data
 //! lives on (a clone can only be made there).
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use kube::ResourceExt;
-use kube::api::Api;
+use kube::api::{Api, ListParams};
+use kube::core::PartialObjectMeta;
 use tracing::info;
 
 use crate::controller::context::{Context, Result};
 use crate::controller::{claim, context, pv, reclaim};
 use crate::domain::admission::Refusal;
+use crate::domain::affinity;
 
 /// Where a clone's source is.
 pub enum Source {
@@ -64,6 +66,31 @@ pub async fn resolve(ctx: &Context, namespace: &str, name: &str, class: &str) ->
         return unusable(format!(
             "the volume {volume_name} of source claim {name} was not made by hostvol"
         ));
+    };
+    // A volume pinned by a label (nodeAffinityKey) is on whichever node carries its value now.
+    let node = match pv::pin_of(&volume) {
+        None => node,
+        Some((key, values)) => {
+            let labels = ctx.node_labels();
+            if affinity::pinned_here(&values, labels.get(&key).map(String::as_str)) {
+                ctx.settings.node.clone()
+            } else {
+                let selector = format!("{key} in ({})", values.join(","));
+                let nodes = Api::<PartialObjectMeta<Node>>::all(ctx.client.clone())
+                    .list_metadata(&ListParams::default().labels(&selector).limit(1))
+                    .await?;
+                match nodes.items.first() {
+                    Some(n) => n.name_any(),
+                    None => {
+                        return unusable(format!(
+                            "no node carries {key}={}, where the volume {volume_name} of source \
+                             claim {name} is; the clone is made once one does (retried)",
+                            values.join(",")
+                        ));
+                    }
+                }
+            }
+        }
     };
     if node != ctx.settings.node {
         return Ok(Source::OnNode(node));

@@ -317,6 +317,27 @@ impl Context {
         candidates
     }
 
+    /// This node's labels (those of its Node object, as the node watch last saw them).
+    pub fn node_labels(&self) -> std::collections::BTreeMap<String, String> {
+        self.nodes
+            .get(&ObjectRef::new(&self.settings.node))
+            .map(|n| n.labels().clone())
+            .unwrap_or_default()
+    }
+
+    /// What a volume of a class pinned by `key` is pinned to on this node: `Ok(None)` for the
+    /// hostname (the usual node affinity), `Ok(Some((key, value)))` for another label this node
+    /// carries, `Err` naming the label when the node lacks it.
+    pub fn pin_for(&self, key: &str) -> std::result::Result<Option<(String, String)>, String> {
+        if key == crate::domain::affinity::HOSTNAME_KEY {
+            return Ok(None);
+        }
+        match self.node_labels().remove(key) {
+            Some(value) => Ok(Some((key.to_string(), value))),
+            None => Err(key.to_string()),
+        }
+    }
+
     pub fn node_hostname(&self) -> String {
         self.nodes
             .get(&ObjectRef::new(&self.settings.node))

@@ -22,8 +22,8 @@ use tracing::{debug, info, warn};
 
 use crate::controller::context::Context;
 use crate::controller::{ownership, pv};
-use crate::domain::naming;
 use crate::domain::params::ClassParameters;
+use crate::domain::{affinity, naming};
 
 pub const LEASE_NAME: &str = "hostvol-node-loss";
 /// The kustomize component that grants what only this feature needs (the base RBAC does not).
@@ -37,19 +37,53 @@ const PAGE: u32 = 500;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stranded {
     pub pv: String,
+    /// The node that made it (`hostvol.io/node`), or for a volume pinned by a label, that label.
     pub node: String,
     pub class: String,
 }
 
-/// PVs of nodes that are gone, from PV annotations and the set of existing nodes.
-pub fn stranded(volumes: &[(String, String, String)], nodes: &HashSet<String>) -> Vec<Stranded> {
+/// What decides whether one PV is stranded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Facts {
+    pub pv: String,
+    /// The node that made it (its `hostvol.io/node` annotation).
+    pub node: String,
+    pub class: String,
+    /// The label key and values its node affinity pins it by, when not the hostname.
+    pub pin: Option<(String, Vec<String>)>,
+}
+
+/// PVs whose nodes are gone: a volume pinned by hostname when the node that made it is not among
+/// `nodes`; one pinned by a label (`nodeAffinityKey`) only when no live node carries one of its
+/// values (`live_labels`: the (key, value) pairs live nodes carry), whoever made it.
+pub fn stranded(
+    volumes: &[Facts],
+    nodes: &HashSet<String>,
+    live_labels: &HashSet<(String, String)>,
+) -> Vec<Stranded> {
     volumes
         .iter()
-        .filter(|(_, node, _)| !node.is_empty() && !nodes.contains(node))
-        .map(|(pv, node, class)| Stranded {
-            pv: pv.clone(),
-            node: node.clone(),
-            class: class.clone(),
+        .filter_map(|v| {
+            let node = match &v.pin {
+                Some((key, values)) => {
+                    let live: Vec<String> = live_labels
+                        .iter()
+                        .filter(|(k, _)| k == key)
+                        .map(|(_, value)| value.clone())
+                        .collect();
+                    if !affinity::pin_is_lost(values, &live) {
+                        return None;
+                    }
+                    format!("{key}={}", values.join(","))
+                }
+                None if !v.node.is_empty() && !nodes.contains(&v.node) => v.node.clone(),
+                None => return None,
+            };
+            Some(Stranded {
+                pv: v.pv.clone(),
+                node,
+                class: v.class.clone(),
+            })
         })
         .collect()
 }
@@ -175,15 +209,26 @@ pub async fn run(ctx: Arc<Context>, namespace: String, shutdown: CancellationTok
         ),
         ctx.api.clone(),
     )
-    .modify(|n| {
-        // Only the name is needed: a Node's labels and annotations are most of its metadata.
-        let name = n.metadata.name.take();
-        n.metadata = Default::default();
-        n.metadata.name = name;
+    .modify({
+        let ctx = ctx.clone();
+        move |n| {
+            // Only the name is needed, and the labels classes pin volumes by: a Node's other labels
+            // and annotations are most of its metadata.
+            let keys = pin_keys(&ctx);
+            let name = n.metadata.name.take();
+            let labels = n.metadata.labels.take().map(|mut labels| {
+                labels.retain(|k, _| keys.contains(k));
+                labels
+            });
+            n.metadata = Default::default();
+            n.metadata.name = name;
+            n.metadata.labels = labels.filter(|l| !l.is_empty());
+        }
     })
     .reflect(writer);
     let mut events = std::pin::pin!(events);
-    // Nodes that may have stranded volumes, and since when they are missing.
+    // Owners (the `hostvol.io/node` label value of their PVs: a node, or a pinned label value) that
+    // may have stranded volumes, and since when they are missing.
     let mut suspects: HashSet<String> = HashSet::new();
     let mut missing_since: HashMap<String, Instant> = HashMap::new();
     let mut leading = false;
@@ -202,7 +247,13 @@ pub async fn run(ctx: Arc<Context>, namespace: String, shutdown: CancellationTok
             event = events.next() => match event {
                 None => return,
                 Some(Ok(watcher::Event::Delete(node))) => {
-                    suspects.insert(node.name_any());
+                    suspects.insert(naming::node_label_value(&node.name_any()));
+                    // The label values it carried may have been the last ones.
+                    suspects.extend(
+                        node.labels()
+                            .iter()
+                            .map(|(key, value)| affinity::pin_label_value(key, value)),
+                    );
                 }
                 Some(Ok(watcher::Event::InitDone)) => match missing_nodes(&ctx, &nodes).await {
                     Ok(missing) => suspects.extend(missing),
@@ -254,24 +305,53 @@ pub async fn run(ctx: Arc<Context>, namespace: String, shutdown: CancellationTok
     }
 }
 
-/// Nodes named by hostvol PVs (any node's) that are not in the cluster: one metadata list per watch
-/// listing of the Nodes (start-up, or a relist after the watch lost track).
+/// The label keys hostvol classes pin volumes by, other than the hostname.
+fn pin_keys(ctx: &Context) -> HashSet<String> {
+    ctx.classes
+        .state()
+        .iter()
+        .filter(|c| c.provisioner == ctx.settings.provisioner)
+        .filter_map(|c| ClassParameters::parse(&c.parameters.clone().unwrap_or_default()).ok())
+        .map(|p| p.node_affinity_key)
+        .filter(|k| k != affinity::HOSTNAME_KEY)
+        .collect()
+}
+
+/// Owners of hostvol PVs (any node's) that are not in the cluster: nodes named by PVs pinned by
+/// hostname, and pinned label values no cached node carries (the sweep asks the API server before
+/// acting). One metadata list per watch listing of the Nodes (start-up, or a relist after the watch
+/// lost track).
 async fn missing_nodes(
     ctx: &Context,
     nodes: &Store<PartialObjectMeta<Node>>,
 ) -> Result<HashSet<String>, kube::Error> {
     let api = Api::<PersistentVolume>::all(ctx.client.clone());
     let mut missing = HashSet::new();
+    let mut live_pins = HashSet::new();
+    for node in nodes.state() {
+        for (key, value) in node.labels() {
+            live_pins.insert(affinity::pin_label_value(key, value));
+        }
+    }
     let mut params = ListParams::default().labels(pv::LABEL_NODE).limit(PAGE);
     // In pages: every hostvol PV of the cluster at once would be the agent's largest allocation.
     loop {
         let page = api.list_metadata(&params).await?;
-        missing.extend(
-            page.items
-                .iter()
-                .filter_map(|v| v.annotations().get(pv::ANN_NODE).cloned())
-                .filter(|node| !node.is_empty() && nodes.get(&ObjectRef::new(node)).is_none()),
-        );
+        for v in &page.items {
+            let Some(owner) = v.labels().get(pv::LABEL_NODE) else {
+                continue;
+            };
+            let missing_owner = if owner.contains('_') {
+                !live_pins.contains(owner) // a pinned label value (node names hold no '_')
+            } else {
+                v.annotations().get(pv::ANN_NODE).is_some_and(|node| {
+                    !node.is_empty() && nodes.get(&ObjectRef::new(node)).is_none()
+                })
+            };
+            if missing_owner {
+                missing.insert(owner.clone());
+            }
+        }
         match page.metadata.continue_.filter(|c| !c.is_empty()) {
             Some(token) => params = params.continue_token(&token),
             None => return Ok(missing),
@@ -289,10 +369,14 @@ async fn sweep(
 ) -> Result<(), kube::Error> {
     let volumes_api: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let existing: HashSet<String> = nodes.state().iter().map(|n| n.name_any()).collect();
-    suspects.retain(|node| !existing.contains(node));
+    suspects.retain(|owner| {
+        !existing
+            .iter()
+            .any(|node| &naming::node_label_value(node) == owner)
+    });
     let mut all = Vec::new();
-    for node in suspects.iter() {
-        let selector = format!("{}={}", pv::LABEL_NODE, naming::node_label_value(node));
+    for owner in suspects.iter() {
+        let selector = format!("{}={owner}", pv::LABEL_NODE);
         all.extend(
             volumes_api
                 .list(&ListParams::default().labels(&selector))
@@ -302,9 +386,15 @@ async fn sweep(
     }
     let by_name: BTreeMap<String, &PersistentVolume> =
         all.iter().map(|p| (p.name_any(), p)).collect();
-    let lost = stranded(&volume_facts(&all), &existing);
+    let facts = volume_facts(&all);
+    let live_labels = live_pinned_labels(ctx, &facts).await?;
+    let lost = stranded(&facts, &existing, &live_labels);
     track_missing_nodes(missing_since, &lost);
-    suspects.retain(|node| lost.iter().any(|s| &s.node == node));
+    let owner_of = |p: &PersistentVolume| p.labels().get(pv::LABEL_NODE).cloned();
+    suspects.retain(|owner| {
+        lost.iter()
+            .any(|s| by_name.get(&s.pv).and_then(|p| owner_of(p)).as_ref() == Some(owner))
+    });
     for s in lost {
         let policy = cleanup_policy(ctx, &s.class);
         if policy.is_none_or(|(cleanup, _)| !cleanup) {
@@ -325,10 +415,17 @@ async fn sweep(
             warn!(pv = %s.pv, node = %s.node, action = "node-loss clean-up", "leaving PV alone: not a hostvol volume ({why})");
             continue;
         }
+        let gone = if by_name.get(&s.pv).is_some_and(|p| pv::pin_of(p).is_some()) {
+            format!(
+                "no node carries {} since {}s ago",
+                s.node,
+                missing_for.as_secs()
+            )
+        } else {
+            format!("node {} was deleted {}s ago", s.node, missing_for.as_secs())
+        };
         let why = format!(
-            "node {} was deleted {}s ago and StorageClass {} sets nodeLossCleanup; its data cannot be reached again",
-            s.node,
-            missing_for.as_secs(),
+            "{gone} and StorageClass {} sets nodeLossCleanup; its data cannot be reached again",
             s.class
         );
         delete_claim_of(ctx, pv, &s, &why).await?;
@@ -336,13 +433,41 @@ async fn sweep(
     }
     // Volumes of classes without the opt-in stay, and so would their node's suspicion: only nodes
     // with volumes to clean keep the agents ticking.
-    suspects.retain(|node| {
+    suspects.retain(|owner| {
         all.iter().any(|p| {
-            p.annotations().get(pv::ANN_NODE) == Some(node)
+            owner_of(p).as_ref() == Some(owner)
                 && cleanup_policy(ctx, &class_of(p)).is_some_and(|(cleanup, _)| cleanup)
         })
     });
     Ok(())
+}
+
+/// The (key, value) labels live Nodes carry among those the pinned volumes in `facts` name, asked
+/// of the API server (one small list per distinct pin, only while sweeping): a deleted Node's value
+/// may live on in a rebuilt node, whose volumes must never be taken for lost.
+async fn live_pinned_labels(
+    ctx: &Context,
+    facts: &[Facts],
+) -> Result<HashSet<(String, String)>, kube::Error> {
+    let api = Api::<PartialObjectMeta<Node>>::all(ctx.client.clone());
+    let pins: HashSet<&(String, Vec<String>)> =
+        facts.iter().filter_map(|f| f.pin.as_ref()).collect();
+    let mut live = HashSet::new();
+    for (key, values) in pins {
+        if values.is_empty() {
+            continue;
+        }
+        let selector = format!("{key} in ({})", values.join(","));
+        let found = api
+            .list_metadata(&ListParams::default().labels(&selector).limit(1))
+            .await?;
+        live.extend(found.items.iter().filter_map(|n| {
+            n.labels()
+                .get(key)
+                .map(|value| (key.clone(), value.clone()))
+        }));
+    }
+    Ok(live)
 }
 
 fn class_of(p: &PersistentVolume) -> String {
@@ -361,8 +486,8 @@ async fn release_lease(api: &Api<Lease>) -> Result<(), kube::Error> {
         .map(|_| ())
 }
 
-/// (PV name, node, class) of each volume, the input of [`stranded`].
-fn volume_facts(volumes: &[PersistentVolume]) -> Vec<(String, String, String)> {
+/// The input of [`stranded`] for each volume.
+fn volume_facts(volumes: &[PersistentVolume]) -> Vec<Facts> {
     volumes
         .iter()
         .map(|p| {
@@ -376,7 +501,12 @@ fn volume_facts(volumes: &[PersistentVolume]) -> Vec<(String, String, String)> {
                 .as_ref()
                 .and_then(|s| s.storage_class_name.clone())
                 .unwrap_or_default();
-            (p.name_any(), node, class)
+            Facts {
+                pv: p.name_any(),
+                node,
+                class,
+                pin: pv::pin_of(p),
+            }
         })
         .collect()
 }
@@ -500,22 +630,72 @@ mod tests {
         assert_eq!(needed.len(), 4);
     }
 
+    fn facts(pv: &str, node: &str, pin: Option<(&str, &str)>) -> Facts {
+        Facts {
+            pv: pv.into(),
+            node: node.into(),
+            class: "c".into(),
+            pin: pin.map(|(k, v)| (k.to_string(), vec![v.to_string()])),
+        }
+    }
+
     #[test]
     fn only_volumes_of_missing_nodes_are_stranded() {
         let nodes: HashSet<String> = ["a".to_string()].into();
         let volumes = vec![
-            ("pv1".to_string(), "a".to_string(), "c".to_string()),
-            ("pv2".to_string(), "b".to_string(), "c".to_string()),
-            ("pv3".to_string(), String::new(), "c".to_string()),
+            facts("pv1", "a", None),
+            facts("pv2", "b", None),
+            facts("pv3", "", None),
         ];
         assert_eq!(
-            stranded(&volumes, &nodes),
+            stranded(&volumes, &nodes, &HashSet::new()),
             vec![Stranded {
                 pv: "pv2".into(),
                 node: "b".into(),
                 class: "c".into()
             }]
         );
+    }
+
+    #[test]
+    fn a_pinned_value_another_live_node_carries_is_not_stranded() {
+        let disk = "example.com/disk";
+        // Node "old" made the volumes and was deleted; "new" is alive.
+        let nodes: HashSet<String> = ["new".to_string()].into();
+        let live: HashSet<(String, String)> = [(disk.to_string(), "d1".to_string())].into();
+        // (what, volume, stranded as)
+        let cases = [
+            (
+                "pinned to d1, which new carries",
+                facts("pv1", "old", Some((disk, "d1"))),
+                None,
+            ),
+            (
+                "pinned to d2, which nobody carries",
+                facts("pv2", "old", Some((disk, "d2"))),
+                Some("example.com/disk=d2"),
+            ),
+            (
+                "pinned to d1, made by a live node: the value decides",
+                facts("pv3", "new", Some((disk, "d1"))),
+                None,
+            ),
+            (
+                "same value, another key nobody carries",
+                facts("pv4", "new", Some(("example.com/rack", "d1"))),
+                Some("example.com/rack=d1"),
+            ),
+            (
+                "pinned by hostname to the deleted node",
+                facts("pv5", "old", None),
+                Some("old"),
+            ),
+        ];
+        for (what, volume, want) in cases {
+            let got = stranded(std::slice::from_ref(&volume), &nodes, &live);
+            let got = got.first().map(|s| s.node.as_str());
+            assert_eq!(got, want, "{what}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ use tracing::warn;
 
 use crate::controller::context::Context;
 use crate::controller::pv;
+use crate::domain::affinity;
 
 /// Why a PV is not this agent's to change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +20,12 @@ pub enum Foreign {
     Node(Option<String>),
     /// The node affinity pins the volume to other hosts than this node's.
     Affinity(Vec<String>),
+    /// The node affinity pins the volume by a label this node carries with another value, or not.
+    Pin {
+        key: String,
+        values: Vec<String>,
+        node_value: Option<String>,
+    },
 }
 
 impl std::fmt::Display for Foreign {
@@ -31,6 +38,22 @@ impl std::fmt::Display for Foreign {
             Foreign::Node(None) => write!(f, "it has no {} annotation", pv::ANN_NODE),
             Foreign::Node(Some(other)) => write!(f, "it belongs to node {other:?}"),
             Foreign::Affinity(hosts) => write!(f, "its node affinity pins it to {hosts:?}"),
+            Foreign::Pin {
+                key,
+                values,
+                node_value: Some(v),
+            } => write!(
+                f,
+                "it is pinned to {key} in {values:?}, this node has {key}={v:?}"
+            ),
+            Foreign::Pin {
+                key,
+                values,
+                node_value: None,
+            } => write!(
+                f,
+                "it is pinned to {key} in {values:?}, this node has no {key} label"
+            ),
         }
     }
 }
@@ -44,16 +67,32 @@ pub fn provisioned_by(pv: &PersistentVolume, provisioner: &str) -> Result<(), Fo
     }
 }
 
-/// Whether this agent (`provisioner` on `node`, whose `kubernetes.io/hostname` is `hostname`) may
-/// patch or delete `pv`. The node affinity is checked where the object still carries it (the watch
-/// cache drops it to save memory; the annotation is what the agent wrote next to it).
+/// Whether this agent (`provisioner` on `node`, whose Node carries `labels`) may patch or delete
+/// `pv`. A volume pinned by a label other than the hostname (`nodeAffinityKey`) is this node's when
+/// the node carries one of its values, whichever node made it: the affinity is in the spec, which
+/// the watch cache keeps for such volumes. Others are the node's by the `hostvol.io/node` annotation,
+/// and the hostname affinity where the object still carries it (the cache drops it to save memory;
+/// the annotation is what the agent wrote next to it).
 pub fn ours_to_touch(
     pv: &PersistentVolume,
     provisioner: &str,
     node: &str,
-    hostname: &str,
+    labels: &std::collections::BTreeMap<String, String>,
 ) -> Result<(), Foreign> {
     provisioned_by(pv, provisioner)?;
+    if let Some((key, values)) = pv::pin_of(pv) {
+        let node_value = labels.get(&key);
+        return if affinity::pinned_here(&values, node_value.map(String::as_str)) {
+            Ok(())
+        } else {
+            Err(Foreign::Pin {
+                key,
+                values,
+                node_value: node_value.cloned(),
+            })
+        };
+    }
+    let hostname = labels.get(pv::HOSTNAME_LABEL).map_or(node, String::as_str);
     match pv.annotations().get(pv::ANN_NODE) {
         Some(n) if n == node => {}
         other => return Err(Foreign::Node(other.cloned())),
@@ -84,7 +123,7 @@ pub fn may_touch(ctx: &Context, pv: &PersistentVolume, action: &str) -> bool {
         pv,
         &settings.provisioner,
         &settings.node,
-        &ctx.node_hostname(),
+        &ctx.node_labels(),
     ) {
         Ok(()) => true,
         Err(why) => {
@@ -204,9 +243,83 @@ mod tests {
             ),
         ];
         for (what, annotations, hosts, want) in cases {
-            let got = ours_to_touch(&volume(annotations, *hosts), ME, "a", "host-a");
+            let got = ours_to_touch(&volume(annotations, *hosts), ME, "a", &labels_of_a());
             assert_eq!(&got, want, "{what}");
         }
+    }
+
+    /// Node `a`: hostname `host-a`, disk `d1`.
+    fn labels_of_a() -> std::collections::BTreeMap<String, String> {
+        [
+            (pv::HOSTNAME_LABEL.to_string(), "host-a".to_string()),
+            ("example.com/disk".to_string(), "d1".to_string()),
+        ]
+        .into()
+    }
+
+    #[test]
+    fn a_volume_pinned_by_a_label_is_the_node_carrying_its_value() {
+        let by = pv::ANN_PROVISIONED_BY;
+        let node = pv::ANN_NODE;
+        let pinned = |annotations: &[(&str, &str)], key: &str, values: &[&str]| {
+            let mut v = volume(annotations, Some(values));
+            let affinity = v.spec.as_mut().unwrap().node_affinity.as_mut().unwrap();
+            affinity.required.as_mut().unwrap().node_selector_terms[0]
+                .match_expressions
+                .as_mut()
+                .unwrap()[0]
+                .key = key.into();
+            v
+        };
+        let disk = "example.com/disk";
+        // (what, PV, verdict for node a)
+        let cases = [
+            (
+                "made by a gone node, same value: ours",
+                pinned(&[(by, ME), (node, "old")], disk, &["d1"]),
+                Ok(()),
+            ),
+            (
+                "made here, same value",
+                pinned(&[(by, ME), (node, "a")], disk, &["d1"]),
+                Ok(()),
+            ),
+            (
+                "made here, but the node's value changed: the annotation decides nothing",
+                pinned(&[(by, ME), (node, "a")], disk, &["d2"]),
+                Err(Foreign::Pin {
+                    key: disk.into(),
+                    values: vec!["d2".into()],
+                    node_value: Some("d1".into()),
+                }),
+            ),
+            (
+                "a key this node lacks",
+                pinned(&[(by, ME), (node, "a")], "example.com/rack", &["r1"]),
+                Err(Foreign::Pin {
+                    key: "example.com/rack".into(),
+                    values: vec!["r1".into()],
+                    node_value: None,
+                }),
+            ),
+            (
+                "another provisioner's, same value",
+                pinned(&[(by, "example.com/cloud")], disk, &["d1"]),
+                Err(Foreign::Provisioner(Some("example.com/cloud".into()))),
+            ),
+        ];
+        for (what, pv, want) in cases {
+            assert_eq!(ours_to_touch(&pv, ME, "a", &labels_of_a()), want, "{what}");
+        }
+        let why = Foreign::Pin {
+            key: disk.into(),
+            values: vec!["d2".into()],
+            node_value: None,
+        };
+        assert!(
+            why.to_string().contains("no example.com/disk label"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -140,12 +140,12 @@ async fn provision(
     }
     let admitted = {
         let _admission = ctx.admission_lock.lock().await;
-        reserve(ctx, &order).map(|root| {
+        reserve(ctx, &order).map(|(root, pin)| {
             let reservation = ctx.reserve(&order.pv_name, &root.name, order.request.capacity_bytes);
-            (root, reservation)
+            (root, pin, reservation)
         })
     };
-    let (root, reservation) = match admitted {
+    let (root, pin, reservation) = match admitted {
         Ok(admitted) => admitted,
         Err(refusal) => return hand_back(ctx, &pvc, refusal).await,
     };
@@ -157,7 +157,7 @@ async fn provision(
         }
         Err(error) => return Err(error),
     };
-    if !create_pv(ctx, &order, &root, limit).await? {
+    if !create_pv(ctx, &order, &root, pin, limit).await? {
         return Ok(Step::AlreadyDone);
     }
     // Counted as created before the reservation goes, so the bytes never drop out in between.
@@ -349,11 +349,20 @@ fn refuse(ctx: &Context, pvc: &PersistentVolumeClaim, refusal: Refusal) -> Step 
     Step::Refused(refusal)
 }
 
-/// The data root the class names, if it can serve and still has room for the claim on this node.
-/// Callers hold the admission lock and reserve the bytes before releasing it.
-fn reserve(ctx: &Context, order: &Order) -> std::result::Result<Arc<Root>, Refusal> {
+/// The data root the class names, if it can serve and still has room for the claim on this node,
+/// and what the volume is pinned to (`Context::pin_for`). Callers hold the admission lock and reserve
+/// the bytes before releasing it.
+fn reserve(ctx: &Context, order: &Order) -> std::result::Result<(Arc<Root>, Pin), Refusal> {
     let roots = ctx.roots();
     let node = &ctx.settings.node;
+    let pin = ctx.pin_for(&order.params.node_affinity_key).map_err(|key| {
+        Refusal::NodeCannotServe(format!(
+            "node {node} has no label {key}, which StorageClass {} pins its volumes by (parameter \
+             nodeAffinityKey); label the node (kubectl label node {node} {key}=<value>) or use a \
+             class without it; handing the claim back to the scheduler",
+            order.class_name
+        ))
+    })?;
     let Some(root) = roots.get(&order.params.data_root) else {
         return Err(Refusal::NodeCannotServe(format!(
             "node {node} has no data root {:?} (StorageClass {} parameter dataRoot; this node has {}); \
@@ -369,8 +378,11 @@ fn reserve(ctx: &Context, order: &Order) -> std::result::Result<Arc<Root>, Refus
         )));
     }
     admission::fits(&order.request, ctx.allocatable_bytes(&root.name), node)?;
-    Ok(root)
+    Ok((root, pin))
 }
+
+/// A `nodeAffinityKey` and this node's value of it (None: pinned by hostname).
+type Pin = Option<(String, String)>;
 
 /// Tells the user why this node cannot serve the claim and gives it back to the scheduler.
 async fn hand_back(ctx: &Context, pvc: &PersistentVolumeClaim, refusal: Refusal) -> Result<Step> {
@@ -481,10 +493,11 @@ async fn create_pv(
     ctx: &Context,
     order: &Order,
     root: &Root,
+    pin: Pin,
     limit: Option<Limit>,
 ) -> Result<bool> {
     let host_path = pv::host_path(&root.host_path, &order.directory);
-    let volume = volume_object(ctx, order, root, &host_path, limit);
+    let volume = volume_object(ctx, order, root, &host_path, pin, limit);
     let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
     match volumes.create(&PostParams::default(), &volume).await {
         Ok(_) => Ok(true),
@@ -504,6 +517,7 @@ fn volume_object(
     order: &Order,
     root: &Root,
     host_path: &str,
+    pin: Pin,
     limit: Option<Limit>,
 ) -> PersistentVolume {
     let mut volume = pv::build(&VolumeDescription {
@@ -511,6 +525,7 @@ fn volume_object(
         provisioner: ctx.settings.provisioner.clone(),
         node: ctx.settings.node.clone(),
         node_hostname: ctx.node_hostname(),
+        pin,
         host_path: host_path.to_string(),
         claim_namespace: order.namespace.clone(),
         claim_name: order.claim_name.clone(),

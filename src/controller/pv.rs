@@ -12,7 +12,7 @@ use kube::api::ObjectMeta;
 
 use crate::domain::params::VolumeType;
 use crate::domain::pattern::VolumePath;
-use crate::domain::{naming, params, quantity};
+use crate::domain::{affinity, naming, params, quantity};
 
 pub const ANN_PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
 pub const ANN_NODE: &str = "hostvol.io/node";
@@ -34,6 +34,9 @@ pub struct VolumeDescription {
     pub node: String,
     /// Value of the node's `kubernetes.io/hostname` label (can differ from the node name).
     pub node_hostname: String,
+    /// The class's `nodeAffinityKey` and this node's value of it, when it is not the hostname: the
+    /// volume is then pinned to every node carrying that value (see `domain::affinity`).
+    pub pin: Option<(String, String)>,
     /// The directory as the kubelet sees it on the node.
     pub host_path: String,
     pub claim_namespace: String,
@@ -53,10 +56,21 @@ pub fn build(volume: &VolumeDescription) -> PersistentVolume {
         (ANN_NODE.to_string(), volume.node.clone()),
         (ANN_DIRECTORY.to_string(), volume.host_path.clone()),
     ]);
-    let labels = BTreeMap::from([(
-        LABEL_NODE.to_string(),
-        naming::node_label_value(&volume.node),
-    )]);
+    // The label selects the PV into the watch of every agent that serves it: the node's own, or
+    // that of whichever node carries the pinned value.
+    let (key, value, label) = match &volume.pin {
+        Some((key, value)) => (
+            key.clone(),
+            value.clone(),
+            affinity::pin_label_value(key, value),
+        ),
+        None => (
+            HOSTNAME_LABEL.to_string(),
+            volume.node_hostname.clone(),
+            naming::node_label_value(&volume.node),
+        ),
+    };
+    let labels = BTreeMap::from([(LABEL_NODE.to_string(), label)]);
     PersistentVolume {
         metadata: ObjectMeta {
             name: Some(volume.pv_name.clone()),
@@ -88,9 +102,9 @@ pub fn build(volume: &VolumeDescription) -> PersistentVolume {
                 required: Some(NodeSelector {
                     node_selector_terms: vec![NodeSelectorTerm {
                         match_expressions: Some(vec![NodeSelectorRequirement {
-                            key: HOSTNAME_LABEL.into(),
+                            key,
                             operator: "In".into(),
-                            values: Some(vec![volume.node_hostname.clone()]),
+                            values: Some(vec![value]),
                         }]),
                         match_fields: None,
                     }],
@@ -185,6 +199,21 @@ pub fn source_path(pv: &PersistentVolume) -> Option<&str> {
     Some(path.as_str())
 }
 
+/// The label key and values a PV is pinned by when that key is not the hostname (a class with
+/// `nodeAffinityKey`), from its node affinity: part of the spec the API server keeps as written.
+pub fn pin_of(pv: &PersistentVolume) -> Option<(String, Vec<String>)> {
+    pv.spec
+        .as_ref()?
+        .node_affinity
+        .as_ref()?
+        .required
+        .iter()
+        .flat_map(|r| &r.node_selector_terms)
+        .flat_map(|t| t.match_expressions.iter().flatten())
+        .find(|e| e.key != HOSTNAME_LABEL && e.operator == "In")
+        .map(|e| (e.key.clone(), e.values.clone().unwrap_or_default()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +224,7 @@ mod tests {
             provisioner: "hostpath.hostvol.io".into(),
             node: "node-a".into(),
             node_hostname: "host-a".into(),
+            pin: None,
             host_path: host_path("/mnt/data/", "pvc-u1_ns_c"),
             claim_namespace: "ns".into(),
             claim_name: "c".into(),
@@ -204,6 +234,36 @@ mod tests {
             access_modes: vec!["ReadWriteOnce".into()],
             reclaim_policy: "Retain".into(),
             volume_type,
+        }
+    }
+
+    #[test]
+    fn a_volume_pinned_by_a_label_names_it_in_affinity_and_label() {
+        for volume_type in [VolumeType::HostPath, VolumeType::Local] {
+            let v = description(volume_type);
+            assert_eq!(pin_of(&build(&v)), None, "pinned by hostname");
+            // Pinned by a label: the affinity names it, the label selects it for nodes carrying it.
+            let pinned = build(&VolumeDescription {
+                pin: Some(("example.com/disk".into(), "disk-1".into())),
+                ..v
+            });
+            let json = serde_json::to_value(&pinned).unwrap();
+            assert_eq!(
+                json["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0],
+                serde_json::json!({"key": "example.com/disk", "operator": "In", "values": ["disk-1"]})
+            );
+            assert_eq!(
+                json["metadata"]["labels"][LABEL_NODE],
+                affinity::pin_label_value("example.com/disk", "disk-1")
+            );
+            assert_eq!(
+                json["metadata"]["annotations"][ANN_NODE], "node-a",
+                "who made it"
+            );
+            assert_eq!(
+                pin_of(&pinned),
+                Some(("example.com/disk".into(), vec!["disk-1".into()]))
+            );
         }
     }
 

@@ -249,14 +249,17 @@ fn class_capacities(
         .into_iter()
         .filter(|c| c.provisioner == ctx.settings.provisioner)
     {
-        let root = match ClassParameters::parse(&c.parameters.clone().unwrap_or_default()) {
-            Ok(p) => p.data_root,
+        let (root, key) = match ClassParameters::parse(&c.parameters.clone().unwrap_or_default()) {
+            Ok(p) => (p.data_root, p.node_affinity_key),
             Err(why) => {
                 invalid.push(Invalid { class: c, why });
                 continue;
             }
         };
-        let excluded = !placement::own_node_allowed(ctx, &placement::class_terms(&c));
+        // A node without the class's nodeAffinityKey label cannot serve it: the scheduler is told
+        // as for a node the class's topology excludes.
+        let excluded = !placement::own_node_allowed(ctx, &placement::class_terms(&c))
+            || ctx.pin_for(&key).is_err();
         let of_root = figures.roots.iter().find(|r| r.name == root);
         let class = c.name_any();
         let figures = Published {

@@ -29,7 +29,8 @@ use crate::controller::supervisor::{Rule, Supervisor, panic_message};
 use crate::controller::watch_backoff::{ApiProbe, probed};
 use crate::controller::{placement, provision, pv, reclaim};
 use crate::domain::admission::{self, Interest};
-use crate::domain::naming;
+use crate::domain::params::ClassParameters;
+use crate::domain::{affinity, naming};
 use crate::node::roots::RootSet;
 
 /// The watches an agent keeps, each as narrow as its use allows.
@@ -82,15 +83,29 @@ pub fn start(
     } = wiring;
     let sup = &supervisor;
     let classes_changed = Arc::new(tokio::sync::Notify::new());
-    let classes = watch_classes(sup, &client, &api, classes_changed.clone());
-    let nodes = watch_own_node(sup, &client, &api, &settings.node, classes_changed.clone());
+    // Classes' keys and the node's labels decide which pinned volumes the PV watch selects.
+    let pins_changed = Arc::new(tokio::sync::Notify::new());
+    let classes = watch_classes(
+        sup,
+        &client,
+        &api,
+        [classes_changed.clone(), pins_changed.clone()],
+    );
+    let nodes = watch_own_node(
+        sup,
+        &client,
+        &api,
+        &settings.node,
+        [classes_changed.clone(), pins_changed.clone()],
+    );
+    let (selector, selected) = tokio::sync::watch::channel(None);
     let volumes_changed = Arc::new(tokio::sync::Notify::new());
     // Woken when claims or PVs go (or a watch relisted): per-object state is dropped then.
     let gone = Arc::new(tokio::sync::Notify::new());
     let (volumes, volume_events) = watch_own_volumes(
         &client,
         &api,
-        &settings.node,
+        selected,
         volumes_changed.clone(),
         gone.clone(),
     );
@@ -134,6 +149,10 @@ pub fn start(
     supervisor.spawn("pod-placement", Rule::Restart, {
         let ctx = ctx.clone();
         move || place_claims_of_pods(ctx.clone())
+    });
+    supervisor.spawn("volume-selector", Rule::Restart, {
+        let (ctx, selector) = (ctx.clone(), Arc::new(selector));
+        move || follow_pins(ctx.clone(), selector.clone(), pins_changed.clone())
     });
     supervisor.spawn("forget-gone", Rule::Restart, {
         let ctx = ctx.clone();
@@ -293,12 +312,12 @@ where
     });
 }
 
-/// StorageClasses: few and small; kept whole. `changed` gets a permit on every event.
+/// StorageClasses: few and small; kept whole. Each of `changed` gets a permit on every event.
 fn watch_classes(
     supervisor: &Supervisor,
     client: &Client,
     api: &Arc<ApiProbe>,
-    changed: Arc<tokio::sync::Notify>,
+    changed: [Arc<tokio::sync::Notify>; 2],
 ) -> Store<StorageClass> {
     let (classes, writer) = reflector::store();
     let writer = Arc::new(Mutex::new(writer));
@@ -315,7 +334,7 @@ fn watch_classes(
             ),
             writer.clone(),
         )
-        .inspect(move |_| changed.notify_one())
+        .inspect(move |_| changed.iter().for_each(|c| c.notify_one()))
     });
     classes
 }
@@ -327,7 +346,7 @@ fn watch_own_node(
     client: &Client,
     api: &Arc<ApiProbe>,
     node: &str,
-    changed: Arc<tokio::sync::Notify>,
+    changed: [Arc<tokio::sync::Notify>; 2],
 ) -> Store<PartialObjectMeta<Node>> {
     let (nodes, writer) = reflector::store();
     let writer = Arc::new(Mutex::new(writer));
@@ -351,17 +370,19 @@ fn watch_own_node(
         // After the store took the event, so the woken publisher reads the new labels.
         .inspect({
             let changed = changed.clone();
-            move |_| changed.notify_one()
+            move |_| changed.iter().for_each(|c| c.notify_one())
         })
     });
     nodes
 }
 
-/// hostvol PVs of this node only (label-selected); `changed` is woken on every event.
+/// hostvol PVs this node serves only (label-selected by `selector`, see [`follow_pins`]; the watch
+/// starts once there is one and starts again, relisting into the same store, when it changes);
+/// `changed` is woken on every event.
 fn watch_own_volumes(
     client: &Client,
     api: &Arc<ApiProbe>,
-    node: &str,
+    selector: tokio::sync::watch::Receiver<Option<String>>,
     changed: Arc<tokio::sync::Notify>,
     gone: Arc<tokio::sync::Notify>,
 ) -> (
@@ -369,14 +390,16 @@ fn watch_own_volumes(
     impl futures::Stream<Item = Result<PersistentVolume, watcher::Error>> + Send + use<>,
 ) {
     let (volumes, writer) = reflector::store();
-    let label = format!("{}={}", pv::LABEL_NODE, naming::node_label_value(node));
-    let events = probed(
-        watcher(
-            Api::<PersistentVolume>::all(client.clone()),
-            watcher::Config::default().labels(&label),
-        ),
-        api.clone(),
-    )
+    let (client, api) = (client.clone(), api.clone());
+    let events = switching(selector, move |label| {
+        probed(
+            watcher(
+                Api::<PersistentVolume>::all(client.clone()),
+                watcher::Config::default().labels(label),
+            ),
+            api.clone(),
+        )
+    })
     .modify(slim_volume)
     .reflect(writer)
     .inspect(move |event| {
@@ -392,6 +415,94 @@ fn watch_own_volumes(
     })
     .applied_objects();
     (volumes, events)
+}
+
+/// The items of `make(selector)` for the latest selector: none until there is one, and on a change
+/// the stream of the old one is dropped and one for the new one starts (a watcher starts with a
+/// full listing, which a reflector applies as a whole, so the store follows the new selector).
+fn switching<T, S, F>(
+    selector: tokio::sync::watch::Receiver<Option<String>>,
+    make: F,
+) -> impl futures::Stream<Item = T> + Send + use<T, S, F>
+where
+    T: Send + 'static,
+    S: futures::Stream<Item = T> + Send + 'static,
+    F: Fn(&str) -> S + Send + Sync + 'static,
+{
+    let make = Arc::new(make);
+    futures::stream::unfold(
+        (selector, None::<futures::stream::BoxStream<'static, T>>),
+        move |(mut selector, mut current)| {
+            let make = make.clone();
+            async move {
+                loop {
+                    let Some(stream) = current.as_mut() else {
+                        let latest = selector.borrow_and_update().clone();
+                        match latest {
+                            Some(label) => {
+                                debug!(watch = "persistentvolumes", selector = %label, "watching");
+                                current = Some(make(&label).boxed());
+                            }
+                            None if selector.changed().await.is_err() => return None,
+                            None => {}
+                        }
+                        continue;
+                    };
+                    tokio::select! {
+                        changed = selector.changed() => {
+                            if changed.is_err() {
+                                return None;
+                            }
+                            current = None;
+                        }
+                        item = stream.next() => return item.map(|item| (item, (selector, current))),
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// The selector of this node's PV watch, kept current: its own volumes (`hostvol.io/node=<node>`)
+/// and those pinned to the values its Node carries of the keys hostvol classes pin by. Recomputed
+/// from the caches (no request) whenever a class or the Node changes; sent only when different.
+async fn follow_pins(
+    ctx: Arc<Context>,
+    selector: Arc<tokio::sync::watch::Sender<Option<String>>>,
+    changed: Arc<tokio::sync::Notify>,
+) {
+    // Both caches listed first, so the first selection already holds every pinned volume.
+    store_ready(&ctx.classes).await;
+    store_ready(&ctx.nodes).await;
+    loop {
+        let labels = ctx.node_labels();
+        let pins: Vec<String> = ctx
+            .classes
+            .state()
+            .iter()
+            .filter(|c| c.provisioner == ctx.settings.provisioner)
+            .filter_map(|c| ClassParameters::parse(&c.parameters.clone().unwrap_or_default()).ok())
+            .filter(|p| p.node_affinity_key != affinity::HOSTNAME_KEY)
+            .filter_map(|p| {
+                let value = labels.get(&p.node_affinity_key)?;
+                Some(affinity::pin_label_value(&p.node_affinity_key, value))
+            })
+            .collect();
+        let wanted = affinity::volume_selector(
+            pv::LABEL_NODE,
+            &naming::node_label_value(&ctx.settings.node),
+            &pins,
+        );
+        selector.send_if_modified(|current| {
+            if current.as_deref() == Some(wanted.as_str()) {
+                return false;
+            }
+            tracing::info!(node = %ctx.settings.node, selector = %wanted, "PV watch selects");
+            *current = Some(wanted.clone());
+            true
+        });
+        changed.notified().await;
+    }
 }
 
 /// Claims: no server-side filter can select by annotation, so watch metadata only and pass on the
@@ -527,13 +638,18 @@ fn watch_published_capacities(
 }
 
 /// A PV as the agent keeps it: what reclaim, capacity, usage and expansion read; not who wrote
-/// which field, nor the node affinity (the label selects our PVs), which are most of its bytes.
+/// which field, nor the hostname node affinity (the label selects our PVs), which are most of its
+/// bytes. The affinity of a volume pinned by another label stays: it alone says (immutably) that
+/// this node serves it (`ownership`).
 fn slim_volume(pv: &mut PersistentVolume) {
     pv.managed_fields_mut().clear();
     pv.annotations_mut()
         .remove("kubectl.kubernetes.io/last-applied-configuration");
+    let pinned = pv::pin_of(pv).is_some();
     if let Some(spec) = pv.spec.as_mut() {
-        spec.node_affinity = None;
+        if !pinned {
+            spec.node_affinity = None;
+        }
         spec.mount_options = None;
         if let Some(claim) = spec.claim_ref.as_mut() {
             claim.field_path = None;

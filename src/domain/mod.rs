@@ -3,6 +3,7 @@
 //! only plain data in and out, so every rule has table tests.
 
 pub mod admission;
+pub mod affinity;
 pub mod capacity;
 pub mod expansion;
 pub mod naming;

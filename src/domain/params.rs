@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::domain::pattern::DirectoryPattern;
+use crate::domain::affinity;
 
 /// Every parameter a hostvol StorageClass may set; anything else is refused so typos do not pass silently.
 pub const VALID_PARAMETERS: &[&str] = &[
@@ -15,6 +16,7 @@ pub const VALID_PARAMETERS: &[&str] = &[
     "dataRoot",
     "volumeType",
     "directoryPattern",
+    "nodeAffinityKey",
 ];
 
 /// How long a deleted node may stay gone before its volumes are cleaned up (classes that opt in).
@@ -75,6 +77,9 @@ pub struct ClassParameters {
     /// How new volumes' directories are named (see [`crate::domain::pattern`]); existing volumes
     /// keep the path their PV records.
     pub directory_pattern: DirectoryPattern,
+    /// The Node label its volumes are pinned by (`kubernetes.io/hostname` unless set): a node rebuilt
+    /// under another name serves them when it carries the same value.
+    pub node_affinity_key: String,
 }
 
 impl Default for ClassParameters {
@@ -89,6 +94,7 @@ impl Default for ClassParameters {
             data_root: DEFAULT_ROOT.to_string(),
             volume_type: VolumeType::default(),
             directory_pattern: DirectoryPattern::default(),
+            node_affinity_key: affinity::HOSTNAME_KEY.to_string(),
         }
     }
 }
@@ -153,8 +159,17 @@ impl ClassParameters {
             }
             parsed.data_root = root.clone();
         }
-        if let Some(volume_type) = parameters.get("volumeType, directoryPattern") {
+        if let Some(volume_type) = parameters.get("volumeType") {
             parsed.volume_type = VolumeType::parse(volume_type)?;
+        }
+        if let Some(pattern) = parameters.get("directoryPattern") {
+            parsed.directory_pattern = DirectoryPattern::parse(pattern)?;
+        }
+        if let Some(key) = parameters.get("nodeAffinityKey") {
+            affinity::validate_label_key(key).map_err(|why| {
+                format!("StorageClass parameter nodeAffinityKey={key:?} is not a label key such as \"example.com/disk\": {why}")
+            })?;
+            parsed.node_affinity_key = key.clone();
         }
         if let Some(grace) = parameters.get("nodeLossGracePeriod") {
             parsed.node_loss_grace = parse_duration(grace).ok_or_else(|| {
@@ -245,6 +260,10 @@ mod tests {
         ]))
         .unwrap();
         assert!(p.node_loss_cleanup && p.archive_on_delete && p.node_loss_grace.as_secs() == 600);
+        assert_eq!(p.node_affinity_key, "kubernetes.io/hostname", "the default");
+        let p =
+            ClassParameters::parse(&params(&[("nodeAffinityKey", "example.com/disk")])).unwrap();
+        assert_eq!(p.node_affinity_key, "example.com/disk");
         assert_eq!(
             ClassParameters::parse(&params(&[("mode", "755")]))
                 .unwrap()
@@ -282,7 +301,7 @@ mod tests {
         assert!(
             e.contains("nodePath")
                 && e.contains(
-                    "mode, uid, gid, onDelete, nodeLossCleanup, nodeLossGracePeriod, dataRoot, volumeType, directoryPattern"
+                    "mode, uid, gid, onDelete, nodeLossCleanup, nodeLossGracePeriod, dataRoot, volumeType, directoryPattern, nodeAffinityKey"
                 ),
             "{e}"
         );
@@ -296,6 +315,9 @@ mod tests {
             ("volumeType", "hostpath"),
             ("volumeType", "csi"),
             ("volumeType", ""),
+            ("nodeAffinityKey", "example.com/"),
+            ("nodeAffinityKey", "Example.com/disk"),
+            ("nodeAffinityKey", "disk=1"),
             ("nodeLossGracePeriod", "soon"),
             ("nodeLossCleanup", "yes"),
             ("onDelete", "shred"),

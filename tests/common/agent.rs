@@ -270,6 +270,17 @@ impl Cluster {
             .await
     }
 
+    /// `start_agent` on the data root `root` (another node's disk, e.g. a node rebuilt with it).
+    pub async fn start_agent_on_root(&self, node: &str, root: &Path, extra_args: &[&str]) -> Agent {
+        let mut agent = self.new_agent(node, &self.agent_kubeconfig.clone());
+        agent.root = root.to_path_buf();
+        agent.set_args(extra_args);
+        if let Err(msg) = agent.try_spawn_and_wait_ready().await {
+            panic!("{msg}\n{}", self.diag());
+        }
+        agent
+    }
+
     /// `start_agent` with failpoints set (`FAILPOINTS`, the `fail` crate's syntax; the binary is built
     /// with the default `failpoints` feature).
     pub async fn start_agent_with_failpoints(&self, node: &str, failpoints: &str) -> Agent {
