@@ -62,7 +62,12 @@ pub fn volume_facts(pv: &PersistentVolume, provisioner: &str) -> reuse::Volume {
             .unwrap_or_else(|| "Unknown".into()),
         claim,
         capacity_bytes: pv::capacity_bytes(pv),
-        node: annotations.get(pv::ANN_NODE).cloned().unwrap_or_default(),
+        // A label-pinned volume may be served by a rebuilt node of another name: its agent decides.
+        node: if pv::pin_of(pv).is_some() {
+            String::new()
+        } else {
+            annotations.get(pv::ANN_NODE).cloned().unwrap_or_default()
+        },
         purge_requested: annotations.contains_key(reclaim::ANN_PURGE),
         reuse_for: annotations
             .get(ANN_REUSE_FOR)
@@ -282,7 +287,11 @@ async fn check(
         .and_then(|s| s.storage_class_name.clone())
         .unwrap_or_default();
     let class = ctx.classes.get(&ObjectRef::new(&class_name));
-    let volume = volume_facts(old, &ctx.settings.provisioner);
+    // This agent serves the volume (ownership decided that), so the claim must be placed here.
+    let volume = reuse::Volume {
+        node: ctx.settings.node.clone(),
+        ..volume_facts(old, &ctx.settings.provisioner)
+    };
     let facts = claim_facts(&claim, class.as_deref(), &ctx.settings.provisioner);
     if let Some(why) = reuse::refusal(&volume, &facts) {
         warn!(pv = %old.name_any(), claim = %target.key(), %why, "reuse refused");

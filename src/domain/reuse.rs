@@ -52,6 +52,8 @@ pub struct Volume {
     pub claim: String,
     /// The data's size: the PV's capacity, which is also its limit where the root enforces sizes.
     pub capacity_bytes: u64,
+    /// The node serving the data, or empty when only that node's agent can tell (a volume pinned by
+    /// a `nodeAffinityKey` label is served by whichever node carries the value).
     pub node: String,
     pub purge_requested: bool,
     /// A reuse already asked for (`ANN_REUSE_FOR`), if any.
@@ -266,7 +268,8 @@ pub fn refusal(volume: &Volume, claim: &Claim) -> Option<Refusal> {
             limit,
         });
     }
-    if let Some(selected) = claim.selected_node.as_ref().filter(|n| **n != volume.node) {
+    let elsewhere = |n: &&String| !volume.node.is_empty() && **n != volume.node;
+    if let Some(selected) = claim.selected_node.as_ref().filter(elsewhere) {
         return Some(Refusal::OtherNode {
             claim: key,
             selected: selected.clone(),
@@ -315,6 +318,12 @@ mod tests {
         let mut failed = released();
         failed.phase = "Failed".into();
         assert_eq!(refusal(&failed, &pending()), None);
+        // A label-pinned volume's node is its agent's to judge: the CLI does not refuse it.
+        let mut pinned = released();
+        pinned.node = String::new();
+        let mut placed_on_rebuilt = pending();
+        placed_on_rebuilt.selected_node = Some("node-a-rebuilt".into());
+        assert_eq!(refusal(&pinned, &placed_on_rebuilt), None);
         // Asking again for the same claim (the CLI re-run) is fine.
         let mut marked = released();
         marked.reuse_for = Target::parse("web/data/u2");
