@@ -779,6 +779,75 @@ mod tests {
     }
 
     #[test]
+    fn clones_go_into_and_come_from_patterned_volumes_only_when_proven() {
+        use crate::node::parents::{self, Ownership};
+        let (dir, store) = store();
+        let (params, quotas) = (ClassParameters::default(), Quotas::none());
+        let clone = |source: &str, source_pv: &str, target: &str, pv: &str| {
+            store.ensure_clone(source, source_pv, target, pv, &params, &quotas, 0)
+        };
+        let read = |path: &str| std::fs::read(dir.path().join(path)).unwrap();
+        let entries = |path: &str| -> Vec<String> {
+            let mut names: Vec<_> = std::fs::read_dir(dir.path().join(path))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        let root = store.root_handle();
+        let owned = |path: &str, pv: &str| {
+            parents::ownership(root.as_fd(), &VolumePath::parse(path).unwrap(), pv).unwrap()
+        };
+        store
+            .ensure_volume("pvc-1_ns_flat", &params, &quotas, 0)
+            .unwrap();
+        std::fs::create_dir(dir.path().join("pvc-1_ns_flat/sub")).unwrap();
+        std::fs::write(dir.path().join("pvc-1_ns_flat/sub/data"), b"flat").unwrap();
+        // (a) flat source into a patterned target: nested, marked for the clone, no staging left.
+        let made = clone("pvc-1_ns_flat", "pvc-1", "ns/a/copy", "pvc-2").unwrap();
+        assert_eq!(made.0, Outcome::Created);
+        assert_eq!(read("ns/a/copy/sub/data"), b"flat");
+        assert_eq!(owned("ns/a/copy", "pvc-2"), Ownership::Owned);
+        assert_eq!(entries("ns/a"), ["copy"]);
+        // A retry finds it done and copies nothing again.
+        std::fs::write(dir.path().join("ns/a/copy/new"), b"mine").unwrap();
+        let again = clone("pvc-1_ns_flat", "pvc-1", "ns/a/copy", "pvc-2").unwrap();
+        assert_eq!(again.0, Outcome::Reused);
+        assert_eq!(read("ns/a/copy/new"), b"mine");
+        // (b) patterned source into a patterned target, and into a flat one.
+        clone("ns/a/copy", "pvc-2", "ns/b/again", "pvc-3").unwrap();
+        assert_eq!(read("ns/b/again/new"), b"mine");
+        assert_eq!(owned("ns/b/again", "pvc-3"), Ownership::Owned);
+        clone("ns/a/copy", "pvc-2", "pvc-4_ns_flat", "pvc-4").unwrap();
+        assert_eq!(read("pvc-4_ns_flat/sub/data"), b"flat");
+        assert_eq!(entries("").len(), 3, "{:?}", entries(""));
+        // A source that does not prove it is the claimed PV's is never read.
+        std::fs::create_dir_all(dir.path().join("ns/c/hand")).unwrap();
+        std::fs::write(dir.path().join("ns/c/hand/secret"), b"x").unwrap();
+        for (source, pv) in [("ns/c/hand", "pvc-5"), ("ns/a/copy", "pvc-9")] {
+            match clone(source, pv, "ns/d/stolen", "pvc-6").unwrap_err() {
+                Error::NotTheSource { path, .. } => assert_eq!(path, source),
+                other => panic!("{other}"),
+            }
+        }
+        assert!(!dir.path().join("ns/d/stolen").exists());
+        // Nor a symlink to one, at the leaf or on the way.
+        std::os::unix::fs::symlink(dir.path().join("ns/a"), dir.path().join("ns/link")).unwrap();
+        assert!(clone("ns/link/copy", "pvc-2", "ns/e/x", "pvc-7").is_err());
+        // A target taken by another volume is left as it is.
+        match clone("pvc-1_ns_flat", "pvc-1", "ns/b/again", "pvc-8").unwrap_err() {
+            Error::Taken { owner, .. } => assert_eq!(owner.as_deref(), Some("pvc-3")),
+            other => panic!("{other}"),
+        }
+        // An interrupted copy (its staging directory in the target's parent) is started again.
+        std::fs::create_dir_all(dir.path().join("ns/f/creating-pvc-10/partial")).unwrap();
+        clone("pvc-1_ns_flat", "pvc-1", "ns/f/done", "pvc-10").unwrap();
+        assert_eq!(entries("ns/f"), ["done"]);
+        assert_eq!(entries("ns/f/done"), ["sub"]);
+    }
+
+    #[test]
     fn never_follows_or_escapes() {
         let (dir, store) = store();
         let outside = tempfile::tempdir().unwrap();
