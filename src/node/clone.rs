@@ -1,6 +1,7 @@
 //! Cloning a volume: a new claim whose `dataSource` is an existing claim gets a copy of its data.
 //!
-//! Two ways, both working on an open fd on the data root and two validated leaf names:
+//! Two ways, both working on open fds on the directories holding the volumes (the data root, or a
+//! volume's parent below it with `directoryPattern`) and validated leaf names:
 //! - [`snapshot`] (btrfs, volumes that are subvolumes): the new volume is a writable snapshot of the
 //!   source, made instantly and sharing its extents. Nested subvolumes are not part of a snapshot
 //!   (they show up as empty directories in it).
