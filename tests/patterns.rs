@@ -15,6 +15,11 @@
 //!    Needs root and btrfs-progs (`scripts/setup-quotas.sh`): fails, never skips, without them.
 //! 4. A hand-made PV (provisioned-by hostvol, this node, reclaim Delete) whose hostPath names another
 //!    claim's patterned directory: released, it is left alone: the directory and its data stay.
+//! 6. Clones into a patterned class: (a) from a flat volume (made before the class got its pattern),
+//!    (b) from a patterned volume: each clone is at its pattern path, marked for its own PV, holds
+//!    the source's data, no staging directory is left and no Warning is given; the sources are
+//!    untouched. On btrfs (scenario 5's test) a clone into the patterned class is a snapshot with
+//!    the clone's mark and limit.
 
 mod common;
 
@@ -22,7 +27,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{
-    Agent, Cluster, PROVISIONER, claim_yaml, class_yaml, cluster_scoped_events, pv_host_path,
+    Agent, Cluster, PROVISIONER, claim_yaml, claim_yaml_with, class_yaml, cluster_scoped_events,
+    pv_host_path,
 };
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::ResourceExt;
@@ -68,6 +74,18 @@ fn patterned_class(name: &str, reclaim: &str, pattern: &str) -> String {
         "WaitForFirstConsumer",
         reclaim,
         &[("directoryPattern", pattern)],
+    )
+}
+
+/// A claim of `class` in `ns` on node-a whose data source is the claim `source`.
+fn clone_claim(ns: &str, name: &str, class: &str, size: &str, source: &str) -> String {
+    claim_yaml_with(
+        ns,
+        name,
+        class,
+        size,
+        Some("node-a"),
+        &format!("  dataSource:\n    kind: PersistentVolumeClaim\n    name: {source}\n"),
     )
 }
 
@@ -416,7 +434,107 @@ async fn a_patterned_volume_on_btrfs_gets_and_grows_its_own_limit() {
         .await;
     assert_eq!(limit(), Some(30 * MIB as u64), "{}", fs.qgroup_table());
 
+    // A clone into the patterned class is a snapshot of the source, with its own mark and limit.
+    std::fs::write(dir.join("data"), "snapshotted").unwrap();
+    cluster.kubectl_apply_yaml(&clone_claim("sized", "copy", "quota", "40Mi", "data"));
+    let copy = cluster.hostvol_pv_of_claim("sized", "copy", T).await;
+    assert_eq!(relative(&agent, &copy), "sized/copy");
+    let copy_dir = PathBuf::from(pv_host_path(&copy));
+    let copy_id = fs.subvolume_id(&copy_dir);
+    assert_ne!(copy_id, id, "a subvolume of its own");
+    let (source_uuid, _) = fs.subvolume_uuids(&dir);
+    assert_eq!(
+        fs.subvolume_uuids(&copy_dir).1.as_deref(),
+        Some(source_uuid.as_str()),
+        "the clone is a snapshot of its source"
+    );
+    assert_eq!(
+        std::fs::read_to_string(copy_dir.join("data")).unwrap(),
+        "snapshotted"
+    );
+    assert_eq!(mark_of(&copy_dir), Some(copy.name_any()));
+    assert_eq!(mark_of(&dir), Some(pv.name_any()));
+    assert_eq!(
+        fs.qgroup(copy_id).and_then(|q| q.max_referenced),
+        Some(40 * MIB as u64),
+        "{}",
+        fs.qgroup_table()
+    );
+    assert_eq!(
+        common::dirs_in(&agent.root.join("sized")),
+        ["copy", "data"].map(String::from).into()
+    );
+
+    delete_claim(&cluster, "sized", "copy").await;
+    wait_pv_gone(&cluster, &copy.name_any()).await;
     delete_claim(&cluster, "sized", "data").await;
     wait_pv_gone(&cluster, &pv.name_any()).await;
     assert!(!dir.exists() && !agent.root.join("sized").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clones_into_a_patterned_class_from_flat_and_patterned_volumes() {
+    let (cluster, agent) = node_a().await;
+    cluster.kubectl_apply_yaml(&class_yaml("copies", "WaitForFirstConsumer", "Delete", &[]));
+    cluster.create_namespace("cl").await;
+    cluster.kubectl_apply_yaml(&claim_yaml("cl", "flat", "copies", "10Mi", Some("node-a")));
+    let flat = cluster.hostvol_pv_of_claim("cl", "flat", T).await;
+    assert!(!relative(&agent, &flat).contains('/'), "a flat volume");
+    let flat_dir = PathBuf::from(pv_host_path(&flat));
+    std::fs::create_dir(flat_dir.join("sub")).unwrap();
+    std::fs::write(flat_dir.join("sub/data"), "from the flat volume").unwrap();
+
+    // A clone stays in its source's class: the class made again with a pattern (parameters are
+    // immutable), its flat volume stays where it is.
+    cluster.kubectl_ok(&["delete", "storageclass", "copies"]);
+    cluster.kubectl_apply_yaml(&patterned_class("copies", "Delete", "{namespace}/{claim}"));
+    // (a) From the flat volume.
+    cluster.kubectl_apply_yaml(&clone_claim("cl", "from-flat", "copies", "10Mi", "flat"));
+    let a = cluster.hostvol_pv_of_claim("cl", "from-flat", T).await;
+    assert_eq!(relative(&agent, &a), "cl/from-flat");
+    let a_dir = PathBuf::from(pv_host_path(&a));
+    assert_eq!(
+        std::fs::read_to_string(a_dir.join("sub/data")).unwrap(),
+        "from the flat volume"
+    );
+    assert_eq!(mark_of(&a_dir), Some(a.name_any()));
+    std::fs::write(a_dir.join("added"), "in the first clone").unwrap();
+
+    // (b) From that patterned volume.
+    cluster.kubectl_apply_yaml(&clone_claim(
+        "cl",
+        "from-patterned",
+        "copies",
+        "10Mi",
+        "from-flat",
+    ));
+    let b = cluster.hostvol_pv_of_claim("cl", "from-patterned", T).await;
+    assert_eq!(relative(&agent, &b), "cl/from-patterned");
+    let b_dir = PathBuf::from(pv_host_path(&b));
+    for (file, contents) in [
+        ("sub/data", "from the flat volume"),
+        ("added", "in the first clone"),
+    ] {
+        assert_eq!(std::fs::read_to_string(b_dir.join(file)).unwrap(), contents);
+    }
+    assert_eq!(mark_of(&b_dir), Some(b.name_any()));
+    assert_eq!(
+        mark_of(&a_dir),
+        Some(a.name_any()),
+        "the source keeps its mark"
+    );
+    assert_eq!(
+        common::dirs_in(&agent.root.join("cl")),
+        ["from-flat", "from-patterned"].map(String::from).into(),
+        "no staging directory is left"
+    );
+    for claim in ["from-flat", "from-patterned"] {
+        let warnings: Vec<_> = cluster
+            .pvc_events("cl", claim)
+            .await
+            .into_iter()
+            .filter(|e| e.0 == "Warning")
+            .collect();
+        assert!(warnings.is_empty(), "{claim}: {warnings:?}");
+    }
 }

@@ -1290,7 +1290,15 @@ fn check_facade(fs: Filesystem, mount: &Path, fs_fd: BorrowedFd<'_>) {
     let cvol = mount.join(clone_name);
     let tc = Instant::now();
     let (outcome, limit) = store
-        .ensure_clone(name, clone_name, &params, &quotas, 40 * MIB)
+        .ensure_clone(
+            name,
+            "pvc-1",
+            clone_name,
+            "pvc-2",
+            &params,
+            &quotas,
+            40 * MIB,
+        )
         .unwrap();
     let clone_time = tc.elapsed();
     let id2 = project_limit(limit);
@@ -1330,7 +1338,15 @@ fn check_facade(fs: Filesystem, mount: &Path, fs_fd: BorrowedFd<'_>) {
     );
     assert_eq!(
         store
-            .ensure_clone(name, clone_name, &params, &quotas, 40 * MIB)
+            .ensure_clone(
+                name,
+                "pvc-1",
+                clone_name,
+                "pvc-2",
+                &params,
+                &quotas,
+                40 * MIB
+            )
             .unwrap(),
         (Outcome::Reused, Some(Limit::Project(id2)))
     );

@@ -58,11 +58,9 @@ pub async fn resolve(ctx: &Context, namespace: &str, name: &str, class: &str) ->
         ));
     };
     let ours = volume.annotations().get(pv::ANN_PROVISIONED_BY) == Some(&ctx.settings.provisioner);
-    let (Some(node), Some(directory), true) = (
-        volume.annotations().get(pv::ANN_NODE).cloned(),
-        reclaim::own_directory(&volume),
-        ours,
-    ) else {
+    // Flat volumes prove their directory by its name; a patterned one (`directoryPattern`) is
+    // only a candidate path here, proven by its mark on disk before the copy reads it.
+    let (Some(node), true) = (volume.annotations().get(pv::ANN_NODE).cloned(), ours) else {
         return unusable(format!(
             "the volume {volume_name} of source claim {name} was not made by hostvol"
         ));
@@ -95,6 +93,16 @@ pub async fn resolve(ctx: &Context, namespace: &str, name: &str, class: &str) ->
     if node != ctx.settings.node {
         return Ok(Source::OnNode(node));
     }
+    let Some(directory) = reclaim::own_directory(&volume)
+        .or_else(|| context::holding_root(&ctx.roots(), &volume).map(|(_, path)| path))
+    else {
+        return unusable(format!(
+            "the volume {volume_name} of source claim {name} is in no data root of node {node} \
+             ({} {:?})",
+            pv::source_field(&volume),
+            pv::source_path(&volume).unwrap_or_default()
+        ));
+    };
     Ok(Source::Here {
         directory,
         bytes: pv::capacity_bytes(&volume),

@@ -225,8 +225,9 @@ struct Order {
     request: VolumeRequest,
     reclaim_policy: String,
     directory: String,
-    /// For a clone: the source volume's directory, in the same data root.
-    clone_from: Option<String>,
+    /// For a clone: the source volume's directory, in the same data root, and its PV (whose name or
+    /// mark the directory must carry).
+    clone_from: Option<(String, String)>,
 }
 
 enum Admitted {
@@ -277,11 +278,6 @@ fn admit(pvc: &PersistentVolumeClaim, pv_name: String, ctx: &Context) -> Result<
             ))));
         }
     };
-    if request.clone_of.is_some() && !params.directory_pattern.is_default() {
-        return Ok(Admitted::Refused(Refusal::CloneSource(format!(
-            "StorageClass {class_name} sets directoryPattern, and hostvol does not clone into patterned directories yet; clone with a class without directoryPattern"
-        ))));
-    }
     Ok(Admitted::Order(Box::new(Order {
         claim_ref: pvc.object_ref(&()),
         namespace,
@@ -320,7 +316,7 @@ async fn with_clone_source(
             directory,
             bytes,
             root,
-            ..
+            pv_name,
         } => {
             if root != order.params.data_root {
                 let refusal = Refusal::CloneSource(format!(
@@ -332,7 +328,7 @@ async fn with_clone_source(
             if let Err(refusal) = admission::clone_fits(&order.request, bytes, &source) {
                 return Ok(Err(refuse(ctx, pvc, refusal)));
             }
-            order.clone_from = Some(directory);
+            order.clone_from = Some((directory, pv_name));
             Ok(Ok(order))
         }
     }
@@ -419,16 +415,22 @@ async fn make_volume(ctx: &Context, order: &Order, root: &Arc<Root>) -> Result<O
         None => root
             .store
             .ensure_owned_volume(&target, &pv_name, &params, &root.quotas, bytes),
-        Some(source) => root
-            .store
-            .ensure_clone(source, &target, &params, &root.quotas, bytes),
+        Some((source, source_pv)) => root.store.ensure_clone(
+            source,
+            source_pv,
+            &target,
+            &pv_name,
+            &params,
+            &root.quotas,
+            bytes,
+        ),
     })
     .await;
     // A panic in the blocking work is an error for this claim, not the end of the agent.
     let made = context::joined(made)
         .and_then(|made| made.map_err(Error::from))
         .map(|(outcome, limit)| {
-        let clone_of = order.clone_from.as_deref().unwrap_or("");
+        let clone_of = order.clone_from.as_ref().map_or("", |(source, _)| source.as_str());
         debug!(directory = %order.directory, ?outcome, ?limit, clone_of, "volume directory ready");
         limit
     });

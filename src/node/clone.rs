@@ -1,6 +1,7 @@
 //! Cloning a volume: a new claim whose `dataSource` is an existing claim gets a copy of its data.
 //!
-//! Two ways, both working on an open fd on the data root and two validated leaf names:
+//! Two ways, both working on open fds on the directories holding the volumes (the data root, or a
+//! volume's parent below it with `directoryPattern`) and validated leaf names:
 //! - [`snapshot`] (btrfs, volumes that are subvolumes): the new volume is a writable snapshot of the
 //!   source, made instantly and sharing its extents. Nested subvolumes are not part of a snapshot
 //!   (they show up as empty directories in it).
@@ -179,11 +180,6 @@ impl CloneStats {
 /// qgroups) or has none (simple quotas): set the clone's limit right after.
 pub fn snapshot(root: BorrowedFd<'_>, source: &str, target: &str) -> Result<CloneStats, Error> {
     check_names(source, target)?;
-    let io_error = |op, name: &str, e: io::Error| Error::Io {
-        op,
-        path: PathBuf::from(name),
-        source: errno_of(&e),
-    };
     let src = btrfs::open_subvolume(root, source).map_err(|e| match errno_of(&e) {
         Errno::ENOENT => Error::NotFound {
             name: source.to_string(),
@@ -194,9 +190,25 @@ pub fn snapshot(root: BorrowedFd<'_>, source: &str, target: &str) -> Result<Clon
         _ if e.kind() == io::ErrorKind::InvalidInput => Error::NotASubvolume {
             name: source.to_string(),
         },
-        _ => io_error("open", source, e),
+        _ => Error::Io {
+            op: "open",
+            path: PathBuf::from(source),
+            source: errno_of(&e),
+        },
     })?;
-    btrfs::snapshot(src.as_fd(), root, target).map_err(|e| match errno_of(&e) {
+    snapshot_of(src.as_fd(), source, root, target)
+}
+
+/// [`snapshot`] of the opened subvolume `src` (`source` names it in messages) as `target` in the
+/// directory `parent`, which may be a volume's parent below the root (`directoryPattern`).
+pub fn snapshot_of(
+    src: BorrowedFd<'_>,
+    source: &str,
+    parent: BorrowedFd<'_>,
+    target: &str,
+) -> Result<CloneStats, Error> {
+    naming::validate_directory_name(target)?;
+    btrfs::snapshot(src, parent, target).map_err(|e| match errno_of(&e) {
         Errno::EEXIST => Error::AlreadyExists {
             name: target.to_string(),
         },
@@ -204,10 +216,17 @@ pub fn snapshot(root: BorrowedFd<'_>, source: &str, target: &str) -> Result<Clon
         Errno::EXDEV => Error::MountPoint {
             path: PathBuf::from(source),
         },
-        _ => io_error("snapshot", source, e),
+        _ if e.kind() == io::ErrorKind::InvalidInput => Error::NotASubvolume {
+            name: source.to_string(),
+        },
+        _ => Error::Io {
+            op: "snapshot",
+            path: PathBuf::from(source),
+            source: errno_of(&e),
+        },
     })?;
-    fsync(root).map_err(|source| Error::Io {
-        op: "sync data root after creating",
+    fsync(parent).map_err(|source| Error::Io {
+        op: "sync the parent after creating",
         path: PathBuf::from(target),
         source,
     })?;
@@ -220,15 +239,29 @@ pub fn snapshot(root: BorrowedFd<'_>, source: &str, target: &str) -> Result<Clon
 /// copy is synced to disk before this returns.
 pub fn copy_into(root: BorrowedFd<'_>, source: &str, target: &str) -> Result<CloneStats, Error> {
     check_names(source, target)?;
-    let root_dev = fstat(root)
-        .map_err(|source| Error::Io {
-            op: "stat",
-            path: PathBuf::from("."),
-            source,
-        })?
-        .st_dev;
-    let (src, src_st) = open_volume(root, source, root_dev)?;
-    let (dst, dst_st) = open_volume(root, target, root_dev)?;
+    let (src, src_st) = open_source(root, source)?;
+    copy_from(src, src_st, source, root, target)
+}
+
+/// Opens the volume `name` in the directory `parent` (the root, or a volume's parent below it) to
+/// clone it, refusing symlinks, non-directories and mount points. The caller checks whose it is on
+/// the returned handle before reading anything.
+pub fn open_source(parent: BorrowedFd<'_>, name: &str) -> Result<(OwnedFd, FileStat), Error> {
+    naming::validate_directory_name(name)?;
+    open_volume(parent, name, device_of(parent)?)
+}
+
+/// [`copy_into`] from the opened source volume `src` (`source` names it in messages, `src_st` is
+/// its stat from [`open_source`]) into the existing, empty volume `target` in the directory `parent`.
+pub fn copy_from(
+    src: OwnedFd,
+    src_st: FileStat,
+    source: &str,
+    parent: BorrowedFd<'_>,
+    target: &str,
+) -> Result<CloneStats, Error> {
+    naming::validate_directory_name(target)?;
+    let (dst, dst_st) = open_volume(parent, target, device_of(parent)?)?;
     if id(&src_st) == id(&dst_st) {
         return Err(Error::SameVolume {
             name: source.to_string(),
@@ -285,6 +318,14 @@ fn check_names(source: &str, target: &str) -> Result<(), Error> {
         });
     }
     Ok(())
+}
+
+fn device_of(dir: BorrowedFd<'_>) -> Result<u64, Error> {
+    fstat(dir).map(|st| st.st_dev).map_err(|source| Error::Io {
+        op: "stat",
+        path: PathBuf::from("."),
+        source,
+    })
 }
 
 fn to_cstring(name: &str) -> Result<CString, Error> {

@@ -118,6 +118,20 @@ pub fn set_owner(dir: BorrowedFd<'_>, pv: &str) -> Result<(), Errno> {
     if rc == 0 { Ok(()) } else { Err(Errno::last()) }
 }
 
+/// Removes the ownership mark of the open directory `dir`, if it has one (a snapshot of a marked
+/// volume that becomes a volume named for its PV).
+pub fn clear_owner(dir: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: a valid fd and a NUL-terminated name.
+    let rc = unsafe { libc::fremovexattr(dir.as_raw_fd(), OWNER_XATTR.as_ptr()) };
+    match rc {
+        0 => Ok(()),
+        _ => match Errno::last() {
+            Errno::ENODATA | Errno::EOPNOTSUPP => Ok(()),
+            e => Err(e),
+        },
+    }
+}
+
 /// The PV the open directory `dir` is marked for, if any.
 pub fn owner_of(dir: BorrowedFd<'_>) -> Result<Option<String>, Errno> {
     // PV names are at most 253 bytes: a longer value is not ours.

@@ -41,6 +41,16 @@ pub enum Error {
         "cannot mark a volume in {root} as hostvol's ({source}): directoryPattern needs the agent to set trusted.* extended attributes (CAP_SYS_ADMIN, as deploy/daemonset.yaml grants) on a filesystem that keeps them"
     )]
     Unmarkable { root: PathBuf, source: Errno },
+    #[error(
+        "{path} in {root} is not the volume of {pv}{}; hostvol clones only a source it can prove is the claim's",
+        owner.as_ref().map_or(" (it has no hostvol mark)".to_string(), |o| format!(" (it is marked for {o})"))
+    )]
+    NotTheSource {
+        root: PathBuf,
+        path: String,
+        pv: String,
+        owner: Option<String>,
+    },
     #[error("cannot set the size limit of {name} in {root}: {source}")]
     Quota {
         root: PathBuf,
@@ -75,6 +85,7 @@ impl Error {
             Error::UnsafeName(_) => "unsafe_name",
             Error::NotADirectory { .. } => "not_a_directory",
             Error::Taken { .. } => "directory_taken",
+            Error::NotTheSource { .. } => "not_the_source",
             Error::Unmarkable { .. } => "unmarkable",
             Error::Quota { .. } => "quota",
             Error::Clone { error, .. } => error.category(),
@@ -343,21 +354,39 @@ impl VolumeStore {
         }
     }
 
-    /// Makes (or finishes from an earlier pass) the clone `target` of the volume `source`, then gives
-    /// it the class's mode and owner and its own limit, as `ensure_volume`. btrfs subvolumes are
-    /// snapshotted (instant, atomic); elsewhere the data is copied into a staging volume (which
-    /// already has the clone's limit) renamed into place once complete, so an interrupted copy is
-    /// never mistaken for a finished one: the next pass removes the staging volume and starts again.
+    /// Makes (or finishes from an earlier pass) the clone `target` of PV `pv` from the volume `source`
+    /// of PV `source_pv`, then gives it the class's mode and owner and its own limit, as
+    /// [`Self::ensure_owned_volume`]. Either path may be flat or below parents (`directoryPattern`).
+    ///
+    /// The source is opened without following anything and must prove it is `source_pv`'s (its name
+    /// or its mark) before a byte is read. The clone is made in a staging directory in the target's
+    /// parent (`cloning-<target>` when the target is named for its PV, else `creating-<pv>`, which
+    /// gets the mark first): a btrfs snapshot where the source is a subvolume, else a copy into a
+    /// volume that already has the clone's limit. It is renamed into place without replacing
+    /// anything, so an interrupted clone is never mistaken for a finished one: the next pass removes
+    /// the staging directory and starts again.
+    #[allow(clippy::too_many_arguments)]
     pub fn ensure_clone(
         &self,
         source: &str,
+        source_pv: &str,
         target: &str,
+        pv: &str,
         params: &ClassParameters,
         quotas: &Quotas,
         bytes: u64,
     ) -> Result<(Outcome, Option<Limit>)> {
-        naming::validate_directory_name(source)?;
-        naming::validate_directory_name(target)?;
+        let (source_path, target_path) = (VolumePath::parse(source)?, VolumePath::parse(target)?);
+        let marked = !target_path.is_named_for(pv);
+        let io = |op: &'static str, name: &str| {
+            let (root, name) = (self.root_path.clone(), name.to_string());
+            move |source| Error::Io {
+                op,
+                root,
+                name,
+                source,
+            }
+        };
         let failed = |name: &str| {
             let (root, source_name, name) =
                 (self.root_path.clone(), source.to_string(), name.to_string());
@@ -368,49 +397,137 @@ impl VolumeStore {
                 error,
             }
         };
-        let made = !self.volume_dir_exists(target)?;
-        if made {
-            let snapshot = quotas.uses_subvolumes()
-                && quota::btrfs::open_subvolume(self.root.as_fd(), source).is_ok();
-            if snapshot {
-                clone::snapshot(self.root.as_fd(), source, target).map_err(failed(target))?;
+        let at = parents::make_parents(self.root.as_fd(), &target_path).map_err(|e| match e {
+            Errno::ENOTDIR | Errno::ELOOP => Error::NotADirectory {
+                root: self.root_path.clone(),
+                name: target.to_string(),
+            },
+            e => io("make the parents of", target)(e),
+        })?;
+        let parent = at.parent(self.root.as_fd());
+        let leaf = at.leaf.as_str();
+        let exists = if marked {
+            self.existing_marked(parent, leaf, &target_path, pv)?
+                .is_some()
+        } else {
+            is_directory(parent, leaf).map_err(io("stat", target))?
+        };
+        if !exists {
+            let (src, src_st) = self.open_source(&source_path, source_pv)?;
+            let staging = if marked {
+                naming::creation_staging_name(pv)
             } else {
-                let staging = naming::clone_staging_name(target);
-                if self.volume_dir_exists(&staging)? {
-                    quotas
-                        .remove_volume(self.root.as_fd(), &staging, None)
-                        .map_err(|e| Error::Io {
-                            op: "remove the interrupted copy",
-                            root: self.root_path.clone(),
-                            name: format!("{staging}: {e}"),
-                            source: Errno::EIO,
-                        })?;
+                naming::clone_staging_name(leaf)
+            };
+            let staging_path = VolumePath::parse(&match target_path.parent_paths().last() {
+                Some(up) => format!("{up}/{staging}"),
+                None => staging.clone(),
+            })?;
+            if is_directory(parent, &staging).map_err(io("stat", staging_path.as_str()))? {
+                quotas
+                    .remove_volume(parent, &staging, None)
+                    .map_err(|e| Error::Io {
+                        op: "remove the interrupted clone",
+                        root: self.root_path.clone(),
+                        name: format!("{staging_path}: {e}"),
+                        source: Errno::EIO,
+                    })?;
+            }
+            let snapshot = quotas.uses_subvolumes()
+                && quota::btrfs::is_subvolume(src.as_fd()).unwrap_or(false);
+            if snapshot {
+                clone::snapshot_of(src.as_fd(), source, parent, &staging)
+                    .map_err(failed(staging_path.as_str()))?;
+            } else {
+                self.make_volume(&staging_path, None, params, quotas, bytes)?;
+            }
+            let made = openat(
+                parent,
+                staging.as_str(),
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(io("open", staging_path.as_str()))?;
+            // A snapshot carries the source's mark: the clone gets its own, or none when its name
+            // proves whose it is.
+            let marking = match (marked, snapshot) {
+                (true, _) => parents::set_owner(made.as_fd(), pv),
+                (false, true) => parents::clear_owner(made.as_fd()),
+                (false, false) => Ok(()),
+            };
+            marking.map_err(|e| match e {
+                Errno::EPERM | Errno::EOPNOTSUPP if marked => Error::Unmarkable {
+                    root: self.root_path.clone(),
+                    source: e,
+                },
+                e => io("mark", staging_path.as_str())(e),
+            })?;
+            if !snapshot {
+                clone::copy_from(src, src_st, source, parent, &staging)
+                    .map_err(failed(staging_path.as_str()))?;
+            }
+            match removal::rename_noreplace(parent, &staging, leaf) {
+                Ok(()) => {}
+                Err(Errno::EEXIST | Errno::ENOTEMPTY) if marked => {
+                    // Made by someone else in between: report theirs, keep ours visible.
+                    self.existing_marked(parent, leaf, &target_path, pv)?;
                 }
-                self.make_volume(&VolumePath::parse(&staging)?, None, params, quotas, bytes)?;
-                clone::copy_into(self.root.as_fd(), source, &staging).map_err(failed(&staging))?;
-                nix::fcntl::renameat(
-                    self.root.as_fd(),
-                    staging.as_str(),
-                    self.root.as_fd(),
-                    target,
-                )
-                .map_err(|e| Error::Io {
-                    op: "rename",
+                Err(e) => return Err(io("rename", staging_path.as_str())(e)),
+            }
+            fsync(parent).map_err(io("sync", target))?;
+        }
+        let (outcome, limit) = self.make_volume(&target_path, None, params, quotas, bytes)?;
+        Ok((if exists { outcome } else { Outcome::Created }, limit))
+    }
+
+    /// Opens the volume `path` of PV `pv` to read it for a clone, and checks on the opened directory
+    /// that it is that PV's (named for it, or marked for it): a PV pointing elsewhere never makes the
+    /// agent copy another volume's data.
+    fn open_source(
+        &self,
+        path: &VolumePath,
+        pv: &str,
+    ) -> Result<(OwnedFd, nix::sys::stat::FileStat)> {
+        let failed = |error| Error::Clone {
+            root: self.root_path.clone(),
+            source_name: path.to_string(),
+            name: path.to_string(),
+            error,
+        };
+        let at = parents::locate(self.root.as_fd(), path).map_err(|e| match e {
+            Errno::ENOENT => failed(clone::Error::NotFound {
+                name: path.to_string(),
+            }),
+            Errno::ENOTDIR | Errno::ELOOP => Error::NotADirectory {
+                root: self.root_path.clone(),
+                name: path.to_string(),
+            },
+            e => Error::Io {
+                op: "open the parents of",
+                root: self.root_path.clone(),
+                name: path.to_string(),
+                source: e,
+            },
+        })?;
+        let (dir, st) =
+            clone::open_source(at.parent(self.root.as_fd()), &at.leaf).map_err(failed)?;
+        if !path.is_named_for(pv) {
+            let owner = parents::owner_of(dir.as_fd()).map_err(|source| Error::Io {
+                op: "read the mark of",
+                root: self.root_path.clone(),
+                name: path.to_string(),
+                source,
+            })?;
+            if owner.as_deref() != Some(pv) {
+                return Err(Error::NotTheSource {
                     root: self.root_path.clone(),
-                    name: staging.clone(),
-                    source: e,
-                })?;
-                fsync(self.root.as_fd()).map_err(|e| Error::Io {
-                    op: "sync",
-                    root: self.root_path.clone(),
-                    name: target.to_string(),
-                    source: e,
-                })?;
+                    path: path.to_string(),
+                    pv: pv.to_string(),
+                    owner,
+                });
             }
         }
-        let (outcome, limit) =
-            self.make_volume(&VolumePath::parse(target)?, None, params, quotas, bytes)?;
-        Ok((if made { Outcome::Created } else { outcome }, limit))
+        Ok((dir, st))
     }
 
     /// Whether `name` exists under the root as a real directory (symlinks do not count).
@@ -495,6 +612,15 @@ impl VolumeStore {
             });
         }
         Ok(())
+    }
+}
+
+/// Whether `name` in `parent` is a real directory (symlinks do not count).
+fn is_directory(parent: BorrowedFd<'_>, name: &str) -> Result<bool, Errno> {
+    match fstatat(parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR),
+        Err(Errno::ENOENT) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -650,6 +776,75 @@ mod tests {
             .dispose_volume(root.as_fd(), "team-c/app", "pvc-5", true, None)
             .unwrap();
         assert!(dir.path().join("team-c/archived-app").is_dir());
+    }
+
+    #[test]
+    fn clones_go_into_and_come_from_patterned_volumes_only_when_proven() {
+        use crate::node::parents::{self, Ownership};
+        let (dir, store) = store();
+        let (params, quotas) = (ClassParameters::default(), Quotas::none());
+        let clone = |source: &str, source_pv: &str, target: &str, pv: &str| {
+            store.ensure_clone(source, source_pv, target, pv, &params, &quotas, 0)
+        };
+        let read = |path: &str| std::fs::read(dir.path().join(path)).unwrap();
+        let entries = |path: &str| -> Vec<String> {
+            let mut names: Vec<_> = std::fs::read_dir(dir.path().join(path))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        let root = store.root_handle();
+        let owned = |path: &str, pv: &str| {
+            parents::ownership(root.as_fd(), &VolumePath::parse(path).unwrap(), pv).unwrap()
+        };
+        store
+            .ensure_volume("pvc-1_ns_flat", &params, &quotas, 0)
+            .unwrap();
+        std::fs::create_dir(dir.path().join("pvc-1_ns_flat/sub")).unwrap();
+        std::fs::write(dir.path().join("pvc-1_ns_flat/sub/data"), b"flat").unwrap();
+        // (a) flat source into a patterned target: nested, marked for the clone, no staging left.
+        let made = clone("pvc-1_ns_flat", "pvc-1", "ns/a/copy", "pvc-2").unwrap();
+        assert_eq!(made.0, Outcome::Created);
+        assert_eq!(read("ns/a/copy/sub/data"), b"flat");
+        assert_eq!(owned("ns/a/copy", "pvc-2"), Ownership::Owned);
+        assert_eq!(entries("ns/a"), ["copy"]);
+        // A retry finds it done and copies nothing again.
+        std::fs::write(dir.path().join("ns/a/copy/new"), b"mine").unwrap();
+        let again = clone("pvc-1_ns_flat", "pvc-1", "ns/a/copy", "pvc-2").unwrap();
+        assert_eq!(again.0, Outcome::Reused);
+        assert_eq!(read("ns/a/copy/new"), b"mine");
+        // (b) patterned source into a patterned target, and into a flat one.
+        clone("ns/a/copy", "pvc-2", "ns/b/again", "pvc-3").unwrap();
+        assert_eq!(read("ns/b/again/new"), b"mine");
+        assert_eq!(owned("ns/b/again", "pvc-3"), Ownership::Owned);
+        clone("ns/a/copy", "pvc-2", "pvc-4_ns_flat", "pvc-4").unwrap();
+        assert_eq!(read("pvc-4_ns_flat/sub/data"), b"flat");
+        assert_eq!(entries("").len(), 3, "{:?}", entries(""));
+        // A source that does not prove it is the claimed PV's is never read.
+        std::fs::create_dir_all(dir.path().join("ns/c/hand")).unwrap();
+        std::fs::write(dir.path().join("ns/c/hand/secret"), b"x").unwrap();
+        for (source, pv) in [("ns/c/hand", "pvc-5"), ("ns/a/copy", "pvc-9")] {
+            match clone(source, pv, "ns/d/stolen", "pvc-6").unwrap_err() {
+                Error::NotTheSource { path, .. } => assert_eq!(path, source),
+                other => panic!("{other}"),
+            }
+        }
+        assert!(!dir.path().join("ns/d/stolen").exists());
+        // Nor a symlink to one, at the leaf or on the way.
+        std::os::unix::fs::symlink(dir.path().join("ns/a"), dir.path().join("ns/link")).unwrap();
+        assert!(clone("ns/link/copy", "pvc-2", "ns/e/x", "pvc-7").is_err());
+        // A target taken by another volume is left as it is.
+        match clone("pvc-1_ns_flat", "pvc-1", "ns/b/again", "pvc-8").unwrap_err() {
+            Error::Taken { owner, .. } => assert_eq!(owner.as_deref(), Some("pvc-3")),
+            other => panic!("{other}"),
+        }
+        // An interrupted copy (its staging directory in the target's parent) is started again.
+        std::fs::create_dir_all(dir.path().join("ns/f/creating-pvc-10/partial")).unwrap();
+        clone("pvc-1_ns_flat", "pvc-1", "ns/f/done", "pvc-10").unwrap();
+        assert_eq!(entries("ns/f"), ["done"]);
+        assert_eq!(entries("ns/f/done"), ["sub"]);
     }
 
     #[test]
