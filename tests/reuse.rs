@@ -278,3 +278,223 @@ async fn a_reuse_interrupted_between_steps_is_finished_by_a_restart() {
     let dirs = common::dirs_in(&agent.root);
     assert_eq!(dirs.len(), 1, "one directory, the data's: {dirs:?}");
 }
+
+/// `hostvol reuse` through the node service, as root on the node: one agent's Unix socket.
+fn reuse_on_node(agent: &Agent, kubeconfig: &std::path::Path, what: &[&str], claim: &str) -> Ran {
+    let endpoint = format!("unix:{}", agent.grpc_socket.display());
+    let mut args = vec!["reuse"];
+    args.extend_from_slice(what);
+    let target = format!("{NS}/{claim}");
+    args.extend_from_slice(&["--for", &target, "--endpoint", &endpoint, "--timeout", "30"]);
+    hostvol_as_person(&args, kubeconfig)
+}
+
+/// Claim `web/<name>` made, written, then its claim and PV deleted as people do (Retain keeps the
+/// directory): an orphan, aged past the scan's grace period as one `doctor` lists. Returns its name.
+async fn orphaned_directory(cluster: &Cluster, agent: &Agent, name: &str) -> String {
+    let pv = retained_volume(cluster, agent, name).await;
+    cluster.kubectl_ok(&[
+        "delete",
+        "pv",
+        &pv.name_any(),
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    let directory = pv_dir_name(&pv);
+    let aged = std::process::Command::new("touch")
+        .args(["-m", "-d", "10 minutes ago"])
+        .arg(agent.root.join(&directory))
+        .status()
+        .unwrap();
+    assert!(aged.success());
+    directory
+}
+
+/// #16 part 4's "or an orphaned directory that doctor lists" and "the same through the node service":
+/// root on the node hands an orphan (and a Released PV) to re-created claims through the agent's
+/// socket; everyone else is refused in one line, and refusals touch nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphaned_directories_and_released_volumes_are_reused_through_the_node_socket() {
+    let (cluster, agent) = cluster("").await;
+    let admin = cluster.admin_kubeconfig().to_path_buf();
+    let orphan = orphaned_directory(&cluster, &agent, "data").await;
+    let released = retained_volume(&cluster, &agent, "logs").await;
+    cluster.kubectl_apply_yaml(&claim_yaml(NS, "busy", "hostvol", "1Gi", Some("node-a")));
+    let busy = cluster.hostvol_pv_of_claim(NS, "busy", T).await;
+    let doctor = hostvol_as_person(
+        &[
+            "doctor",
+            "--endpoint",
+            &format!("unix:{}", agent.grpc_socket.display()),
+        ],
+        &admin,
+    );
+    assert!(
+        doctor.stdout.contains(&orphan),
+        "doctor lists the orphan: {}",
+        doctor.output()
+    );
+    let claim = recreate_claim(&cluster, "data", "2Gi").await;
+
+    // Over TCP (what a port-forward reaches): refused, whoever asks.
+    let tcp = hostvol_as_person(
+        &[
+            "reuse",
+            "--directory",
+            &orphan,
+            "--for",
+            &format!("{NS}/data"),
+            "--endpoint",
+            &agent.grpc_addr.to_string(),
+        ],
+        &admin,
+    );
+    assert_refused(&tcp, "reuse is served only on the node's Unix socket");
+    // Not root on the node: the socket itself is root's.
+    let nobody = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(common::hostvol_bin())
+        .args([
+            "reuse",
+            "--directory",
+            &orphan,
+            "--for",
+            &format!("{NS}/data"),
+        ])
+        .args([
+            "--endpoint",
+            &format!("unix:{}", agent.grpc_socket.display()),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&nobody.stderr);
+    assert!(
+        !nobody.status.success() && stderr.trim().lines().count() == 1,
+        "uid 65534: {stderr}"
+    );
+    // A directory a bound PV names, a name outside the root, a claim that does not exist, a claim
+    // asking for less than the PV's data, a claim bound already.
+    assert_refused(
+        &reuse_on_node(
+            &agent,
+            &admin,
+            &["--directory", &pv_dir_name(&busy)],
+            "data",
+        ),
+        "is not an orphaned directory of node node-a",
+    );
+    assert_refused(
+        &reuse_on_node(&agent, &admin, &["--directory", "../etc"], "data"),
+        "is not a directory name in a data root",
+    );
+    assert_refused(
+        &reuse_on_node(&agent, &admin, &["--directory", &orphan], "nobody"),
+        "claim web/nobody not found",
+    );
+    recreate_claim(&cluster, "small", "512Mi").await;
+    assert_refused(
+        &reuse_on_node(&agent, &admin, &[&released.name_any()], "small"),
+        "asks for 512Mi, less than the data's limit 1Gi",
+    );
+    assert_refused(
+        &reuse_on_node(&agent, &admin, &["--directory", &orphan], "busy"),
+        &format!("claim web/busy is bound to {} already", busy.name_any()),
+    );
+    assert!(
+        agent.root.join(&orphan).join("index.html").exists(),
+        "refusals touch nothing"
+    );
+
+    // The orphan goes to the claim: its own PV, the claim's size, the directory renamed for it.
+    let ran = reuse_on_node(&agent, &admin, &["--directory", &orphan], "data");
+    let new_pv = format!("pvc-{}", claim.uid().unwrap());
+    assert!(ran.ok() && ran.stdout.contains(&new_pv), "{}", ran.output());
+    let bound = cluster.wait_pvc_bound(NS, "data", T).await;
+    assert_eq!(
+        bound.spec.unwrap().volume_name.as_deref(),
+        Some(new_pv.as_str())
+    );
+    assert_eq!(
+        std::fs::read_to_string(new_dir(&agent, &claim).join("index.html")).unwrap(),
+        "data"
+    );
+    assert!(!agent.root.join(&orphan).exists(), "renamed, not copied");
+    let pvs: Api<PersistentVolume> = Api::all(cluster.client());
+    let spec = pvs.get(&new_pv).await.unwrap().spec.unwrap();
+    assert_eq!(spec.capacity.unwrap()["storage"].0, "2Gi");
+    assert_eq!(
+        spec.persistent_volume_reclaim_policy.as_deref(),
+        Some("Retain")
+    );
+    assert!(spec.node_affinity.is_some(), "pinned to the node");
+
+    // A Released PV through the socket: the same as `kubectl hostvol reuse PV`.
+    let logs = recreate_claim(&cluster, "logs", "1Gi").await;
+    let ran = reuse_on_node(&agent, &admin, &[&released.name_any()], "logs");
+    let logs_pv = format!("pvc-{}", logs.uid().unwrap());
+    assert!(
+        ran.ok() && ran.stdout.contains(&logs_pv),
+        "{}",
+        ran.output()
+    );
+    let gone = || async { !pv_exists(&cluster, &released.name_any()).await };
+    cluster.wait_for(gone, T, "the old PV deleted").await;
+    assert_eq!(
+        std::fs::read_to_string(new_dir(&agent, &logs).join("index.html")).unwrap(),
+        "logs"
+    );
+}
+
+/// The agent killed after the orphan was moved for the claim and before its PV exists: the restart
+/// finishes from the record on the node's disk, nothing duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adoption_interrupted_before_its_pv_is_finished_by_a_restart() {
+    let (cluster, mut agent) = cluster("adopt_after_place=sleep(600000)").await;
+    let admin = cluster.admin_kubeconfig().to_path_buf();
+    let orphan = orphaned_directory(&cluster, &agent, "data").await;
+    let claim = recreate_claim(&cluster, "data", "1Gi").await;
+    let new_pv = format!("pvc-{}", claim.uid().unwrap());
+    let moved = new_dir(&agent, &claim).join("index.html");
+
+    let endpoint = format!("unix:{}", agent.grpc_socket.display());
+    let args = [
+        "reuse",
+        "--directory",
+        &orphan,
+        "--for",
+        "web/data",
+        "--endpoint",
+        &endpoint,
+        "--timeout",
+        "2",
+    ];
+    let ran = hostvol_as_person(&args, &admin);
+    assert!(
+        !ran.ok(),
+        "the agent sleeps at the fail point: {}",
+        ran.output()
+    );
+    assert!(moved.exists(), "moved before the fail point");
+    agent.kill();
+    assert!(
+        !pv_exists(&cluster, &new_pv).await,
+        "no PV before the restart"
+    );
+
+    agent.env.clear();
+    agent.restart().await;
+    let bound = cluster.wait_pvc_bound(NS, "data", T).await;
+    assert_eq!(
+        bound.spec.unwrap().volume_name.as_deref(),
+        Some(new_pv.as_str())
+    );
+    assert_eq!(std::fs::read_to_string(&moved).unwrap(), "data");
+    let dirs: Vec<String> = common::dirs_in(&agent.root)
+        .into_iter()
+        .filter(|d| !d.starts_with('.'))
+        .collect();
+    assert_eq!(dirs.len(), 1, "one directory, the data's: {dirs:?}");
+    let records = agent.root.join(".hostvol-adoptions");
+    let left = std::fs::read_dir(&records).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "the record goes once the PV exists");
+}

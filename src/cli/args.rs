@@ -54,7 +54,23 @@ pub struct PurgeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ReuseArgs {
     /// The Released PersistentVolume whose data to reuse.
-    pub pv: String,
+    #[arg(required_unless_present = "directory", conflicts_with = "directory")]
+    pub pv: Option<String>,
+
+    /// An orphaned directory instead (as `hostvol doctor` lists it, relative to its data root), on
+    /// the node whose agent `--endpoint` reaches: as root on that node, through its Unix socket.
+    #[arg(long)]
+    pub directory: Option<String>,
+
+    /// The orphan's data root (`hostvol doctor` shows it).
+    #[arg(long, default_value = "default", requires = "directory")]
+    pub root: String,
+
+    /// Ask one agent's node service instead of marking the PV through the API server:
+    /// `unix:/run/hostvol/hostvol.sock` as root on the node (the only place it is served).
+    /// Default with `--directory`: that socket.
+    #[arg(long, env = "HOSTVOL_ENDPOINT")]
+    pub endpoint: Option<String>,
 
     /// The claim (`NAMESPACE/NAME`, Pending, of a hostvol class, asking for the data's size) that gets it.
     #[arg(long = "for", value_name = "NAMESPACE/CLAIM")]

@@ -3,6 +3,7 @@
 //! ConfigMap, usage and orphan reports), plus the PV objects and metrics they share. Uses
 //! [`crate::node`] and [`crate::domain`], never the services above it.
 
+pub mod adoption;
 pub mod api_health;
 pub mod capacity;
 pub mod claim;

@@ -85,6 +85,9 @@ pub async fn run(ctx: Arc<Context>, every: Duration, shutdown: CancellationToken
         return;
     }
     loop {
+        // Adoptions a crash interrupted (`hostvol reuse --directory`) are finished before the scan, so
+        // their directories are not reported as orphans again.
+        crate::controller::adoption::finish_interrupted(&ctx).await;
         match scan(&ctx).await {
             Ok(per_root) => {
                 let findings = Findings {

@@ -205,7 +205,7 @@ async fn unbound_claim(
 }
 
 /// Whether the claim's PV exists: in our cache, or on the server (the cache may lag our own create).
-async fn volume_exists(ctx: &Context, pv_name: &str) -> Result<bool> {
+pub(crate) async fn volume_exists(ctx: &Context, pv_name: &str) -> Result<bool> {
     if ctx.volumes.get(&ObjectRef::new(pv_name)).is_some() {
         return Ok(true);
     }
@@ -214,30 +214,34 @@ async fn volume_exists(ctx: &Context, pv_name: &str) -> Result<bool> {
 }
 
 /// What an admitted claim asks this agent to make.
-struct Order {
-    claim_ref: ObjectReference,
-    namespace: String,
-    claim_name: String,
-    claim_uid: String,
-    pv_name: String,
-    class_name: String,
-    params: ClassParameters,
-    request: VolumeRequest,
-    reclaim_policy: String,
-    directory: String,
+pub(crate) struct Order {
+    pub(crate) claim_ref: ObjectReference,
+    pub(crate) namespace: String,
+    pub(crate) claim_name: String,
+    pub(crate) claim_uid: String,
+    pub(crate) pv_name: String,
+    pub(crate) class_name: String,
+    pub(crate) params: ClassParameters,
+    pub(crate) request: VolumeRequest,
+    pub(crate) reclaim_policy: String,
+    pub(crate) directory: String,
     /// For a clone: the source volume's directory, in the same data root, and its PV (whose name or
     /// mark the directory must carry).
-    clone_from: Option<(String, String)>,
+    pub(crate) clone_from: Option<(String, String)>,
 }
 
-enum Admitted {
+pub(crate) enum Admitted {
     Order(Box<Order>),
     NotOurs,
     Refused(Refusal),
 }
 
 /// Admission from the claim and its class alone (no disk, no capacity yet).
-fn admit(pvc: &PersistentVolumeClaim, pv_name: String, ctx: &Context) -> Result<Admitted> {
+pub(crate) fn admit(
+    pvc: &PersistentVolumeClaim,
+    pv_name: String,
+    ctx: &Context,
+) -> Result<Admitted> {
     let class_name = pvc
         .spec
         .as_ref()
@@ -378,7 +382,7 @@ fn reserve(ctx: &Context, order: &Order) -> std::result::Result<(Arc<Root>, Pin)
 }
 
 /// A `nodeAffinityKey` and this node's value of it (None: pinned by hostname).
-type Pin = Option<(String, String)>;
+pub(crate) type Pin = Option<(String, String)>;
 
 /// Tells the user why this node cannot serve the claim and gives it back to the scheduler.
 async fn hand_back(ctx: &Context, pvc: &PersistentVolumeClaim, refusal: Refusal) -> Result<Step> {
@@ -491,7 +495,7 @@ fn taken_message(ctx: &Context, root: &Root, path: &str, owner: Option<String>) 
 }
 
 /// Creates the PV, pre-bound to the claim. `false` if it already exists (an earlier pass made it).
-async fn create_pv(
+pub(crate) async fn create_pv(
     ctx: &Context,
     order: &Order,
     root: &Root,

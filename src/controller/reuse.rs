@@ -27,6 +27,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
+use crate::controller::adoption::Failure;
 use crate::controller::claim::claim_spec;
 use crate::controller::context::{self, Context, Error, Result};
 use crate::controller::{pv, reclaim};
@@ -98,14 +99,16 @@ pub fn claim_facts(
     }
 }
 
-/// Whether a reuse on this node is taking `claim_uid`'s claim: provisioning leaves such a claim alone.
+/// Whether a reuse on this node is taking `claim_uid`'s claim (a marked Released PV, or an orphaned
+/// directory being adopted): provisioning leaves such a claim alone.
 pub fn targeted(ctx: &Context, claim_uid: &str) -> bool {
-    ctx.volumes.state().iter().any(|v| {
-        v.annotations()
-            .get(ANN_REUSE_FOR)
-            .and_then(|r| Target::parse(r))
-            .is_some_and(|t| t.uid == claim_uid)
-    })
+    crate::controller::adoption::targeted(ctx, claim_uid)
+        || ctx.volumes.state().iter().any(|v| {
+            v.annotations()
+                .get(ANN_REUSE_FOR)
+                .and_then(|r| Target::parse(r))
+                .is_some_and(|t| t.uid == claim_uid)
+        })
 }
 
 /// Moves the data of `old` (a Released PV of this node marked for reuse) to its target claim.
@@ -392,4 +395,85 @@ async fn new_volume(
         spec: Some(spec),
         status: None,
     })
+}
+
+/// `hostvol reuse PV` through the node service (root on the node): the same checks as the CLI, then
+/// the same mark, written with the agent's credential; the controller above does the rest. Returns
+/// the claim's new PV name.
+pub async fn request(
+    ctx: &Context,
+    pv_name: &str,
+    namespace: &str,
+    claim_name: &str,
+) -> std::result::Result<String, Failure> {
+    let node = &ctx.settings.node;
+    let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let old = volumes
+        .get_opt(pv_name)
+        .await
+        .map_err(Error::from)?
+        .ok_or_else(|| Failure::NotFound(format!("PV {pv_name} not found")))?;
+    // Only a volume this agent serves (its watch, its node, its data root) is handed over from here.
+    let served =
+        ctx.volumes.get(&ObjectRef::new(pv_name)).is_some() && ctx.volume_directory(&old).is_some();
+    if !served {
+        return Err(Failure::Refused(format!(
+            "{pv_name} is not a volume of node {node}; ask its own node's agent"
+        )));
+    }
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+    let claim = claims
+        .get_opt(claim_name)
+        .await
+        .map_err(Error::from)?
+        .ok_or_else(|| {
+            Failure::NotFound(format!(
+                "claim {namespace}/{claim_name} not found; create it first (no pod yet, the data's size)"
+            ))
+        })?;
+    let class_name = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.storage_class_name.clone())
+        .unwrap_or_default();
+    let class = ctx.classes.get(&ObjectRef::new(&class_name));
+    let facts = claim_facts(&claim, class.as_deref(), &ctx.settings.provisioner);
+    let volume = reuse::Volume {
+        node: node.clone(),
+        ..volume_facts(&old, &ctx.settings.provisioner)
+    };
+    if let Some(why) = reuse::refusal(&volume, &facts) {
+        return Err(Failure::Refused(why.to_string()));
+    }
+    let target = Target {
+        namespace: namespace.to_string(),
+        name: claim_name.to_string(),
+        uid: facts.uid.clone(),
+    };
+    mark(&volumes, &old, &target).await.map_err(|e| match e {
+        kube::Error::Api(s) if s.code == 409 => {
+            Failure::Refused(format!("{pv_name} changed while being checked; ask again"))
+        }
+        e => Failure::Failed(format!("cannot mark {pv_name}: {e}")),
+    })?;
+    naming::pv_name(&target.uid).map_err(|e| Failure::Invalid(e.to_string()))
+}
+
+/// Marks `old` for reuse by `target`, only if it is still the object that was checked.
+pub async fn mark(
+    volumes: &Api<PersistentVolume>,
+    old: &PersistentVolume,
+    target: &Target,
+) -> kube::Result<()> {
+    let patch = serde_json::json!({"metadata": {
+        "resourceVersion": old.resource_version(),
+        "annotations": {ANN_REUSE_FOR: target.record()}}});
+    volumes
+        .patch(
+            &old.name_any(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .map(|_| ())
 }

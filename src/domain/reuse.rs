@@ -134,6 +134,12 @@ pub enum Refusal {
         selected: String,
         node: String,
     },
+    /// An orphaned directory holds more than the claim asks for.
+    DataLarger {
+        claim: String,
+        asks: u64,
+        used: u64,
+    },
 }
 
 impl fmt::Display for Refusal {
@@ -193,6 +199,13 @@ impl fmt::Display for Refusal {
                 f,
                 "claim {claim} was scheduled to node {selected}, the data is on node {node}; re-create the claim and reuse before starting its pod"
             ),
+            Refusal::DataLarger { claim, asks, used } => write!(
+                f,
+                "claim {claim} asks for {}, the directory holds {}; ask for at least {}",
+                size(asks),
+                size(used),
+                size(used)
+            ),
         }
     }
 }
@@ -227,6 +240,32 @@ pub fn refusal(volume: &Volume, claim: &Claim) -> Option<Refusal> {
             other: other.key(),
         });
     }
+    if let Some(refusal) = claim_refusal(claim) {
+        return Some(refusal);
+    }
+    let (asks, limit) = (claim.requested_bytes, volume.capacity_bytes);
+    if asks < limit {
+        return Some(Refusal::TooSmall {
+            claim: key,
+            asks,
+            limit,
+        });
+    }
+    // The PV keeps the data's size (its limit); a larger claim would never bind to it. Growing is
+    // the expansion path's job, once bound.
+    if asks > limit {
+        return Some(Refusal::TooLarge {
+            claim: key,
+            asks,
+            limit,
+        });
+    }
+    placed_elsewhere(claim, &volume.node)
+}
+
+/// What makes a claim unfit for any retained data: gone, bound, not a plain hostvol claim.
+fn claim_refusal(claim: &Claim) -> Option<Refusal> {
+    let key = format!("{}/{}", claim.namespace, claim.name);
     if claim.deleting {
         return Some(Refusal::ClaimDeleting { claim: key });
     }
@@ -251,32 +290,46 @@ pub fn refusal(volume: &Volume, claim: &Claim) -> Option<Refusal> {
             class: claim.class.clone(),
         });
     }
-    let (asks, limit) = (claim.requested_bytes, volume.capacity_bytes);
-    if asks < limit {
-        return Some(Refusal::TooSmall {
-            claim: key,
-            asks,
-            limit,
-        });
-    }
-    // The PV keeps the data's size (its limit); a larger claim would never bind to it. Growing is
-    // the expansion path's job, once bound.
-    if asks > limit {
-        return Some(Refusal::TooLarge {
-            claim: key,
-            asks,
-            limit,
-        });
-    }
-    let elsewhere = |n: &&String| !volume.node.is_empty() && **n != volume.node;
-    if let Some(selected) = claim.selected_node.as_ref().filter(elsewhere) {
-        return Some(Refusal::OtherNode {
-            claim: key,
-            selected: selected.clone(),
-            node: volume.node.clone(),
-        });
-    }
     None
+}
+
+/// The claim placed on another node than `node` (empty: only the serving agent can tell).
+fn placed_elsewhere(claim: &Claim, node: &str) -> Option<Refusal> {
+    let selected = claim.selected_node.as_ref()?;
+    (!node.is_empty() && selected != node).then(|| Refusal::OtherNode {
+        claim: format!("{}/{}", claim.namespace, claim.name),
+        selected: selected.clone(),
+        node: node.to_string(),
+    })
+}
+
+/// Whether an orphaned directory of `node` holding `used_bytes` (under the quota limit `limit`, if
+/// it still has one) may become `claim`'s volume. No PV kept its size, so the claim's request
+/// becomes its size and limit: it must be at least the old limit, and hold what is there.
+pub fn directory_refusal(
+    claim: &Claim,
+    used_bytes: u64,
+    limit: Option<u64>,
+    node: &str,
+) -> Option<Refusal> {
+    if let Some(refusal) = claim_refusal(claim) {
+        return Some(refusal);
+    }
+    if let Some(limit) = limit.filter(|l| claim.requested_bytes < *l) {
+        return Some(Refusal::TooSmall {
+            claim: format!("{}/{}", claim.namespace, claim.name),
+            asks: claim.requested_bytes,
+            limit,
+        });
+    }
+    if claim.requested_bytes < used_bytes {
+        return Some(Refusal::DataLarger {
+            claim: format!("{}/{}", claim.namespace, claim.name),
+            asks: claim.requested_bytes,
+            used: used_bytes,
+        });
+    }
+    placed_elsewhere(claim, node)
 }
 
 #[cfg(test)]
@@ -436,6 +489,97 @@ mod tests {
             "web/data/",
         ] {
             assert_eq!(Target::parse(junk), None, "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn an_orphaned_directory_goes_to_a_claim_that_holds_its_data() {
+        let node = "node-a";
+        type Case = (
+            &'static str,
+            fn(&mut Claim),
+            u64,
+            Option<u64>,
+            Option<&'static str>,
+        );
+        let cases: &[Case] = &[
+            ("exactly the data", |_| {}, GI, None, None),
+            (
+                "more than the data: the limit is the claim's",
+                |c| c.requested_bytes = 2 * GI,
+                GI,
+                None,
+                None,
+            ),
+            ("the old limit exactly", |_| {}, 1 << 20, Some(GI), None),
+            (
+                "placed here",
+                |c| c.selected_node = Some("node-a".into()),
+                0,
+                None,
+                None,
+            ),
+            (
+                "less than the data",
+                |c| c.requested_bytes = GI / 2,
+                GI,
+                None,
+                Some("ask for at least 1Gi"),
+            ),
+            (
+                "less than the old limit",
+                |c| c.requested_bytes = GI / 2,
+                1 << 20,
+                Some(GI),
+                Some("less than the data's limit 1Gi"),
+            ),
+            (
+                "placed elsewhere",
+                |c| c.selected_node = Some("node-b".into()),
+                0,
+                None,
+                Some("scheduled to node node-b"),
+            ),
+            (
+                "bound",
+                |c| c.volume_name = Some("pvc-x".into()),
+                0,
+                None,
+                Some("bound to pvc-x"),
+            ),
+            (
+                "a clone",
+                |c| c.has_data_source = true,
+                0,
+                None,
+                Some("dataSource"),
+            ),
+            (
+                "another provisioner's class",
+                |c| c.class_ours = false,
+                0,
+                None,
+                Some("not a hostvol class"),
+            ),
+            (
+                "being deleted",
+                |c| c.deleting = true,
+                0,
+                None,
+                Some("being deleted"),
+            ),
+        ];
+        for (case, change, used, limit, expected) in cases {
+            let mut claim = pending();
+            change(&mut claim);
+            let got = directory_refusal(&claim, *used, *limit, node).map(|r| r.to_string());
+            match expected {
+                None => assert_eq!(got, None, "{case}"),
+                Some(words) => assert!(
+                    got.as_deref().is_some_and(|g| g.contains(words)),
+                    "{case}: {got:?}"
+                ),
+            }
         }
     }
 }

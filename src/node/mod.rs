@@ -3,6 +3,7 @@
 //! never a joined path, and never follows a symlink. Uses only [`crate::domain`].
 
 pub mod abi;
+pub mod adoption;
 pub mod clone;
 pub mod memory;
 pub mod orphans;

@@ -15,9 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use crate::controller::adoption::{self, Failure};
 use crate::controller::capacity::{self, NodeFigures, RootFigures};
 use crate::controller::context::{Context, holding_root};
-use crate::controller::{orphan_report, pv};
+use crate::controller::{orphan_report, pv, reuse};
 use crate::domain::quantity;
 use crate::node::orphans;
 use crate::node::roots::RootSet;
@@ -25,8 +26,8 @@ use crate::node::usage::UsageCache;
 use crate::service::grpc::v1::node_server::{Node, NodeServer};
 use crate::service::grpc::v1::{
     CapacityReport, GetCapacityRequest, GetVolumeRequest, ListOrphansRequest, ListOrphansResponse,
-    ListVolumesRequest, ListVolumesResponse, LostVolume, Orphan, RootCapacity, Volume,
-    WatchCapacityRequest,
+    ListVolumesRequest, ListVolumesResponse, LostVolume, Orphan, ReuseVolumeRequest,
+    ReuseVolumeResponse, RootCapacity, Volume, WatchCapacityRequest,
 };
 
 const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(10);
@@ -250,6 +251,71 @@ impl Node for NodeService {
         }))
     }
 
+    async fn reuse_volume(
+        &self,
+        request: Request<ReuseVolumeRequest>,
+    ) -> Result<Response<ReuseVolumeResponse>, Status> {
+        node_root_only(&request)?;
+        let request = request.into_inner();
+        let (namespace, claim) = (
+            request.claim_namespace.as_str(),
+            request.claim_name.as_str(),
+        );
+        if namespace.is_empty() || claim.is_empty() {
+            return Err(Status::invalid_argument(
+                "claim_namespace and claim_name are required",
+            ));
+        }
+        let timeout = Duration::from_secs(match request.timeout_seconds {
+            0 => 60,
+            s => u64::from(s.min(3600)),
+        });
+        let ctx = &self.ctx;
+        let adopted = match (request.pv_name.is_empty(), request.directory.is_empty()) {
+            (false, true) => {
+                requested_pv_name(&request.pv_name)?;
+                let new = reuse::request(ctx, &request.pv_name, namespace, claim)
+                    .await
+                    .map_err(status)?;
+                adoption::Adopted {
+                    pv_name: new,
+                    host_path: String::new(),
+                }
+            }
+            (true, false) => {
+                adoption::adopt(ctx, &request.root, &request.directory, namespace, claim)
+                    .await
+                    .map_err(status)?
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "give exactly one of pv_name (a Released PV) and directory (an orphan)",
+                ));
+            }
+        };
+        if !adoption::wait_bound(ctx, namespace, claim, &adopted.pv_name, timeout).await {
+            return Err(Status::deadline_exceeded(format!(
+                "volume {} is on its way to claim {namespace}/{claim} but not bound after {}s; \
+                 see `kubectl describe pvc -n {namespace} {claim}`",
+                adopted.pv_name,
+                timeout.as_secs()
+            )));
+        }
+        let directory = match adopted.host_path.is_empty() {
+            false => adopted.host_path,
+            true => ctx
+                .volumes
+                .get(&kube::runtime::reflector::ObjectRef::new(&adopted.pv_name))
+                .and_then(|pv| pv::source_path(&pv).map(str::to_string))
+                .unwrap_or_default(),
+        };
+        info!(pv = %adopted.pv_name, claim = %format!("{namespace}/{claim}"), %directory, "reuse through the node service done");
+        Ok(Response::new(ReuseVolumeResponse {
+            pv_name: adopted.pv_name,
+            directory,
+        }))
+    }
+
     type WatchCapacityStream = ReportStream;
 
     async fn watch_capacity(
@@ -282,6 +348,36 @@ impl Node for NodeService {
             }
         });
         Ok(Response::new(stream))
+    }
+}
+
+/// Handing data to a claim is for whoever owns the node's disk: root on the node, through the Unix
+/// socket (its peer credentials are the kernel's). Who may port-forward to the agent (the viewer
+/// role) may only look.
+fn node_root_only<T>(request: &Request<T>) -> Result<(), Status> {
+    let peer = request
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|info| info.peer_cred);
+    match peer {
+        Some(cred) if cred.uid() == 0 => Ok(()),
+        Some(cred) => Err(Status::permission_denied(format!(
+            "reuse through the node service is for root on the node (uid {} asked)",
+            cred.uid()
+        ))),
+        None => Err(Status::permission_denied(
+            "reuse is served only on the node's Unix socket (/run/hostvol/hostvol.sock, as root on the node); \
+             from elsewhere use `kubectl hostvol reuse PV --for NS/CLAIM` with the hostvol-purger role",
+        )),
+    }
+}
+
+fn status(failure: Failure) -> Status {
+    match failure {
+        Failure::Invalid(why) => Status::invalid_argument(why),
+        Failure::NotFound(why) => Status::not_found(why),
+        Failure::Refused(why) => Status::failed_precondition(why),
+        Failure::Failed(why) => Status::unavailable(why),
     }
 }
 
