@@ -420,7 +420,18 @@ impl Findings {
                     ),
                 )
             } else {
-                ("orphan", format!("directory with no PV, {age} old"))
+                let root = match o.root.as_str() {
+                    "" | "default" => String::new(),
+                    other => format!(" --root {other}"),
+                };
+                (
+                    "orphan",
+                    format!(
+                        "directory with no PV, {age} old; to give it to a new claim, as root on {node}: \
+                         hostvol reuse --directory {}{root} --for NAMESPACE/CLAIM",
+                        o.name
+                    ),
+                )
             };
             self.table.push(vec![
                 node.to_string(),
