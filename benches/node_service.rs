@@ -527,13 +527,19 @@ async fn usage_run(root: &Arc<OwnedFd>, names: &[String]) -> UsageRun {
     let (rss_before, _) = rss_mib("self");
     let peak = reset_peak_rss();
     let cpu = CpuWindow::start(None);
-    let (measured, wall) =
-        usage::refresh(root.clone(), names.to_vec(), &cache, USAGE_CONCURRENCY).await;
+    let (measured, wall) = usage::refresh(
+        "default",
+        root.clone(),
+        names.to_vec(),
+        &cache,
+        USAGE_CONCURRENCY,
+    )
+    .await;
     let cpu = cpu.stop();
     let (_, hwm) = rss_mib("self");
     let (mut bytes, mut inodes) = (0, 0);
     for n in names {
-        if let Some(u) = cache.get(n) {
+        if let Some(u) = cache.get("default", n) {
             bytes += u.bytes;
             inodes += u.inodes.unwrap_or(0);
         }

@@ -459,13 +459,19 @@ async fn usage_part(volumes: usize, files: usize, runs: usize) -> UsageReport {
         assert_eq!(figures.len(), quota_found);
 
         let cache = UsageCache::default();
-        let (measured, wall) =
-            usage::refresh(root.clone(), names.clone(), &cache, USAGE_CONCURRENCY).await;
+        let (measured, wall) = usage::refresh(
+            "default",
+            root.clone(),
+            names.clone(),
+            &cache,
+            USAGE_CONCURRENCY,
+        )
+        .await;
         walk_runs.push(ms(wall));
         walk_measured = measured;
         walk_bytes = names
             .iter()
-            .filter_map(|n| cache.get(n))
+            .filter_map(|n| cache.get("default", n))
             .map(|u| u.bytes)
             .sum();
         eprintln!(

@@ -34,9 +34,9 @@ pub async fn run(
             ctx.check_directory_annotation(pv); // one Warning per edit, as soon as it is seen
         }
         let roots = ctx.roots();
-        let keep: HashSet<String> = volumes
+        let keep: HashSet<(String, String)> = volumes
             .iter()
-            .filter_map(|pv| holding_root(&roots, pv).map(|(_, directory)| directory))
+            .filter_map(|pv| holding_root(&roots, pv).map(|(root, dir)| (root.name.clone(), dir)))
             .collect();
         let full = tokio::time::Instant::now() >= next_full;
         if full {
@@ -48,7 +48,7 @@ pub async fn run(
             let todo: Vec<String> = volumes
                 .iter()
                 .filter_map(|pv| pv::volume_directory(pv, &root.host_path))
-                .filter(|d| full || cache.get(d).is_none())
+                .filter(|d| full || cache.get(&root.name, d).is_none())
                 .collect();
             if todo.is_empty() {
                 continue;
@@ -58,8 +58,14 @@ pub async fn run(
                 let (measured, took) = from_quotas(root, todo, &cache, full).await;
                 debug!(root = %root.name, measured, millis = took.as_millis() as u64, "usage read from quotas");
             } else {
-                let (measured, took) =
-                    usage::refresh(root.store.root_handle(), todo, &cache, concurrency).await;
+                let (measured, took) = usage::refresh(
+                    &root.name,
+                    root.store.root_handle(),
+                    todo,
+                    &cache,
+                    concurrency,
+                )
+                .await;
                 debug!(root = %root.name, measured, full, millis = took.as_millis() as u64, "usage refreshed");
             }
         }
@@ -99,6 +105,7 @@ async fn from_quotas(
         Ok(Ok(Some(figures))) => {
             for (name, figure) in figures {
                 cache.insert(
+                    &root.name,
                     &name,
                     Usage {
                         bytes: figure.used_bytes,
@@ -126,7 +133,8 @@ fn publish_metrics(ctx: &Context, volumes: &[Arc<PersistentVolume>], cache: &Usa
                 .as_ref()
                 .and_then(|s| s.claim_ref.clone())
                 .unwrap_or_default();
-            let usage = holding_root(&ctx.roots(), volume).and_then(|(_, d)| cache.get(&d));
+            let usage =
+                holding_root(&ctx.roots(), volume).and_then(|(r, d)| cache.get(&r.name, &d));
             VolumeFigures {
                 labels: VolumeLabels {
                     namespace: claim.namespace.unwrap_or_default(),

@@ -130,45 +130,41 @@ fn walk(
     Ok(())
 }
 
-/// Latest measurement per volume directory name.
+/// Latest measurement per volume: keyed by data root and directory, since two roots may hold the
+/// same relative path (a `directoryPattern` such as `{claim}`).
 #[derive(Debug, Default, Clone)]
 pub struct UsageCache {
-    inner: Arc<RwLock<HashMap<String, Usage>>>,
+    inner: Arc<RwLock<HashMap<(String, String), Usage>>>,
 }
 
 impl UsageCache {
-    pub fn get(&self, directory: &str) -> Option<Usage> {
+    pub fn get(&self, root: &str, directory: &str) -> Option<Usage> {
         self.inner
             .read()
-            .get(directory)
+            .get(&(root.to_string(), directory.to_string()))
             .copied()
     }
 
-    pub fn insert(&self, directory: &str, usage: Usage) {
+    pub fn insert(&self, root: &str, directory: &str, usage: Usage) {
         self.inner
             .write()
-            .insert(directory.to_string(), usage);
+            .insert((root.to_string(), directory.to_string()), usage);
     }
 
     /// Drops entries for directories that are no longer volumes.
-    pub fn retain(&self, keep: &HashSet<String>) {
-        self.inner
-            .write()
-            .retain(|k, _| keep.contains(k));
+    pub fn retain(&self, keep: &HashSet<(String, String)>) {
+        self.inner.write().retain(|k, _| keep.contains(k));
     }
 
     pub fn total_bytes(&self) -> u64 {
-        self.inner
-            .read()
-            .values()
-            .map(|u| u.bytes)
-            .sum()
+        self.inner.read().values().map(|u| u.bytes).sum()
     }
 }
 
 /// Refreshes `directories` with at most `concurrency` walks at once, each on the blocking pool.
 /// Returns how many were measured and how long it took.
 pub async fn refresh(
+    root_name: &str,
     root: Arc<OwnedFd>,
     directories: Vec<String>,
     cache: &UsageCache,
@@ -193,7 +189,7 @@ pub async fn refresh(
     let mut measured = 0;
     while let Some(done) = tasks.join_next().await {
         if let Ok((directory, Ok(usage))) = done {
-            cache.insert(&directory, usage);
+            cache.insert(root_name, &directory, usage);
             measured += 1;
         }
     }
@@ -278,8 +274,12 @@ mod tests {
         }
         let cache = UsageCache::default();
         let dirs: Vec<String> = (0..5).map(|i| format!("v{i}")).collect();
-        let (n, _) = refresh(Arc::new(open(root.path())), dirs, &cache, 2).await;
+        let (n, _) = refresh("default", Arc::new(open(root.path())), dirs, &cache, 2).await;
         assert_eq!(n, 5);
-        assert_eq!(cache.get("v3").unwrap().inodes, Some(2));
+        assert_eq!(cache.get("default", "v3").unwrap().inodes, Some(2));
+        assert!(
+            cache.get("other", "v3").is_none(),
+            "another root's v3 is another volume"
+        );
     }
 }

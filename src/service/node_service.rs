@@ -95,7 +95,7 @@ fn current_report(ctx: &Context) -> CapacityReport {
 fn describe_volume(pv: &PersistentVolume, usage: &UsageCache, roots: &RootSet) -> Volume {
     let spec = pv.spec.clone().unwrap_or_default();
     let claim = spec.claim_ref.unwrap_or_default();
-    let measured = holding_root(roots, pv).and_then(|(_, d)| usage.get(&d));
+    let measured = holding_root(roots, pv).and_then(|(r, d)| usage.get(&r.name, &d));
     Volume {
         pv_name: pv.name_any(),
         claim_namespace: claim.namespace.unwrap_or_default(),
