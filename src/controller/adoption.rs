@@ -147,31 +147,39 @@ pub async fn adopt(
         claim_uid: facts.uid.clone(),
         directory: from.as_str().to_string(),
     };
-    {
-        let _volume = ctx.volume_locks.lock(&pv_name).await;
-        if provision::volume_exists(ctx, &pv_name).await? {
-            return Err(Failure::Refused(format!(
-                "claim {namespace}/{claim_name} has a volume already ({pv_name})"
-            )));
-        }
-        on_disk(&root, move |handle| adoption::write(handle, &record))
-            .await?
-            .map_err(|e| Failure::Failed(format!("cannot record the adoption: {e}")))?;
+    // One hold of the volume's lock from the check to the PV: a provisioning pass of the same claim
+    // waiting for it finds the PV made (`recently_created`) instead of making an empty one.
+    let _volume = ctx.volume_locks.lock(&pv_name).await;
+    if provision::volume_exists(ctx, &pv_name).await? {
+        return Err(Failure::Refused(format!(
+            "claim {namespace}/{claim_name} has a volume already ({pv_name})"
+        )));
     }
+    let written = record.clone();
+    on_disk(&root, move |handle| adoption::write(handle, &written))
+        .await?
+        .map_err(|e| Failure::Failed(format!("cannot record the adoption: {e}")))?;
     info!(directory = %from, claim = %format!("{namespace}/{claim_name}"), pv = %pv_name, used, ?limit, "adopting an orphaned directory");
-    let record = Record {
-        namespace: namespace.to_string(),
-        claim: claim_name.to_string(),
-        claim_uid: facts.uid,
-        directory: from.as_str().to_string(),
-    };
-    finish(ctx, &root, &record).await
+    finish_locked(ctx, &root, &record).await
 }
 
-/// Steps 2-4 for `record` (also after a crash): the directory placed, the PV created, the record
-/// dropped. A claim that is gone, re-created or bound elsewhere ends the adoption where it stands:
-/// the record goes, the directory stays (an orphan again, for `doctor`).
+/// [`finish_locked`] under the volume's lock.
 pub async fn finish(ctx: &Context, root: &Arc<Root>, record: &Record) -> Result<Adopted, Failure> {
+    let pv_name =
+        naming::pv_name(&record.claim_uid).map_err(|e| Failure::Invalid(e.to_string()))?;
+    let _volume = ctx.volume_locks.lock(&pv_name).await;
+    finish_locked(ctx, root, record).await
+}
+
+/// Steps 2-4 for `record` (also after a crash), the caller holding the volume's lock: the directory
+/// placed, the PV created, the record dropped. A claim that is gone, re-created or bound elsewhere
+/// ends the adoption where it stands: the record goes, the directory stays (an orphan again, for
+/// `doctor`).
+async fn finish_locked(
+    ctx: &Context,
+    root: &Arc<Root>,
+    record: &Record,
+) -> Result<Adopted, Failure> {
     let key = format!("{}/{}", record.namespace, record.claim);
     let pv_name =
         naming::pv_name(&record.claim_uid).map_err(|e| Failure::Invalid(e.to_string()))?;
@@ -181,7 +189,6 @@ pub async fn finish(ctx: &Context, root: &Arc<Root>, record: &Record) -> Result<
         .await
         .map_err(context::Error::from)?
         .filter(|c| c.uid().as_deref() == Some(record.claim_uid.as_str()));
-    let _volume = ctx.volume_locks.lock(&pv_name).await;
     let made = provision::volume_exists(ctx, &pv_name).await?;
     let bound_elsewhere = pvc
         .as_ref()
