@@ -13,6 +13,9 @@
 #                                               # a new kubelet identity, kubelet --node-labels LABELS
 #   scripts/real-cluster.sh down DIR            # stops and removes everything `up` made
 #
+# DATA_TMPFS_SIZE=4G gives each node's /mnt/data a tmpfs of its own (filesystem-wide figures such as a
+# `local` volume's kubelet_volume_stats then move only with what the node's pods write).
+#
 # Then:  ip netns exec "$NETNS" kubectl --kubeconfig DIR/admin.kubeconfig get nodes   (NETNS from DIR/env)
 #
 # What runs (facts and traps: /work/shared/notes/real-node.md):
@@ -258,6 +261,10 @@ node_configs() { # I
   local n; n=$(node_dir "$1")
   mkdir -p "$n"/{containerd,runc,cni/net.d,cni/ipam,certs.d/docker.io,volume-plugins} \
     "$n"/mounts/{kubelet,cni,pods,containers,data,run-hostvol}
+  # On the host, so the node's mount namespace (copied at unshare) has it; `down` unmounts it.
+  if [[ -n ${DATA_TMPFS_SIZE:-} ]] && ! mountpoint -q "$n/mounts/data"; then
+    mount -t tmpfs -o "size=$DATA_TMPFS_SIZE,mode=0755" "hostvol-data-$(node_name "$1")" "$n/mounts/data"
+  fi
   cat >"$n/containerd.toml" <<EOF
 version = 2
 root = "$n/containerd/root"

@@ -401,7 +401,10 @@ fn kubelet_volume_stat(rc: &RealCluster, node: &str, stat: &str, claim: &str) ->
 #[test]
 fn local_volumes_get_fs_group_ownership_and_kubelet_volume_stats() {
     const MIB: f64 = 1024.0 * 1024.0;
-    let rc = RealCluster::start(1);
+    // Without quotas the kubelet's figures are the filesystem's (statfs): on the machine's shared disk,
+    // whatever else runs (the rest of the suite) moves them by more than 20 MiB either way. The node's
+    // data root is a tmpfs of its own, so they move with what the pod writes.
+    let rc = RealCluster::start_with_data_tmpfs(1, "4G");
     rc.install_hostvol();
     let node = rc.nodes()[0].name.clone();
     let class = rc.dir().join("local-class.yaml");

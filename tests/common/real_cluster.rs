@@ -82,6 +82,16 @@ impl RealCluster {
     /// Starts a cluster of `nodes` real nodes (or takes the external one, see the module doc) and moves
     /// the calling thread into its network namespace.
     pub fn start(nodes: usize) -> RealCluster {
+        Self::start_with(nodes, &[])
+    }
+
+    /// [`RealCluster::start`] whose nodes each have a tmpfs of `size` (e.g. `4G`) as `/mnt/data`: a
+    /// filesystem no other writer on the machine moves.
+    pub fn start_with_data_tmpfs(nodes: usize, size: &str) -> RealCluster {
+        Self::start_with(nodes, &[("DATA_TMPFS_SIZE", size)])
+    }
+
+    fn start_with(nodes: usize, env: &[(&str, &str)]) -> RealCluster {
         if let Some(kc) = std::env::var_os(EXTERNAL_KUBECONFIG_ENV).filter(|v| !v.is_empty()) {
             return Self::from_kubeconfig(PathBuf::from(kc));
         }
@@ -101,10 +111,11 @@ impl RealCluster {
             path.display()
         );
         let t0 = Instant::now();
-        let out = script(
+        let out = script_with(
             &["up", path.to_str().unwrap(), &nodes.to_string()],
             &path,
             "up",
+            env,
         );
         let up_time = t0.elapsed();
         // From here on Drop tears down whatever `up` started, also when it failed half-way.
@@ -587,9 +598,14 @@ impl Drop for PortForward {
 
 /// `real-cluster.sh ARGS`, output to `<dir>/<log>.log`.
 fn script(args: &[&str], dir: &Path, log: &str) -> Output {
+    script_with(args, dir, log, &[])
+}
+
+fn script_with(args: &[&str], dir: &Path, log: &str, env: &[(&str, &str)]) -> Output {
     let log = File::create(dir.join(format!("{log}.log"))).expect("script log");
     Command::new(repo().join(CLUSTER_SCRIPT))
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(repo())
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
