@@ -87,7 +87,10 @@ fn storage_request(pvc: &PersistentVolumeClaim) -> Option<(String, u64)> {
 /// The claim's status as far as resizing goes; the fields newer servers add are `None` on older ones.
 fn claim_status(pvc: &PersistentVolumeClaim) -> ClaimStatus {
     let Some(status) = pvc.status.as_ref() else {
-        return ClaimStatus::default();
+        return ClaimStatus {
+            binding: true,
+            ..ClaimStatus::default()
+        };
     };
     let storage = |map: &Option<std::collections::BTreeMap<String, Quantity>>| {
         map.as_ref()
@@ -101,6 +104,7 @@ fn claim_status(pvc: &PersistentVolumeClaim) -> ClaimStatus {
             .allocated_resource_statuses
             .as_ref()
             .and_then(|m| m.get("storage").cloned()),
+        binding: status.phase.as_deref() != Some("Bound"),
     }
 }
 
@@ -309,8 +313,14 @@ mod tests {
             ClaimStatus {
                 capacity: 10 * gi,
                 allocated: None,
-                resize_status: None
+                resize_status: None,
+                binding: false,
             }
+        );
+        let just_provisioned = claim("10Gi", serde_json::json!({"phase": "Pending"}));
+        assert!(
+            claim_status(&just_provisioned).binding,
+            "the PV controller's to write"
         );
         let recovering = claim(
             "15Gi",
@@ -327,6 +337,7 @@ mod tests {
                 capacity: 10 * gi,
                 allocated: Some(100 * gi),
                 resize_status: Some(expansion::RESIZE_INFEASIBLE.into()),
+                binding: false,
             }
         );
         assert_eq!(storage_request(&recovering), Some(("15Gi".into(), 15 * gi)));

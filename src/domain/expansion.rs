@@ -52,6 +52,9 @@ pub struct ClaimStatus {
     pub allocated: Option<u64>,
     /// `status.allocatedResourceStatuses.storage` (same versions).
     pub resize_status: Option<String>,
+    /// `status.phase` is not `Bound` yet: the PV controller is still binding the claim and writes its
+    /// status itself (phase and capacity, guarded by resourceVersion).
+    pub binding: bool,
 }
 
 /// Once the volume is at least `requested` bytes: whether the claim's status still has to be brought
@@ -59,7 +62,13 @@ pub struct ClaimStatus {
 /// marks (a resize status, or an allocated size other than the request): that is the recovery from a
 /// failed expansion on 1.32+, where the user lowered the request to what the node can hold (or back to
 /// the volume's size) and the claim must stop showing the failed size.
+/// A claim still being bound is left to the PV controller: writing its status then would only make the
+/// controller's own status write conflict and retry, while the kubelet refuses the pod's volume until
+/// the phase says Bound.
 pub fn status_behind(requested: u64, status: &ClaimStatus) -> bool {
+    if status.binding {
+        return false;
+    }
     status.capacity < requested
         || status.resize_status.is_some()
         || status
@@ -78,8 +87,19 @@ mod tests {
             capacity: size,
             allocated: Some(size),
             resize_status: None,
+            binding: false,
         };
         let cases = [
+            // Just provisioned: volumeName set, the PV controller has not written the status yet.
+            (
+                "being bound",
+                10 * gi,
+                ClaimStatus {
+                    binding: true,
+                    ..Default::default()
+                },
+                false,
+            ),
             // 1.20: no allocatedResources / allocatedResourceStatuses at all.
             (
                 "1.20, grown",
@@ -108,6 +128,7 @@ mod tests {
                     capacity: 10 * gi,
                     allocated: Some(20 * gi),
                     resize_status: Some(RESIZE_IN_PROGRESS.into()),
+                    binding: false,
                 },
                 true,
             ),
@@ -119,6 +140,7 @@ mod tests {
                     capacity: 10 * gi,
                     allocated: None,
                     resize_status: Some(RESIZE_INFEASIBLE.into()),
+                    binding: false,
                 },
                 true,
             ),
@@ -130,6 +152,7 @@ mod tests {
                     capacity: 15 * gi,
                     allocated: Some(100 * gi),
                     resize_status: Some(RESIZE_IN_PROGRESS.into()),
+                    binding: false,
                 },
                 true,
             ),
