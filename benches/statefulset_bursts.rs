@@ -172,12 +172,22 @@ fn chain(kind: Kind) -> Vec<(&'static str, &'static str, Getter)> {
     let mut v: Vec<(&'static str, &'static str, Getter)> = Vec::new();
     match kind {
         Kind::Hostvol => {
-            v.push(("claim created", "StatefulSet controller", |t| t.claim_created));
-            v.push(("selected-node", "scheduler (filter, assume, PreBind)", |t| t.selected));
-            v.push(("hostvol started", "agent (watch, queue, lock)", |t| t.agent_started));
+            v.push(("claim created", "StatefulSet controller", |t| {
+                t.claim_created
+            }));
+            v.push((
+                "selected-node",
+                "scheduler (filter, assume, PreBind)",
+                |t| t.selected,
+            ));
+            v.push(("hostvol started", "agent (watch, queue, lock)", |t| {
+                t.agent_started
+            }));
             v.push(("PV created", "agent (provisioning)", |t| t.pv_created));
             v.push(("claim Bound", "PV controller", |t| t.bound));
-            v.push(("pod scheduled", "scheduler (1-s bind poll, bind)", |t| t.scheduled));
+            v.push(("pod scheduled", "scheduler (1-s bind poll, bind)", |t| {
+                t.scheduled
+            }));
         }
         Kind::EmptyDir => {
             v.push(("pod created", "StatefulSet controller", |t| t.pod_created));
@@ -215,7 +225,9 @@ fn gaps(kind: Kind, t: &Timeline) -> Vec<Option<f64>> {
 // ---------------------------------------------------------------------------------------------
 
 fn unix_micros(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_micros() as i64
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
 }
 
 /// RFC 3339 (the agent's tracing timestamps).
@@ -256,6 +268,10 @@ struct Logs {
     /// node → (count, longest ms, example) of "Throttling request took" (logged at most once a second)
     throttled: BTreeMap<String, (usize, f64, String)>,
     kubelet_mount_failures: Vec<String>,
+    /// cause → count of the kubelets' failed reads of a claim ("error processing PVC ...: CAUSE")
+    claim_read_failures: BTreeMap<String, usize>,
+    /// pods whose sync failed on their volumes (then wait out the pod worker's 10-15 s backoff)
+    pods_backed_off: usize,
     scheduler: Vec<String>,
     controller_manager: Vec<String>,
 }
@@ -301,7 +317,8 @@ fn read_logs(rc: &RealCluster, kind: Kind, sts: &str, t0: SystemTime, t_end: Sys
 
     let dir = rc.dir().join("logs");
     for node in rc.nodes() {
-        let text = std::fs::read_to_string(dir.join(format!("{}.log", node.name))).unwrap_or_default();
+        let text =
+            std::fs::read_to_string(dir.join(format!("{}.log", node.name))).unwrap_or_default();
         for l in text.lines() {
             let Some(ts) = klog_micros(l, year) else {
                 continue;
@@ -344,10 +361,27 @@ fn read_logs(rc: &RealCluster, kind: Kind, sts: &str, t0: SystemTime, t_end: Sys
                 for uid in uids_in(l) {
                     logs.started.insert(uid, rel(ts));
                 }
+            } else if let Some(cause) = l
+                .contains("Error processing volume")
+                .then(|| l.split("error processing PVC ").nth(1))
+                .flatten()
+                .and_then(|r| r.split_once(": ").map(|(_, c)| c))
+            {
+                let cause = if cause.contains("no relationship found between node") {
+                    "forbidden: Node authorizer has no pod→claim edge yet"
+                } else if cause.starts_with("PVC is not bound") {
+                    "PVC is not bound (phase not yet Bound)"
+                } else {
+                    cause
+                };
+                *logs.claim_read_failures.entry(cut(cause, 100)).or_default() += 1;
             } else if l.contains("MountVolume.SetUp failed")
                 || l.contains("Unable to attach or mount")
                 || l.contains("Error preparing data for projected volume")
             {
+                if l.contains("Unable to attach or mount volumes for pod") {
+                    logs.pods_backed_off += 1;
+                }
                 logs.kubelet_mount_failures.push(l.to_string());
             }
         }
@@ -439,8 +473,10 @@ fn statefulset(name: &str, kind: Kind, size: usize) -> StatefulSet {
         }
     }
     spec["template"]["spec"] = pod_spec;
-    serde_json::from_value(json!({"metadata": {"name": name, "labels": {RUN_LABEL: name}}, "spec": spec}))
-        .unwrap()
+    serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": {RUN_LABEL: name}}, "spec": spec}),
+    )
+    .unwrap()
 }
 
 async fn run_once(
@@ -491,7 +527,13 @@ async fn run_once(
 
     let mut evs: BTreeMap<(String, String), (i32, String)> = BTreeMap::new();
     for e in events.list(&ListParams::default()).await.unwrap() {
-        if !e.involved_object.name.as_deref().unwrap_or("").contains(name) {
+        if !e
+            .involved_object
+            .name
+            .as_deref()
+            .unwrap_or("")
+            .contains(name)
+        {
             continue;
         }
         let source = e
@@ -562,7 +604,9 @@ async fn clean_up(client: &kube::Client, seen: &Shared, name: &str) {
     let _ = pods
         .delete_collection(&DeleteParams::default().grace_period(0), &sel)
         .await;
-    let _ = claims.delete_collection(&DeleteParams::default(), &sel).await;
+    let _ = claims
+        .delete_collection(&DeleteParams::default(), &sel)
+        .await;
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(300) {
         let p = pods.list(&sel).await.map(|l| l.items.len()).unwrap_or(1);
@@ -626,7 +670,11 @@ fn print_timelines(kind: Kind, rows: &[&Timeline]) {
             .filter_map(|(i, g)| g.map(|g| (i, g)))
             .max_by(|a, b| a.1.total_cmp(&b.1))
         {
-            line.push_str(&format!("   largest gap: → {} {:.2} s", steps[i].0, w / 1e3));
+            line.push_str(&format!(
+                "   largest gap: → {} {:.2} s",
+                steps[i].0,
+                w / 1e3
+            ));
         }
         println!("{line}");
     }
@@ -662,7 +710,10 @@ fn print_size(size: usize, runs: &[Run], slowest: usize) {
             .iter()
             .filter(|r| r.kind == kind && r.size == size)
             .map(|r| {
-                let t = r.total.map(|t| format!("{:.2}", t / 1e3)).unwrap_or("timeout".into());
+                let t = r
+                    .total
+                    .map(|t| format!("{:.2}", t / 1e3))
+                    .unwrap_or("timeout".into());
                 let nodes: Vec<String> = r.nodes.iter().map(|(n, c)| format!("{n}:{c}")).collect();
                 format!("{t} ({})", nodes.join(" "))
             })
@@ -674,7 +725,10 @@ fn print_size(size: usize, runs: &[Run], slowest: usize) {
             all.join(", ")
         );
     }
-    let (floor, ours) = (median(totals(Kind::EmptyDir)), median(totals(Kind::Hostvol)));
+    let (floor, ours) = (
+        median(totals(Kind::EmptyDir)),
+        median(totals(Kind::Hostvol)),
+    );
     let target = match size {
         20 => " (target ≤ +3 s)",
         50 => " (target ≤ +5 s)",
@@ -686,7 +740,10 @@ fn print_size(size: usize, runs: &[Run], slowest: usize) {
     );
 
     for kind in [Kind::EmptyDir, Kind::Hostvol] {
-        let rs: Vec<&Run> = runs.iter().filter(|r| r.kind == kind && r.size == size).collect();
+        let rs: Vec<&Run> = runs
+            .iter()
+            .filter(|r| r.kind == kind && r.size == size)
+            .collect();
         let tls: Vec<&Timeline> = rs.iter().flat_map(|r| r.timelines.iter()).collect();
         let steps = chain(kind);
         println!(
@@ -725,7 +782,10 @@ fn print_size(size: usize, runs: &[Run], slowest: usize) {
                 .collect();
             last.push(format!("{} {:.2}", short(name), median(v) / 1e3));
         }
-        println!("    last replica at each step (s, median over runs): {}", last.join(", "));
+        println!(
+            "    last replica at each step (s, median over runs): {}",
+            last.join(", ")
+        );
         let total: f64 = medians.iter().map(|m| m.3).sum();
         medians.sort_by(|a, b| b.3.total_cmp(&a.3));
         let top: Vec<String> = medians
@@ -733,7 +793,10 @@ fn print_size(size: usize, runs: &[Run], slowest: usize) {
             .take(3)
             .map(|(n, who, _, sum)| format!("→ {n} ({who}) {:.0}%", 100.0 * sum / total.max(1.0)))
             .collect();
-        println!("    where the time went (share of all replicas' summed gaps): {}", top.join("; "));
+        println!(
+            "    where the time went (share of all replicas' summed gaps): {}",
+            top.join("; ")
+        );
 
         let mut slow: Vec<&Timeline> = tls.clone();
         slow.sort_by(|a, b| {
@@ -741,7 +804,10 @@ fn print_size(size: usize, runs: &[Run], slowest: usize) {
                 .unwrap_or(f64::INFINITY)
                 .total_cmp(&a.ready.unwrap_or(f64::INFINITY))
         });
-        println!("    slowest {} replicas (s after apply):", slowest.min(slow.len()));
+        println!(
+            "    slowest {} replicas (s after apply):",
+            slowest.min(slow.len())
+        );
         print_timelines(kind, &slow[..slowest.min(slow.len())]);
     }
 
@@ -771,6 +837,29 @@ fn print_size(size: usize, runs: &[Run], slowest: usize) {
                 "      kubelet {node}: {n} \"Throttling request took\" lines (>1 s waits; the kubelet logs at most one a second), longest {:.0} ms: {}",
                 longest,
                 cut(example, 160)
+            );
+        }
+        if r.kind == Kind::Hostvol {
+            let early = r
+                .timelines
+                .iter()
+                .filter(|t| matches!((t.scheduled, t.bound), (Some(s), Some(b)) if s < b))
+                .count();
+            let fails: Vec<String> = r
+                .logs
+                .claim_read_failures
+                .iter()
+                .map(|(c, n)| format!("{c} ×{n}"))
+                .collect();
+            println!(
+                "      pods scheduled before this process saw their claim Bound: {early} of {}; kubelets' failed claim reads (log lines): {}; pod syncs failed on volumes (10-15 s pod-worker backoff each): {}",
+                r.timelines.len(),
+                if fails.is_empty() {
+                    "none".into()
+                } else {
+                    fails.join(", ")
+                },
+                r.logs.pods_backed_off
             );
         }
         if r.logs.throttled.is_empty() {
@@ -817,7 +906,8 @@ fn main() {
     let sizes = env_list("HOSTVOL_BENCH_BURST_SIZES", &[10, 20]);
     let runs = support::env_usize("HOSTVOL_BENCH_BURST_RUNS", 2);
     let slowest = support::env_usize("HOSTVOL_BENCH_BURST_SLOWEST", 3);
-    let timeout = Duration::from_secs(support::env_usize("HOSTVOL_BENCH_BURST_TIMEOUT", 300) as u64);
+    let timeout =
+        Duration::from_secs(support::env_usize("HOSTVOL_BENCH_BURST_TIMEOUT", 300) as u64);
     let rc = RealCluster::start(2);
     rc.install_hostvol();
     let results = rc.block_on(async {
@@ -839,7 +929,10 @@ fn main() {
             .flatten()
             .is_none_or(|sa| sa.secrets.unwrap_or_default().is_empty())
         {
-            assert!(t.elapsed() < Duration::from_secs(60), "no default ServiceAccount token in {NS}");
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "no default ServiceAccount token in {NS}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
 
@@ -850,12 +943,16 @@ fn main() {
             "claim",
             move |c, now| saw_claim(&s1, c, now),
         );
-        let (w2, r2) = spawn_watch(Api::<Pod>::namespaced(client.clone(), NS), "pod", move |p, now| {
-            saw_pod(&s2, p, now)
-        });
-        let (w3, r3) = spawn_watch(Api::<PersistentVolume>::all(client.clone()), "PV", move |p, now| {
-            saw_pv(&s3, p, now)
-        });
+        let (w2, r2) = spawn_watch(
+            Api::<Pod>::namespaced(client.clone(), NS),
+            "pod",
+            move |p, now| saw_pod(&s2, p, now),
+        );
+        let (w3, r3) = spawn_watch(
+            Api::<PersistentVolume>::all(client.clone()),
+            "PV",
+            move |p, now| saw_pv(&s3, p, now),
+        );
         let _ = (r1.await, r2.await, r3.await);
 
         // Warm-up: first pods on each node, first claims of each agent.
