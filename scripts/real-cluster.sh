@@ -13,6 +13,7 @@
 #                                               # a new kubelet identity, kubelet --node-labels LABELS
 #   scripts/real-cluster.sh down DIR            # stops and removes everything `up` made
 #
+# KUBELET_API_QPS=50 KUBELET_API_BURST=100 set the kubelets' API client limit (default 1.20's 5 / 10).
 # DATA_TMPFS_SIZE=4G gives each node's /mnt/data a tmpfs of its own (filesystem-wide figures such as a
 # `local` volume's kubelet_volume_stats then move only with what the node's pods write).
 #
@@ -345,6 +346,10 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 # Ready is reported at the first status update after registration: 2 s instead of 10
 nodeStatusUpdateFrequency: 2s
+# The kubelet's own API client limit: 1.20's defaults unless KUBELET_API_QPS / KUBELET_API_BURST say
+# otherwise (1.27 raised them to 50 / 100; benches/statefulset_bursts compares)
+kubeAPIQPS: ${KUBELET_API_QPS:-5}
+kubeAPIBurst: ${KUBELET_API_BURST:-10}
 EOF
 }
 

@@ -91,7 +91,9 @@ impl RealCluster {
         Self::start_with(nodes, &[("DATA_TMPFS_SIZE", size)])
     }
 
-    fn start_with(nodes: usize, env: &[(&str, &str)]) -> RealCluster {
+    /// [`RealCluster::start`] with settings of `scripts/real-cluster.sh` (see its header), e.g.
+    /// `KUBELET_API_QPS`.
+    pub fn start_with(nodes: usize, env: &[(&str, &str)]) -> RealCluster {
         if let Some(kc) = std::env::var_os(EXTERNAL_KUBECONFIG_ENV).filter(|v| !v.is_empty()) {
             return Self::from_kubeconfig(PathBuf::from(kc));
         }
