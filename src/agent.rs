@@ -167,8 +167,12 @@ pub async fn run(args: AgentArgs) -> Result<(), StartupError> {
         let (node, shutdown) = (args.node_name.clone(), shutdown.clone());
         let ctx = ctx.clone();
         move || {
-            let (watches, ready, node, shutdown) =
-                (watches.clone(), ready.clone(), node.clone(), shutdown.clone());
+            let (watches, ready, node, shutdown) = (
+                watches.clone(),
+                ready.clone(),
+                node.clone(),
+                shutdown.clone(),
+            );
             let ctx = ctx.clone();
             async move {
                 if watches.wait_until_ready().await {
@@ -312,11 +316,26 @@ fn spawn_background_tasks(
             Duration::from_secs(args.usage_refresh_seconds.max(1)),
             args.usage_concurrency,
         );
-        move || usage_refresh::run(ctx.clone(), usage.clone(), every, concurrency, shutdown.clone())
+        move || {
+            usage_refresh::run(
+                ctx.clone(),
+                usage.clone(),
+                every,
+                concurrency,
+                shutdown.clone(),
+            )
+        }
     });
     supervisor.spawn("config-map", Rule::Restart, {
         let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
-        move || config_map::watch(ctx.clone(), client.clone(), source.clone(), shutdown.clone())
+        move || {
+            config_map::watch(
+                ctx.clone(),
+                client.clone(),
+                source.clone(),
+                shutdown.clone(),
+            )
+        }
     });
     if args.node_loss_cleanup {
         supervisor.spawn("node-loss", Rule::Restart, {

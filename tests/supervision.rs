@@ -105,7 +105,8 @@ async fn a_panicking_task_is_restarted_and_counted() {
     let log = agent.log();
     for task in RESTARTED {
         assert!(
-            log.lines().any(|l| l.contains("task panicked") && l.contains(task)),
+            log.lines()
+                .any(|l| l.contains("task panicked") && l.contains(task)),
             "the panic of {task} is logged with its name"
         );
     }
@@ -195,8 +196,12 @@ async fn a_panic_in_one_reconcile_is_that_claims_error() {
     cluster
         .wait_for(
             || async {
-                metric_value(&agent.metrics().await, "hostvol_reconcile_panics_total", &[])
-                    .unwrap_or(0.0)
+                metric_value(
+                    &agent.metrics().await,
+                    "hostvol_reconcile_panics_total",
+                    &[],
+                )
+                .unwrap_or(0.0)
                     >= 2.0
             },
             T,

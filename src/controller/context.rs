@@ -356,9 +356,7 @@ impl Context {
 
     /// Whether this agent created the PV moments ago (its watch may not have delivered it yet).
     pub fn recently_created(&self, pv_name: &str) -> bool {
-        self.recent_volumes
-            .lock()
-            .contains_key(pv_name)
+        self.recent_volumes.lock().contains_key(pv_name)
     }
 
     /// Counts a PV just created until the watch delivers it, so the next admission sees its bytes.
@@ -432,22 +430,10 @@ impl Context {
     /// and PV is gone (the usage cache and the volume gauges follow the PV cache on their own).
     pub fn state_entries(&self) -> [(&'static str, usize); 5] {
         [
-            (
-                "failures",
-                self.failures.lock().len(),
-            ),
-            (
-                "recent_volumes",
-                self.recent_volumes.lock().len(),
-            ),
-            (
-                "recent_growth",
-                self.recent_growth.lock().len(),
-            ),
-            (
-                "directory_edits",
-                self.directory_edits.lock().len(),
-            ),
+            ("failures", self.failures.lock().len()),
+            ("recent_volumes", self.recent_volumes.lock().len()),
+            ("recent_growth", self.recent_growth.lock().len()),
+            ("directory_edits", self.directory_edits.lock().len()),
             ("events", self.events.remembered()),
         ]
     }
@@ -457,7 +443,10 @@ impl Context {
 /// its editable annotation names only when none does (a root whose host path was reconfigured), so an
 /// edit cannot move a volume's bytes out of the root that really holds them.
 pub fn volume_root(roots: &RootSet, pv: &PersistentVolume) -> String {
-    holding_root(roots, pv).map_or_else(|| pv::data_root(pv).to_string(), |(root, _)| root.name.clone())
+    holding_root(roots, pv).map_or_else(
+        || pv::data_root(pv).to_string(),
+        |(root, _)| root.name.clone(),
+    )
 }
 
 /// The root holding a PV's immutable hostPath and the directory relative to it; the innermost one
@@ -477,10 +466,7 @@ pub struct Reservation<'a> {
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        self.ctx
-            .reserved
-            .lock()
-            .remove(&self.key);
+        self.ctx.reserved.lock().remove(&self.key);
     }
 }
 
@@ -653,4 +639,3 @@ mod tests {
         }
     }
 }
-

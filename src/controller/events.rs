@@ -382,7 +382,11 @@ mod tests {
         assert_ne!(name, fact_event_name(&a, "ProvisioningSucceeded"));
         let mut again = object("ns", "a");
         again.uid = Some("another-uid".into());
-        assert_ne!(name, fact_event_name(&again, "VolumeDeleted"), "a new object of the same name");
+        assert_ne!(
+            name,
+            fact_event_name(&again, "VolumeDeleted"),
+            "a new object of the same name"
+        );
         assert!(name.starts_with("a.") && name.len() <= 253);
     }
 

@@ -249,7 +249,8 @@ mod tests {
             });
             let json = serde_json::to_value(&pinned).unwrap();
             assert_eq!(
-                json["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0],
+                json["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"]
+                    [0],
                 serde_json::json!({"key": "example.com/disk", "operator": "In", "values": ["disk-1"]})
             );
             assert_eq!(

@@ -130,9 +130,17 @@ async fn dispose_of_directory(
         .cloned();
     let Some(data_root) = holder else {
         if pv::root_holds("/", pv::source_path(pv).unwrap_or_default()).is_none() {
-            ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(
-                "{} {:?} is not a safe path in a data root; hostvol will not remove anything",
-                pv::source_field(pv), pv::source_path(pv).unwrap_or_default()));
+            ctx.publish(
+                &reference,
+                EventType::Warning,
+                "VolumeFailedDelete",
+                "Delete",
+                format!(
+                    "{} {:?} is not a safe path in a data root; hostvol will not remove anything",
+                    pv::source_field(pv),
+                    pv::source_path(pv).unwrap_or_default()
+                ),
+            );
             return Ok(Some(Action::requeue(Duration::from_secs(300))));
         }
         ctx.publish(&reference, EventType::Warning, "VolumeFailedDelete", "Delete", format!(

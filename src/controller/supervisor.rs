@@ -127,7 +127,10 @@ impl Supervisor {
                     return;
                 }
                 match outcome {
-                    Ok(()) => error!(task = name, "task ended while the agent runs; restarting it"),
+                    Ok(()) => error!(
+                        task = name,
+                        "task ended while the agent runs; restarting it"
+                    ),
                     Err(panic) => error!(
                         task = name,
                         panic = %panic_message(&*panic),

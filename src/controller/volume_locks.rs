@@ -75,10 +75,6 @@ mod tests {
             "nothing is kept once no one holds a lock"
         );
         let _again = locks.lock("pvc-c").await;
-        assert_eq!(
-            locks.locks.lock().len(),
-            1,
-            "released locks are dropped"
-        );
+        assert_eq!(locks.locks.lock().len(), 1, "released locks are dropped");
     }
 }

@@ -1,8 +1,8 @@
 //! The watches an agent keeps, each as narrow as its use allows, and the controllers driven by them.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 
@@ -109,7 +109,8 @@ pub fn start(
         volumes_changed.clone(),
         gone.clone(),
     );
-    let (claims, claim_events) = watch_claims(&client, &api, &settings, volumes.clone(), gone.clone());
+    let (claims, claim_events) =
+        watch_claims(&client, &api, &settings, volumes.clone(), gone.clone());
     let capacity_changes = Arc::new(Changes::default());
     let capacities = capacity_api.map(|(resource, namespace)| {
         watch_published_capacities(
@@ -250,7 +251,8 @@ where
             Err(context::Error::Panicked(why))
         }
     };
-    if let Err(context::Error::Kube(kube::Error::HyperError(_) | kube::Error::Service(_))) = &result {
+    if let Err(context::Error::Kube(kube::Error::HyperError(_) | kube::Error::Service(_))) = &result
+    {
         // Could not reach the API server: the next retry waits for the probe.
         ctx.api.failed();
     }
@@ -350,11 +352,7 @@ fn watch_own_node(
 ) -> Store<PartialObjectMeta<Node>> {
     let (nodes, writer) = reflector::store();
     let writer = Arc::new(Mutex::new(writer));
-    let (client, api, fields) = (
-        client.clone(),
-        api.clone(),
-        format!("metadata.name={node}"),
-    );
+    let (client, api, fields) = (client.clone(), api.clone(), format!("metadata.name={node}"));
     drive(supervisor, "node", move || {
         reflect_shared(
             probed(

@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::domain::pattern::DirectoryPattern;
 use crate::domain::affinity;
+use crate::domain::pattern::DirectoryPattern;
 
 /// Every parameter a hostvol StorageClass may set; anything else is refused so typos do not pass silently.
 pub const VALID_PARAMETERS: &[&str] = &[
