@@ -3,6 +3,7 @@
 //! may); the agent of the volume's node creates the claim's PV, renames the directory and removes the
 //! old PV (see `controller::reuse`).
 
+use crate::controller::claim::class_name;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
@@ -68,11 +69,7 @@ pub async fn run(args: &ReuseArgs) -> Result<bool, String> {
                 "claim {namespace}/{name} not found; create it first (no pod yet, the data's size)"
             )
         })?;
-    let class_name = claim
-        .spec
-        .as_ref()
-        .and_then(|s| s.storage_class_name.clone())
-        .unwrap_or_default();
+    let class_name = class_name(&claim);
     let class = if class_name.is_empty() {
         None
     } else {

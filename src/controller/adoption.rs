@@ -13,6 +13,7 @@
 //! While a record exists, provisioning leaves the claim alone (`reuse::targeted`); at start-up and
 //! with every orphan scan, records left by a crash are finished.
 
+use crate::controller::claim::class_name;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -108,11 +109,7 @@ pub async fn adopt(
                 "claim {namespace}/{claim_name} not found; create it first (no pod yet, at least the data's size)"
             ))
         })?;
-    let class_name = pvc
-        .spec
-        .as_ref()
-        .and_then(|s| s.storage_class_name.clone())
-        .unwrap_or_default();
+    let class_name = class_name(&pvc);
     let class = ctx.classes.get(&ObjectRef::new(&class_name));
     let facts = reuse::claim_facts(&pvc, class.as_deref(), &ctx.settings.provisioner);
     let (used, limit) = used_bytes(&root, &from).await?;

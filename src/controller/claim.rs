@@ -19,6 +19,14 @@ pub fn claim_key(claim: &PartialObjectMeta<PersistentVolumeClaim>) -> String {
 }
 
 /// What admission needs of a claim's spec.
+/// The claim's `storageClassName`, empty when it names none.
+pub fn class_name(pvc: &PersistentVolumeClaim) -> String {
+    pvc.spec
+        .as_ref()
+        .and_then(|s| s.storage_class_name.clone())
+        .unwrap_or_default()
+}
+
 pub fn claim_spec(pvc: &PersistentVolumeClaim) -> ClaimSpec {
     let spec = pvc.spec.clone().unwrap_or_default();
     ClaimSpec {

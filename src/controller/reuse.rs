@@ -13,6 +13,7 @@
 //! PV is found (and checked to be this reuse's), the rename is found done. A PV still only ever
 //! names a directory that starts with its own name (`pv::directory_of`).
 
+use crate::controller::claim::class_name;
 use std::os::fd::AsFd;
 
 use nix::errno::Errno;
@@ -284,11 +285,7 @@ async fn check(
             target.key(), target.uid));
         return Ok(None);
     };
-    let class_name = claim
-        .spec
-        .as_ref()
-        .and_then(|s| s.storage_class_name.clone())
-        .unwrap_or_default();
+    let class_name = class_name(&claim);
     let class = ctx.classes.get(&ObjectRef::new(&class_name));
     // This agent serves the volume (ownership decided that), so the claim must be placed here.
     let volume = reuse::Volume {
@@ -323,11 +320,7 @@ async fn new_volume(
 ) -> Result<PersistentVolume> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &target.namespace);
     let claim = claims.get(&target.name).await?;
-    let class_name = claim
-        .spec
-        .as_ref()
-        .and_then(|s| s.storage_class_name.clone())
-        .unwrap_or_default();
+    let class_name = class_name(&claim);
     let class = ctx.classes.get(&ObjectRef::new(&class_name));
     let policy = class
         .as_ref()
@@ -431,11 +424,7 @@ pub async fn request(
                 "claim {namespace}/{claim_name} not found; create it first (no pod yet, the data's size)"
             ))
         })?;
-    let class_name = claim
-        .spec
-        .as_ref()
-        .and_then(|s| s.storage_class_name.clone())
-        .unwrap_or_default();
+    let class_name = class_name(&claim);
     let class = ctx.classes.get(&ObjectRef::new(&class_name));
     let facts = claim_facts(&claim, class.as_deref(), &ctx.settings.provisioner);
     let volume = reuse::Volume {
